@@ -1,0 +1,69 @@
+/**
+ * Shared domain types. Pure data: no I/O, no classes. Every module speaks these.
+ */
+
+/** Driver settings from the ssh TM `sshrc` (upstream names and defaults, see DESIGN §2). */
+export interface DriverSettings {
+  REPLICA_COPY_LOCK_TIMEOUT: number; // seconds
+  REPLICA_RECOVERY_SNAPS_DIR: string;
+  REPLICA_SSH_OPTS: string;
+  REPLICA_SSH_FE_OPTS: string;
+  REPLICA_MAX_SIZE_MB: number | null; // null = unset
+  REPLICA_MAX_USED_PERC: number;
+}
+
+/** A disk that is set up for protection (layout present, frequency and replica known). */
+export interface EligibleDisk {
+  vmId: number;
+  diskId: number;
+  dsId: number;
+  /** DATASTORE_LOCATION/DSID */
+  dsDir: string;
+  /** DATASTORE_LOCATION/DSID/VMID */
+  vmDir: string;
+  /** /VM/DEPLOY_ID or one-VMID */
+  domainName: string;
+  freqSeconds: number;
+  /** /DATASTORE/TEMPLATE/REPLICA_HOST */
+  replicaHost: string;
+  /** DS/VMID/disk.N.snap */
+  snapDir: string;
+  /** DS/VMID/disk.N.snap/base (the image copy) */
+  basePath: string;
+  /** DS/VMID/disk.N.snap/base.1 (the running overlay; what libvirt names since 6.8) */
+  base1Path: string;
+  /** /VM/TEMPLATE/DISK/TARGET when present (vda, sdb...) */
+  target?: string;
+}
+
+/** A disk (or whole VM when diskId is undefined) that is not protected, and why. */
+export interface IneligibleDisk {
+  vmId: number;
+  diskId?: number;
+  dsId: number;
+  code: string; // an ErrorCode
+  reason: string; // names the file and field
+  file?: string;
+  field?: string;
+}
+
+export type Consistency = 'filesystem-frozen' | 'crash-consistent';
+export type CycleMode = 'full' | 'incremental';
+
+/** What the replica holds for one disk (the receiver's manifest, beside disk.N.snap/). */
+export interface ReplicaManifest {
+  version: 1;
+  vmId: number;
+  diskId: number;
+  /** libvirt checkpoint name base.1 corresponds to (null when unknown). */
+  checkpoint: string | null;
+  /** epoch seconds the published base.1 was captured (point in time). */
+  capturedAt: number;
+  publishedAt: number;
+  consistency: Consistency;
+  mode: CycleMode;
+  base: { size: number; sha256: string };
+  base1: { size: number; sha256?: string; virtualSize?: number };
+  /** Host that published it (for lineage after migration). */
+  sourceHost?: string;
+}
