@@ -52,6 +52,8 @@ export interface CaptureRequest {
   timeoutMs: number;
   /** require this many bytes free (beyond targets) on the staging fs; see planStagingSpace */
   minFreeBytes: number;
+  /** the domain's disks when the caller already read them (saves a dumpxml) */
+  domainDisks?: Array<{ target: string; source: string | null }>;
   signal?: AbortSignal;
   log?: (obj: Record<string, unknown>, msg: string) => void;
   now?: () => number;
@@ -125,7 +127,7 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
   const ctx = { vm: req.vmId };
 
   // Map each disk to the target libvirt uses for it, by the path of base.1 (OpenNebula >= 6.8 names it).
-  const domDisks = await lv.domainDisks(dom);
+  const domDisks = req.domainDisks ?? (await lv.domainDisks(dom));
   const allTargets = domDisks.map((d) => d.target);
   const plans: Array<CaptureDiskRequest & { target: string; paths: ReturnType<typeof stagingPaths> }> = [];
   for (const d of req.disks) {

@@ -1,0 +1,305 @@
+/**
+ * One protection cycle for one VM: plan -> capture -> transfer -> publish -> record.
+ * Data flows one way; every side effect goes through a port (libvirt, qemu-img, replica, state),
+ * so the daemon, the `snapshot` command and the tests drive the same code.
+ *
+ * Failure rules: a disk that fails keeps its previous snapshot on the replica and its previous
+ * checkpoint in libvirt; other disks of the VM go on; staging is always cleaned.
+ */
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { capture, cleanStagingDir, type CaptureLibvirt, type CaptureResult } from './capture.js';
+import { newCheckpointName } from './backup-xml.js';
+import { cachedSha256, fileIdentity } from './digest.js';
+import { OnestorError, ErrorCodes, describeError, errorCodeOf } from './errors.js';
+import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
+import type { QemuImg } from './qemu-img.js';
+import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from './model.js';
+import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+
+/** Libvirt operations the cycle needs beyond capture. */
+export interface CycleLibvirt extends CaptureLibvirt {
+  /** true: bitmap for `target` present and consistent; false: broken/missing; */
+  checkpointBitmapHealthy(dom: string, name: string, target: string): Promise<boolean>;
+  checkpointXml(dom: string, name: string): Promise<string>;
+  checkpointRedefine(dom: string, xml: string): Promise<void>;
+  domainRunning(dom: string): Promise<boolean>;
+}
+
+export interface UploadResult {
+  bytes: number;
+  sha256: string;
+  resumedFrom: number;
+}
+
+export interface ReplicaDiskSession {
+  readonly manifest: ReplicaManifest | null;
+  readonly baseOnReplica: { size: number; sha256: string } | null;
+  upload(kind: 'base' | 'base1' | 'inc', localPath: string, opts: { key: string; sha256?: string; signal?: AbortSignal; onProgress?: (sent: number, total: number) => void }): Promise<UploadResult>;
+  publishFull(p: { checkpoint: string; capturedAt: number; consistency: Consistency; sourceHost: string; baseKey?: string; base1Key: string }): Promise<ReplicaManifest>;
+  publishIncremental(p: { parentCheckpoint: string; checkpoint: string; capturedAt: number; consistency: Consistency; sourceHost: string; incKey: string }): Promise<ReplicaManifest>;
+  close(): Promise<void>;
+}
+
+export interface ReplicaPort {
+  openDisk(vmId: number, diskId: number): Promise<ReplicaDiskSession>;
+}
+
+export interface CycleDeps {
+  libvirt: CycleLibvirt;
+  qemuImg: QemuImg;
+  /** a connected replica for a REPLICA_HOST (pooled by the caller) */
+  replicaFor(replicaHost: string): Promise<ReplicaPort>;
+  state: StateStore;
+  log: Logger;
+  hostName: string;
+  stagingDirName: string;
+  captureTimeoutMs: number;
+  stagingMinFreePercent: number;
+  tryFreeze: boolean;
+  now?: () => number;
+}
+
+export interface VmCycleRequest {
+  vmId: number;
+  domainName: string;
+  dsDir: string;
+  disks: EligibleDisk[];
+  forceFull?: boolean;
+  signal?: AbortSignal;
+  onProgress?: (diskId: number, sent: number, total: number) => void;
+}
+
+export interface DiskOutcome {
+  vmId: number;
+  diskId: number;
+  ok: boolean;
+  mode?: CycleMode;
+  reason?: string;
+  bytes?: number;
+  durationMs: number;
+  consistency?: Consistency;
+  checkpoint?: string;
+  capturedAt?: number;
+  error?: { code: string; message: string };
+}
+
+interface DiskWork {
+  disk: EligibleDisk;
+  session: ReplicaDiskSession;
+  decision: ModeDecision;
+  base1DevIno: string;
+  baseSha: string;
+  baseSize: number;
+  replicaBaseMatches: boolean;
+  virtualSize: number;
+}
+
+export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
+  const now = deps.now ?? Date.now;
+  const t0 = now();
+  const { vmId, domainName: dom } = req;
+  const log = deps.log.child({ vm: vmId });
+  const stagingDir = path.join(req.dsDir, deps.stagingDirName, String(vmId));
+  const outcomes = new Map<number, DiskOutcome>();
+  const fail = (diskId: number, e: unknown) => {
+    if (outcomes.get(diskId)?.ok === false) return;
+    outcomes.set(diskId, { vmId, diskId, ok: false, durationMs: now() - t0, error: { code: errorCodeOf(e), message: describeError(e) } });
+  };
+  const sessions: ReplicaDiskSession[] = [];
+  let state: AgentState = (await deps.state.loadOrReset()).state;
+  const work: DiskWork[] = [];
+  let captured: CaptureResult | null = null;
+
+  log.info({ disks: req.disks.map((d) => d.diskId).join(','), forceFull: Boolean(req.forceFull) }, 'cycle start');
+  try {
+    if (!(await deps.libvirt.domainRunning(dom))) {
+      throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} is not running`, { vm: vmId });
+    }
+    const domDisks = await deps.libvirt.domainDisks(dom);
+    let checkpoints = await deps.libvirt.checkpointNames(dom);
+
+    // Open one replica session (per-disk lock) per disk and learn where its lineage stands.
+    for (const disk of req.disks) {
+      try {
+        const replica = await deps.replicaFor(disk.replicaHost);
+        const session = await replica.openDisk(vmId, disk.diskId);
+        sessions.push(session);
+        const ds = getDisk(state, vmId, disk.diskId);
+        const target = domDisks.find((x) => x.source !== null && path.resolve(x.source) === path.resolve(disk.base1Path))?.target;
+        if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
+
+        const replicaCk = session.manifest?.checkpoint ?? null;
+        // Transient domains (virsh create) lose checkpoint metadata on destroy+create while the bitmap
+        // stays in base.1: put the saved definition back before deciding.
+        if (replicaCk && !checkpoints.includes(replicaCk) && ds.checkpoint === replicaCk && ds.checkpointXml) {
+          try {
+            await deps.libvirt.checkpointRedefine(dom, ds.checkpointXml);
+            checkpoints = await deps.libvirt.checkpointNames(dom);
+            log.info({ disk: disk.diskId, checkpoint: replicaCk }, 'checkpoint metadata redefined from saved XML');
+          } catch (e) {
+            log.warn({ disk: disk.diskId, checkpoint: replicaCk, err: describeError(e) }, 'could not redefine checkpoint; will take a full');
+          }
+        }
+        const base1 = await fileIdentity(disk.base1Path);
+        const cached = state.baseDigests[disk.basePath];
+        const baseDigest = await cachedSha256(disk.basePath, cached, req.signal);
+        if (!baseDigest.fromCache) {
+          state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
+        }
+        const onReplica = session.baseOnReplica;
+        const replicaBaseMatches = onReplica !== null && onReplica.sha256 === baseDigest.sha256 && onReplica.size === baseDigest.size;
+        let bitmapHealthy: boolean | null = null;
+        if (replicaCk && checkpoints.includes(replicaCk)) {
+          bitmapHealthy = await deps.libvirt.checkpointBitmapHealthy(dom, replicaCk, target).catch(() => false);
+        }
+        const decision = decideMode({
+          forceFull: Boolean(req.forceFull),
+          stateCheckpoint: ds.checkpoint,
+          replicaCheckpoint: replicaCk,
+          libvirtCheckpoints: checkpoints,
+          bitmapHealthy,
+          base1IdentityThen: ds.checkpoint === replicaCk ? ds.base1Identity : null,
+          base1IdentityNow: base1.devIno,
+          replicaBaseMatches,
+        });
+        const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
+        work.push({ disk, session, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
+        if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
+      } catch (e) {
+        fail(disk.diskId, e);
+      }
+    }
+    if (work.length === 0) return finish();
+
+    const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    const fsInfo = await import('node:fs/promises').then((m) => m.statfs(req.dsDir));
+    const minFreeBytes = Math.ceil((Number(fsInfo.blocks) * Number(fsInfo.bsize) * deps.stagingMinFreePercent) / 100);
+    try {
+      captured = await capture(deps.libvirt, deps.qemuImg, {
+        vmId,
+        domainName: dom,
+        stagingDir,
+        checkpointName,
+        tryFreeze: deps.tryFreeze,
+        timeoutMs: deps.captureTimeoutMs,
+        minFreeBytes,
+        domainDisks: domDisks,
+        signal: req.signal,
+        now,
+        log: (o, m) => log.warn(o, m),
+        disks: work.map((w) => ({
+          diskId: w.disk.diskId,
+          base1Path: w.disk.base1Path,
+          snapDir: w.disk.snapDir,
+          mode: w.decision.mode,
+          parentCheckpoint: w.decision.mode === 'incremental' ? w.decision.parent : undefined,
+          virtualSize: w.virtualSize,
+        })),
+      });
+    } catch (e) {
+      for (const w of work) fail(w.disk.diskId, e);
+      return finish();
+    }
+    log.info({ checkpoint: captured.checkpoint, consistency: captured.consistency, ms: captured.jobMs, thinMs: captured.thinMs, note: captured.freezeNote }, 'captured');
+    const capturedAt = Math.floor(captured.capturedAtMs / 1000);
+    let checkpointXml: string | undefined;
+    try {
+      checkpointXml = await deps.libvirt.checkpointXml(dom, captured.checkpoint);
+    } catch (e) {
+      log.warn({ err: describeError(e) }, 'could not save checkpoint XML (redefine after a transient restart will not be possible)');
+    }
+
+    // Transfer and publish disk by disk: one disk's failure does not stop the others.
+    for (const w of work) {
+      const cd = captured.disks.find((d) => d.diskId === w.disk.diskId)!;
+      const dt0 = now();
+      try {
+        const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
+        let bytes = 0;
+        let manifest: ReplicaManifest;
+        if (cd.mode === 'full') {
+          let baseKey: string | undefined;
+          if (!w.replicaBaseMatches) {
+            baseKey = `base-${w.baseSha.slice(0, 32)}`;
+            const r = await w.session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
+            bytes += r.bytes - r.resumedFrom;
+          }
+          const r1 = await w.session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
+          bytes += r1.bytes - r1.resumedFrom;
+          manifest = await w.session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, baseKey, base1Key: `${captured.checkpoint}.base1` });
+        } else {
+          const parent = (w.decision as { parent: string }).parent;
+          const r = await w.session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
+          bytes += r.bytes - r.resumedFrom;
+          manifest = await w.session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, incKey: `${captured.checkpoint}.inc` });
+        }
+        if (manifest.checkpoint !== captured.checkpoint) {
+          throw new OnestorError(ErrorCodes.PROTOCOL, `replica confirmed ${manifest.checkpoint}, expected ${captured.checkpoint}`, { vm: vmId, disk: w.disk.diskId });
+        }
+        const durationMs = now() - t0;
+        outcomes.set(w.disk.diskId, { vmId, diskId: w.disk.diskId, ok: true, mode: cd.mode, reason: w.decision.reason, bytes, durationMs, consistency: captured.consistency, checkpoint: captured.checkpoint, capturedAt });
+        const k = diskKey(vmId, w.disk.diskId);
+        state.disks[k] = recordSuccess({ ...getDisk(state, vmId, w.disk.diskId), domainName: dom, freqSeconds: w.disk.freqSeconds, replicaHost: w.disk.replicaHost }, {
+          checkpoint: captured.checkpoint,
+          checkpointXml,
+          base1Identity: w.base1DevIno,
+          capturedAt,
+          finishedAt: Math.floor(now() / 1000),
+          durationMs,
+          bytes,
+          mode: cd.mode,
+          consistency: captured.consistency,
+          reason: w.decision.reason,
+        });
+        log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
+      } catch (e) {
+        fail(w.disk.diskId, e);
+      }
+    }
+    return finish();
+  } catch (e) {
+    for (const d of req.disks) fail(d.diskId, e);
+    return finish();
+  }
+
+  async function finish(): Promise<DiskOutcome[]> {
+    for (const s of sessions) await s.close().catch(() => {});
+    await cleanStagingDir(stagingDir).catch(() => {});
+    // Re-read the state file: another writer (CLI vs daemon) may have updated other disks meanwhile.
+    const fresh = (await deps.state.loadOrReset()).state;
+    for (const [p, v] of Object.entries(state.baseDigests)) fresh.baseDigests[p] = v;
+    for (const d of req.disks) {
+      const o = outcomes.get(d.diskId);
+      const k = diskKey(vmId, d.diskId);
+      if (o?.ok) fresh.disks[k] = state.disks[k]!;
+      else if (o?.error) {
+        fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost }, o.error, Math.floor(now() / 1000));
+        log.error({ disk: d.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
+      }
+    }
+    await deps.state.save(fresh);
+    state = fresh;
+    // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time).
+    if (captured) await retireCheckpoints().catch((e) => log.warn({ err: describeError(e) }, 'checkpoint cleanup failed'));
+    const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
+    log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length, ms: now() - t0 }, 'cycle end');
+    return list;
+  }
+
+  async function retireCheckpoints(): Promise<void> {
+    const needed = new Set<string>();
+    for (const d of Object.values(state.disks)) if (d.vmId === vmId && d.checkpoint) needed.add(d.checkpoint);
+    const all = await deps.libvirt.checkpointNames(dom);
+    for (const name of checkpointsToDelete(all, needed)) {
+      try {
+        await deps.libvirt.checkpointDelete(dom, name);
+      } catch {
+        // a broken bitmap cannot be merged: drop the metadata only
+        await deps.libvirt.checkpointDelete(dom, name, { metadataOnly: true });
+      }
+      log.debug({ checkpoint: name }, 'checkpoint retired');
+    }
+  }
+}
