@@ -19,6 +19,12 @@ export interface GuestRegion {
   target?: string;
   offsetMiB: number;
   lengthMiB: number;
+  /**
+   * Leave the write in QEMU's caches. By default each call flushes, because QEMU keeps qcow2 metadata
+   * (L2 tables) in memory: without a flush, `qemu-img -U` readers of the file (readGuestView) miss the
+   * write. The guest's own view and the backup API, which read through QEMU, see it either way.
+   */
+  noFlush?: boolean;
 }
 
 const MiB = 1024 * 1024;
@@ -28,12 +34,14 @@ export async function guestWrite(lv: Libvirtd, domain: string, r: GuestRegion & 
   assertRegion(r);
   const p = `0x${r.pattern.toString(16).padStart(2, '0')}`;
   await qemuIo(lv, domain, r.target ?? 'vda', `write -P ${p} ${r.offsetMiB}M ${r.lengthMiB}M`, wroteLine(r));
+  if (!r.noFlush) await guestFlush(lv, domain, r.target ?? 'vda');
 }
 
 /** Writes zeroes the way a guest's WRITE ZEROES does (`write -z`): may leave zero clusters, not data. */
 export async function guestZero(lv: Libvirtd, domain: string, r: GuestRegion): Promise<void> {
   assertRegion({ ...r, pattern: 0 });
   await qemuIo(lv, domain, r.target ?? 'vda', `write -z ${r.offsetMiB}M ${r.lengthMiB}M`, wroteLine(r));
+  if (!r.noFlush) await guestFlush(lv, domain, r.target ?? 'vda');
 }
 
 /** Discards (TRIM) the region. */
@@ -42,6 +50,7 @@ export async function guestDiscard(lv: Libvirtd, domain: string, r: GuestRegion)
   const bytes = r.lengthMiB * MiB;
   const expect = new RegExp(`^discard ${bytes}/${bytes} bytes at offset ${r.offsetMiB * MiB}$`, 'm');
   await qemuIo(lv, domain, r.target ?? 'vda', `discard ${r.offsetMiB}M ${r.lengthMiB}M`, expect);
+  if (!r.noFlush) await guestFlush(lv, domain, r.target ?? 'vda');
 }
 
 /** Flushes the disk's cache down to the image file. */
