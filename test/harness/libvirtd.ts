@@ -17,7 +17,7 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run, type ExecResult } from '../../lib/exec.js';
-import { reapStaleLibvirtdRoots, LIBVIRTD_ROOT_TAG, OWNER_FILE, type RootOwner } from './reaper.js';
+import { reapStaleLibvirtdRoots, reapStaleTempDirs, LIBVIRTD_ROOT_TAG, OWNER_FILE, type RootOwner } from './reaper.js';
 import { removeTree, uniqueName } from './tmp.js';
 
 export interface Libvirtd {
@@ -97,6 +97,7 @@ function installExitHook(): void {
 
 export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvirtd> {
   await reapStaleLibvirtdRoots();
+  await reapStaleTempDirs();
 
   const rootDir = join(tmpdir(), LIBVIRTD_ROOT_TAG + uniqueName(opts.name ?? 'lv'));
   await mkdir(rootDir, { mode: 0o755 });

@@ -7,7 +7,7 @@
 import { readFileSync, readdirSync, readlinkSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { removeTree } from './tmp.js';
+import { removeTree, TEMP_DIR_TAG } from './tmp.js';
 
 export const LIBVIRTD_ROOT_TAG = 'onestor-lv-';
 export const OWNER_FILE = 'owner.json';
@@ -66,6 +66,39 @@ export async function reapStaleLibvirtdRoots(baseDir: string = tmpdir()): Promis
     }
     await removeTree(root);
     reaped.push(root);
+  }
+  return reaped;
+}
+
+/**
+ * makeTempDir dirs carry no owner file (tests list them), only the owner pid in their name:
+ * `onestor-t-<prefix>-<pid36>-<rand>`. A dead pid alone is not proof (a run in another PID namespace may
+ * share this /tmp), so they must also be untouched for a while.
+ */
+const TEMP_DIR_MIN_AGE_MS = 30 * 60 * 1000;
+
+export async function reapStaleTempDirs(baseDir: string = tmpdir(), minAgeMs = TEMP_DIR_MIN_AGE_MS): Promise<string[]> {
+  const reaped: string[] = [];
+  let entries: string[];
+  try {
+    entries = readdirSync(baseDir);
+  } catch {
+    return reaped;
+  }
+  for (const entry of entries) {
+    if (!entry.startsWith(TEMP_DIR_TAG)) continue;
+    const m = /-([0-9a-z]+)-[0-9a-z]{7}$/.exec(entry);
+    if (!m) continue;
+    const pid = parseInt(m[1]!, 36);
+    if (!Number.isSafeInteger(pid) || pid <= 0 || isAlive(pid, null)) continue;
+    const dir = join(baseDir, entry);
+    try {
+      if (Date.now() - statSync(dir).mtimeMs < minAgeMs) continue;
+    } catch {
+      continue;
+    }
+    await removeTree(dir);
+    reaped.push(dir);
   }
   return reaped;
 }

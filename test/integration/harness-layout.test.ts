@@ -4,7 +4,8 @@
  * neither through stop() nor when its owner is SIGKILLed.
  */
 import { spawn } from 'node:child_process';
-import { lstat, readFile, readlink, realpath, stat, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readFile, readlink, realpath, stat, utimes, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
@@ -13,8 +14,8 @@ import { run } from '../../lib/exec.js';
 import { guestDiscard, guestFlush, guestWrite, guestZero, isFilledWith, readGuestView, readRegion, sha256File } from '../harness/guest.js';
 import { processesInNamespace, startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
 import { createOneVm, createSystemDatastore, domainDisks, domainDiskSources, type OneVm } from '../harness/one-layout.js';
-import { LIBVIRTD_ROOT_TAG, reapStaleLibvirtdRoots } from '../harness/reaper.js';
-import { makeTempDir, removeTree } from '../harness/tmp.js';
+import { LIBVIRTD_ROOT_TAG, reapStaleLibvirtdRoots, reapStaleTempDirs } from '../harness/reaper.js';
+import { makeTempDir, removeTree, TEMP_DIR_TAG, uniqueName } from '../harness/tmp.js';
 
 const REPO_ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '../..');
 const HARNESS_DIR = resolve(REPO_ROOT, 'test/harness');
@@ -325,5 +326,24 @@ describe('lifecycle', () => {
     expect((await stat(info.rootDir)).isDirectory()).toBe(true);
     expect(await reapStaleLibvirtdRoots()).toContain(info.rootDir);
     await expect(stat(info.rootDir)).rejects.toThrow(/ENOENT/);
+
+    // Temp dirs of a dead owner go once they are old; fresh ones and ours stay.
+    const deadPid = child.pid!.toString(36);
+    const oldDead = join(tmpdir(), `${TEMP_DIR_TAG}reap-${deadPid}-aaaaaaa`);
+    const freshDead = join(tmpdir(), `${TEMP_DIR_TAG}reap-${deadPid}-bbbbbbb`);
+    const oldOurs = join(tmpdir(), TEMP_DIR_TAG + uniqueName('reap'));
+    for (const d of [oldDead, freshDead, oldOurs]) await mkdir(d);
+    const twoHoursAgo = new Date(Date.now() - 2 * 3600 * 1000);
+    for (const d of [oldDead, oldOurs]) await utimes(d, twoHoursAgo, twoHoursAgo);
+    try {
+      const reaped = await reapStaleTempDirs();
+      expect(reaped).toContain(oldDead);
+      expect(reaped).not.toContain(freshDead);
+      expect(reaped).not.toContain(oldOurs);
+      await expect(stat(oldDead)).rejects.toThrow(/ENOENT/);
+      expect((await stat(oldOurs)).isDirectory()).toBe(true);
+    } finally {
+      for (const d of [oldDead, freshDead, oldOurs]) await removeTree(d);
+    }
   });
 });
