@@ -300,7 +300,18 @@ function childPids(pid: number): number[] {
       .filter((s) => s.trim() !== '')
       .map(Number);
   } catch {
-    return [];
+    // Kernels without CONFIG_PROC_CHILDREN: find them by parent pid (field 4 of /proc/N/stat).
+    const found: number[] = [];
+    for (const entry of readdirSync('/proc')) {
+      if (!/^\d+$/.test(entry)) continue;
+      try {
+        const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+        if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) === pid) found.push(Number(entry));
+      } catch {
+        // exited meanwhile
+      }
+    }
+    return found;
   }
 }
 
