@@ -178,6 +178,10 @@ describe('dumpxml', () => {
     const d = parseDomainXml(out('dumpxml-inactive'));
     expect(d).toMatchObject({ name: 'one-8', id: null, hasGuestAgentChannel: false, guestAgentState: null });
     expect(d.disks[0]).toMatchObject({ target: 'vda', alias: null, backingChain: [] });
+    // a transient domain's --inactive XML is its live definition without the id: aliases stay
+    const t = parseDomainXml(out('dumpxml-inactive-transient'));
+    expect(t).toMatchObject({ name: 'one-7', id: null, hasGuestAgentChannel: true });
+    expect(t.disks[0]).toMatchObject({ alias: 'virtio-disk0', source: '/var/lib/one/datastores/0/7/disk.0.snap/base.1' });
     const w = parseDomainXml(out('dumpxml-spaces'));
     expect(w.name).toBe('web server 1');
     expect(w.disks.map((x) => [x.target, x.bus])).toEqual([['sda', 'scsi']]);
