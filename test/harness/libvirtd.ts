@@ -81,18 +81,33 @@ const STOP_TIMEOUT_MS = 30_000;
 const liveInstances = new Set<{ initPid: number }>();
 let exitHookInstalled = false;
 
+function killLiveInstances(): void {
+  for (const inst of liveInstances) {
+    try {
+      process.kill(inst.initPid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+}
+
 function installExitHook(): void {
   if (exitHookInstalled) return;
   exitHookInstalled = true;
-  process.on('exit', () => {
-    for (const inst of liveInstances) {
-      try {
-        process.kill(inst.initPid, 'SIGKILL');
-      } catch {
-        // already gone
+  process.on('exit', killLiveInstances);
+  // A vitest worker whose main process was SIGKILLed does not die (it was seen spinning forever), so
+  // pdeathsig never fires. Nobody will read its results any more: free the daemons and guests and end the
+  // orphan. Only under vitest, because a script started from a shell legitimately outlives that shell.
+  if (process.env.VITEST && process.ppid !== 1) {
+    const runnerPid = process.ppid;
+    setInterval(() => {
+      if (process.ppid !== runnerPid) {
+        killLiveInstances();
+        // vitest intercepts process.exit in its workers; the orphan has nobody to report to anyway.
+        process.kill(process.pid, 'SIGKILL');
       }
-    }
-  });
+    }, 1000).unref();
+  }
 }
 
 export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvirtd> {
