@@ -3,7 +3,12 @@
  * a forced command from authorized_keys, and a changed host key refused under StrictHostKeyChecking.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { access, readdir, readFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { access, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { run } from '../../lib/exec.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
@@ -93,5 +98,64 @@ describe('sshd harness', () => {
     await sshd.stop();
     expect(() => process.kill(pid, 0)).toThrow();
     await expect(access(sshd.rootDir)).rejects.toThrow();
+  });
+
+  it('the server dies with a test runner that is SIGKILLed (no cleanup runs)', async () => {
+    // A separate runner process starts an sshd through the harness, reports its pid, and is then killed.
+    const scratch = await mkdtemp(path.join(os.tmpdir(), 'onestor-sshd-runner-'));
+    const harnessUrl = new URL('../harness/sshd.ts', import.meta.url).href;
+    const script = path.join(scratch, 'runner.ts');
+    await writeFile(
+      script,
+      `import { readFileSync } from 'node:fs';\n` +
+        `const { startSshd } = await import(${JSON.stringify(harnessUrl)});\n` +
+        `const s = await startSshd();\n` +
+        `const pid = Number(readFileSync(s.rootDir + '/sshd.pid', 'utf8').trim());\n` +
+        `console.log(JSON.stringify({ pid, rootDir: s.rootDir }));\n` +
+        `setInterval(() => {}, 1 << 30);\n`,
+    );
+    const viteNode = fileURLToPath(new URL('../../node_modules/vite-node/vite-node.mjs', import.meta.url));
+    const runner = spawn(process.execPath, [viteNode, script], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let rootDir = '';
+    let sshdPid = 0;
+    try {
+      const line = await new Promise<string>((resolve, reject) => {
+        let out = '';
+        let errText = '';
+        runner.stdout.on('data', (d: Buffer) => {
+          out += d.toString();
+          const m = /^\{.*\}$/m.exec(out);
+          if (m) resolve(m[0]);
+        });
+        runner.stderr.on('data', (d: Buffer) => (errText += d.toString()));
+        runner.once('exit', (code) => reject(new Error(`runner exited ${code}: ${errText}`)));
+        setTimeout(() => reject(new Error(`runner did not report: ${out} ${errText}`)), 30_000);
+      });
+      const { pid, rootDir: dir } = JSON.parse(line) as { pid: number; rootDir: string };
+      rootDir = dir;
+      sshdPid = pid;
+      expect(() => process.kill(pid, 0)).not.toThrow();
+      runner.kill('SIGKILL');
+      const deadline = Date.now() + 5000;
+      let alive = true;
+      while (alive && Date.now() < deadline) {
+        await sleep(20);
+        try {
+          process.kill(pid, 0);
+        } catch {
+          alive = false;
+        }
+      }
+      expect(alive, `sshd ${pid} survived its runner`).toBe(false);
+    } finally {
+      runner.kill('SIGKILL');
+      try {
+        if (sshdPid) process.kill(sshdPid, 'SIGKILL'); // only when the test failed: do not leak it
+      } catch {
+        // gone, as expected
+      }
+      await rm(scratch, { recursive: true, force: true });
+      if (rootDir) await rm(rootDir, { recursive: true, force: true });
+    }
   });
 });

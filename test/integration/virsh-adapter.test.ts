@@ -271,6 +271,9 @@ describe('Virsh adapter on a real libvirtd', () => {
     await expectVirshError(virsh.dumpXml('no-such-vm'), 'E_DOMAIN', 'no-domain', /no-such-vm/);
     await expectVirshError(virsh.checkpointCreateRedefine('one-7', '<domaincheckpoint><name>x</name'), 'E_VIRSH', 'other', /checkpoint-create one-7 .*--redefine/);
 
+    await run('virsh', ['-c', lv.uri, 'suspend', "vm 8 'quoted'"]);
+    await expectVirshError(virsh.fsFreeze("vm 8 'quoted'"), 'E_DOMAIN', 'not-running', /domain is not running/);
+    expect(await virsh.domainState("vm 8 'quoted'")).toEqual({ state: 'paused', reason: 'user' });
     await plain.destroy();
     // a transient domain that was destroyed is gone entirely
     await expectVirshError(virsh.domJobInfo("vm 8 'quoted'"), 'E_DOMAIN', 'no-domain', /failed to get domain 'vm 8 'quoted''/);
