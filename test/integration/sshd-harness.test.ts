@@ -133,7 +133,6 @@ describe('sshd harness', () => {
       });
       const { pid, rootDir: dir } = JSON.parse(line) as { pid: number; rootDir: string };
       rootDir = dir;
-      sshdPid = pid;
       expect(() => process.kill(pid, 0)).not.toThrow();
       runner.kill('SIGKILL');
       const deadline = Date.now() + 5000;
@@ -146,11 +145,12 @@ describe('sshd harness', () => {
           alive = false;
         }
       }
+      if (alive) sshdPid = pid; // killed below, so a failing run leaks nothing
       expect(alive, `sshd ${pid} survived its runner`).toBe(false);
     } finally {
       runner.kill('SIGKILL');
       try {
-        if (sshdPid) process.kill(sshdPid, 'SIGKILL'); // only when the test failed: do not leak it
+        if (sshdPid) process.kill(sshdPid, 'SIGKILL');
       } catch {
         // gone, as expected
       }
