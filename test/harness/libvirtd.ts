@@ -162,10 +162,13 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
     exitCode = c;
   });
 
+  let instance: { initPid: number } | undefined;
   const failStart = async (why: string): Promise<never> => {
+    if (instance) liveInstances.delete(instance);
     const tail = async (p: string) => (await readFile(p, 'utf8').catch(() => '')).split('\n').slice(-30).join('\n');
     const detail = `namespace.log:\n${await tail(consoleLog)}\nlibvirtd.log:\n${await tail(join(rootDir, 'var/log/libvirt/libvirtd.log'))}`;
     if (child.pid !== undefined && exitCode === undefined) {
+      child.ref();
       try {
         process.kill(child.pid, 'SIGKILL');
       } catch {
@@ -194,7 +197,7 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
   } catch (e) {
     return failStart(`cannot read pid namespace of ${initPid}: ${String(e)}`);
   }
-  const instance = { initPid };
+  instance = { initPid };
   liveInstances.add(instance);
   installExitHook();
   const owner: RootOwner = {
@@ -222,7 +225,6 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
     if (r.code === 0) break;
     lastErr = r.stderr.trim();
     if (Date.now() > deadline) {
-      liveInstances.delete(instance);
       return failStart(`virsh version kept failing: ${lastErr}`);
     }
     await sleep(100);
@@ -253,7 +255,7 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
         const done = await Promise.race([exited.then(() => true), unrefSleep(STOP_TIMEOUT_MS).then(() => false)]);
         if (!done) throw new Error(`private libvirtd ${rootDir}: namespace init ${initPid} did not exit`);
       }
-      liveInstances.delete(instance);
+      if (instance) liveInstances.delete(instance);
       await removeTree(rootDir);
     })();
     return stopped;
