@@ -255,3 +255,55 @@ describe('host and domain name checks', () => {
     expect(isValidDomainName('')).toBe(false);
   });
 });
+
+describe('property: mutated realistic documents', () => {
+  // Deterministic xorshift so a failure is reproducible from the printed seed.
+  function rng(seed: number): () => number {
+    let x = seed >>> 0 || 1;
+    return () => {
+      x ^= x << 13;
+      x >>>= 0;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      x >>>= 0;
+      return x / 0x100000000;
+    };
+  }
+  const pieces = ['<', '>', '/', '&', ';', '"', "'", '<![CDATA[', ']]>', '<!DOCTYPE x>', '<DISK>', '</DISK>', '\u0000', 'é', '&amp;', '<!--', '-->'];
+
+  it('never throws anything but OnestorError, and a parsed disk always has a valid or explained freq', () => {
+    const sources = [fixture('vm-two-disks.xml'), fixture('vm-one-disk-deployed.xml'), fixture('vm-bad-freqs.xml')];
+    let parsed = 0;
+    let refused = 0;
+    for (let seed = 1; seed <= 1500; seed++) {
+      const rand = rng(seed);
+      let text = sources[seed % sources.length]!;
+      const edits = 1 + Math.floor(rand() * 4);
+      for (let k = 0; k < edits; k++) {
+        const at = Math.floor(rand() * text.length);
+        const r = rand();
+        if (r < 0.4) text = text.slice(0, at) + text.slice(at + 1 + Math.floor(rand() * 20));
+        else if (r < 0.8) text = text.slice(0, at) + pieces[Math.floor(rand() * pieces.length)] + text.slice(at);
+        else text = text.slice(0, at);
+      }
+      try {
+        const vm = parseVmXml(text, 'm.xml');
+        parsed++;
+        for (const d of vm.disks) {
+          if (d.freq !== null) {
+            expect(d.freq).toBeGreaterThanOrEqual(10);
+            expect(d.freq).toBeLessThanOrEqual(2592000);
+          } else if (d.freqRaw !== undefined) {
+            expect(d.freqError, `seed ${seed}`).toMatch(/^m\.xml: /);
+          }
+        }
+      } catch (e) {
+        if (!(e instanceof OnestorError)) throw new Error(`seed ${seed}: non-OnestorError ${String(e)}`);
+        expect(e.code).toBe('E_VM_XML');
+        refused++;
+      }
+    }
+    expect(parsed).toBeGreaterThan(50);
+    expect(refused).toBeGreaterThan(50);
+  });
+});
