@@ -233,12 +233,13 @@ export interface LoadConfigOptions {
   file?: string;
   /** From CLI flags; wins over file and environment. */
   overrides?: PartialConfig;
+  /** Defaults to process.env. */
   env?: NodeJS.ProcessEnv;
 }
 
 /** Reads, merges (defaults < file < environment < overrides), validates and freezes the configuration. */
 export async function loadConfig(opts: LoadConfigOptions = {}): Promise<Config> {
-  const env = opts.env ?? {};
+  const env = opts.env ?? process.env;
   const explicit = opts.file ?? env[ENV_CONFIG_FILE];
   const file = explicit ?? DEFAULT_CONFIG_FILE;
 
