@@ -15,6 +15,7 @@ import { cachedSha256, fileIdentity } from './digest.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf } from './errors.js';
 import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
 import type { QemuImg } from './qemu-img.js';
+import type { DiskSession } from './replica-client.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from './model.js';
 import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
 
@@ -27,22 +28,13 @@ export interface CycleLibvirt extends CaptureLibvirt {
   domainRunning(dom: string): Promise<boolean>;
 }
 
-export interface UploadResult {
-  bytes: number;
-  sha256: string;
-  resumedFrom: number;
-}
-
-export interface ReplicaDiskSession {
-  readonly manifest: ReplicaManifest | null;
-  readonly baseOnReplica: { size: number; sha256: string } | null;
-  upload(kind: 'base' | 'base1' | 'inc', localPath: string, opts: { key: string; sha256?: string; signal?: AbortSignal; onProgress?: (sent: number, total: number) => void }): Promise<UploadResult>;
-  publishFull(p: { checkpoint: string; capturedAt: number; consistency: Consistency; sourceHost: string; baseKey?: string; base1Key: string }): Promise<ReplicaManifest>;
-  publishIncremental(p: { parentCheckpoint: string; checkpoint: string; capturedAt: number; consistency: Consistency; sourceHost: string; incKey: string }): Promise<ReplicaManifest>;
-  close(): Promise<void>;
-}
+/** What the cycle needs of a replica session: lib/replica-client.ts DiskSession. */
+export type ReplicaDiskSession = DiskSession;
 
 export interface ReplicaPort {
+  /** manifests the replica holds for a VM (no lock taken) */
+  status(vmId: number): Promise<ReplicaManifest[]>;
+  /** takes the per-disk lock until the session is closed */
   openDisk(vmId: number, diskId: number): Promise<ReplicaDiskSession>;
 }
 
@@ -87,7 +79,8 @@ export interface DiskOutcome {
 
 interface DiskWork {
   disk: EligibleDisk;
-  session: ReplicaDiskSession;
+  replica: ReplicaPort;
+  plannedParent: string | null;
   decision: ModeDecision;
   base1DevIno: string;
   baseSha: string;
@@ -107,7 +100,6 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     if (outcomes.get(diskId)?.ok === false) return;
     outcomes.set(diskId, { vmId, diskId, ok: false, durationMs: now() - t0, error: { code: errorCodeOf(e), message: describeError(e) } });
   };
-  const sessions: ReplicaDiskSession[] = [];
   let state: AgentState = (await deps.state.loadOrReset()).state;
   const work: DiskWork[] = [];
   let captured: CaptureResult | null = null;
@@ -120,17 +112,23 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     const domDisks = await deps.libvirt.domainDisks(dom);
     let checkpoints = await deps.libvirt.checkpointNames(dom);
 
-    // Open one replica session (per-disk lock) per disk and learn where its lineage stands.
+    // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
+    // for the transfer, and the receiver refuses an incremental whose parent is no longer what it holds).
+    const manifestsByHost = new Map<string, ReplicaManifest[]>();
     for (const disk of req.disks) {
       try {
         const replica = await deps.replicaFor(disk.replicaHost);
-        const session = await replica.openDisk(vmId, disk.diskId);
-        sessions.push(session);
+        let manifests = manifestsByHost.get(disk.replicaHost);
+        if (!manifests) {
+          manifests = await replica.status(vmId);
+          manifestsByHost.set(disk.replicaHost, manifests);
+        }
+        const manifest = manifests.find((m) => m.diskId === disk.diskId) ?? null;
         const ds = getDisk(state, vmId, disk.diskId);
         const target = domDisks.find((x) => x.source !== null && path.resolve(x.source) === path.resolve(disk.base1Path))?.target;
         if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
 
-        const replicaCk = session.manifest?.checkpoint ?? null;
+        const replicaCk = manifest?.checkpoint ?? null;
         // Transient domains (virsh create) lose checkpoint metadata on destroy+create while the bitmap
         // stays in base.1: put the saved definition back before deciding.
         if (replicaCk && !checkpoints.includes(replicaCk) && ds.checkpoint === replicaCk && ds.checkpointXml) {
@@ -148,7 +146,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         if (!baseDigest.fromCache) {
           state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
         }
-        const onReplica = session.baseOnReplica;
+        const onReplica = manifest?.base ?? null;
         const replicaBaseMatches = onReplica !== null && onReplica.sha256 === baseDigest.sha256 && onReplica.size === baseDigest.size;
         let bitmapHealthy: boolean | null = null;
         if (replicaCk && checkpoints.includes(replicaCk)) {
@@ -165,7 +163,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           replicaBaseMatches,
         });
         const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
-        work.push({ disk, session, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
+        work.push({ disk, replica, plannedParent: replicaCk, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
         if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
       } catch (e) {
         fail(disk.diskId, e);
@@ -211,29 +209,36 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
       log.warn({ err: describeError(e) }, 'could not save checkpoint XML (redefine after a transient restart will not be possible)');
     }
 
-    // Transfer and publish disk by disk: one disk's failure does not stop the others.
+    // Transfer and publish disk by disk, each under its replica lock: one disk's failure does not
+    // stop the others.
     for (const w of work) {
       const cd = captured.disks.find((d) => d.diskId === w.disk.diskId)!;
       const dt0 = now();
+      let session: ReplicaDiskSession | null = null;
       try {
+        session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
         let bytes = 0;
         let manifest: ReplicaManifest;
+        const baseOk = session.baseOnReplica !== null && session.baseOnReplica.sha256 === w.baseSha && session.baseOnReplica.size === w.baseSize;
         if (cd.mode === 'full') {
           let baseKey: string | undefined;
-          if (!w.replicaBaseMatches) {
+          if (!baseOk) {
             baseKey = `base-${w.baseSha.slice(0, 32)}`;
-            const r = await w.session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
+            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
             bytes += r.bytes - r.resumedFrom;
           }
-          const r1 = await w.session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
+          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
-          manifest = await w.session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, baseKey, base1Key: `${captured.checkpoint}.base1` });
+          manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
         } else {
           const parent = (w.decision as { parent: string }).parent;
-          const r = await w.session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
+          if (!baseOk || (session.manifest?.checkpoint ?? null) !== parent) {
+            throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (holds ${session.manifest?.checkpoint ?? 'nothing'}, base ${baseOk ? 'same' : 'different'}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
+          }
+          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
-          manifest = await w.session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, incKey: `${captured.checkpoint}.inc` });
+          manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
         }
         if (manifest.checkpoint !== captured.checkpoint) {
           throw new OnestorError(ErrorCodes.PROTOCOL, `replica confirmed ${manifest.checkpoint}, expected ${captured.checkpoint}`, { vm: vmId, disk: w.disk.diskId });
@@ -256,6 +261,8 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
         fail(w.disk.diskId, e);
+      } finally {
+        await session?.close().catch(() => {});
       }
     }
     return finish();
@@ -265,7 +272,6 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
   }
 
   async function finish(): Promise<DiskOutcome[]> {
-    for (const s of sessions) await s.close().catch(() => {});
     await cleanStagingDir(stagingDir).catch(() => {});
     // Re-read the state file: another writer (CLI vs daemon) may have updated other disks meanwhile.
     const fresh = (await deps.state.loadOrReset()).state;

@@ -117,6 +117,15 @@ export class StateStore {
     }
   }
 
+  /** For readers (status, probe): never moves anything; a corrupt file reads as empty plus the error. */
+  async loadOrReadOnly(now = Date.now() / 1000): Promise<{ state: AgentState; error?: string }> {
+    try {
+      return { state: await this.load(now) };
+    } catch (e) {
+      return { state: emptyState(now), error: (e as Error).message };
+    }
+  }
+
   async save(state: AgentState, now = Date.now() / 1000): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o750 });
     const tmp = `${this.file}.tmp-${process.pid}`;

@@ -1,0 +1,30 @@
+/**
+ * `onestor-agent receive`: the replica side, started by sshd (ideally as the forced command of a
+ * dedicated key). stdin/stdout are the protocol; logs go to stderr (sshd passes them to the client).
+ * SNAPS comes from the receiver's own configuration (flag, config file, or the replica's sshrc),
+ * never from the client.
+ */
+import type { Logger } from 'pino';
+import { Exit } from './exit-codes.js';
+import type { Flags } from './main.js';
+import { loadConfig } from '../lib/config.js';
+import { readSshrc } from '../lib/sshrc.js';
+import { runReceiver } from '../lib/receiver.js';
+
+export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
+  const { overridesFrom } = await import('./main.js');
+  const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
+  const sshrc = await readSshrc(config.sshrcPaths);
+  const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
+  const code = await runReceiver(process.stdin, process.stdout, {
+    snapsDir,
+    lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
+    maxSessions: config.receiver.maxSessions,
+    busyWaitSec: config.receiver.busyWaitSec,
+    maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
+    qemuImg: config.qemuImg,
+    log: (obj, msg) => log.info(obj, msg),
+  });
+  await new Promise<void>((resolve) => process.stdout.end(resolve));
+  return code === 0 ? Exit.OK : Exit.FAILED;
+}

@@ -1,0 +1,420 @@
+/**
+ * The daemon loop (`onestor-agent run`): wiring only. Decisions live in lib/schedule.ts; this file
+ * turns them into timers, cycles, state writes, sd_notify messages and signal handling.
+ *
+ * Timers: one setTimeout to the next thing to do (a due disk, the next rescan, the next heartbeat).
+ * Node timers run on the monotonic clock, and every duration here is measured with performance.now(),
+ * so a wall-clock step changes nothing but the epochs written for display.
+ */
+import path from 'node:path';
+import { readdir } from 'node:fs/promises';
+import type { Logger } from 'pino';
+import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from '../lib/schedule.js';
+import { SdNotify } from '../lib/sd-notify.js';
+import { cleanStaleStaging } from '../lib/capture.js';
+import { describeError, ErrorCodes } from '../lib/errors.js';
+import { getDisk, diskKey, type StateStore, type AgentState } from '../lib/state.js';
+import type { EligibleDisk } from '../lib/model.js';
+import type { VmCycleRequest, DiskOutcome } from '../lib/cycle.js';
+
+/** The parts of lib/config.ts's Config the loop reads (Config is assignable to it). */
+export interface DaemonConfig {
+  readonly datastoreLocation: string;
+  readonly stagingDirName: string;
+  readonly schedule: Readonly<ScheduleSettings & { rescanSec: number }>;
+  readonly limits: Readonly<{ concurrency: number }>;
+}
+
+export interface DiscoveryView {
+  eligible: EligibleDisk[];
+  ineligible: ReadonlyArray<{ vmId: number; diskId?: number; reason: string }>;
+}
+
+export interface CycleStartInfo {
+  vmId: number;
+  diskIds: number[];
+  forced: boolean;
+  dueMono: number;
+  startMono: number;
+  slipMs: number;
+}
+
+export interface DaemonDeps {
+  discover(): Promise<DiscoveryView>;
+  /** production: (req, signal) => runVmCycle(cycleDeps, { ...req, signal }) */
+  runCycle(req: VmCycleRequest, signal: AbortSignal): Promise<DiskOutcome[]>;
+  state: StateStore;
+  /** default: remove DS/<stagingDirName>/<vmid> leftovers in every numeric datastore dir */
+  cleanStaleStaging?(): Promise<number[]>;
+  /** SIGHUP: re-read the configuration (the loop keeps the old one when this throws) */
+  reloadConfig?(): Promise<DaemonConfig>;
+  notifier?: SdNotify;
+  /** monotonic ms; default performance.now() */
+  monoNow?: () => number;
+  /** epoch ms; default Date.now() (tests fake wall-clock jumps here) */
+  wallNow?: () => number;
+  hostName?: string;
+  version?: string;
+  onCycleStart?(info: CycleStartInfo): void;
+}
+
+export interface DaemonOptions {
+  config: DaemonConfig;
+  log: Logger;
+  deps: DaemonDeps;
+  /** aborting it stops the daemon like SIGTERM */
+  signal?: AbortSignal;
+  /** install SIGTERM/SIGINT/SIGHUP handlers (the CLI does; tests drive stop()/reload() directly) */
+  handleSignals?: boolean;
+  /** how long running cycles get to wind down after SIGTERM (default 30 s) */
+  shutdownTimeoutMs?: number;
+  /** heartbeat/state refresh period (default min(30 s, rescanSec)) */
+  heartbeatMs?: number;
+}
+
+export interface DaemonHandle {
+  /** resolves once stopped (cycles finished or given up on, state written) */
+  readonly done: Promise<void>;
+  /** resolves once the first discovery ran and READY=1 was sent */
+  readonly ready: Promise<void>;
+  /** snapshot-now */
+  force(vmId: number, opts?: { diskIds?: number[]; full?: boolean }): number;
+  rescan(): Promise<void>;
+  reload(): Promise<void>;
+  stop(): void;
+  /** for status/tests: VMs in flight now */
+  inFlight(): number[];
+}
+
+interface Running {
+  ac: AbortController;
+  promise: Promise<void>;
+}
+
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+export function runDaemon(opts: DaemonOptions): Promise<void> {
+  return startDaemon(opts).done;
+}
+
+export function startDaemon(opts: DaemonOptions): DaemonHandle {
+  const { log, deps } = opts;
+  const mono = deps.monoNow ?? (() => performance.now());
+  const wall = deps.wallNow ?? (() => Date.now());
+  const notifier = deps.notifier ?? new SdNotify({ onError: (e, m) => log.warn({ err: describeError(e), message: m.split('\n')[0] }, 'sd_notify failed') });
+  let config = opts.config;
+  const schedulerOptions = (c: DaemonConfig) => ({ ...c.schedule, concurrency: c.limits.concurrency, host: deps.hostName ?? 'localhost' });
+  const scheduler = new Scheduler(schedulerOptions(config));
+  const running = new Map<number, Running>();
+  let eligible = new Map<string, EligibleDisk>();
+  let ineligibleCount = 0;
+  let stopping = false;
+  let timer: NodeJS.Timeout | null = null;
+  let nextRescanMono = 0;
+  let nextHeartbeatMono = 0;
+  let lastLoopMono = mono();
+  let rescanning: Promise<void> | null = null;
+  let writeChain: Promise<void> = Promise.resolve();
+  let writeQueued = false;
+  const startedAt = Math.floor(wall() / 1000);
+  const heartbeatMs = () => opts.heartbeatMs ?? Math.min(30_000, config.schedule.rescanSec * 1000);
+
+  let readyResolve!: () => void;
+  const ready = new Promise<void>((r) => (readyResolve = r));
+  let stopResolve!: () => void;
+  const stopRequested = new Promise<void>((r) => (stopResolve = r));
+
+  // ---- state -------------------------------------------------------------------------------------
+  /** Serialized: the heartbeat, next-due, queued and running marks of every known disk. */
+  function persist(): Promise<void> {
+    // coalesce: one queued write already picks up everything that changed until it starts
+    if (writeQueued) return writeChain;
+    writeQueued = true;
+    writeChain = writeChain.then(async () => {
+      writeQueued = false;
+      const m = mono();
+      const w = wall();
+      const view = scheduler.view(m, w);
+      try {
+        await deps.state.update((s: AgentState) => {
+          s.host = deps.hostName ?? s.host;
+          s.daemon = { pid: process.pid, startedAt, heartbeatAt: Math.floor(w / 1000), ...(deps.version ? { version: deps.version } : {}) };
+          for (const v of view) {
+            const e = eligible.get(diskKey(v.vmId, v.diskId));
+            const cur = getDisk(s, v.vmId, v.diskId);
+            const phase = v.running ? 'running' : v.queuedSince !== undefined ? 'queued' : cur.phase === 'running' || cur.phase === 'queued' ? undefined : cur.phase;
+            s.disks[diskKey(v.vmId, v.diskId)] = {
+              ...cur,
+              ...(e ? { domainName: e.domainName, freqSeconds: e.freqSeconds, replicaHost: e.replicaHost } : {}),
+              nextDueAt: v.nextDueAt,
+              queuedSince: v.queuedSince,
+              phase,
+            };
+          }
+        });
+      } catch (e) {
+        log.error({ err: describeError(e) }, 'state write failed');
+      }
+    });
+    return writeChain;
+  }
+
+  function statusText(): string {
+    const view = scheduler.view(mono(), wall());
+    const failing = view.filter((v) => v.failCount > 0).length;
+    const overdue = view.filter((v) => v.overdue).length;
+    const parts = [`${view.length} disks protected`, `${failing} failing`];
+    if (overdue) parts.push(`${overdue} overdue`);
+    if (running.size) parts.push(`${running.size} VM cycles running`);
+    if (ineligibleCount) parts.push(`${ineligibleCount} not eligible`);
+    return parts.join(', ');
+  }
+
+  // ---- discovery ---------------------------------------------------------------------------------
+  async function doRescan(): Promise<void> {
+    let found: DiscoveryView;
+    try {
+      found = await deps.discover();
+    } catch (e) {
+      // keep the previous view: a transient error must not drop every disk's cadence
+      log.error({ err: describeError(e) }, 'discovery failed; keeping the previous view');
+      return;
+    }
+    const { state } = await deps.state.loadOrReset().catch(() => ({ state: null as AgentState | null }));
+    const next = new Map<string, EligibleDisk>();
+    const known: KnownDisk[] = [];
+    for (const d of found.eligible) {
+      next.set(diskKey(d.vmId, d.diskId), d);
+      const ds = state ? getDisk(state, d.vmId, d.diskId) : null;
+      known.push({ vmId: d.vmId, diskId: d.diskId, freqSeconds: d.freqSeconds, lastSuccessAt: ds?.lastSuccess?.capturedAt ?? null, failCount: ds?.failCount ?? 0 });
+    }
+    const r = scheduler.sync(known, mono(), wall());
+    for (const e of r.rejected) log.error({ vm: e.context.vm, disk: e.context.disk, code: e.code }, e.message);
+    eligible = next;
+    ineligibleCount = found.ineligible.length;
+    if (r.added || r.removed) log.info({ disks: scheduler.size(), added: r.added, removed: r.removed, ineligible: ineligibleCount }, 'discovery');
+  }
+
+  function rescan(): Promise<void> {
+    rescanning ??= doRescan().finally(() => {
+      rescanning = null;
+    });
+    return rescanning;
+  }
+
+  // ---- cycles ------------------------------------------------------------------------------------
+  function launch(st: VmStart): void {
+    const disks = st.diskIds.map((id) => eligible.get(diskKey(st.vmId, id))).filter((d): d is EligibleDisk => d !== undefined);
+    const startedMono = mono();
+    const startedWallMs = wall();
+    const ac = new AbortController();
+    const slipMs = Math.max(0, startedMono - st.dueMono);
+    deps.onCycleStart?.({ vmId: st.vmId, diskIds: st.diskIds, forced: st.forced, dueMono: st.dueMono, startMono: startedMono, slipMs });
+    log.debug({ vm: st.vmId, disks: st.diskIds.join(','), forced: st.forced, slipMs: Math.round(slipMs) }, 'cycle due');
+    const first = disks[0];
+    const work: Promise<DiskOutcome[]> = first
+      ? Promise.resolve().then(() =>
+          deps.runCycle({ vmId: st.vmId, domainName: first.domainName, dsDir: first.dsDir, disks, forceFull: st.forceFull, signal: ac.signal }, ac.signal),
+        )
+      : Promise.resolve([]);
+    const promise = work
+      .catch((e: unknown): DiskOutcome[] => {
+        log.error({ vm: st.vmId, err: describeError(e) }, 'cycle threw');
+        return st.diskIds.map((diskId) => ({ vmId: st.vmId, diskId, ok: false, durationMs: mono() - startedMono, error: { code: ErrorCodes.INTERNAL, message: describeError(e) } }));
+      })
+      .then((outcomes) => {
+        const results: DiskResult[] = outcomes.map((o) => ({
+          diskId: o.diskId,
+          ok: o.ok,
+          capturedAt: o.capturedAt,
+          aborted: !o.ok && (stopping || o.error?.code === ErrorCodes.ABORTED),
+        }));
+        scheduler.finished(st.vmId, results, { startedMono, finishedMono: mono(), startedWallMs });
+        running.delete(st.vmId);
+        void persist();
+        void notifier.status(statusText());
+        if (!stopping) tick();
+      });
+    running.set(st.vmId, { ac, promise });
+  }
+
+  // ---- loop --------------------------------------------------------------------------------------
+  function tick(): void {
+    if (stopping) return;
+    if (timer) clearTimeout(timer);
+    timer = null;
+    const m = mono();
+    lastLoopMono = m;
+    if (m >= nextRescanMono) {
+      nextRescanMono = m + config.schedule.rescanSec * 1000;
+      void rescan().then(() => tick());
+    }
+    const starts = scheduler.takeDue(m);
+    for (const st of starts) launch(st);
+    if (starts.length || m >= nextHeartbeatMono) {
+      nextHeartbeatMono = m + heartbeatMs();
+      void persist();
+      void notifier.status(statusText());
+      const overdue = scheduler.overdue(m);
+      if (overdue.length && starts.length === 0) log.warn({ overdue: overdue.length, first: `${overdue[0]!.vmId}/${overdue[0]!.diskId}` }, 'disks overdue');
+    }
+    const wake = Math.min(scheduler.nextWake(m) ?? Infinity, nextRescanMono, nextHeartbeatMono);
+    const delay = Math.min(MAX_TIMER_MS, Math.max(0, Math.ceil(wake - m)));
+    timer = setTimeout(tick, delay);
+  }
+
+  async function reload(): Promise<void> {
+    if (!deps.reloadConfig) {
+      log.info('reload requested; no config source to re-read');
+      return;
+    }
+    await notifier.reloading();
+    try {
+      const next = await deps.reloadConfig();
+      scheduler.setOptions(schedulerOptions(next));
+      config = next;
+      log.info({ concurrency: next.limits.concurrency, rescanSec: next.schedule.rescanSec }, 'configuration reloaded');
+    } catch (e) {
+      log.error({ err: describeError(e) }, 'configuration reload failed; keeping the running one');
+    }
+    await notifier.ready(statusText());
+    nextRescanMono = 0; // a reload may change what is discovered
+    tick();
+  }
+
+  function stop(): void {
+    if (stopping) return;
+    stopping = true;
+    stopResolve();
+  }
+
+  // ---- signals -----------------------------------------------------------------------------------
+  const onTerm = () => {
+    log.info('SIGTERM: stopping');
+    stop();
+  };
+  const onHup = () => {
+    void reload();
+  };
+  if (opts.handleSignals) {
+    process.on('SIGTERM', onTerm);
+    process.on('SIGINT', onTerm);
+    process.on('SIGHUP', onHup);
+  }
+  const onAbort = () => stop();
+  if (opts.signal?.aborted) stop();
+  opts.signal?.addEventListener('abort', onAbort, { once: true });
+
+  // ---- life --------------------------------------------------------------------------------------
+  const done = (async () => {
+    let stopWatchdog = () => {};
+    try {
+      await notifier.status('starting');
+      const loaded = await deps.state.loadOrReset();
+      if (loaded.reset) log.warn({ file: deps.state.file, reason: loaded.reset }, 'state file unreadable; starting from an empty state');
+      const cleaned = await (deps.cleanStaleStaging ?? (() => cleanAllStaging(config)))().catch((e: unknown) => {
+        log.warn({ err: describeError(e) }, 'stale staging cleanup failed');
+        return [] as number[];
+      });
+      if (cleaned.length) log.info({ vms: cleaned.join(',') }, 'removed stale staging left by a previous run');
+      if (!stopping) {
+        nextRescanMono = mono() + config.schedule.rescanSec * 1000;
+        await rescan();
+        await persist();
+        await notifier.ready(statusText());
+        log.info({ disks: scheduler.size(), concurrency: config.limits.concurrency, notify: notifier.transport?.name ?? 'off', watchdogMs: notifier.watchdogMs }, 'daemon ready');
+        readyResolve();
+        // the watchdog is fed only while the loop keeps turning (it wakes at least every heartbeat)
+        stopWatchdog = notifier.startWatchdog(() => mono() - lastLoopMono < 3 * heartbeatMs() + 10_000);
+        tick();
+      }
+      await stopRequested;
+    } finally {
+      stopping = true;
+      readyResolve();
+      if (timer) clearTimeout(timer);
+      timer = null;
+      await notifier.stopping(`stopping, ${running.size} VM cycles to abort`);
+      for (const r of running.values()) r.ac.abort();
+      const all = Promise.all([...running.values()].map((r) => r.promise));
+      let t: NodeJS.Timeout | undefined;
+      const timedOut = await Promise.race([all.then(() => false), new Promise<boolean>((res) => (t = setTimeout(() => res(true), opts.shutdownTimeoutMs ?? 30_000)))]);
+      if (t) clearTimeout(t);
+      if (timedOut) log.error({ vms: [...running.keys()].join(',') }, 'cycles did not wind down in time; exiting anyway');
+      await (rescanning as Promise<void> | null)?.catch(() => {});
+      await persist();
+      stopWatchdog();
+      notifier.close();
+      opts.signal?.removeEventListener('abort', onAbort);
+      if (opts.handleSignals) {
+        process.off('SIGTERM', onTerm);
+        process.off('SIGINT', onTerm);
+        process.off('SIGHUP', onHup);
+      }
+      log.info('daemon stopped');
+    }
+  })();
+
+  return {
+    done,
+    ready,
+    force: (vmId, o) => {
+      const n = scheduler.force(vmId, o);
+      if (n && !stopping) tick();
+      return n;
+    },
+    rescan: async () => {
+      await rescan();
+      tick();
+    },
+    reload,
+    stop,
+    inFlight: () => [...running.keys()],
+  };
+}
+
+/** Leftover staging from a crashed run, in every numeric (system datastore) dir. */
+async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
+  let names: string[];
+  try {
+    names = await readdir(config.datastoreLocation);
+  } catch {
+    return [];
+  }
+  const removed: number[] = [];
+  for (const n of names) {
+    if (!/^\d+$/.test(n)) continue;
+    removed.push(...(await cleanStaleStaging(path.join(config.datastoreLocation, n, config.stagingDirName))));
+  }
+  return removed;
+}
+
+/** `onestor-agent run`: production wiring. */
+export async function runDaemonCommand(f: { config?: string } & Record<string, unknown>, _pos: string[], log: Logger): Promise<number> {
+  const { buildContext, runningDomains, VERSION } = await import('./context.js');
+  const { overridesFrom } = await import('./main.js');
+  const { discover } = await import('../lib/discover.js');
+  const { runVmCycle } = await import('../lib/cycle.js');
+  const { loadConfig } = await import('../lib/config.js');
+  const overrides = overridesFrom(f as never);
+  const ctx = await buildContext({ configFile: f.config, overrides, log });
+  try {
+    const handle = startDaemon({
+      config: ctx.config,
+      log,
+      handleSignals: true,
+      deps: {
+        state: ctx.state,
+        hostName: ctx.hostName,
+        version: VERSION,
+        discover: async () => discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) }),
+        runCycle: (req, signal) => runVmCycle(ctx.cycleDeps(), { ...req, signal }),
+        reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
+      },
+    });
+    await handle.done;
+    return 0;
+  } finally {
+    await ctx.replicas.closeAll();
+  }
+}

@@ -1,0 +1,163 @@
+#!/usr/bin/env node
+/**
+ * onestor-agent command line. Wiring only: parse flags, build the context, call into lib/, map the
+ * outcome to a documented exit code (agent/exit-codes.ts, README "Exit codes").
+ */
+import { parseArgs } from 'node:util';
+import { Exit } from './exit-codes.js';
+import { createLogger } from '../lib/log.js';
+import { describeError, OnestorError, ErrorCodes } from '../lib/errors.js';
+
+const HELP = `onestor-agent — point-in-time recovery snapshots of running OpenNebula KVM disks
+
+Usage: onestor-agent <command> [options]
+
+Commands:
+  run                      the daemon (systemd): snapshot every protected disk on its schedule
+  status [--json]          am I protected? one line per disk; exit 3 if a disk is overdue/failing,
+                           4 if the daemon is not running
+  list [--json]            discovery only: which disks are protected, which are not and why
+  snapshot --vm ID [--disk N] [--full] [--json]
+                           take one snapshot cycle now and print what it did
+  receive                  replica side: the receiver run by sshd (authorized_keys forced command)
+  probe <vm-snapshot|host-monitor|replica-ds>
+                           OpenNebula monitoring probe output (reads state, never snapshots)
+  demo [--keep]            throwaway libvirtd + tiny VM + loopback replica, then real cycles
+  help, --help             this text;  --version
+
+Common options (each overrides the config file):
+  --config FILE            agent config (JSON; default /etc/onestor-agent/config.json)
+  --datastores DIR         DATASTORE_LOCATION (default /var/lib/one/datastores)
+  --state-dir DIR          agent state (default /var/lib/one/onestor-agent)
+  --libvirt-uri URI        libvirt connection (default qemu:///system)
+  --sshrc FILE             ssh TM driver settings (default remotes/etc/tm/ssh/sshrc)
+  --replica-host HOST      connect here instead of REPLICA_HOST / REPLICA_STORAGE_IP
+  --replica-port N         SSH port of the replica (default 22)
+  --replica-user USER      SSH user on the replica (default oneadmin)
+  --identity FILE          private key for the replica
+  --known-hosts FILE       known_hosts used to check the replica's host key
+  --accept-new-host-key    record an unknown replica host key (a changed key is always refused)
+  --receiver-command CMD   command run on the replica (default "onestor-agent receive")
+  --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
+  --log-level LEVEL        trace|debug|info|warn|error (default info)
+
+Exit codes:
+  0 ok   1 a cycle/session failed   2 usage or configuration error
+  3 status: a protected disk is overdue or failing   4 status: daemon not running   130 interrupted
+`;
+
+const OPTIONS = {
+  help: { type: 'boolean', short: 'h' },
+  version: { type: 'boolean' },
+  json: { type: 'boolean' },
+  full: { type: 'boolean' },
+  keep: { type: 'boolean' },
+  vm: { type: 'string' },
+  disk: { type: 'string' },
+  config: { type: 'string' },
+  datastores: { type: 'string' },
+  'state-dir': { type: 'string' },
+  'libvirt-uri': { type: 'string' },
+  sshrc: { type: 'string' },
+  'replica-host': { type: 'string' },
+  'replica-port': { type: 'string' },
+  'replica-user': { type: 'string' },
+  identity: { type: 'string' },
+  'known-hosts': { type: 'string' },
+  'accept-new-host-key': { type: 'boolean' },
+  'receiver-command': { type: 'string' },
+  'snaps-dir': { type: 'string' },
+  'max-sessions': { type: 'string' },
+  'log-level': { type: 'string' },
+} as const;
+
+export type Flags = ReturnType<typeof parseFlags>['values'];
+
+function parseFlags(argv: string[]) {
+  return parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
+}
+
+function intFlag(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  if (!/^\d+$/.test(v)) throw new OnestorError(ErrorCodes.CONFIG, `--${name} must be a non-negative integer, got ${JSON.stringify(v)}`, { field: `--${name}` });
+  return Number(v);
+}
+
+/** CLI flags -> config overrides (same shape as the config file). */
+export function overridesFrom(f: Flags): Record<string, unknown> {
+  const o: Record<string, unknown> = {};
+  const replica: Record<string, unknown> = {};
+  const receiver: Record<string, unknown> = {};
+  if (f.datastores) o.datastoreLocation = f.datastores;
+  if (f['state-dir']) o.stateDir = f['state-dir'];
+  if (f['libvirt-uri']) o.libvirtUri = f['libvirt-uri'];
+  if (f.sshrc) o.sshrcPaths = [f.sshrc];
+  if (f['replica-host']) replica.hostOverride = f['replica-host'];
+  if (f['replica-port']) replica.port = intFlag(f['replica-port'], 'replica-port');
+  if (f['replica-user']) replica.user = f['replica-user'];
+  if (f.identity) replica.identityFile = f.identity;
+  if (f['known-hosts']) replica.knownHostsFile = f['known-hosts'];
+  if (f['accept-new-host-key']) replica.acceptNewHostKey = true;
+  if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
+  if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
+  if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
+  if (f['log-level']) o.log = { level: f['log-level'] };
+  if (Object.keys(replica).length) o.replica = replica;
+  if (Object.keys(receiver).length) o.receiver = receiver;
+  return o;
+}
+
+async function main(argv: string[]): Promise<number> {
+  let parsed: ReturnType<typeof parseFlags>;
+  try {
+    parsed = parseFlags(argv);
+  } catch (e) {
+    process.stderr.write(`onestor-agent: ${(e as Error).message}\nTry 'onestor-agent --help'.\n`);
+    return Exit.USAGE;
+  }
+  const { values: f, positionals } = parsed;
+  const cmd = positionals[0] ?? (f.version ? 'version' : 'help');
+  if (f.help || cmd === 'help') {
+    process.stdout.write(HELP);
+    return Exit.OK;
+  }
+  if (cmd === 'version' || f.version) {
+    const { VERSION } = await import('./context.js');
+    process.stdout.write(`onestor-agent ${VERSION} (node ${process.versions.node})\n`);
+    return Exit.OK;
+  }
+  // stdout carries data for receive (protocol), probe and --json: logs go to stderr there.
+  const dataOnStdout = cmd === 'receive' || cmd === 'probe' || Boolean(f.json);
+  const log = createLogger({ level: f['log-level'] ?? 'info', stream: dataOnStdout || cmd !== 'run' ? process.stderr : process.stdout });
+  const commands: Record<string, () => Promise<{ run(f: Flags, positionals: string[], log: ReturnType<typeof createLogger>): Promise<number> }>> = {
+    snapshot: () => import('./cmd-snapshot.js'),
+    list: () => import('./cmd-status.js').then((m) => ({ run: m.runList })),
+    status: () => import('./cmd-status.js').then((m) => ({ run: m.runStatus })),
+    receive: () => import('./cmd-receive.js'),
+    run: () => import('./cmd-run.js'),
+    probe: () => import('./cmd-probe.js'),
+    demo: () => import('./demo.js'),
+  };
+  const load = commands[cmd];
+  if (!load) {
+    process.stderr.write(`onestor-agent: unknown command '${cmd}'\nTry 'onestor-agent --help'.\n`);
+    return Exit.USAGE;
+  }
+  try {
+    const mod = await load();
+    return await mod.run(f, positionals.slice(1), log);
+  } catch (e) {
+    process.stderr.write(`onestor-agent ${cmd}: ${describeError(e)}\n`);
+    return e instanceof OnestorError && e.code === ErrorCodes.CONFIG ? Exit.USAGE : Exit.FAILED;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e) => {
+    process.stderr.write(`onestor-agent: ${describeError(e)}\n`);
+    process.exitCode = Exit.FAILED;
+  },
+);

@@ -1,0 +1,120 @@
+/**
+ * End to end against real daemons: private libvirtd + QEMU, VMs in the OpenNebula layout, the replica
+ * behind a real sshd with the restricted key, the agent CLI as a separate process. The reference for
+ * each point in time is made here, by test code (qemu-img convert -U of the live chain), never by the agent.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
+import type { OneVm } from '../harness/one-layout.js';
+import { guestWrite, guestFlush, readGuestView, sha256File } from '../harness/guest.js';
+import { recoverDrill } from '../harness/recover.js';
+import { run } from '../../lib/exec.js';
+
+let env: AgentEnv;
+let vm: OneVm;
+
+beforeAll(async () => {
+  env = await startAgentEnv({ name: 'e2e' });
+  vm = await env.createVm({
+    vmId: 42,
+    disks: [
+      { diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x11 }] },
+      { diskId: 1, sizeMiB: 32, freq: 60, baseData: [{ offsetMiB: 4, lengthMiB: 4, pattern: 0x12 }] },
+      { diskId: 2, sizeMiB: 16 },
+    ],
+  });
+});
+
+afterAll(async () => {
+  await vm?.destroy().catch(() => {});
+  await env?.stop();
+});
+
+async function chainFacts() {
+  const xml = await env.lv.virshOk(['dumpxml', vm.domainName]);
+  const disks = xml.match(/<disk[\s\S]*?<\/disk>/g) ?? [];
+  const blk = await env.lv.virshOk(['domblklist', vm.domainName, '--details']);
+  const baseSums = await Promise.all(vm.disks.map((d) => sha256File(d.basePath)));
+  const ck = await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name']);
+  return { disks, blk, baseSums, checkpoints: ck.trim().split('\n').filter(Boolean) };
+}
+
+async function reference(diskIndex: number, tag: string): Promise<string> {
+  const p = path.join(env.root, `ref-${tag}-${diskIndex}.raw`);
+  await readGuestView(vm.disks[diskIndex]!.base1Path, p);
+  const sum = await sha256File(p);
+  await rm(p, { force: true });
+  return sum;
+}
+
+describe('snapshot: full cycle, recover drill, chain untouched', () => {
+  it('protects both marked disks; the recovered disks equal the point in time, not the live disk', async () => {
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 16, lengthMiB: 4, pattern: 0x22 });
+    await guestWrite(env.lv, vm.domainName, { target: 'vdb', offsetMiB: 0, lengthMiB: 2, pattern: 0x23 });
+    await guestFlush(env.lv, vm.domainName, 'vda');
+    await guestFlush(env.lv, vm.domainName, 'vdb');
+    const ref0 = await reference(0, 'a');
+    const ref1 = await reference(1, 'a');
+    const before = await chainFacts();
+
+    const r = await env.agent(['snapshot', '--vm', '42']);
+    expect(r.stderr + r.stdout).toMatch(/vm 42 disk 0: full snapshot published/);
+    expect(r.stdout).toMatch(/vm 42 disk 1: full snapshot published/);
+    expect(r.code).toBe(0);
+
+    // The guest moves on after the point in time.
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 16, lengthMiB: 4, pattern: 0x33 });
+    await guestFlush(env.lv, vm.domainName, 'vda');
+    const live0 = await reference(0, 'live');
+    expect(live0).not.toBe(ref0);
+
+    for (const [i, ref] of [[0, ref0], [1, ref1]] as const) {
+      const drill = await recoverDrill(env.snapsDir, 42, i, env.root);
+      expect(drill.backingName).toBe(`disk.${i}.snap/base`);
+      expect(drill.check.ok, drill.check.raw).toBe(true);
+      expect(await sha256File(drill.rawPath)).toBe(ref);
+      await rm(drill.dir, { recursive: true, force: true });
+    }
+    // The unprotected disk was not sent.
+    await expect(readFile(path.join(env.snapsDir, '42', 'disk.2.snap', 'base'))).rejects.toThrow();
+    // Nothing but the backing chain inside disk.N.snap/ (recovery tars the whole directory).
+    const ls = await run('ls', ['-A', path.join(env.snapsDir, '42', 'disk.0.snap')]);
+    expect(ls.stdout.trim().split('\n').sort()).toEqual(['base', 'base.1', 'disk.0.snap']);
+
+    const after = await chainFacts();
+    expect(after.disks).toEqual(before.disks);
+    expect(after.blk).toBe(before.blk);
+    expect(after.baseSums).toEqual(before.baseSums);
+    // One rolling checkpoint of ours, nothing half-made, no job left.
+    expect(after.checkpoints.filter((c) => c.startsWith('onestor-'))).toHaveLength(1);
+    expect((await env.lv.virshOk(['domjobinfo', vm.domainName])).trim()).toMatch(/Job type:\s+None/);
+  });
+
+  it('a recovered disk boots as a new domain', async () => {
+    const drill = await recoverDrill(env.snapsDir, 42, 0, env.root);
+    const name = `recovered-${process.pid}`;
+    const xml = `<domain type='${env.lv.domainType}'><name>${name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
+      <os><type arch='x86_64' machine='pc'>hvm</type></os><devices><memballoon model='none'/>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${drill.base1Path}'/><target dev='vda' bus='virtio'/></disk>
+      </devices></domain>`;
+    const f = path.join(drill.dir, 'domain.xml');
+    await import('node:fs/promises').then((m) => m.writeFile(f, xml));
+    await env.lv.virshOk(['create', f]);
+    try {
+      expect(await env.lv.virshOk(['domstate', name])).toMatch(/running/);
+      const blk = await env.lv.virshOk(['domblklist', name]);
+      expect(blk).toContain(drill.base1Path);
+    } finally {
+      await env.lv.virsh(['destroy', name]);
+      await rm(drill.dir, { recursive: true, force: true });
+    }
+  });
+
+  it('reports a clear reason for a VM that is not protected and exits non-zero', async () => {
+    const r = await env.agent(['snapshot', '--vm', '4242']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/nothing to snapshot for VM 4242/);
+  });
+});
