@@ -239,6 +239,43 @@ describe('Virsh adapter on a real libvirtd', () => {
     await expectVirshError(virsh.checkpointDelete('one-7', 'ck-2'), 'E_CHECKPOINT', 'no-checkpoint', /ck-2/);
   });
 
+  it('after a QEMU crash the bitmap is broken: no size, incremental refused, delete needs --metadata', async () => {
+    const vm = await createOneVm(lv, { dsRoot, dsId: 0, vmId: 9, replicaHost: 'replica.test', disks: [{ diskId: 0, sizeMiB: 16 }], noStart: true });
+    try {
+      // persistent, so the checkpoint metadata survives the crash (as it would for a defined domain)
+      await lv.virshOk(['define', join(vm.vmDir, 'deployment.0')]);
+      await lv.virshOk(['start', 'one-9']);
+      expect((await virsh.domainInfo('one-9')).persistent).toBe(true);
+      const full = join(staging, 'one-9.full.qcow2');
+      await virsh.backupBegin('one-9', fullBackupXml('vda', full, []), checkpointXml('ck-9', 'vda', []));
+      await waitJobNone('one-9');
+      expect((await virsh.checkpointXml('one-9', 'ck-9', { noDomain: true, size: true })).parsed.disks[0]!.size).toBe(0);
+
+      const qemu = lv.processes().filter((p) => p.cmdline.includes('guest=one-9,'));
+      expect(qemu).toHaveLength(1);
+      process.kill(qemu[0]!.pid, 'SIGKILL');
+      const deadline = Date.now() + 15_000;
+      while ((await virsh.domainState('one-9')).state !== 'shut off' && Date.now() < deadline) await sleep(50);
+      expect(await virsh.domainState('one-9')).toEqual({ state: 'shut off', reason: 'crashed' });
+      await lv.virshOk(['start', 'one-9']);
+
+      expect(await virsh.checkpointNames('one-9')).toEqual(['ck-9']);
+      const broken = (await virsh.checkpointXml('one-9', 'ck-9', { noDomain: true, size: true })).parsed.disks[0]!;
+      expect(broken).toMatchObject({ name: 'vda', checkpoint: 'bitmap', bitmap: 'ck-9' });
+      expect(broken.size).toBeUndefined();
+
+      const inc = join(staging, 'one-9.inc.qcow2');
+      expect((await run('qemu-img', ['create', '-q', '-f', 'qcow2', inc, '16M'])).code).toBe(0);
+      const incXml = fullBackupXml('vda', inc, []).replace('<disks>', '<incremental>ck-9</incremental><disks>');
+      await expectVirshError(virsh.backupBegin('one-9', incXml, undefined, { reuseExternal: true }), 'E_CHECKPOINT', 'checkpoint-inconsistent', /missing or broken bitmap 'ck-9'/);
+      await expectVirshError(virsh.checkpointDelete('one-9', 'ck-9'), 'E_CHECKPOINT', 'checkpoint-inconsistent', /not found in backing chain/);
+      await virsh.checkpointDelete('one-9', 'ck-9', { metadataOnly: true });
+      expect(await virsh.checkpointNames('one-9')).toEqual([]);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
   it('guest agent: channel without agent -> agent-not-connected; no channel -> no-agent', async () => {
     const withChannel = await virsh.fsFreeze('one-7');
     expect(withChannel).toMatchObject({ ok: false, kind: 'agent-not-connected' });
