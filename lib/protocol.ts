@@ -162,7 +162,10 @@ export function encodeData(chunk: Buffer): [Buffer, Buffer] {
 export const idSchema = z.number().int().min(0).max(2 ** 31 - 1);
 export const sizeSchema = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 export const sha256Schema = z.string().regex(/^[0-9a-f]{64}$/, 'sha256 must be 64 lowercase hex digits');
-export const uploadKeySchema = z.string().regex(/^[A-Za-z0-9._-]{1,128}$/, 'key must match [A-Za-z0-9._-]{1,128}');
+export const uploadKeySchema = z
+  .string()
+  .regex(/^[A-Za-z0-9._-]{1,128}$/, 'key must match [A-Za-z0-9._-]{1,128}')
+  .refine((k) => !/^\.+$/.test(k), 'key must not be only dots');
 /** Checkpoint names are chosen by the agent; keep them to a boring alphabet (they end up in logs and JSON). */
 export const checkpointSchema = z.string().regex(/^[A-Za-z0-9._:@+-]{1,200}$/, 'checkpoint name has invalid characters');
 const shortText = (max: number) => z.string().max(max).regex(/^[^\u0000-\u001f\u007f]*$/, 'control characters are not allowed');

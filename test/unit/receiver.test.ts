@@ -1,0 +1,558 @@
+/**
+ * The real receiver on a real temp SNAPS dir with real qemu-img; only the transport is an in-process
+ * stream pair. The agent side is the real ReceiverConnection, except where a test needs to misbehave on
+ * the wire (corrupted bytes, cuts), which uses raw frames.
+ */
+import { createHash } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { PassThrough } from 'node:stream';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { run } from '../../lib/exec.js';
+import { errorCodeOf } from '../../lib/errors.js';
+import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol.js';
+import { runReceiver, type ReceiverOptions } from '../../lib/receiver.js';
+import { ReceiverConnection } from '../../lib/replica-client.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 8 * MiB;
+let root: string;
+
+beforeAll(async () => {
+  root = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-recv-'));
+});
+afterAll(async () => {
+  await fsp.rm(root, { recursive: true, force: true });
+});
+
+
+async function q(args: string[]): Promise<string> {
+  const r = await run(args[0]!, args.slice(1));
+  if (r.code !== 0) throw new Error(`${args.join(' ')}: ${r.stderr}`);
+  return r.stdout;
+}
+
+async function sha(file: string): Promise<string> {
+  return createHash('sha256').update(await fsp.readFile(file)).digest('hex');
+}
+
+/** Guest view of an image: digest of its raw content (comparing digests keeps failures readable). */
+async function guestView(image: string): Promise<string> {
+  const out = path.join(root, `view-${Math.random().toString(36).slice(2)}.raw`);
+  await q(['qemu-img', 'convert', '-O', 'raw', image, out]);
+  const digest = await sha(out);
+  await fsp.rm(out);
+  return digest;
+}
+
+/** A hypervisor-side disk in OpenNebula's layout: DIR/disk.N.snap/{base, base.1, disk.N.snap -> .}. */
+async function makeSourceDisk(name: string, disk = 0, basePattern = 0x11): Promise<{ snap: string; base: string; base1: string }> {
+  const dir = path.join(root, name);
+  const snap = path.join(dir, `disk.${disk}.snap`);
+  await fsp.mkdir(snap, { recursive: true });
+  await fsp.symlink('.', path.join(snap, `disk.${disk}.snap`));
+  const base = path.join(snap, 'base');
+  const base1 = path.join(snap, 'base.1');
+  await q(['qemu-img', 'create', '-q', '-f', 'qcow2', base, String(SIZE)]);
+  await q(['qemu-io', '-f', 'qcow2', '-c', `write -P ${basePattern} 0 4M`, base]);
+  await q(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', `disk.${disk}.snap/base`, '-F', 'qcow2', base1]);
+  await q(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x22 1M 1M', base1]);
+  return { snap, base, base1 };
+}
+
+/** An increment holding only the given writes (like a reuse-external incremental backup target). */
+async function makeInc(name: string, ops: string[], alsoApplyTo?: string): Promise<string> {
+  const inc = path.join(root, `${name}.qcow2`);
+  await q(['qemu-img', 'create', '-q', '-f', 'qcow2', inc, String(SIZE)]);
+  for (const op of ops) {
+    await q(['qemu-io', '-f', 'qcow2', '-c', op, inc]);
+    if (alsoApplyTo) await q(['qemu-io', '-f', 'qcow2', '-c', op, alsoApplyTo]);
+  }
+  // As captured, the inc names a backing that does not exist on the replica.
+  await q(['qemu-img', 'rebase', '-u', '-f', 'qcow2', '-b', '/nonexistent/capture-target-backing', '-F', 'qcow2', inc]);
+  return inc;
+}
+
+function options(snapsDir: string, extra: Partial<ReceiverOptions> = {}): ReceiverOptions {
+  return { snapsDir, lockTimeoutSec: 2, maxSessions: 4, busyWaitSec: 0, maxUsedPercent: 99, ...(process.env.RLOG ? { log: (o: object, m: string) => console.error(Date.now() % 100000, m, JSON.stringify(o)) } : {}), ...extra };
+}
+
+interface Session {
+  conn: ReceiverConnection;
+  done: Promise<number>;
+}
+
+async function session(snapsDir: string, extra: Partial<ReceiverOptions> = {}): Promise<Session> {
+  const toReceiver = new PassThrough();
+  const fromReceiver = new PassThrough();
+  const done = runReceiver(toReceiver, fromReceiver, options(snapsDir, extra)).finally(() => fromReceiver.end());
+  const conn = new ReceiverConnection(fromReceiver, toReceiver);
+  await conn.hello('hv1', 'test');
+  return { conn, done };
+}
+
+async function endSession(s: Session): Promise<number> {
+  await s.conn.bye();
+  return s.done;
+}
+
+/** A misbehaving peer: raw frames in, decoded replies out. */
+function rawPeer(snapsDir: string, extra: Partial<ReceiverOptions> = {}) {
+  const toReceiver = new PassThrough();
+  const fromReceiver = new PassThrough();
+  const done = runReceiver(toReceiver, fromReceiver, options(snapsDir, extra)).finally(() => fromReceiver.end());
+  const decoder = new FrameDecoder();
+  const replies: unknown[] = [];
+  const waiting: ((v: unknown) => void)[] = [];
+  fromReceiver.on('data', (c: Buffer) => {
+    for (const f of decoder.push(c)) {
+      if (f.type !== 'control') continue;
+      const w = waiting.shift();
+      if (w) w(f.message);
+      else replies.push(f.message);
+    }
+  });
+  const next = () => (replies.length ? Promise.resolve(replies.shift()) : new Promise<unknown>((r) => waiting.push(r)));
+  return {
+    done,
+    send(msg: object) {
+      toReceiver.write(encodeControl(msg));
+    },
+    data(buf: Buffer) {
+      for (const b of encodeData(buf)) toReceiver.write(b);
+    },
+    raw(buf: Buffer) {
+      toReceiver.write(buf);
+    },
+    async ask(msg: object): Promise<Record<string, unknown>> {
+      toReceiver.write(encodeControl(msg));
+      return (await next()) as Record<string, unknown>;
+    },
+    next: async () => (await next()) as Record<string, unknown>,
+    cut() {
+      toReceiver.end();
+    },
+  };
+}
+
+/** Every path under dir with its inode, type, size and content digest: to prove nothing was touched. */
+async function treeSnapshot(dir: string): Promise<Record<string, string>> {
+  const out: Record<string, string> = {};
+  async function walk(d: string): Promise<void> {
+    for (const e of await fsp.readdir(d, { withFileTypes: true })) {
+      const p = path.join(d, e.name);
+      const st = await fsp.lstat(p);
+      if (e.isSymbolicLink()) out[p] = `L ${st.ino} ${await fsp.readlink(p)}`;
+      else if (e.isDirectory()) {
+        out[p] = `D ${st.ino}`;
+        await walk(p);
+      } else out[p] = `F ${st.ino} ${st.size} ${st.mtimeMs} ${await sha(p)}`;
+    }
+  }
+  await walk(dir);
+  return out;
+}
+
+/** What recovery does: test -f both, tar disk.N + disk.N.snap/ elsewhere, and read the guest view there. */
+async function recoverView(snapsDir: string, vm: number, disk: number): Promise<string> {
+  const vmDir = path.join(snapsDir, String(vm));
+  expect((await fsp.lstat(path.join(vmDir, `disk.${disk}.snap`, 'base'))).isFile()).toBe(true);
+  expect((await fsp.lstat(path.join(vmDir, `disk.${disk}.snap`, 'base.1'))).isFile()).toBe(true);
+  const target = path.join(root, `recovered-${Math.random().toString(36).slice(2)}`);
+  await fsp.mkdir(target);
+  const tarFile = `${target}.tar`;
+  await q(['tar', '-C', vmDir, '-cf', tarFile, `disk.${disk}`, `disk.${disk}.snap`]);
+  await q(['tar', '-C', target, '-xf', tarFile]);
+  const view = await guestView(path.join(target, `disk.${disk}`));
+  await fsp.rm(target, { recursive: true });
+  await fsp.rm(tarFile);
+  return view;
+}
+
+async function seed(snapsDir: string, vm: number, disk: number, src: { base: string; base1: string }, checkpoint = 'ck1') {
+  const s = await session(snapsDir);
+  const d = await s.conn.openDisk(vm, disk);
+  const b = await d.upload('base', src.base, { key: `base-${checkpoint}` });
+  const b1 = await d.upload('base1', src.base1, { key: `base1-${checkpoint}` });
+  const manifest = await d.publishFull({
+    checkpoint,
+    capturedAt: 1700000000,
+    consistency: 'crash-consistent',
+    sourceHost: 'hv1',
+    base: `base-${checkpoint}`,
+    base1: `base1-${checkpoint}`,
+  });
+  await d.close();
+  expect(await endSession(s)).toBe(0);
+  return { manifest, b, b1 };
+}
+
+describe('receiver: full seed', () => {
+  it('publishes the exact recovery layout, nothing else inside disk.N.snap, and a manifest beside it', async () => {
+    const snaps = path.join(root, 'snaps-seed');
+    const src = await makeSourceDisk('src-seed', 3);
+    const { manifest, b1 } = await seed(snaps, 42, 3, src);
+    const vmDir = path.join(snaps, '42');
+    expect(await fsp.readlink(path.join(vmDir, 'disk.3'))).toBe('disk.3.snap/base.1');
+    expect(await fsp.readlink(path.join(vmDir, 'disk.3.snap', 'disk.3.snap'))).toBe('.');
+    expect((await fsp.readdir(path.join(vmDir, 'disk.3.snap'))).sort()).toEqual(['base', 'base.1', 'disk.3.snap']);
+    expect((await fsp.readdir(vmDir)).sort()).toEqual(['.onestor', 'disk.3', 'disk.3.snap']);
+    const info = JSON.parse(await q(['qemu-img', 'info', '--output=json', path.join(vmDir, 'disk.3')]));
+    expect(info['backing-filename']).toBe('disk.3.snap/base');
+    expect(info['backing-filename-format']).toBe('qcow2');
+    expect(await sha(path.join(vmDir, 'disk.3.snap', 'base.1'))).toBe(b1.sha256);
+    expect(await recoverView(snaps, 42, 3)).toEqual(await guestView(src.base1));
+    expect(manifest.checkpoint).toBe('ck1');
+    expect(manifest.base.sha256).toBe(await sha(src.base));
+    const stored = JSON.parse(await fsp.readFile(path.join(vmDir, '.onestor', 'disk.3.json'), 'utf8'));
+    expect(stored.checkpoint).toBe('ck1');
+
+    // A second session sees the lineage and the base digest (from the cache: base is not re-read).
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(42, 3);
+    expect(d.manifest?.checkpoint).toBe('ck1');
+    expect(d.baseOnReplica).toEqual({ size: (await fsp.stat(src.base)).size, sha256: await sha(src.base) });
+    expect((await s.conn.status()).map((m) => [m.vmId, m.diskId, m.checkpoint])).toEqual([[42, 3, 'ck1']]);
+    await d.close();
+    await endSession(s);
+  });
+
+  it('a seed without base reuses the replica base; a changed base replaces base.1 coherently', async () => {
+    const snaps = path.join(root, 'snaps-reseed');
+    const src = await makeSourceDisk('src-reseed', 0);
+    await seed(snaps, 7, 0, src);
+    await q(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x33 5M 64k', src.base1]);
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(7, 0);
+    expect(d.baseOnReplica?.sha256).toBe(await sha(src.base));
+    await d.upload('base1', src.base1, { key: 'b1-ck2' });
+    await d.publishFull({ checkpoint: 'ck2', capturedAt: 1700000100, consistency: 'filesystem-frozen', sourceHost: 'hv2', base1: 'b1-ck2' });
+    await d.close();
+    await endSession(s);
+    expect(await recoverView(snaps, 7, 0)).toEqual(await guestView(src.base1));
+
+    // Different image (e.g. after a detach/attach): new base + base.1 published together.
+    const src2 = await makeSourceDisk('src-reseed2', 0, 0x44);
+    await seed(snaps, 7, 0, src2, 'ck3');
+    expect(await recoverView(snaps, 7, 0)).toEqual(await guestView(src2.base1));
+  });
+
+  it('refuses a base.1 whose backing name is not disk.N.snap/base, publishing nothing', async () => {
+    const snaps = path.join(root, 'snaps-badbacking');
+    const src = await makeSourceDisk('src-badbacking', 1);
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(9, 0); // disk 0, but the image says disk.1.snap/base
+    await d.upload('base', src.base, { key: 'b' });
+    await d.upload('base1', src.base1, { key: 'b1' });
+    const err = await d
+      .publishFull({ checkpoint: 'x', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base: 'b', base1: 'b1' })
+      .catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_QEMU_IMG');
+    expect(String(err.message)).toMatch(/disk\.0\.snap\/base/);
+    await d.close();
+    await endSession(s);
+    await expect(fsp.lstat(path.join(snaps, '9'))).rejects.toThrow(/ENOENT/);
+  });
+});
+
+describe('receiver: hostile and broken input', () => {
+  it('refuses traversal and malformed ids/keys with E_PROTOCOL, leaving the replica byte- and inode-identical', async () => {
+    const snaps = path.join(root, 'snaps-hostile');
+    const src = await makeSourceDisk('src-hostile', 0);
+    await seed(snaps, 1, 0, src);
+    const before = await treeSnapshot(snaps);
+    const hostile: object[] = [
+      { type: 'open', vm: '../1', disk: 0 },
+      { type: 'open', vm: -1, disk: 0 },
+      { type: 'open', vm: 1.5, disk: 0 },
+      { type: 'open', vm: 2 ** 31, disk: 0 },
+      { type: 'open', vm: 1, disk: '0/../../etc' },
+      { type: 'open', vm: '1e0', disk: 0 },
+    ];
+    for (const msg of hostile) {
+      const p = rawPeer(snaps);
+      expect((await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' })).type).toBe('ok');
+      const r = await p.ask(msg);
+      expect(r).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+      expect(await p.done).toBe(2);
+    }
+    for (const key of ['../../1/disk.0.snap/base.1', '..', '/etc/passwd', 'a'.repeat(129), '']) {
+      const p = rawPeer(snaps);
+      await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+      expect((await p.ask({ type: 'open', vm: 1, disk: 0 })).type).toBe('ok');
+      const r = await p.ask({ type: 'put', kind: 'base1', size: 10, key });
+      expect(r).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+      expect(await p.done).toBe(2);
+    }
+    // Wrong protocol version, messages before hello, garbage frames
+    const v = rawPeer(snaps);
+    expect(await v.ask({ type: 'hello', protocol: 2, agentVersion: 't', host: 'h' })).toMatchObject({ code: 'E_PROTOCOL' });
+    expect(await v.done).toBe(2);
+    const early = rawPeer(snaps);
+    expect(await early.ask({ type: 'open', vm: 1, disk: 0 })).toMatchObject({ code: 'E_PROTOCOL' });
+    const junk = rawPeer(snaps);
+    junk.raw(Buffer.from([0, 0, 0, 1, 9, 0]));
+    expect(await junk.next()).toMatchObject({ code: 'E_PROTOCOL' });
+    expect(await junk.done).toBe(2);
+    expect(await treeSnapshot(snaps)).toEqual(before);
+  });
+
+  it('refuses symlinks planted inside SNAPS/VMID (never written through)', async () => {
+    const snaps = path.join(root, 'snaps-symlink');
+    const elsewhere = path.join(root, 'elsewhere');
+    await fsp.mkdir(path.join(elsewhere, 'disk.0.snap'), { recursive: true });
+    await fsp.mkdir(snaps, { recursive: true });
+    await fsp.symlink(elsewhere, path.join(snaps, '5'));
+    const s = await session(snaps);
+    expect(errorCodeOf(await s.conn.openDisk(5, 0).catch((e) => e))).toBe('E_PATH');
+    await fsp.rm(path.join(snaps, '5'));
+    await fsp.mkdir(path.join(snaps, '6', 'disk.0.snap'), { recursive: true });
+    await fsp.writeFile(path.join(elsewhere, 'victim'), 'keep');
+    await fsp.symlink(path.join(elsewhere, 'victim'), path.join(snaps, '6', 'disk.0.snap', 'base.1'));
+    expect(errorCodeOf(await s.conn.openDisk(6, 0).catch((e) => e))).toBe('E_PATH');
+    await endSession(s);
+    expect(await fsp.readFile(path.join(elsewhere, 'victim'), 'utf8')).toBe('keep');
+    expect(await fsp.readdir(path.join(elsewhere, 'disk.0.snap'))).toEqual([]);
+  });
+
+  it('E_DIGEST on a corrupted byte and E_SIZE on a short upload: temp removed, nothing published', async () => {
+    const snaps = path.join(root, 'snaps-corrupt');
+    const src = await makeSourceDisk('src-corrupt', 0);
+    await seed(snaps, 2, 0, src);
+    const before = await treeSnapshot(path.join(snaps, '2'));
+    const data = await fsp.readFile(src.base1);
+    const good = createHash('sha256').update(data).digest('hex');
+    const bad = Buffer.from(data);
+    bad[bad.length >> 1] ^= 0x01;
+
+    const p = rawPeer(snaps);
+    await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p.ask({ type: 'open', vm: 2, disk: 0 });
+    expect(await p.ask({ type: 'put', kind: 'base1', size: bad.length, key: 'k1' })).toMatchObject({ type: 'ok', offset: 0 });
+    p.data(bad);
+    expect(await p.ask({ type: 'end', sha256: good })).toMatchObject({ type: 'error', code: 'E_DIGEST' });
+    // The bad upload is gone: a publish naming it is refused, and a new put starts from 0.
+    expect(
+      await p.ask({ type: 'publish', mode: 'full', checkpoint: 'z', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base1: 'k1' }),
+    ).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+    expect(await p.done).toBe(2);
+
+    const p2 = rawPeer(snaps);
+    await p2.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p2.ask({ type: 'open', vm: 2, disk: 0 });
+    expect(await p2.ask({ type: 'put', kind: 'base1', size: data.length, key: 'k1' })).toMatchObject({ offset: 0 });
+    p2.data(data.subarray(0, data.length - 10));
+    expect(await p2.ask({ type: 'end', sha256: good })).toMatchObject({ type: 'error', code: 'E_SIZE' });
+    // More than announced: answered early, the rest of the upload is discarded.
+    expect(await p2.ask({ type: 'put', kind: 'base1', size: 100, key: 'k2' })).toMatchObject({ offset: 0 });
+    p2.data(data.subarray(0, 200));
+    expect(await p2.next()).toMatchObject({ type: 'error', code: 'E_SIZE' });
+    p2.send({ type: 'end', sha256: good });
+    expect(await p2.ask({ type: 'bye' })).toMatchObject({ type: 'ok' });
+    expect(await p2.done).toBe(0);
+    expect(await treeSnapshot(path.join(snaps, '2'))).toEqual(before);
+    expect(await fsp.readdir(path.join(snaps, '.onestor', 'tmp', '2-0'))).toEqual([]);
+  });
+
+  it('resumes an upload cut in the middle and publishes the complete file', async () => {
+    const snaps = path.join(root, 'snaps-resume');
+    const src = await makeSourceDisk('src-resume', 0);
+    const data = await fsp.readFile(src.base);
+    const p = rawPeer(snaps);
+    await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p.ask({ type: 'open', vm: 3, disk: 0 });
+    await p.ask({ type: 'put', kind: 'base', size: data.length, key: 'base-ck1' });
+    const half = Math.floor(data.length / 2) + 12345;
+    p.data(data.subarray(0, half));
+    // The link dies mid-frame: a header announcing more than arrives.
+    p.raw(Buffer.concat([encodeData(data.subarray(half, half + 1000))[0], data.subarray(half, half + 10)]));
+    p.cut();
+    expect(await p.done).toBe(2);
+
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(3, 0);
+    const up = await d.upload('base', src.base, { key: 'base-ck1' });
+    // Whole bytes of the cut frame that did arrive are kept too: data has no meaning per frame.
+    expect(up.resumedFrom).toBe(half + 10);
+    expect(up.sha256).toBe(await sha(src.base));
+    await d.upload('base1', src.base1, { key: 'b1' });
+    await d.publishFull({ checkpoint: 'ck1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base: 'base-ck1', base1: 'b1' });
+    await d.close();
+    await endSession(s);
+    expect(await sha(path.join(snaps, '3', 'disk.0.snap', 'base'))).toBe(await sha(src.base));
+    expect(await recoverView(snaps, 3, 0)).toEqual(await guestView(src.base1));
+  });
+
+  it('E_VANISHED when SNAPS/VMID is removed mid-session; the dir is not recreated', async () => {
+    const snaps = path.join(root, 'snaps-vanish');
+    const src = await makeSourceDisk('src-vanish', 0);
+    await seed(snaps, 4, 0, src);
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(4, 0);
+    await d.upload('base1', src.base1, { key: 'b1-2' });
+    await fsp.rm(path.join(snaps, '4'), { recursive: true });
+    const err = await d
+      .publishFull({ checkpoint: 'ck2', capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'h', base1: 'b1-2' })
+      .catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_VANISHED');
+    expect(errorCodeOf(await d.upload('base1', src.base1, { key: 'b1-3' }).catch((e) => e))).toBe('E_VANISHED');
+    await d.close();
+    await endSession(s);
+    await expect(fsp.lstat(path.join(snaps, '4'))).rejects.toThrow(/ENOENT/);
+    // Removed and recreated by someone else (different inode) is the same story.
+    await seed(snaps, 4, 0, src);
+    const s2 = await session(snaps);
+    const d2 = await s2.conn.openDisk(4, 0);
+    await d2.upload('base1', src.base1, { key: 'b1-4' });
+    await fsp.rm(path.join(snaps, '4'), { recursive: true });
+    await fsp.mkdir(path.join(snaps, '4'));
+    const err2 = await d2
+      .publishFull({ checkpoint: 'ck4', capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'h', base1: 'b1-4' })
+      .catch((e) => e);
+    expect(errorCodeOf(err2)).toBe('E_VANISHED');
+    expect(await fsp.readdir(path.join(snaps, '4'))).toEqual([]);
+    await endSession(s2);
+  });
+
+  it('per-disk lock: a second session waits then gets E_LOCK_TIMEOUT; session cap gives E_BUSY', async () => {
+    const snaps = path.join(root, 'snaps-lock');
+    const a = await session(snaps);
+    const da = await a.conn.openDisk(8, 0);
+    const b = await session(snaps, { lockTimeoutSec: 1 });
+    const t0 = Date.now();
+    expect(errorCodeOf(await b.conn.openDisk(8, 0).catch((e) => e))).toBe('E_LOCK_TIMEOUT');
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(900);
+    const other = await b.conn.openDisk(8, 1); // another disk is independent
+    await other.close();
+    await da.close();
+    const again = await b.conn.openDisk(8, 0);
+    await again.close();
+    await endSession(a);
+    await endSession(b);
+
+    const c1 = await session(snaps, { maxSessions: 1 });
+    const err = await session(snaps, { maxSessions: 1, busyWaitSec: 0 }).catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_BUSY');
+    await endSession(c1);
+    const c2 = await session(snaps, { maxSessions: 1 });
+    await endSession(c2);
+  });
+
+  it('E_NOSPACE before accepting a put that would pass REPLICA_MAX_USED_PERC', async () => {
+    const snaps = path.join(root, 'snaps-space');
+    const src = await makeSourceDisk('src-space', 0);
+    const s = await session(snaps, { maxUsedPercent: 1 });
+    const d = await s.conn.openDisk(10, 0);
+    expect(errorCodeOf(await d.upload('base', src.base, { key: 'b' }).catch((e) => e))).toBe('E_NOSPACE');
+    await d.close();
+    await endSession(s);
+  });
+});
+
+describe('receiver: incremental merge (A/B copies)', () => {
+  async function publishInc(snaps: string, vm: number, inc: string, parent: string, ck: string, extra: Partial<ReceiverOptions> = {}) {
+    const s = await session(snaps, extra);
+    try {
+      const d = await s.conn.openDisk(vm, 0);
+      await d.upload('inc', inc, { key: `inc-${ck}` });
+      const m = await d.publishIncremental({ parentCheckpoint: parent, checkpoint: ck, capturedAt: 1700000500, consistency: 'crash-consistent', sourceHost: 'hv1', inc: `inc-${ck}` });
+      await d.close();
+      return m;
+    } finally {
+      await endSession(s);
+    }
+  }
+
+  it('merges increments (data and zeroed clusters) so the guest view follows the source, at O(changed)', async () => {
+    const snaps = path.join(root, 'snaps-inc');
+    const src = await makeSourceDisk('src-inc', 0);
+    await seed(snaps, 20, 0, src, 'c1');
+    const work = path.join(snaps, '.onestor', 'work', '20', 'disk.0');
+    expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+
+    const inc2 = await makeInc('inc2', ['write -P 0x55 2M 128k', 'write -z 1M 64k'], src.base1);
+    const m2 = await publishInc(snaps, 20, inc2, 'c1', 'c2');
+    expect(m2.checkpoint).toBe('c2');
+    expect(m2.mode).toBe('incremental');
+    expect(await recoverView(snaps, 20, 0)).toEqual(await guestView(src.base1));
+
+    const inc3 = await makeInc('inc3', ['write -P 0x66 6M 64k', 'write -P 0x67 2M 64k'], src.base1);
+    await publishInc(snaps, 20, inc3, 'c2', 'c3');
+    expect(await recoverView(snaps, 20, 0)).toEqual(await guestView(src.base1));
+    const inc4 = await makeInc('inc4', ['write -z 2M 64k', 'write -P 0x68 7M 1M'], src.base1);
+    await publishInc(snaps, 20, inc4, 'c3', 'c4');
+    expect(await recoverView(snaps, 20, 0)).toEqual(await guestView(src.base1));
+
+    // The published base.1 is one of the two copies; the spare is the other; only the last inc is kept.
+    const b1 = await fsp.stat(path.join(snaps, '20', 'disk.0.snap', 'base.1'));
+    const [a, b] = await Promise.all([fsp.stat(path.join(work, 'copy.a')), fsp.stat(path.join(work, 'copy.b'))]);
+    expect([a.ino, b.ino]).toContain(b1.ino);
+    expect(a.ino).not.toBe(b.ino);
+    expect((await fsp.readdir(work)).filter((n) => n.startsWith('inc.'))).toHaveLength(1);
+    expect((await fsp.readdir(path.join(snaps, '20', 'disk.0.snap'))).sort()).toEqual(['base', 'base.1', 'disk.0.snap']);
+
+    // E_PARENT: an increment on a checkpoint the replica does not hold changes nothing.
+    const before = await treeSnapshot(path.join(snaps, '20'));
+    const stray = await makeInc('stray', ['write -P 0x99 0 64k']);
+    expect(errorCodeOf(await publishInc(snaps, 20, stray, 'c2', 'c9').catch((e) => e))).toBe('E_PARENT');
+    expect(await treeSnapshot(path.join(snaps, '20'))).toEqual(before);
+  });
+
+  const steps = ['inc:spare-ready', 'inc:journal', 'inc:applied:inc.1', 'inc:checked', 'inc:published', 'inc:manifest', 'inc:done'];
+  for (const crashAt of steps) {
+    it(`crash at ${crashAt}: replica stays on a complete snapshot and the next open redoes or drops the merge`, async () => {
+      const snaps = path.join(root, `snaps-crash-${crashAt.replace(/[^a-z0-9]/g, '-')}`);
+      const src = await makeSourceDisk(`src-crash-${crashAt.replace(/[^a-z0-9]/g, '-')}`, 0);
+      await seed(snaps, 30, 0, src, 'c1');
+      const viewC1 = await guestView(src.base1);
+      const inc2 = await makeInc(`crash-inc2-${steps.indexOf(crashAt)}`, ['write -P 0x71 3M 192k', 'write -z 1M 64k'], src.base1);
+      const viewC2 = await guestView(src.base1);
+      const crash = new Error(`simulated crash at ${crashAt}`);
+      const err = await publishInc(snaps, 30, inc2, 'c1', 'c2', {
+        onStep: (s) => {
+          if (s === crashAt) throw crash;
+        },
+      }).catch((e) => e);
+      expect(err).toBeInstanceOf(Error);
+      // Right after the crash: the published pair is c1 or c2, complete either way.
+      const now = await recoverView(snaps, 30, 0);
+      expect([viewC1, viewC2]).toContain(now);
+      expect(viewC1).not.toBe(viewC2);
+      // Next session: open redoes the journal when it was written, else the replica is still on c1.
+      const s = await session(snaps);
+      const d = await s.conn.openDisk(30, 0);
+      const journalWritten = steps.indexOf(crashAt) >= steps.indexOf('inc:journal');
+      expect(d.manifest?.checkpoint).toBe(journalWritten ? 'c2' : 'c1');
+      await d.close();
+      await endSession(s);
+      expect(await recoverView(snaps, 30, 0)).toEqual(journalWritten ? viewC2 : viewC1);
+      // And the lineage goes on from there.
+      const parent = journalWritten ? 'c2' : 'c1';
+      if (!journalWritten) await publishInc(snaps, 30, inc2, 'c1', 'c2');
+      const inc3 = await makeInc(`crash-inc3-${steps.indexOf(crashAt)}`, ['write -P 0x72 3M 64k'], src.base1);
+      await publishInc(snaps, 30, inc3, 'c2', 'c3');
+      void parent;
+      expect(await recoverView(snaps, 30, 0)).toEqual(await guestView(src.base1));
+    });
+  }
+
+  it('rebuilds the spare when the work dir is lost, and drops work copies when upstream removed the VM', async () => {
+    const snaps = path.join(root, 'snaps-rebuild');
+    const src = await makeSourceDisk('src-rebuild', 0);
+    await seed(snaps, 40, 0, src, 'c1');
+    const work = path.join(snaps, '.onestor', 'work', '40', 'disk.0');
+    await fsp.rm(work, { recursive: true });
+    const inc2 = await makeInc('rebuild-inc2', ['write -P 0x5a 0 64k'], src.base1);
+    await publishInc(snaps, 40, inc2, 'c1', 'c2');
+    expect(await recoverView(snaps, 40, 0)).toEqual(await guestView(src.base1));
+    await fsp.rm(path.join(snaps, '40'), { recursive: true });
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(40, 0);
+    expect(d.manifest).toBeNull();
+    expect(d.baseOnReplica).toBeNull();
+    await d.close();
+    await endSession(s);
+    await expect(fsp.lstat(work)).rejects.toThrow(/ENOENT/);
+  });
+});
