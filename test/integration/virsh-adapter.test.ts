@@ -284,7 +284,7 @@ describe('Virsh adapter on a real libvirtd', () => {
     expect(await virsh.fsThaw("vm 8 'quoted'")).toMatchObject({ ok: false, kind: 'no-agent' });
   });
 
-  it('aborts a running job (pull backup stays active until aborted); abort without a job is false', async () => {
+  it('a second job while one runs is job-active; abort of a running job; abort without a job is false', async () => {
     const sock = join(staging, 'nbd.sock');
     const scratch = join(staging, 'scratch.qcow2');
     const pullXml =
@@ -294,6 +294,15 @@ describe('Virsh adapter on a real libvirtd', () => {
     await virsh.backupBegin('one-7', pullXml);
     const running = await virsh.domJobInfo('one-7');
     expect(running).toMatchObject({ type: 'Unbounded', operation: 'Backup', diskTempTotal: 64 * MiB });
+    // a second job is not refused at once: libvirtd waits ~30 s for the job lock, then gives up
+    const t0 = Date.now();
+    await expectVirshError(
+      virsh.backupBegin('one-7', fullBackupXml('vda', join(staging, 'never.qcow2'), ['vdb'])),
+      'E_VIRSH',
+      'job-active',
+      /cannot acquire state change lock/,
+    );
+    expect(Date.now() - t0).toBeGreaterThan(20_000);
     expect(await virsh.domJobAbort('one-7')).toBe(true);
     await waitJobNone('one-7');
     const stats = await virsh.domJobInfo('one-7', { completed: true });
