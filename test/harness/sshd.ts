@@ -144,7 +144,9 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   const user = os.userInfo().username;
   await assertAccountNotLocked(user);
   await ensurePrivsepDir();
-  await access(SSHD);
+  await access(SSHD).catch(() => {
+    throw new Error(`${SSHD} not found: install openssh-server (the harness runs the real sshd)`);
+  });
 
   const rootDir = await mkdtemp(path.join(os.tmpdir(), 'onestor-sshd-'));
   const hostKeyPath = path.join(rootDir, 'ssh_host_ed25519_key');
