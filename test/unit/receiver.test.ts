@@ -324,7 +324,7 @@ describe('receiver: hostile and broken input', () => {
     const data = await fsp.readFile(src.base1);
     const good = createHash('sha256').update(data).digest('hex');
     const bad = Buffer.from(data);
-    bad[bad.length >> 1] ^= 0x01;
+    bad[bad.length >> 1] = bad[bad.length >> 1]! ^ 0x01;
 
     const p = rawPeer(snaps);
     await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
