@@ -99,6 +99,7 @@ export function runDaemon(opts: DaemonOptions): Promise<void> {
 
 export function startDaemon(opts: DaemonOptions): DaemonHandle {
   const { log, deps } = opts;
+  serializeStateWrites(deps.state);
   const mono = deps.monoNow ?? (() => performance.now());
   const wall = deps.wallNow ?? (() => Date.now());
   const notifier = deps.notifier ?? new SdNotify({ onError: (e, m) => log.warn({ err: describeError(e), message: m.split('\n')[0] }, 'sd_notify failed') });
@@ -364,6 +365,8 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
       return n;
     },
     rescan: async () => {
+      // a discovery already under way may predate what the caller knows changed: run a fresh one
+      if (rescanning) await rescanning.catch(() => {});
       await rescan();
       tick();
     },
@@ -372,6 +375,37 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
     inFlight: () => [...running.keys()],
   };
 }
+
+/**
+ * Makes every write of this StateStore instance go through one queue, and update() a read-modify-write
+ * no other write of the process can interleave with. The daemon persists its marks while cycles record
+ * their outcomes through the same instance: without this, two saves in one process share a temp name
+ * (one fails with ENOENT) and the daemon's read-modify-write could put back a state from before a
+ * cycle's success. With it, the worst case is that a cycle's save drops the daemon's latest marks
+ * (next due, heartbeat), which the next persist rewrites. Belongs in StateStore itself; see report.
+ */
+export function serializeStateWrites(store: StateStore): StateStore {
+  const marked = store as StateStore & { [SERIALIZED]?: true };
+  if (marked[SERIALIZED]) return store;
+  marked[SERIALIZED] = true;
+  let chain: Promise<unknown> = Promise.resolve();
+  const enqueue = <T>(fn: () => Promise<T>): Promise<T> => {
+    const p = chain.then(fn);
+    chain = p.catch(() => {});
+    return p;
+  };
+  const save = store.save.bind(store);
+  store.save = (s, now) => enqueue(() => save(s, now));
+  store.update = (fn) =>
+    enqueue(async () => {
+      const cur = (await store.loadOrReset()).state;
+      const next = fn(cur) ?? cur;
+      await save(next);
+      return next;
+    });
+  return store;
+}
+const SERIALIZED = Symbol('onestor.serializedStateWrites');
 
 /** Leftover staging from a crashed run, in every numeric (system datastore) dir. */
 async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
@@ -398,6 +432,7 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
   const { loadConfig } = await import('../lib/config.js');
   const overrides = overridesFrom(f as never);
   const ctx = await buildContext({ configFile: f.config, overrides, log });
+  serializeStateWrites(ctx.state); // the same instance the cycles write through (ctx.cycleDeps)
   try {
     const handle = startDaemon({
       config: ctx.config,

@@ -103,8 +103,10 @@ interface Entry {
   diskId: number;
   freqMs: number;
   lastSuccessMono: number | null;
-  /** the epoch we last mapped from, to notice successes recorded by another process */
-  lastSuccessWall: number | null;
+  /** epochs of successes this scheduler already knows (its own and adopted ones): a persisted epoch
+   *  not among them was recorded by another process. A set, not a comparison: after a backward wall
+   *  step a newer success has a smaller epoch, and a state read that raced a finish shows an older one. */
+  seenWalls: number[];
   knownSinceMono: number;
   failCount: number;
   retryAtMono: number | null;
@@ -202,7 +204,7 @@ export class Scheduler {
           diskId: d.diskId,
           freqMs,
           lastSuccessMono: at === null ? null : mapEpochToMono(at, mono, wallMs),
-          lastSuccessWall: at,
+          seenWalls: at === null ? [] : [at],
           knownSinceMono: mono,
           failCount: d.failCount ?? 0,
           retryAtMono: null,
@@ -222,9 +224,9 @@ export class Scheduler {
       }
       // A newer success recorded by someone else (CLI snapshot): re-anchor on it.
       const running = this.running.get(d.vmId)?.has(d.diskId) ?? false;
-      if (!running && at !== null && (existing.lastSuccessWall === null || at > existing.lastSuccessWall)) {
+      if (!running && at !== null && !existing.seenWalls.includes(at)) {
         existing.lastSuccessMono = mapEpochToMono(at, mono, wallMs);
-        existing.lastSuccessWall = at;
+        remember(existing, at);
         existing.retryAtMono = null;
         existing.failCount = 0;
         existing.firstRun = false;
@@ -322,7 +324,7 @@ export class Scheduler {
         const capturedAt = r.capturedAt ?? t.startedWallMs / 1000;
         const mapped = t.startedMono + (capturedAt * 1000 - t.startedWallMs);
         e.lastSuccessMono = clamp(mapped, t.startedMono, t.finishedMono);
-        e.lastSuccessWall = capturedAt;
+        remember(e, capturedAt);
         e.failCount = 0;
         e.retryAtMono = null;
       } else {
@@ -442,6 +444,11 @@ export class Scheduler {
 function mapEpochToMono(epochSec: number, mono: number, wallMs: number): number {
   const ageMs = Math.max(0, wallMs - epochSec * 1000);
   return mono - ageMs;
+}
+
+function remember(e: Entry, epoch: number): void {
+  e.seenWalls.push(epoch);
+  if (e.seenWalls.length > 4) e.seenWalls.shift();
 }
 
 function clamp(v: number, lo: number, hi: number): number {
