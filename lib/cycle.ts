@@ -133,7 +133,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         // stays in base.1: put the saved definition back before deciding.
         if (replicaCk && !checkpoints.includes(replicaCk) && ds.checkpoint === replicaCk && ds.checkpointXml) {
           try {
-            await deps.libvirt.checkpointRedefine(dom, ds.checkpointXml);
+            await deps.libvirt.checkpointRedefine(dom, withoutMissingParent(ds.checkpointXml, checkpoints));
             checkpoints = await deps.libvirt.checkpointNames(dom);
             log.info({ disk: disk.diskId, checkpoint: replicaCk }, 'checkpoint metadata redefined from saved XML');
           } catch (e) {
@@ -202,12 +202,6 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     }
     log.info({ checkpoint: captured.checkpoint, consistency: captured.consistency, ms: captured.jobMs, thinMs: captured.thinMs, note: captured.freezeNote }, 'captured');
     const capturedAt = Math.floor(captured.capturedAtMs / 1000);
-    let checkpointXml: string | undefined;
-    try {
-      checkpointXml = await deps.libvirt.checkpointXml(dom, captured.checkpoint);
-    } catch (e) {
-      log.warn({ err: describeError(e) }, 'could not save checkpoint XML (redefine after a transient restart will not be possible)');
-    }
 
     // Transfer and publish disk by disk, each under its replica lock: one disk's failure does not
     // stop the others.
@@ -248,7 +242,6 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         const k = diskKey(vmId, w.disk.diskId);
         state.disks[k] = recordSuccess({ ...getDisk(state, vmId, w.disk.diskId), domainName: dom, freqSeconds: w.disk.freqSeconds, replicaHost: w.disk.replicaHost }, {
           checkpoint: captured.checkpoint,
-          checkpointXml,
           base1Identity: w.base1DevIno,
           capturedAt,
           finishedAt: Math.floor(now() / 1000),
@@ -273,6 +266,20 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
 
   async function finish(): Promise<DiskOutcome[]> {
     await cleanStagingDir(stagingDir).catch(() => {});
+    if (captured) {
+      // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then
+      // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,
+      // ready for `checkpoint-create --redefine` when a transient domain loses its metadata.
+      await retireCheckpoints().catch((e) => log.warn({ err: describeError(e) }, 'checkpoint cleanup failed'));
+      if ([...outcomes.values()].some((o) => o.ok)) {
+        try {
+          const xml = await deps.libvirt.checkpointXml(dom, captured.checkpoint);
+          for (const o of outcomes.values()) if (o.ok) state.disks[diskKey(vmId, o.diskId)]!.checkpointXml = xml;
+        } catch (e) {
+          log.warn({ err: describeError(e) }, 'could not save checkpoint XML (redefine after a transient restart will not be possible)');
+        }
+      }
+    }
     // Re-read the state file: another writer (CLI vs daemon) may have updated other disks meanwhile.
     const fresh = (await deps.state.loadOrReset()).state;
     for (const [p, v] of Object.entries(state.baseDigests)) fresh.baseDigests[p] = v;
@@ -287,8 +294,6 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     }
     await deps.state.save(fresh);
     state = fresh;
-    // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time).
-    if (captured) await retireCheckpoints().catch((e) => log.warn({ err: describeError(e) }, 'checkpoint cleanup failed'));
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
     log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length, ms: now() - t0 }, 'cycle end');
     return list;
@@ -308,4 +313,11 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
       log.debug({ checkpoint: name }, 'checkpoint retired');
     }
   }
+}
+
+/** Pure: drop `<parent>` from a checkpoint definition when libvirt no longer has that parent. */
+export function withoutMissingParent(xml: string, existing: readonly string[]): string {
+  const m = /<parent>\s*<name>([^<]*)<\/name>\s*<\/parent>\s*/.exec(xml);
+  if (!m || existing.includes(m[1]!)) return xml;
+  return xml.replace(m[0], '');
 }
