@@ -5,7 +5,8 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
+import { parseConfig } from '../../lib/config.js';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -183,5 +184,63 @@ describe.skipIf(!hasPython)('real NOTIFY_SOCKET listener', () => {
     await n.ready();
     expect(errors).toHaveLength(1);
     n.close();
+  });
+});
+
+// ---- the unit that makes systemd talk to us ------------------------------------------------------
+
+const UNIT = new URL('../../systemd/onestor-agent.service', import.meta.url);
+const hasAnalyze = spawnSync('systemd-analyze', ['--version'], { stdio: 'ignore' }).status === 0;
+
+function directives(text: string): Map<string, string[]> {
+  const m = new Map<string, string[]>();
+  for (const line of text.split('\n')) {
+    const t = line.trim();
+    if (!t || t.startsWith('#') || t.startsWith('[')) continue;
+    const i = t.indexOf('=');
+    m.set(t.slice(0, i), [...(m.get(t.slice(0, i)) ?? []), t.slice(i + 1)]);
+  }
+  return m;
+}
+
+describe('systemd/onestor-agent.service', () => {
+  const text = readFileSync(UNIT, 'utf8');
+  const d = directives(text);
+
+  it.skipIf(!hasAnalyze)('passes systemd-analyze verify cleanly', () => {
+    // the binary is not installed on a CI machine: point ExecStart at a stub, change nothing else
+    const stub = path.join(dir, 'onestor-agent');
+    writeFileSync(stub, '#!/bin/sh\n');
+    chmodSync(stub, 0o755);
+    const unit = path.join(dir, 'onestor-agent.service');
+    const rewritten = text.replace(/^ExecStart=\/usr\/local\/bin\/onestor-agent /m, `ExecStart=${stub} `);
+    expect(rewritten).not.toBe(text);
+    writeFileSync(unit, rewritten);
+    const r = spawnSync('systemd-analyze', ['verify', unit], { encoding: 'utf8' });
+    expect(r.stderr + r.stdout).toBe('');
+    expect(r.status).toBe(0);
+  });
+
+  it('is a notify service with watchdog, reload, restart, and the paths the agent writes', () => {
+    expect(d.get('Type')).toEqual(['notify']);
+    // the systemd-notify fallback sends from a child process
+    expect(d.get('NotifyAccess')).toEqual(['all']);
+    expect(Number(d.get('WatchdogSec')?.[0])).toBeGreaterThan(0);
+    expect(d.get('ExecStart')).toEqual(['/usr/local/bin/onestor-agent run']);
+    expect(d.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
+    expect(d.get('Restart')).toEqual(['on-failure']);
+    expect(d.get('User')).toEqual(['oneadmin']);
+    expect(d.get('ProtectSystem')).toEqual(['strict']);
+    // stop: the daemon's own 30 s wind-down must fit before SIGKILL
+    expect(Number(d.get('TimeoutStopSec')?.[0])).toBeGreaterThan(30);
+    const defaults = parseConfig({}, 'defaults');
+    const rw = (d.get('ReadWritePaths') ?? []).join(' ').split(/\s+/).map((p) => p.replace(/^-/, ''));
+    expect(rw).toContain(defaults.stateDir);
+    // staging (DS/.onestor/VMID) is written by QEMU under libvirtd: it must be under the datastores,
+    // which are writable here, and never in this unit's PrivateTmp
+    expect(rw).toContain(defaults.datastoreLocation);
+    expect(defaults.stagingDirName.includes('/')).toBe(false);
+    expect(d.get('RestrictAddressFamilies')).toEqual(['AF_UNIX AF_INET AF_INET6']);
+    for (const k of ['NoNewPrivileges', 'PrivateTmp', 'ProtectHome', 'ProtectKernelTunables', 'ProtectKernelModules', 'LockPersonality']) expect(d.get(k), k).toEqual(['yes']);
   });
 });

@@ -431,6 +431,25 @@ describe('discovery changes, force, queue', () => {
     expect(s.view(MONO0 + 60_000, WALL0 + 60_000)[0]!.dueMono).toBe(MONO0 + 50_000 + 600_000);
   });
 
+  it('after a backward wall step, a state read older than the last finish does not re-anchor', () => {
+    const s = new Scheduler(BASE);
+    const now = WALL0 / 1000;
+    s.sync([{ vmId: 1, diskId: 0, freqSeconds: 60, lastSuccessAt: now - 60 }], MONO0, WALL0);
+    const [st] = s.takeDue(MONO0 + 10_000);
+    expect(st).toBeDefined();
+    // wall stepped back 1 h during the cycle: the new success has a SMALLER epoch than the old one
+    const startedWallMs = WALL0 + 10_000 - 3600_000;
+    s.finished(1, [{ diskId: 0, ok: true, capturedAt: startedWallMs / 1000 }], { startedMono: MONO0 + 10_000, finishedMono: MONO0 + 11_000, startedWallMs });
+    const due = s.view(MONO0 + 11_000, startedWallMs + 1000)[0]!.dueMono;
+    expect(due).toBe(MONO0 + 70_000);
+    // a rescan whose state read predates the finish hands back the previous epoch
+    s.sync([{ vmId: 1, diskId: 0, freqSeconds: 60, lastSuccessAt: now - 60 }], MONO0 + 12_000, startedWallMs + 2000);
+    expect(s.view(MONO0 + 12_000, startedWallMs + 2000)[0]!.dueMono).toBe(due);
+    // and one that read after it hands back the new one
+    s.sync([{ vmId: 1, diskId: 0, freqSeconds: 60, lastSuccessAt: startedWallMs / 1000 }], MONO0 + 13_000, startedWallMs + 3000);
+    expect(s.view(MONO0 + 13_000, startedWallMs + 3000)[0]!.dueMono).toBe(due);
+  });
+
   it('snapshot-now runs ahead of queued VMs, with forceFull, regardless of cadence', () => {
     const s = new Scheduler({ ...BASE, concurrency: 1 });
     const now = WALL0 / 1000;
