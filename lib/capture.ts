@@ -16,8 +16,8 @@ import type { Consistency, CycleMode } from './model.js';
 
 /** What capture needs from libvirt; lib/libvirt-port.ts implements it over `virsh`. */
 export interface CaptureLibvirt {
-  domainDisks(dom: string): Promise<Array<{ target: string; source: string | null }>>;
-  hasGuestAgentChannel(dom: string): Promise<boolean>;
+  /** the domain's disks and whether it has a guest-agent channel (one dumpxml) */
+  domainView(dom: string): Promise<DomainView>;
   backupBegin(dom: string, backupXml: string, checkpointXml: string, reuseExternal: boolean): Promise<void>;
   /** true while a job (ours or another) runs on the domain. */
   jobActive(dom: string): Promise<boolean>;
@@ -29,6 +29,11 @@ export interface CaptureLibvirt {
   fsThaw(dom: string): Promise<void>;
   checkpointNames(dom: string): Promise<string[]>;
   checkpointDelete(dom: string, name: string, opts?: { metadataOnly?: boolean }): Promise<void>;
+}
+
+export interface DomainView {
+  disks: Array<{ target: string; source: string | null }>;
+  hasGuestAgentChannel: boolean;
 }
 
 export interface CaptureDiskRequest {
@@ -52,8 +57,8 @@ export interface CaptureRequest {
   timeoutMs: number;
   /** require this many bytes free (beyond targets) on the staging fs; see planStagingSpace */
   minFreeBytes: number;
-  /** the domain's disks when the caller already read them (saves a dumpxml) */
-  domainDisks?: Array<{ target: string; source: string | null }>;
+  /** the domain view when the caller already read it (saves a dumpxml) */
+  domain?: DomainView;
   signal?: AbortSignal;
   log?: (obj: Record<string, unknown>, msg: string) => void;
   now?: () => number;
@@ -127,7 +132,8 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
   const ctx = { vm: req.vmId };
 
   // Map each disk to the target libvirt uses for it, by the path of base.1 (OpenNebula >= 6.8 names it).
-  const domDisks = req.domainDisks ?? (await lv.domainDisks(dom));
+  const view = req.domain ?? (await lv.domainView(dom));
+  const domDisks = view.disks;
   const allTargets = domDisks.map((d) => d.target);
   const plans: Array<CaptureDiskRequest & { target: string; paths: ReturnType<typeof stagingPaths> }> = [];
   for (const d of req.disks) {
@@ -175,7 +181,7 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     let consistency: Consistency = 'crash-consistent';
     let freezeNote: string | undefined;
     let frozen = false;
-    const hasAgent = req.tryFreeze && (await lv.hasGuestAgentChannel(dom));
+    const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
     if (!req.tryFreeze) freezeNote = 'freeze disabled';
     else if (!hasAgent) freezeNote = 'no guest agent channel';
     const t0 = now();

@@ -109,7 +109,8 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     if (!(await deps.libvirt.domainRunning(dom))) {
       throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} is not running`, { vm: vmId });
     }
-    const domDisks = await deps.libvirt.domainDisks(dom);
+    const view = await deps.libvirt.domainView(dom);
+    const domDisks = view.disks;
     let checkpoints = await deps.libvirt.checkpointNames(dom);
 
     // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
@@ -183,7 +184,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         tryFreeze: deps.tryFreeze,
         timeoutMs: deps.captureTimeoutMs,
         minFreeBytes,
-        domainDisks: domDisks,
+        domain: view,
         signal: req.signal,
         now,
         log: (o, m) => log.warn(o, m),

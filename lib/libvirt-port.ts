@@ -4,17 +4,17 @@
  */
 import { Virsh, virshErrorKind } from './virsh.js';
 import type { CycleLibvirt } from './cycle.js';
+import type { DomainView } from './capture.js';
 
 export class VirshPort implements CycleLibvirt {
   constructor(readonly virsh: Virsh) {}
 
-  async domainDisks(dom: string): Promise<Array<{ target: string; source: string | null }>> {
+  async domainView(dom: string): Promise<DomainView> {
     const { parsed } = await this.virsh.dumpXml(dom);
-    return parsed.disks.filter((d) => d.device === 'disk').map((d) => ({ target: d.target, source: d.source }));
-  }
-
-  async hasGuestAgentChannel(dom: string): Promise<boolean> {
-    return (await this.virsh.dumpXml(dom)).parsed.hasGuestAgentChannel;
+    return {
+      disks: parsed.disks.filter((d) => d.device === 'disk').map((d) => ({ target: d.target, source: d.source })),
+      hasGuestAgentChannel: parsed.hasGuestAgentChannel,
+    };
   }
 
   async domainRunning(dom: string): Promise<boolean> {
