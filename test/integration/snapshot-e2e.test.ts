@@ -112,6 +112,24 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
     }
   });
 
+  it('a guest-agent channel without an agent: crash-consistent, said so in state, nothing left frozen', async () => {
+    const gvm = await env.createVm({ vmId: 43, guestAgentChannel: true, disks: [{ diskId: 0, sizeMiB: 16, freq: 120 }] });
+    try {
+      const r = await env.agent(['snapshot', '--vm', '43', '--json']);
+      expect(r.code, r.stderr).toBe(0);
+      const [o] = JSON.parse(r.stdout) as Array<{ ok: boolean; consistency: string }>;
+      expect(o).toMatchObject({ ok: true, consistency: 'crash-consistent' });
+      expect(r.stderr).toMatch(/agent-not-connected|not connected/);
+      const state = JSON.parse(await readFile(path.join(env.stateDir, 'state.json'), 'utf8'));
+      expect(state.disks['43.0'].lastSuccess.consistency).toBe('crash-consistent');
+      // a thaw must not report frozen filesystems left behind
+      const thaw = await env.lv.virsh(['domfsthaw', gvm.domainName]);
+      expect(thaw.stdout).not.toMatch(/Thawed [1-9]/);
+    } finally {
+      await gvm.destroy();
+    }
+  });
+
   it('reports a clear reason for a VM that is not protected and exits non-zero', async () => {
     const r = await env.agent(['snapshot', '--vm', '4242']);
     expect(r.code).toBe(1);
