@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
 # onestor-agent installer. Idempotent; run as root.
 #
-#   ./install.sh            hypervisor runtime: virsh, qemu-img, ssh client, Node >= 18, the agent
-#   ./install.sh --dev      + what the tests and the demo need: libvirtd, QEMU, sshd
+#   ./install.sh              KVM host: virsh, qemu-img, ssh client, Node >= 18, the agent, the systemd
+#                             unit (enabled), the state dir and a dedicated replica key; prints the
+#                             authorized_keys line to put on the replica
+#   ./install.sh --dev        + what the tests and the demo need: libvirtd, QEMU, sshd, rsync
+#   ./install.sh --replica [--authorize 'ssh-ed25519 AAAA... host']
+#                             replica host: the agent (for `onestor-agent receive`), SNAPS owned by
+#                             oneadmin, and the hypervisor key authorized for the receiver ONLY
+#   ./install.sh --frontend   front-end: the monitoring probes into remotes/ (then `onehost sync -f`)
+#   ./install.sh --uninstall  removes everything install.sh added (listed in $PREFIX/installed-files)
 #
-# The agent is installed to $PREFIX (default /usr/local/lib/onestor-agent) with a launcher in
-# /usr/local/bin/onestor-agent. Later steps (systemd unit, replica key, probes) are documented in README.md.
+# The agent goes to $PREFIX (default /usr/local/lib/onestor-agent), the launcher to /usr/local/bin.
 set -euo pipefail
 
 PREFIX=${PREFIX:-/usr/local/lib/onestor-agent}
 BIN_DIR=${BIN_DIR:-/usr/local/bin}
 MODE=runtime
-for arg in "$@"; do
-  case "$arg" in
+ROLE=host
+AUTHORIZE=''
+ONE_USER=${ONE_USER:-oneadmin}
+ONE_VAR=${ONE_VAR:-/var/lib/one}
+REMOTES=${REMOTES:-$ONE_VAR/remotes}
+UNIT_DIR=${UNIT_DIR:-/etc/systemd/system}
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dev) MODE=dev ;;
+    --replica) ROLE=replica ;;
+    --frontend) ROLE=frontend ;;
+    --uninstall) ROLE=uninstall ;;
+    --authorize) shift; AUTHORIZE=${1:-} ;;
     -h|--help)
-      sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+      sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
       exit 0 ;;
-    *) echo "install.sh: unknown option '$arg' (try --help)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown option '$1' (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -26,6 +43,43 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and writes under $PREFIX)"
 HERE=$(cd "$(dirname "$0")" && pwd)
+MANIFEST=$PREFIX/installed-files
+record() { mkdir -p "$PREFIX"; grep -qxF "$1" "$MANIFEST" 2>/dev/null || echo "$1" >> "$MANIFEST"; }
+
+if [ "$ROLE" = uninstall ]; then
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now onestor-agent.service 2>/dev/null || true
+  fi
+  if [ -f "$MANIFEST" ]; then
+    # newest first, so files go before the dirs that held them
+    tac "$MANIFEST" | while IFS= read -r f; do
+      [ -n "$f" ] || continue
+      if [ -d "$f" ] && [ ! -L "$f" ]; then rmdir "$f" 2>/dev/null || rm -rf -- "$f"; else rm -f -- "$f"; fi
+      echo "removed $f"
+      # a probe we replaced (upstream recovery.rb) comes back
+      if [ -e "$f.onestor-orig" ]; then mv -f -- "$f.onestor-orig" "$f"; echo "restored $f"; fi
+    done
+  fi
+  command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] && systemctl daemon-reload || true
+  rm -f "$BIN_DIR/onestor-agent"
+  rm -rf -- "$PREFIX"
+  say "onestor-agent removed (packages installed from apt were left in place)"
+  exit 0
+fi
+
+if [ "$ROLE" = frontend ]; then
+  dest=$REMOTES/im/kvm-probes.d
+  [ -d "$dest" ] || die "$dest not found: run on the OpenNebula front-end (or set REMOTES)"
+  (cd "$HERE/probes" && find . -type f) | while IFS= read -r f; do
+    f=${f#./}
+    t="$dest/$f"
+    if [ -e "$t" ] && [ ! -e "$t.onestor-orig" ] && ! grep -q onestor "$t" 2>/dev/null; then cp -p "$t" "$t.onestor-orig"; fi
+    install -D -m 0755 "$HERE/probes/$f" "$t"
+    record "$t"
+  done
+  say "probes installed under $dest; distribute them with: onehost sync -f" 
+  exit 0
+fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
   die "only Debian/Ubuntu (apt) are automated. Elsewhere install: Node.js >= 18, npm, libvirt client (virsh), \
@@ -33,7 +87,7 @@ qemu-img, OpenSSH client, util-linux (flock); for --dev also libvirtd, qemu-syst
 fi
 
 PKGS=(libvirt-clients qemu-utils openssh-client util-linux coreutils ca-certificates)
-[ "$MODE" = dev ] && PKGS+=(libvirt-daemon-system qemu-system-x86 openssh-server procps iproute2)
+[ "$MODE" = dev ] && PKGS+=(libvirt-daemon-system qemu-system-x86 openssh-server procps iproute2 rsync)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -70,6 +124,57 @@ exec node "$PREFIX/dist/agent/main.js" "\$@"
 LAUNCH
 chmod 0755 "$BIN_DIR/onestor-agent.new"
 mv "$BIN_DIR/onestor-agent.new" "$BIN_DIR/onestor-agent"
+
+record "$BIN_DIR/onestor-agent"
+record "$PREFIX"
+
+have_one_user() { id "$ONE_USER" >/dev/null 2>&1; }
+systemd_up() { command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; }
+
+case "$ROLE" in
+host)
+  if have_one_user; then
+    state_dir=$ONE_VAR/onestor-agent
+    if [ ! -d "$state_dir" ]; then install -d -m 0750 -o "$ONE_USER" -g "$(id -gn "$ONE_USER")" "$state_dir"; record "$state_dir"; fi
+    key=$ONE_VAR/.ssh/onestor_replica_ed25519
+    if [ ! -f "$key" ]; then
+      install -d -m 0700 -o "$ONE_USER" -g "$(id -gn "$ONE_USER")" "$ONE_VAR/.ssh"
+      ssh-keygen -q -t ed25519 -N '' -C "onestor-agent@$(hostname)" -f "$key"
+      chown "$ONE_USER:$(id -gn "$ONE_USER")" "$key" "$key.pub"
+      record "$key"; record "$key.pub"
+    fi
+    install -m 0644 "$HERE/systemd/onestor-agent.service" "$UNIT_DIR/onestor-agent.service"
+    record "$UNIT_DIR/onestor-agent.service"
+    if systemd_up; then
+      systemctl daemon-reload
+      systemctl enable onestor-agent.service >/dev/null 2>&1
+      systemctl restart onestor-agent.service || echo "note: the service did not start; see: journalctl -u onestor-agent"
+    else
+      echo "note: systemd is not running here; the unit is installed but not started"
+    fi
+    say "on the replica host, authorize this host's key for the receiver only:"
+    echo "  ./install.sh --replica --authorize '$(cat "$key.pub")'"
+    echo "or add this line to ~$ONE_USER/.ssh/authorized_keys there:"
+    echo "  command=\"/usr/local/bin/onestor-agent receive\",restrict $(cat "$key.pub")"
+  elif [ "$MODE" != dev ]; then
+    echo "note: user '$ONE_USER' not found: the service, state dir and replica key were not set up"
+    echo "      (install the OpenNebula KVM node package first, or set ONE_USER)"
+  fi ;;
+replica)
+  have_one_user || die "user '$ONE_USER' not found on this replica host"
+  snaps=$( (. "$REMOTES/etc/tm/ssh/sshrc" 2>/dev/null; echo "${REPLICA_RECOVERY_SNAPS_DIR:-$ONE_VAR/datastores/replica_snaps}") )
+  if [ ! -d "$snaps" ]; then install -d -m 0750 -o "$ONE_USER" -g "$(id -gn "$ONE_USER")" "$snaps"; record "$snaps"; fi
+  chown "$ONE_USER:$(id -gn "$ONE_USER")" "$snaps"
+  if [ -n "$AUTHORIZE" ]; then
+    case "$AUTHORIZE" in ssh-ed25519\ *|ecdsa-sha2-*\ *|ssh-rsa\ *) ;; *) die "--authorize expects a public key line (ssh-ed25519 AAAA... comment)";; esac
+    ak=$ONE_VAR/.ssh/authorized_keys
+    install -d -m 0700 -o "$ONE_USER" -g "$(id -gn "$ONE_USER")" "$ONE_VAR/.ssh"
+    line="command=\"$BIN_DIR/onestor-agent receive\",restrict $AUTHORIZE"
+    grep -qxF "$line" "$ak" 2>/dev/null || { echo "$line" >> "$ak"; chown "$ONE_USER:$(id -gn "$ONE_USER")" "$ak"; chmod 0600 "$ak"; }
+    echo "authorized for the receiver only: ${AUTHORIZE##* }"
+  fi
+  say "replica ready: SNAPS=$snaps (receiver: $BIN_DIR/onestor-agent receive)" ;;
+esac
 
 if [ "$MODE" = dev ]; then
   # sshd refuses to start as root without its privilege-separation dir.
