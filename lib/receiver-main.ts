@@ -13,6 +13,7 @@ const FLAGS = {
   '--busy-wait': 'busyWaitSec',
   '--max-used-percent': 'maxUsedPercent',
   '--qemu-img': 'qemuImg',
+  '--idle-timeout': 'idleTimeoutSec',
 } as const;
 
 export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
@@ -40,6 +41,7 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
     maxSessions: num('maxSessions', 4, 1, 1024),
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),
     maxUsedPercent: num('maxUsedPercent', 90, 1, 100),
+    idleTimeoutSec: num('idleTimeoutSec', 900, 1, 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
     log: (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
   };
@@ -52,6 +54,14 @@ async function main(): Promise<void> {
   } catch (e) {
     process.stderr.write(describeError(e) + '\n');
     process.exit(64);
+  }
+  // Under `command="...",restrict` every request runs this program; an SFTP subsystem request arrives
+  // as SSH_ORIGINAL_COMMAND=internal-sftp (or sftp-server). Refuse it up front instead of waiting on
+  // bytes that will never form a frame.
+  const original = process.env.SSH_ORIGINAL_COMMAND ?? '';
+  if (/(^|\/)(internal-sftp|sftp-server)\b/.test(original)) {
+    opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
+    process.exit(1);
   }
   const code = await runReceiver(process.stdin, process.stdout, opts);
   // Let the last reply reach the pipe before exiting.

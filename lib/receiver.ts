@@ -48,6 +48,8 @@ export interface ReceiverOptions {
   busyWaitSec: number;
   maxUsedPercent: number;
   qemuImg?: string;
+  /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
+  idleTimeoutSec?: number;
   log?: (obj: object, msg: string) => void;
   /** Test hook passed to the publish functions (simulated crashes). */
   onStep?: PublishContext['onStep'];
@@ -108,14 +110,26 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
   const session = new ReceiverSession(output, opts);
   const decoder = new FrameDecoder();
   let exitCode = EXIT_OK;
+  const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
+  let idleTimer: NodeJS.Timeout | null = null;
+  const armIdle = () => {
+    if (idleTimer) clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => {
+      input.destroy(new OnestorError(ErrorCodes.ABORTED, `no data from the agent for ${idleMs / 1000} s; ending session`));
+    }, idleMs);
+  };
   try {
     try {
+      armIdle();
       for await (const chunk of input) {
+        // Only time spent waiting for the agent counts; a long merge or lock wait is not idleness.
+        if (idleTimer) clearTimeout(idleTimer);
         const frames = decoder.push(chunk as Buffer);
         for (const frame of frames) {
           if (frame.type === 'data') await session.onData(frame.chunk);
           else await session.onControl(frame.message);
         }
+        armIdle();
       }
       decoder.end();
     } catch (e) {
@@ -132,6 +146,7 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
       }
     }
   } finally {
+    if (idleTimer) clearTimeout(idleTimer);
     await session.cleanup();
   }
   return exitCode;

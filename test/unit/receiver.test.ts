@@ -439,6 +439,23 @@ describe('receiver: hostile and broken input', () => {
     await endSession(c2);
   });
 
+  it('ends a session whose peer goes silent mid-frame (idle timeout), keeping what arrived for a resume', async () => {
+    const snaps = path.join(root, 'snaps-idle');
+    const p = rawPeer(snaps, { idleTimeoutSec: 1 });
+    await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p.ask({ type: 'open', vm: 13, disk: 0 });
+    await p.ask({ type: 'put', kind: 'base', size: 1000, key: 'k' });
+    p.raw(Buffer.concat([encodeData(Buffer.alloc(500, 7))[0], Buffer.alloc(100, 7)]));
+    const t0 = Date.now();
+    expect(await p.done).toBe(1);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect((await fsp.stat(path.join(snaps, '.onestor', 'tmp', '13-0', 'up.k'))).size).toBe(100);
+    // The lock went with the session.
+    const s = await session(snaps, { lockTimeoutSec: 0 });
+    await (await s.conn.openDisk(13, 0)).close();
+    await endSession(s);
+  });
+
   it('E_NOSPACE before accepting a put that would pass REPLICA_MAX_USED_PERC', async () => {
     const snaps = path.join(root, 'snaps-space');
     const src = await makeSourceDisk('src-space', 0);
