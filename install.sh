@@ -87,7 +87,7 @@ qemu-img, OpenSSH client, util-linux (flock); for --dev also libvirtd, qemu-syst
 fi
 
 PKGS=(libvirt-clients qemu-utils openssh-client util-linux coreutils ca-certificates)
-[ "$MODE" = dev ] && PKGS+=(libvirt-daemon-system qemu-system-x86 openssh-server procps iproute2 rsync)
+[ "$MODE" = dev ] && PKGS+=(libvirt-daemon-system qemu-system-x86 openssh-server procps iproute2 rsync systemd python3)
 
 missing=()
 for p in "${PKGS[@]}"; do
