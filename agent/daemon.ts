@@ -99,7 +99,6 @@ export function runDaemon(opts: DaemonOptions): Promise<void> {
 
 export function startDaemon(opts: DaemonOptions): DaemonHandle {
   const { log, deps } = opts;
-  serializeStateWrites(deps.state);
   const mono = deps.monoNow ?? (() => performance.now());
   const wall = deps.wallNow ?? (() => Date.now());
   const notifier = deps.notifier ?? new SdNotify({ onError: (e, m) => log.warn({ err: describeError(e), message: m.split('\n')[0] }, 'sd_notify failed') });
@@ -376,36 +375,6 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
   };
 }
 
-/**
- * Makes every write of this StateStore instance go through one queue, and update() a read-modify-write
- * no other write of the process can interleave with. The daemon persists its marks while cycles record
- * their outcomes through the same instance: without this, two saves in one process share a temp name
- * (one fails with ENOENT) and the daemon's read-modify-write could put back a state from before a
- * cycle's success. With it, the worst case is that a cycle's save drops the daemon's latest marks
- * (next due, heartbeat), which the next persist rewrites. Belongs in StateStore itself; see report.
- */
-export function serializeStateWrites(store: StateStore): StateStore {
-  const marked = store as StateStore & { [SERIALIZED]?: true };
-  if (marked[SERIALIZED]) return store;
-  marked[SERIALIZED] = true;
-  let chain: Promise<unknown> = Promise.resolve();
-  const enqueue = <T>(fn: () => Promise<T>): Promise<T> => {
-    const p = chain.then(fn);
-    chain = p.catch(() => {});
-    return p;
-  };
-  const save = store.save.bind(store);
-  store.save = (s, now) => enqueue(() => save(s, now));
-  store.update = (fn) =>
-    enqueue(async () => {
-      const cur = (await store.loadOrReset()).state;
-      const next = fn(cur) ?? cur;
-      await save(next);
-      return next;
-    });
-  return store;
-}
-const SERIALIZED = Symbol('onestor.serializedStateWrites');
 
 /** Leftover staging from a crashed run, in every numeric (system datastore) dir. */
 async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
@@ -432,7 +401,6 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
   const { loadConfig } = await import('../lib/config.js');
   const overrides = overridesFrom(f as never);
   const ctx = await buildContext({ configFile: f.config, overrides, log });
-  serializeStateWrites(ctx.state); // the same instance the cycles write through (ctx.cycleDeps)
   try {
     const handle = startDaemon({
       config: ctx.config,
@@ -447,7 +415,23 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
         reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
       },
     });
+    // Prometheus textfile (node_exporter textfile collector): the probe's figures, refreshed with the
+    // heartbeat. Built by the same code as the probe so both always agree.
+    let prom: NodeJS.Timeout | undefined;
+    const textfile = ctx.config.prometheusTextfile;
+    if (textfile) {
+      const { runProbe } = await import('./probe.js');
+      const stateFile = path.join(ctx.config.stateDir, 'state.json');
+      const write = () =>
+        runProbe('vm-snapshot', { stateFile, prometheusFile: textfile, datastoreLocation: ctx.config.datastoreLocation, discoverCommand: null })
+          .then((r) => r.errors.length && log.warn({ file: textfile, err: r.errors.join('; ') }, 'prometheus textfile'))
+          .catch(() => {});
+      prom = setInterval(write, Math.min(30_000, ctx.config.schedule.rescanSec * 1000));
+      prom.unref();
+      void write();
+    }
     await handle.done;
+    if (prom) clearInterval(prom);
     return 0;
   } finally {
     await ctx.replicas.closeAll();

@@ -281,20 +281,20 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         }
       }
     }
-    // Re-read the state file: another writer (CLI vs daemon) may have updated other disks meanwhile.
-    const fresh = (await deps.state.loadOrReset()).state;
-    for (const [p, v] of Object.entries(state.baseDigests)) fresh.baseDigests[p] = v;
-    for (const d of req.disks) {
-      const o = outcomes.get(d.diskId);
-      const k = diskKey(vmId, d.diskId);
-      if (o?.ok) fresh.disks[k] = state.disks[k]!;
-      else if (o?.error) {
-        fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost }, o.error, Math.floor(now() / 1000));
-        log.error({ disk: d.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
+    // Merge into the latest file: another writer (daemon marks, a CLI run) may have updated other disks.
+    state = await deps.state.update((fresh) => {
+      for (const [p, v] of Object.entries(state.baseDigests)) fresh.baseDigests[p] = v;
+      for (const d of req.disks) {
+        const o = outcomes.get(d.diskId);
+        const k = diskKey(vmId, d.diskId);
+        if (o?.ok) fresh.disks[k] = { ...state.disks[k]!, nextDueAt: fresh.disks[k]?.nextDueAt, queuedSince: undefined };
+        else if (o?.error) {
+          fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost }, o.error, Math.floor(now() / 1000));
+        }
       }
-    }
-    await deps.state.save(fresh);
-    state = fresh;
+      return fresh;
+    });
+    for (const o of outcomes.values()) if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
     log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length, ms: now() - t0 }, 'cycle end');
     return list;

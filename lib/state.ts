@@ -90,8 +90,16 @@ export function recordFailure(d: DiskState, err: { code: string; message: string
 
 export class StateStore {
   readonly file: string;
+  /** One write at a time per process: the daemon's marks and the cycles' outcomes share this store. */
+  private queue: Promise<unknown> = Promise.resolve();
   constructor(readonly dir: string) {
     this.file = path.join(dir, 'state.json');
+  }
+
+  private enqueue<T>(fn: () => Promise<T>): Promise<T> {
+    const p = this.queue.then(fn);
+    this.queue = p.catch(() => {});
+    return p;
   }
 
   /** Reads the state; a missing file gives an empty state, a corrupt one throws E_STATE. */
@@ -126,9 +134,13 @@ export class StateStore {
     }
   }
 
-  async save(state: AgentState, now = Date.now() / 1000): Promise<void> {
+  save(state: AgentState, now = Date.now() / 1000): Promise<void> {
+    return this.enqueue(() => this.write(state, now));
+  }
+
+  private async write(state: AgentState, now: number): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o750 });
-    const tmp = `${this.file}.tmp-${process.pid}`;
+    const tmp = `${this.file}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
     const fh = await open(tmp, 'w', 0o640);
     try {
       await fh.writeFile(JSON.stringify({ ...state, updatedAt: now }, null, 1));
@@ -150,11 +162,17 @@ export class StateStore {
     }
   }
 
-  /** Read-modify-write of the latest file (the daemon and a CLI `snapshot` may both write). */
-  async update(fn: (s: AgentState) => AgentState | void): Promise<AgentState> {
-    const cur = (await this.loadOrReset()).state;
-    const next = fn(cur) ?? cur;
-    await this.save(next);
-    return next;
+  /**
+   * Read-modify-write of the latest file, never interleaved with another write of this process. Another
+   * process (a CLI `snapshot` beside the daemon) re-reads before it writes, so it loses nothing it did
+   * not race within the same few milliseconds.
+   */
+  update(fn: (s: AgentState) => AgentState | void): Promise<AgentState> {
+    return this.enqueue(async () => {
+      const cur = (await this.loadOrReset()).state;
+      const next = fn(cur) ?? cur;
+      await this.write(next, Date.now() / 1000);
+      return next;
+    });
   }
 }
