@@ -63,6 +63,9 @@ async function main(): Promise<void> {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     process.exit(1);
   }
+  // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
+  // before partial uploads are flushed for resume.
+  process.stdout.on('error', () => {});
   const code = await runReceiver(process.stdin, process.stdout, opts);
   // Let the last reply reach the pipe before exiting.
   process.stdout.end(() => process.exit(code));

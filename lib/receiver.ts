@@ -22,6 +22,7 @@ import {
 import {
   baseOnReplica,
   checkLayout,
+  dropStaleUploads,
   dropWorkIfVmGone,
   listManifests,
   prepareUpload,
@@ -37,6 +38,7 @@ import {
   type PublishContext,
   type ReplicaPaths,
   type UploadedFile,
+  type VmDirId,
 } from './replica-store.js';
 
 export const RECEIVER_VERSION = '0.1.0';
@@ -75,7 +77,7 @@ interface Upload {
 interface DiskSession {
   paths: ReplicaPaths;
   lock: FileLock;
-  vmDirIno: number | null;
+  vmDirId: VmDirId | null;
   baseAtOpen: BaseOnReplica | null;
   /** Verified uploads of this session, by key. */
   uploads: Map<string, UploadedFile & { kind: PutMessage['kind'] }>;
@@ -169,18 +171,24 @@ class ReceiverSession {
   }
 
   private async send(msg: object): Promise<void> {
-    if (!this.output.write(encodeControl(msg))) {
+    const out = this.output;
+    // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
+    if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
+    if (!out.write(encodeControl(msg))) {
       await new Promise<void>((resolve, reject) => {
-        const onDrain = () => {
-          this.output.off('error', onError);
-          resolve();
+        const done = (err?: Error) => {
+          out.off('drain', onDrain);
+          out.off('error', onError);
+          out.off('close', onClose);
+          if (err) reject(err);
+          else resolve();
         };
-        const onError = (e: Error) => {
-          this.output.off('drain', onDrain);
-          reject(e);
-        };
-        this.output.once('drain', onDrain);
-        this.output.once('error', onError);
+        const onDrain = () => done();
+        const onError = (e: Error) => done(e);
+        const onClose = () => done(new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel'));
+        out.once('drain', onDrain);
+        out.once('error', onError);
+        out.once('close', onClose);
       });
     }
   }
@@ -334,10 +342,10 @@ class ReceiverSession {
     try {
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
-      const { vmDirIno } = await checkLayout(paths);
+      const { vmDirId } = await checkLayout(paths);
       const manifest = await readValidManifest(paths);
       const base = await baseOnReplica(paths, manifest);
-      this.disk = { paths, lock, vmDirIno, baseAtOpen: base, uploads: new Map() };
+      this.disk = { paths, lock, vmDirId, baseAtOpen: base, uploads: new Map() };
       this.opts.log?.({ vm, disk, checkpoint: manifest?.checkpoint ?? null }, 'disk opened');
       await this.send({
         type: 'ok',
@@ -357,7 +365,7 @@ class ReceiverSession {
 
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
-    if (d.vmDirIno !== null) await assertSameVmDir(d.paths, d.vmDirIno);
+    if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
     const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     const factor = put.kind === 'base' ? 1 : 2;
@@ -426,7 +434,7 @@ class ReceiverSession {
     const c: PublishContext = {
       paths: d.paths,
       qemuImg: this.qemuImg,
-      vmDirIno: d.vmDirIno,
+      vmDirId: d.vmDirId,
       baseAtOpen: d.baseAtOpen,
       ...(this.opts.log ? { log: this.opts.log } : {}),
       ...(this.opts.onStep ? { onStep: this.opts.onStep } : {}),
@@ -437,7 +445,7 @@ class ReceiverSession {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
       const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
       const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
-      d.vmDirIno = r.vmDirIno;
+      d.vmDirId = r.vmDirId;
       manifest = r.manifest;
       d.uploads.delete(msg.base1);
       if (msg.base !== undefined) d.uploads.delete(msg.base);
@@ -446,6 +454,7 @@ class ReceiverSession {
       manifest = await publishIncremental(c, inc, { ...meta, checkpoint: msg.checkpoint, parentCheckpoint: msg.parentCheckpoint });
       d.uploads.delete(msg.inc);
     }
+    await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
     await this.send({ type: 'ok', manifest: toWireManifest(manifest) });

@@ -229,8 +229,10 @@ export class ReceiverConnection {
       await this.write(encodeControl({ type: 'put', kind, size, key: opts.key, ...(opts.sha256 ? { sha256: opts.sha256 } : {}) }));
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond file size ${size}`);
-      const hash = createHash('sha256');
-      if (offset > 0) {
+      // A digest known in advance (computed while capturing) saves reading the file twice on this host;
+      // the receiver still hashes what it got and refuses a mismatch.
+      const hash = opts.sha256 ? null : createHash('sha256');
+      if (hash && offset > 0) {
         for await (const chunk of createReadStream(localPath, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) hash.update(chunk as Buffer);
       }
       let early: unknown = undefined;
@@ -255,8 +257,14 @@ export class ReceiverConnection {
         try {
           for await (const chunk of stream as AsyncIterable<Buffer>) {
             if (earlyArrived) break;
-            if (opts.signal?.aborted) throw new OnestorError(ErrorCodes.ABORTED, 'upload aborted');
-            hash.update(chunk);
+            if (opts.signal?.aborted) {
+              // The receiver is mid-upload; the only clean way out is to drop the channel (it keeps the
+              // bytes it has for a resume).
+              const err = new OnestorError(ErrorCodes.ABORTED, 'upload aborted');
+              this.fail(err);
+              throw err;
+            }
+            hash?.update(chunk);
             const [header, payload] = encodeData(chunk);
             this.output.write(header);
             await this.write(payload);
@@ -277,7 +285,7 @@ export class ReceiverConnection {
         throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
       }
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
-      const sha256 = hash.digest('hex');
+      const sha256 = hash ? hash.digest('hex') : opts.sha256!;
       await this.write(encodeControl({ type: 'end', sha256 }));
       const r = parseReply(endOkSchema, await verdict, 'end');
       if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');

@@ -135,12 +135,21 @@ export function toWireManifest(m: StoredManifest): ReplicaManifest {
  * Refuses anything in SNAPS/VMID that is not what we would have made: a symlink where a directory or file
  * belongs, or a link pointing elsewhere. Nothing is ever written through such a path.
  */
-export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirIno: number | null }> {
+/**
+ * Identity of SNAPS/VMID: inode plus birth time, because ext4 hands a freed inode number straight to the
+ * next mkdir, so `rm -rf` + recreate can yield the same inode.
+ */
+export type VmDirId = string;
+function vmDirIdOf(st: { ino: number; birthtimeMs: number }): VmDirId {
+  return `${st.ino}/${st.birthtimeMs}`;
+}
+
+export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirId: VmDirId | null }> {
   const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${why}`, ctx(p, { file }));
   const internal = await lstatOrNull(p.internalDir);
   if (internal && !internal.isDirectory()) throw refuse(p.internalDir, 'receiver dir that is not a directory');
   const vmSt = await lstatOrNull(p.vmDir);
-  if (!vmSt) return { vmDirIno: null };
+  if (!vmSt) return { vmDirId: null };
   if (!vmSt.isDirectory()) throw refuse(p.vmDir, 'VM dir that is not a directory (symlink?)');
   for (const dir of [p.snapDir, p.metaDir]) {
     const st = await lstatOrNull(dir);
@@ -160,7 +169,7 @@ export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirIno: number |
     const actual = await fsp.readlink(link);
     if (actual !== target) throw refuse(link, `link pointing to ${JSON.stringify(actual)} instead of ${target}`);
   }
-  return { vmDirIno: vmSt.ino };
+  return { vmDirId: vmDirIdOf(vmSt) };
 }
 
 /** The manifest when base and base.1 are still the files it describes; null when lineage is lost. */
@@ -309,9 +318,9 @@ function mapVanished(p: ReplicaPaths, e: unknown, file: string): unknown {
 }
 
 /** The VM dir must still be the one seen at open (upstream may `rm -rf` it at any time). */
-export async function assertSameVmDir(p: ReplicaPaths, vmDirIno: number): Promise<void> {
+export async function assertSameVmDir(p: ReplicaPaths, vmDirId: VmDirId): Promise<void> {
   const st = await lstatOrNull(p.vmDir);
-  if (!st || !st.isDirectory() || st.ino !== vmDirIno) {
+  if (!st || !st.isDirectory() || vmDirIdOf(st) !== vmDirId) {
     throw new OnestorError(ErrorCodes.VANISHED, `replica VM dir ${p.vmDir} was removed or replaced during the session`, ctx(p, { file: p.vmDir }));
   }
 }
@@ -336,6 +345,19 @@ export async function prepareUpload(p: ReplicaPaths, key: string, size: number):
     return { file, offset: 0 };
   }
   return { file, offset: st.size };
+}
+
+/** After a publish, leftovers of abandoned uploads for this disk only hold space. */
+export async function dropStaleUploads(p: ReplicaPaths, keep: ReadonlySet<string>): Promise<void> {
+  let names: string[];
+  try {
+    names = await fsp.readdir(p.tmpDir);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    if (n.startsWith('up.') && !keep.has(path.join(p.tmpDir, n))) await fsp.rm(path.join(p.tmpDir, n), { force: true });
+  }
 }
 
 export interface UploadedFile {
@@ -431,8 +453,8 @@ export interface PublishMeta {
 export interface PublishContext {
   paths: ReplicaPaths;
   qemuImg: string;
-  /** Inode of SNAPS/VMID at open; null when it did not exist (a full seed may then create it). */
-  vmDirIno: number | null;
+  /** Identity (inode + birth time) of SNAPS/VMID at open; null when it did not exist (a full seed may then create it). */
+  vmDirId: VmDirId | null;
   /** base as reported at open; a publish without a new base needs it unchanged. */
   baseAtOpen: BaseOnReplica | null;
   log?: (obj: object, msg: string) => void;
@@ -454,7 +476,7 @@ export async function publishFull(
   c: PublishContext,
   up: { base?: UploadedFile; base1: UploadedFile },
   meta: PublishMeta,
-): Promise<{ manifest: StoredManifest; vmDirIno: number }> {
+): Promise<{ manifest: StoredManifest; vmDirId: VmDirId }> {
   const p = c.paths;
   const info = await checkUploadedBase1(p, c.qemuImg, up.base1.file);
   if (up.base) await checkUploadedBase(p, c.qemuImg, up.base.file);
@@ -463,9 +485,9 @@ export async function publishFull(
   await fsp.rm(p.workDir, { recursive: true, force: true });
   await step(c, 'full:work-reset');
 
-  let vmDirIno = c.vmDirIno;
+  let vmDirId = c.vmDirId;
   try {
-    if (vmDirIno === null) {
+    if (vmDirId === null) {
       try {
         await fsp.mkdir(p.vmDir);
       } catch (e) {
@@ -473,9 +495,9 @@ export async function publishFull(
       }
       const st = await fsp.lstat(p.vmDir);
       if (!st.isDirectory()) throw new OnestorError(ErrorCodes.PATH, 'refusing a VM dir that is not a directory', ctx(p, { file: p.vmDir }));
-      vmDirIno = st.ino;
+      vmDirId = vmDirIdOf(st);
     } else {
-      await assertSameVmDir(p, vmDirIno);
+      await assertSameVmDir(p, vmDirId);
     }
     await mkdirIn(p, p.snapDir);
     await ensureSymlink(p, p.selfLink, '.');
@@ -530,7 +552,7 @@ export async function publishFull(
       c.log?.({ vm: p.vm, disk: p.disk, err: String(e) }, 'could not prepare the A/B copies for incremental merges');
       await fsp.rm(p.workDir, { recursive: true, force: true }).catch(() => {});
     }
-    return { manifest, vmDirIno };
+    return { manifest, vmDirId };
   } catch (e) {
     throw mapVanished(p, e, p.snapDir);
   }
@@ -737,8 +759,8 @@ export async function publishIncremental(
         ctx(p, { field: 'parentCheckpoint' }),
       );
     }
-    if (c.vmDirIno === null) throw new OnestorError(ErrorCodes.VANISHED, 'replica VM dir did not exist at open', ctx(p));
-    await assertSameVmDir(p, c.vmDirIno);
+    if (c.vmDirId === null) throw new OnestorError(ErrorCodes.VANISHED, 'replica VM dir did not exist at open', ctx(p));
+    await assertSameVmDir(p, c.vmDirId);
     await checkIncrement(p, c.qemuImg, inc.file);
 
     let state = await readWorkState(p);

@@ -382,6 +382,30 @@ describe('receiver: hostile and broken input', () => {
     await endSession(s);
     expect(await sha(path.join(snaps, '3', 'disk.0.snap', 'base'))).toBe(await sha(src.base));
     expect(await recoverView(snaps, 3, 0)).toEqual(await guestView(src.base1));
+    expect(await fsp.readdir(path.join(snaps, '.onestor', 'tmp', '3-0'))).toEqual([]);
+  });
+
+  it('an aborted client upload drops the channel; the next session resumes where the bytes stopped', async () => {
+    const snaps = path.join(root, 'snaps-abort');
+    const big = path.join(root, 'abort-src.bin');
+    await fsp.writeFile(big, Buffer.alloc(12 * MiB, 0x5c));
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(14, 0);
+    const ac = new AbortController();
+    const err = await d
+      .upload('base', big, { key: 'big', signal: ac.signal, onProgress: (sent) => sent >= 4 * MiB && ac.abort() })
+      .catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_ABORTED');
+    expect(s.conn.connected).toBe(false);
+    await s.done;
+    const s2 = await session(snaps);
+    const d2 = await s2.conn.openDisk(14, 0);
+    const r = await d2.upload('base', big, { key: 'big' });
+    expect(r.resumedFrom).toBeGreaterThanOrEqual(4 * MiB);
+    expect(r.resumedFrom).toBeLessThan(12 * MiB);
+    expect(r.sha256).toBe(await sha(big));
+    await d2.close();
+    await endSession(s2);
   });
 
   it('E_VANISHED when SNAPS/VMID is removed mid-session; the dir is not recreated', async () => {
