@@ -11,6 +11,9 @@ import type { Flags } from './main.js';
 import { Exit } from './exit-codes.js';
 import { run as exec } from '../lib/exec.js';
 
+const FREQ = 10;
+const DAEMON_SECONDS = 25;
+
 function say(s: string): void {
   process.stdout.write(`\n\x1b[1m== ${s}\x1b[0m\n`);
 }
@@ -27,7 +30,7 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
   const env = await startAgentEnv({ name: 'demo' });
   let ok = true;
   try {
-    const vm = await env.createVm({ vmId: 7, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 64, pattern: 0x5a }] }] });
+    const vm = await env.createVm({ vmId: 7, disks: [{ diskId: 0, sizeMiB: 256, freq: FREQ, baseData: [{ offsetMiB: 0, lengthMiB: 64, pattern: 0x5a }] }] });
     process.stdout.write(`libvirt: ${env.lv.uri} (${env.lv.domainType})\ndatastores: ${env.dsRoot}\nreplica: ${env.sshd.user}@${env.sshd.host}:${env.sshd.port} SNAPS=${env.snapsDir}\n`);
     const show = async (args: string[]) => {
       const r = await env.agent(args);
@@ -44,12 +47,43 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
     await readGuestView(vm.disks[0]!.base1Path, ref1);
     ok = (await show(['snapshot', '--vm', '7'])).code === 0 && ok;
 
-    say('guest writes 8 MiB more, second cycle');
-    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 200, lengthMiB: 8, pattern: 0x62 });
+    say(`the daemon (onestor-agent run) for ${DAEMON_SECONDS} s: RECOVERY_SNAPSHOT_FREQ=${FREQ}, the guest keeps writing`);
+    const { spawn } = await import('node:child_process');
+    const { agentMain } = await import('../test/harness/agent-env.js');
+    const daemon = spawn(process.execPath, [agentMain(), 'run', ...env.flags], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, JOURNAL_STREAM: '' } });
+    const relay = (d: Buffer) => {
+      for (const line of d.toString().split('\n')) {
+        if (!line) continue;
+        try {
+          const o = JSON.parse(line) as { msg?: string; level?: number; [k: string]: unknown };
+          if (o.msg === 'cycle end' || o.msg === 'disk published' || (o.level ?? 0) >= 40) {
+            const { level: _l, time, msg, ...rest } = o;
+            process.stdout.write(`  daemon ${String(time).slice(11, 19)} ${msg} ${Object.entries(rest).map(([k, v]) => `${k}=${v}`).join(' ')}\n`);
+          }
+        } catch {
+          process.stdout.write(`  daemon: ${line}\n`);
+        }
+      }
+    };
+    daemon.stdout.on('data', relay);
+    daemon.stderr.on('data', relay);
+    const t0 = Date.now();
+    let pattern = 0x62;
+    while (Date.now() - t0 < DAEMON_SECONDS * 1000) {
+      await new Promise((r) => setTimeout(r, 4000));
+      await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 120 + (pattern % 16) * 4, lengthMiB: 4, pattern: pattern++ });
+    }
+    say('status (while the daemon runs)');
+    ok = (await show(['status'])).code === 0 && ok;
+    daemon.kill('SIGTERM');
+    const code = await new Promise<number | null>((r) => daemon.on('exit', (c) => r(c)));
+    process.stdout.write(`daemon stopped on SIGTERM (exit ${code})\n`);
     await guestFlush(env.lv, vm.domainName, 'vda');
     const ref2 = path.join(env.root, 'ref2.raw');
     await readGuestView(vm.disks[0]!.base1Path, ref2);
+    say('one more cycle by hand, then the guest moves on');
     ok = (await show(['snapshot', '--vm', '7'])).code === 0 && ok;
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 250, lengthMiB: 2, pattern: 0x99 });
 
     say('what the replica holds (what `onevm recover --recreate` uses)');
     process.stdout.write((await exec('ls', ['-lAR', path.join(env.snapsDir, '7')])).stdout);
@@ -61,8 +95,6 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
     process.stdout.write(`qemu-img check: ${drill.check.ok ? 'clean' : 'PROBLEMS'}; backing name: ${drill.backingName}; guest view equals the point in time: ${same ? 'yes' : 'NO'}\n`);
     ok = ok && same && drill.check.ok;
 
-    say('status');
-    await show(['status']);
     say(ok ? 'demo finished: VM 7 is protected' : 'demo finished with problems (see above)');
     await vm.destroy();
   } finally {

@@ -288,13 +288,19 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         const o = outcomes.get(d.diskId);
         const k = diskKey(vmId, d.diskId);
         if (o?.ok) fresh.disks[k] = { ...state.disks[k]!, nextDueAt: fresh.disks[k]?.nextDueAt, queuedSince: undefined };
-        else if (o?.error) {
+        else if (o?.error && o.error.code === ErrorCodes.ABORTED) {
+          // stopped by SIGTERM/SIGINT: not a failure of the disk; the previous snapshot stands
+          fresh.disks[k] = { ...getDisk(fresh, vmId, d.diskId), phase: undefined, progress: undefined };
+        } else if (o?.error) {
           fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost }, o.error, Math.floor(now() / 1000));
         }
       }
       return fresh;
     });
-    for (const o of outcomes.values()) if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
+    for (const o of outcomes.values()) {
+      if (o.error?.code === ErrorCodes.ABORTED) log.info({ disk: o.diskId }, 'disk cycle aborted; previous snapshot stands');
+      else if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
+    }
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
     log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length, ms: now() - t0 }, 'cycle end');
     return list;

@@ -4,7 +4,7 @@
  * (`command="onestor-agent receive ...",restrict`), and the CLI flags that point the agent at them.
  */
 import { existsSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawn } from 'node:child_process';
@@ -54,13 +54,16 @@ export async function startAgentEnv(opts: { name?: string; receiverArgs?: string
     lv ??= await startLibvirtd({ name: opts.name });
     await createSystemDatastore(dsRoot, dsId, { replicaHost: '127.0.0.1' });
     sshd = await startSshd();
-    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', path.join(root, 'no-sshrc'), '--log-level', 'warn', ...(opts.receiverArgs ?? [])];
+    // the ssh driver's settings file, as OpenNebula ships it, pointing SNAPS at the replica dir
+    const sshrc = path.join(root, 'sshrc');
+    await writeFile(sshrc, `# ssh TM driver settings (test copy)\nREPLICA_COPY_LOCK_TIMEOUT=600\nREPLICA_RECOVERY_SNAPS_DIR=${sshd.replicaDir}\nREPLICA_SSH_OPTS="-c aes128-gcm@openssh.com -m umac-64@openssh.com"\nREPLICA_MAX_USED_PERC=90\n`);
+    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', ...(opts.receiverArgs ?? [])];
     await sshd.setAuthorizedKeys([`command="${receiver.join(' ')}",restrict ${sshd.clientPublicKey}`]);
     const flags = [
       '--datastores', dsRoot,
       '--state-dir', stateDir,
       '--libvirt-uri', lv.uri,
-      '--sshrc', path.join(root, 'no-sshrc'),
+      '--sshrc', sshrc,
       '--replica-host', sshd.host,
       '--replica-port', String(sshd.port),
       '--replica-user', sshd.user,
