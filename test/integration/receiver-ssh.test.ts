@@ -195,38 +195,44 @@ describe('replica over ssh with a restricted key', () => {
       ws.on('error', reject);
       pump();
     });
-    // Baseline: plain ssh with the same cipher into a file (key temporarily unrestricted).
-    await sshd.setAuthorizedKeys([sshd.clientPublicKey]);
-    const target = path.join(work, 'cat-target.bin');
-    const t0 = process.hrtime.bigint();
-    await new Promise<void>((resolve, reject) => {
-      const fd = openSync(file, 'r');
-      const p = spawn(
-        'ssh',
-        ['-i', sshd.clientKeyPath, '-p', String(sshd.port), '-o', `UserKnownHostsFile=${sshd.knownHostsPath}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes',
-          '-c', 'aes128-gcm@openssh.com', `${sshd.user}@127.0.0.1`, `cat > ${target}`],
-        { stdio: [fd, 'ignore', 'pipe'] },
-      );
-      let stderr = '';
-      p.stderr!.on('data', (d: Buffer) => (stderr += d));
-      p.on('exit', (code) => {
-        closeSync(fd);
-        if (code === 0) resolve();
-        else reject(new Error(`ssh cat exited ${code}: ${stderr}`));
+    // Best of two runs each, alternating, so a burst of load from elsewhere hits both sides alike.
+    let catSec = Infinity;
+    let oursSec = Infinity;
+    for (let round = 0; round < 2; round++) {
+      // Baseline: plain ssh with the same cipher into a file (key temporarily unrestricted).
+      await sshd.setAuthorizedKeys([sshd.clientPublicKey]);
+      const target = path.join(work, 'cat-target.bin');
+      const t0 = process.hrtime.bigint();
+      await new Promise<void>((resolve, reject) => {
+        const fd = openSync(file, 'r');
+        const p = spawn(
+          'ssh',
+          ['-i', sshd.clientKeyPath, '-p', String(sshd.port), '-o', `UserKnownHostsFile=${sshd.knownHostsPath}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes',
+            '-c', 'aes128-gcm@openssh.com', `${sshd.user}@127.0.0.1`, `cat > ${target}`],
+          { stdio: [fd, 'ignore', 'pipe'] },
+        );
+        let stderr = '';
+        p.stderr!.on('data', (d: Buffer) => (stderr += d));
+        p.on('exit', (code) => {
+          closeSync(fd);
+          if (code === 0) resolve();
+          else reject(new Error(`ssh cat exited ${code}: ${stderr}`));
+        });
       });
-    });
-    const catSec = Number(process.hrtime.bigint() - t0) / 1e9;
-    expect((await fsp.stat(target)).size).toBe(size);
-    await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);
+      catSec = Math.min(catSec, Number(process.hrtime.bigint() - t0) / 1e9);
+      expect((await fsp.stat(target)).size).toBe(size);
+      await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);
 
-    const client = await ReplicaClient.connect(connectOptions());
-    const d = await client.openDisk(12, 0);
-    const t1 = process.hrtime.bigint();
-    const r = await d.upload('base', file, { key: 'big' });
-    const oursSec = Number(process.hrtime.bigint() - t1) / 1e9;
-    await d.close();
-    await client.close();
-    expect(r.sha256).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
+      const client = await ReplicaClient.connect(connectOptions());
+      const d = await client.openDisk(12, round);
+      const t1 = process.hrtime.bigint();
+      const r = await d.upload('base', file, { key: 'big' });
+      oursSec = Math.min(oursSec, Number(process.hrtime.bigint() - t1) / 1e9);
+      await d.close();
+      await client.close();
+      expect(r.resumedFrom).toBe(0);
+      expect(r.sha256).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
+    }
     const ratio = catSec / oursSec;
     console.log(
       `upload 256 MiB: ssh cat ${(256 / catSec).toFixed(0)} MB/s, ReplicaClient ${(256 / oursSec).toFixed(0)} MB/s (ratio ${ratio.toFixed(2)}; ours also hashes both ends and fsyncs)`,
