@@ -96,6 +96,8 @@ function makeLock(path: string, child: ChildProcess): FileLock {
       if (!released) {
         released = new Promise<void>((resolve) => {
           if (child.exitCode !== null || child.signalCode !== null) return resolve();
+          // Someone is now waiting on the child: it must keep the process alive until it is gone.
+          child.ref();
           child.once('exit', () => resolve());
           child.stdin!.end();
         });
