@@ -107,6 +107,30 @@ describe('replica over ssh with a restricted key', () => {
     expect(a).toMatch(/Images are identical/);
   });
 
+  it('a receiver killed with SIGKILL holding a disk lock leaves no stale lock behind', async () => {
+    const a = await ReplicaClient.connect(connectOptions());
+    const da = await a.openDisk(21, 0);
+    expect(da.manifest).toBeNull();
+    // The receiver logs its pid on stderr; the client keeps the tail for diagnostics.
+    // stderr is its own stream: give it a moment to arrive.
+    let pids: number[] = [];
+    for (let i = 0; i < 100 && pids.length === 0; i++) {
+      pids = [...a.connection.diagnostics().matchAll(/"pid":(\d+)/g)].map((m) => Number(m[1]));
+      if (pids.length === 0) await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(pids.length).toBeGreaterThan(0);
+    process.kill(pids.at(-1)!, 'SIGKILL');
+    // The lock must be free at once (lock timeout is 5 s; a stale lock would make this E_LOCK_TIMEOUT).
+    const b = await ReplicaClient.connect(connectOptions());
+    const t0 = Date.now();
+    const db = await b.openDisk(21, 0);
+    expect(Date.now() - t0).toBeLessThan(4000);
+    await db.close();
+    await b.close();
+    expect(a.connected).toBe(false);
+    await a.close().catch(() => {});
+  });
+
   it('the key can do nothing but talk to the receiver: no command, no SFTP, no port forward', async () => {
     const ssh = new Client();
     const privateKey = await fsp.readFile(sshd.clientKeyPath);
