@@ -56,6 +56,8 @@ export interface DaemonDeps {
   hostName?: string;
   version?: string;
   onCycleStart?(info: CycleStartInfo): void;
+  /** when the state file was corrupt or missing: refill it from the replicas' manifests; returns disks rebuilt */
+  rebuildState?(): Promise<number>;
 }
 
 export interface DaemonOptions {
@@ -311,7 +313,14 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
     try {
       await notifier.status('starting');
       const loaded = await deps.state.loadOrReset();
-      if (loaded.reset) log.warn({ file: deps.state.file, reason: loaded.reset }, 'state file unreadable; starting from an empty state');
+      if (loaded.reset) log.warn({ file: deps.state.file, reason: loaded.reset }, 'state file unreadable; rebuilding from the replica manifests');
+      if ((loaded.reset || Object.keys(loaded.state.disks).length === 0) && deps.rebuildState) {
+        const n = await deps.rebuildState().catch((e: unknown) => {
+          log.warn({ err: describeError(e) }, 'state rebuild from the replicas failed');
+          return 0;
+        });
+        if (n > 0) log.info({ disks: n }, 'state rebuilt from the replica manifests');
+      }
       const cleaned = await (deps.cleanStaleStaging ?? (() => cleanAllStaging(config)))().catch((e: unknown) => {
         log.warn({ err: describeError(e) }, 'stale staging cleanup failed');
         return [] as number[];
@@ -413,6 +422,11 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
         discover: async () => discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) }),
         runCycle: (req, signal) => runVmCycle(ctx.cycleDeps(), { ...req, signal }),
         reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
+        rebuildState: async () => {
+          const { rebuildFromReplicas } = await import('../lib/rebuild.js');
+          const found = await discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) });
+          return rebuildFromReplicas({ eligible: found.eligible, replicaFor: (h) => ctx.replicas.get(h), state: ctx.state, log });
+        },
       },
     });
     // Prometheus textfile (node_exporter textfile collector): the probe's figures, refreshed with the
