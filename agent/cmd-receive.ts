@@ -16,6 +16,15 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
+  // As a forced command this runs whatever the client asked for: SFTP would otherwise wait, speaking
+  // no protocol, until the idle timeout.
+  const requested = process.env['SSH_ORIGINAL_COMMAND'] ?? '';
+  if (/(^|\/)(internal-sftp|sftp-server)\b/.test(requested)) {
+    log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
+    return Exit.FAILED;
+  }
+  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
+  process.stdout.on('error', () => {});
   const code = await runReceiver(process.stdin, process.stdout, {
     snapsDir,
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,

@@ -6,7 +6,7 @@
  * staging dir on the datastore's filesystem, a new checkpoint created atomically with the job.
  * Returns files ready to send: a thin base.1 overlay (full) or the dirty clusters (incremental).
  */
-import { mkdir, rm, symlink, statfs, readdir, lstat } from 'node:fs/promises';
+import { mkdir, rm, symlink, statfs, readdir, lstat, realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buildBackupXml, buildCheckpointXml, type BackupDiskPlan } from './backup-xml.js';
@@ -38,8 +38,10 @@ export interface DomainView {
 
 export interface CaptureDiskRequest {
   diskId: number;
-  /** DS/VMID/disk.N.snap/base.1 as libvirt names it */
+  /** DS/VMID/disk.N.snap/base.1 */
   base1Path: string;
+  /** libvirt target (vda) when the caller already matched it */
+  target?: string;
   snapDir: string;
   mode: CycleMode;
   parentCheckpoint?: string;
@@ -137,7 +139,7 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
   const allTargets = domDisks.map((d) => d.target);
   const plans: Array<CaptureDiskRequest & { target: string; paths: ReturnType<typeof stagingPaths> }> = [];
   for (const d of req.disks) {
-    const hit = domDisks.find((x) => x.source !== null && samePath(x.source, d.base1Path));
+    const hit = d.target ? domDisks.find((x) => x.target === d.target) : await findDiskBySource(domDisks, d.base1Path);
     if (!hit) {
       throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} has no disk on ${d.base1Path} (sources: ${domDisks.map((x) => x.source ?? '-').join(', ')})`, { ...ctx, disk: d.diskId, field: 'devices/disk/source' });
     }
@@ -257,8 +259,18 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
   }
 }
 
-function samePath(a: string, b: string): boolean {
-  return path.resolve(a) === path.resolve(b);
+/**
+ * The domain disk that runs on `base1Path`. OpenNebula >= 6.8 names the real path .../disk.N.snap/base.1;
+ * older deployments name the DS/VMID/disk.N symlink: both resolve to the same file.
+ */
+export async function findDiskBySource<T extends { source: string | null }>(disks: readonly T[], base1Path: string): Promise<T | undefined> {
+  const want = await realpath(base1Path).catch(() => path.resolve(base1Path));
+  for (const x of disks) {
+    if (x.source === null) continue;
+    if (path.resolve(x.source) === path.resolve(base1Path)) return x;
+    if ((await realpath(x.source).catch(() => null)) === want) return x;
+  }
+  return undefined;
 }
 
 function mib(n: number): number {

@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { capture, cleanStagingDir, type CaptureLibvirt, type CaptureResult } from './capture.js';
+import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
 import { newCheckpointName } from './backup-xml.js';
 import { cachedSha256, fileIdentity } from './digest.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf } from './errors.js';
@@ -79,6 +79,7 @@ export interface DiskOutcome {
 
 interface DiskWork {
   disk: EligibleDisk;
+  target: string;
   replica: ReplicaPort;
   plannedParent: string | null;
   decision: ModeDecision;
@@ -126,7 +127,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         }
         const manifest = manifests.find((m) => m.diskId === disk.diskId) ?? null;
         const ds = getDisk(state, vmId, disk.diskId);
-        const target = domDisks.find((x) => x.source !== null && path.resolve(x.source) === path.resolve(disk.base1Path))?.target;
+        const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
         if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
 
         const replicaCk = manifest?.checkpoint ?? null;
@@ -164,7 +165,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           replicaBaseMatches,
         });
         const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
-        work.push({ disk, replica, plannedParent: replicaCk, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
+        work.push({ disk, target, replica, plannedParent: replicaCk, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
         if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
       } catch (e) {
         fail(disk.diskId, e);
@@ -191,6 +192,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         disks: work.map((w) => ({
           diskId: w.disk.diskId,
           base1Path: w.disk.base1Path,
+          target: w.target,
           snapDir: w.disk.snapDir,
           mode: w.decision.mode,
           parentCheckpoint: w.decision.mode === 'incremental' ? w.decision.parent : undefined,

@@ -34,6 +34,7 @@ import {
   slotsDir,
   toWireManifest,
   assertSameVmDir,
+  sweepOrphans,
   type BaseOnReplica,
   type PublishContext,
   type ReplicaPaths,
@@ -322,6 +323,8 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
+    // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
+    await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
