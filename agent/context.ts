@@ -13,6 +13,7 @@ import { VirshPort } from '../lib/libvirt-port.js';
 import { QemuImg } from '../lib/qemu-img.js';
 import { ReplicaClient } from '../lib/replica-client.js';
 import { StateStore } from '../lib/state.js';
+import { TokenBucket, bytesPerSecFromMBps } from '../lib/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle.js';
 import { describeError } from '../lib/errors.js';
 
@@ -37,7 +38,7 @@ export interface AgentContext {
 /** Keeps one connection per replica address; reconnects transparently when it dropped. */
 export class ReplicaPool {
   private readonly clients = new Map<string, Promise<ReplicaClient>>();
-  constructor(private readonly config: Config, private readonly hostName: string, private readonly log: Logger, private readonly bandwidthBytesPerSec: number) {}
+  constructor(private readonly config: Config, private readonly hostName: string, private readonly log: Logger, private readonly bandwidth: TokenBucket | null) {}
 
   /** REPLICA_STORAGE_IP (config) wins over REPLICA_HOST for storage traffic; hostOverride wins over both. */
   addressFor(replicaHost: string): string {
@@ -64,7 +65,7 @@ export class ReplicaPool {
       receiverCommand: r.receiverCommand,
       connectTimeoutMs: r.connectTimeoutSec * 1000,
       keepaliveMs: r.keepaliveSec * 1000,
-      bandwidthBytesPerSec: this.bandwidthBytesPerSec,
+      bandwidth: this.bandwidth,
       localHost: this.hostName,
       agentVersion: VERSION,
     });
@@ -98,7 +99,9 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
   const qemuImg = new QemuImg(config.qemuImg, opts.signal);
   const state = new StateStore(config.stateDir);
   const hostName = os.hostname();
-  const replicas = new ReplicaPool(config, hostName, opts.log, config.limits.bandwidthMBps * 1024 * 1024);
+  // one bucket for the whole process: the limit is per host, whatever the number of transfers
+  const bucket = config.limits.bandwidthMBps > 0 ? new TokenBucket(bytesPerSecFromMBps(config.limits.bandwidthMBps)) : null;
+  const replicas = new ReplicaPool(config, hostName, opts.log, bucket);
   const ctx: AgentContext = {
     config,
     settings: sshrc.settings,

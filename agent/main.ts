@@ -38,7 +38,9 @@ Common options (each overrides the config file):
   --known-hosts FILE       known_hosts used to check the replica's host key
   --accept-new-host-key    record an unknown replica host key (a changed key is always refused)
   --receiver-command CMD   command run on the replica (default "onestor-agent receive")
+  --bandwidth-mbps N       cap on what this host sends, all transfers together (MB/s; 0 = none)
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
+  --max-sessions N         receive: concurrent sessions on this replica (others wait, then E_BUSY)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
 
 Exit codes:
@@ -68,6 +70,7 @@ const OPTIONS = {
   'receiver-command': { type: 'string' },
   'snaps-dir': { type: 'string' },
   'max-sessions': { type: 'string' },
+  'bandwidth-mbps': { type: 'string' },
   'log-level': { type: 'string' },
 } as const;
 
@@ -102,6 +105,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
   if (f['log-level']) o.log = { level: f['log-level'] };
+  if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
   if (Object.keys(replica).length) o.replica = replica;
   if (Object.keys(receiver).length) o.receiver = receiver;
   return o;

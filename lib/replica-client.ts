@@ -28,6 +28,7 @@ import {
   type HelloOk,
   type UploadKind,
 } from './protocol.js';
+import type { TokenBucket } from './throttle.js';
 
 export const AGENT_PROTOCOL_VERSION = PROTOCOL_VERSION;
 const DEFAULT_CHUNK = 2 * 1024 * 1024;
@@ -88,7 +89,8 @@ export class ReceiverConnection {
   private helloInfo: HelloOk | null = null;
   /** Optional source of detail for "channel closed" errors (the receiver's stderr tail). */
   diagnostics: () => string = () => '';
-  bandwidthBytesPerSec = 0;
+  /** shared by every transfer of the process: the per-host bandwidth limit */
+  bandwidth: TokenBucket | null = null;
 
   constructor(
     private readonly input: Readable,
@@ -251,7 +253,6 @@ export class ReceiverConnection {
       verdict.catch(() => {});
       const chunkSize = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let sent = offset;
-      const started = Date.now();
       if (offset < size) {
         const stream = createReadStream(localPath, { start: offset, end: size - 1, highWaterMark: chunkSize });
         try {
@@ -270,10 +271,8 @@ export class ReceiverConnection {
             await this.write(payload);
             sent += chunk.length;
             opts.onProgress?.(sent, size);
-            if (this.bandwidthBytesPerSec > 0) {
-              const due = ((sent - offset) / this.bandwidthBytesPerSec) * 1000 - (Date.now() - started);
-              if (due > 5) await new Promise((r) => setTimeout(r, due));
-            }
+            const wait = this.bandwidth?.reserve(chunk.length) ?? 0;
+            if (wait > 5) await new Promise((r) => setTimeout(r, wait));
           }
         } finally {
           stream.destroy();
@@ -313,7 +312,8 @@ export interface ReplicaConnectOptions {
   receiverCommand: string;
   connectTimeoutMs: number;
   keepaliveMs?: number;
-  bandwidthBytesPerSec?: number;
+  /** one bucket per process, shared by all connections (per-host limit); null/undefined = unlimited */
+  bandwidth?: TokenBucket | null;
   /** Name this host gives in hello (logs, lineage). */
   localHost?: string;
   agentVersion?: string;
@@ -396,7 +396,7 @@ export class ReplicaClient {
         stderrTail = (stderrTail + d.toString('utf8')).slice(-4000);
       });
       conn.diagnostics = () => stderrTail;
-      conn.bandwidthBytesPerSec = o.bandwidthBytesPerSec ?? 0;
+      conn.bandwidth = o.bandwidth ?? null;
       const client = new ReplicaClient(ssh, channel, conn);
       await conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0');
       return client;

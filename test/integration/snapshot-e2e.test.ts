@@ -130,6 +130,22 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
     }
   });
 
+  it('the bandwidth limit holds for a whole cycle', async () => {
+    const bvm = await env.createVm({ vmId: 44, disks: [{ diskId: 0, sizeMiB: 64, freq: 120, baseData: [{ offsetMiB: 0, lengthMiB: 12, pattern: 0x44 }] }] });
+    try {
+      const t0 = Date.now();
+      const r = await env.agent(['snapshot', '--vm', '44', '--json', '--bandwidth-mbps', '4']);
+      const ms = Date.now() - t0;
+      expect(r.code, r.stderr).toBe(0);
+      const [o] = JSON.parse(r.stdout) as Array<{ bytes: number }>;
+      expect(o!.bytes).toBeGreaterThan(12 * 1048576);
+      // a lower bound only: at 4 MB/s (minus the one burst allowance) the bytes cannot go faster
+      expect(ms).toBeGreaterThan(((o!.bytes - 1_000_000) / 4_000_000) * 1000);
+    } finally {
+      await bvm.destroy();
+    }
+  });
+
   it('reports a clear reason for a VM that is not protected and exits non-zero', async () => {
     const r = await env.agent(['snapshot', '--vm', '4242']);
     expect(r.code).toBe(1);
