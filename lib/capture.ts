@@ -24,6 +24,8 @@ export interface CaptureLibvirt {
   /** After the job ended: null when it completed, else the failure text. */
   completedJobError(dom: string): Promise<string | null>;
   abortJob(dom: string): Promise<void>;
+  /** target files of the running backup job ([] when none) */
+  backupTargets(dom: string): Promise<string[]>;
   /** 'frozen' or why not (no channel / agent not answering). */
   fsFreeze(dom: string): Promise<{ frozen: true } | { frozen: false; why: string }>;
   fsThaw(dom: string): Promise<void>;
@@ -146,6 +148,7 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     plans.push({ ...d, target: hit.target, paths: stagingPaths(req.stagingDir, d.diskId) });
   }
 
+  await clearStaleJob(lv, req);
   await cleanStagingDir(req.stagingDir);
   await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
 
@@ -257,6 +260,23 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     await cleanStagingDir(req.stagingDir).catch(() => {});
     throw e;
   }
+}
+
+/**
+ * A backup job still running from an agent that was killed mid-capture (its targets are in our staging
+ * area) is aborted, so this cycle can start; anyone else's job (OpenNebula's own backups) is left alone
+ * and this cycle fails with a clear reason, to be retried.
+ */
+async function clearStaleJob(lv: CaptureLibvirt, req: CaptureRequest): Promise<void> {
+  if (!(await lv.jobActive(req.domainName))) return;
+  const targets = await lv.backupTargets(req.domainName);
+  const ours = path.dirname(path.resolve(req.stagingDir)) + path.sep;
+  if (targets.length === 0 || !targets.every((t) => path.resolve(t).startsWith(ours))) {
+    throw new OnestorError(ErrorCodes.CAPTURE, `another job is running on domain ${req.domainName}${targets.length ? ` (backup to ${targets.join(', ')})` : ''}; will retry`, { vm: req.vmId });
+  }
+  req.log?.({ vm: req.vmId, targets: targets.join(',') }, 'aborting a backup job left by a previous run');
+  await lv.abortJob(req.domainName);
+  for (let i = 0; i < 200 && (await lv.jobActive(req.domainName)); i++) await sleep(50);
 }
 
 /**

@@ -45,6 +45,10 @@ export class VirshPort implements CycleLibvirt {
     await this.virsh.domJobAbort(dom);
   }
 
+  async backupTargets(dom: string): Promise<string[]> {
+    return this.virsh.backupTargets(dom);
+  }
+
   async fsFreeze(dom: string): Promise<{ frozen: true } | { frozen: false; why: string }> {
     const r = await this.virsh.fsFreeze(dom);
     return r.ok ? { frozen: true } : { frozen: false, why: `${r.kind}: ${r.message}` };

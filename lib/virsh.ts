@@ -287,6 +287,23 @@ export class Virsh {
     }
   }
 
+  /**
+   * Target (push) or scratch (pull) files of the domain's running backup job (`backup-dumpxml`), so a job can be recognised as
+   * ours (targets in our staging dir) or someone else's (OpenNebula's own backups use the same API).
+   * Empty when no backup job runs.
+   */
+  async backupTargets(dom: string, ctx: CallContext = {}): Promise<string[]> {
+    let out: string;
+    try {
+      out = (await this.call(['backup-dumpxml', dom], { ...ctx, domain: dom })).stdout;
+    } catch (e) {
+      if (virshErrorKind(e) === 'no-job' || /no (domain )?backup job/i.test((e as Error).message)) return [];
+      throw e;
+    }
+    // push mode names <target file=...>, pull mode <scratch file=...>
+    return [...out.matchAll(/<(?:target|scratch)\s+file=(?:'([^']*)'|"([^"]*)")/g)].map((m) => unescapeXml(m[1] ?? m[2] ?? ''));
+  }
+
   /** Freezes guest filesystems through the guest agent; a missing/silent agent is a result, not an error. */
   async fsFreeze(dom: string, ctx: CallContext = {}): Promise<FsFreezeResult> {
     return this.fsFreezeOrThaw(dom, 'domfsfreeze', 'Froze', ctx);
@@ -312,4 +329,8 @@ export class Virsh {
       throw e;
     }
   }
+}
+
+function unescapeXml(s: string): string {
+  return s.replace(/&apos;/g, "'").replace(/&quot;/g, '"').replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&amp;/g, '&');
 }

@@ -146,6 +146,40 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
     }
   });
 
+  it('a backup job left in our staging area is aborted; someone else\'s job is left alone', async () => {
+    const jvm = await env.createVm({ vmId: 45, disks: [{ diskId: 0, sizeMiB: 64, freq: 120, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x45 }] }] });
+    const { mkdir, writeFile } = await import('node:fs/promises');
+    // a pull-mode job stays until aborted: a deterministic stand-in for a job whose agent was killed
+    const pullJob = async (dir: string) => {
+      await mkdir(dir, { recursive: true });
+      const xml = path.join(dir, 'pull.xml');
+      await writeFile(xml, `<domainbackup mode='pull'><server transport='unix' socket='${dir}/nbd.sock'/><disks><disk name='vda' backup='yes' type='file'><scratch file='${dir}/scratch.qcow2'/></disk></disks></domainbackup>`);
+      await env.lv.virshOk(['backup-begin', jvm.domainName, xml]);
+    };
+    try {
+      const foreign = path.join(env.root, 'someone-else');
+      await pullJob(foreign);
+      let r = await env.agent(['snapshot', '--vm', '45']);
+      expect(r.code).toBe(1);
+      expect(r.stdout).toMatch(/another job is running on domain one-45 \(backup to .*someone-else/);
+      expect((await env.lv.virshOk(['domjobinfo', jvm.domainName]))).toMatch(/Job type:\s+Unbounded/);
+      await env.lv.virshOk(['domjobabort', jvm.domainName]);
+      for (let i = 0; i < 100 && /Unbounded/.test(await env.lv.virshOk(['domjobinfo', jvm.domainName])); i++) await new Promise((res) => setTimeout(res, 50));
+
+      await pullJob(path.join(env.dsRoot, String(env.dsId), '.onestor', '45'));
+      r = await env.agent(['snapshot', '--vm', '45']);
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(r.stderr).toMatch(/aborting a backup job left by a previous run/);
+      expect((await env.lv.virshOk(['domjobinfo', jvm.domainName])).trim()).toMatch(/Job type:\s+None/);
+      const drill = await recoverDrill(env.snapsDir, 45, 0, env.root);
+      expect(drill.check.ok).toBe(true);
+      await rm(drill.dir, { recursive: true, force: true });
+    } finally {
+      await env.lv.virsh(['domjobabort', jvm.domainName]);
+      await jvm.destroy();
+    }
+  });
+
   it('reports a clear reason for a VM that is not protected and exits non-zero', async () => {
     const r = await env.agent(['snapshot', '--vm', '4242']);
     expect(r.code).toBe(1);
