@@ -313,8 +313,8 @@ async function soak(kills: number, seed: number): Promise<void> {
     const t0 = Date.now();
     for (let i = 0; i < kills; i++) {
       const phase = KILL_PHASES[Math.floor(random() * KILL_PHASES.length)]!;
-      // Every 4th kill forces a full cycle so thinning and base/base.1 publish are exercised too.
-      const full = i % 4 === 0;
+      // Thinning exists only in full cycles; every 4th kill forces a full too, so base/base.1 publish is exercised.
+      const full = phase === 'thin' || i % 4 === 0;
       const delayMs = phase === 'random' ? Math.floor(random() * 2500) : Math.floor(random() * 150);
       await guestWrite(env.lv, vm.domainName, { offsetMiB: 1 + Math.floor(random() * 90), lengthMiB: 1 + Math.floor(random() * 4), pattern: 1 + Math.floor(random() * 250) });
       const candidate = await liveReference(env, vm);
