@@ -127,6 +127,7 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
   const stopRequested = new Promise<void>((r) => (stopResolve = r));
 
   // ---- state -------------------------------------------------------------------------------------
+  const progress = new Map<string, { sent: number; total: number; at: number }>();
   /** Serialized: the heartbeat, next-due, queued and running marks of every known disk. */
   function persist(): Promise<void> {
     // coalesce: one queued write already picks up everything that changed until it starts
@@ -145,8 +146,10 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
             const e = eligible.get(diskKey(v.vmId, v.diskId));
             const cur = getDisk(s, v.vmId, v.diskId);
             const phase = v.running ? 'running' : v.queuedSince !== undefined ? 'queued' : cur.phase === 'running' || cur.phase === 'queued' ? undefined : cur.phase;
-            s.disks[diskKey(v.vmId, v.diskId)] = {
+            const k = diskKey(v.vmId, v.diskId);
+            s.disks[k] = {
               ...cur,
+              progress: v.running ? progress.get(k) : undefined,
               ...(e ? { domainName: e.domainName, freqSeconds: e.freqSeconds, replicaHost: e.replicaHost } : {}),
               nextDueAt: v.nextDueAt,
               queuedSince: v.queuedSince,
@@ -216,7 +219,25 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
     const first = disks[0];
     const work: Promise<DiskOutcome[]> = first
       ? Promise.resolve().then(() =>
-          deps.runCycle({ vmId: st.vmId, domainName: first.domainName, dsDir: first.dsDir, disks, forceFull: st.forceFull, signal: ac.signal }, ac.signal),
+          deps.runCycle(
+            {
+              vmId: st.vmId,
+              domainName: first.domainName,
+              dsDir: first.dsDir,
+              disks,
+              forceFull: st.forceFull,
+              signal: ac.signal,
+              // long transfers show in `status` (written at most every 5 s)
+              onProgress: (diskId, sent, total) => {
+                const k = diskKey(st.vmId, diskId);
+                const prev = progress.get(k);
+                const at = Math.floor(wall() / 1000);
+                progress.set(k, { sent, total, at });
+                if (!prev || at - prev.at >= 5) void persist();
+              },
+            },
+            ac.signal,
+          ),
         )
       : Promise.resolve([]);
     const promise = work
@@ -232,6 +253,7 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
           aborted: !o.ok && (stopping || o.error?.code === ErrorCodes.ABORTED),
         }));
         scheduler.finished(st.vmId, results, { startedMono, finishedMono: mono(), startedWallMs });
+        for (const id of st.diskIds) progress.delete(diskKey(st.vmId, id));
         running.delete(st.vmId);
         void persist();
         void notifier.status(statusText());
