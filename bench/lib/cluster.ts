@@ -1,0 +1,242 @@
+/**
+ * Bench-only helpers around the test harness: disks filled with incompressible data, a plain (unrestricted)
+ * SSH login to the replica for the OpenSSH and rsync reference runs, a byte-counting TCP relay in front of
+ * the replica's sshd, and CPU accounting read from /proc.
+ */
+import { spawn } from 'node:child_process';
+import { readFile, rename, rm, readdir } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { run } from '../../lib/exec.js';
+import type { AgentEnv } from '../../test/harness/agent-env.js';
+import type { OneVmDisk } from '../../test/harness/one-layout.js';
+
+async function sh(script: string, timeoutMs = 600_000): Promise<string> {
+  const r = await run('bash', ['-c', script], { timeoutMs });
+  if (r.code !== 0) throw new Error(`bash -c '${script}' failed (${r.code}): ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+const q = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
+
+/** Writes `lengthMiB` of pseudo-random (incompressible, non-repeating) bytes at `offsetMiB` of a raw file. */
+async function writeRandom(rawPath: string, offsetMiB: number, lengthMiB: number, seed: string): Promise<void> {
+  // AES-CTR over zeroes: GB/s of data no block of which repeats, so rsync's block matching sees real-world-like content.
+  await sh(
+    `openssl enc -aes-128-ctr -nosalt -pass pass:${seed} -pbkdf2 -in /dev/zero 2>/dev/null | head -c ${lengthMiB}M | ` +
+      `dd of=${q(rawPath)} bs=1M seek=${offsetMiB} conv=notrunc iflag=fullblock status=none`,
+  );
+}
+
+/**
+ * Replaces the harness's (empty) base and base.1 of a not yet started disk: `baseMiB` of random data in base,
+ * `overlayMiB` more in base.1 right after it. base.1 keeps the OpenNebula layout (backing name disk.N.snap/base).
+ */
+export async function fillDisk(disk: OneVmDisk, sizeMiB: number, baseMiB: number, overlayMiB: number, scratchDir: string): Promise<void> {
+  const raw = path.join(scratchDir, `fill-${disk.diskId}-${process.pid}.raw`);
+  const snapName = path.basename(disk.snapDir);
+  try {
+    await sh(`truncate -s ${sizeMiB}M ${q(raw)}`);
+    if (baseMiB > 0) await writeRandom(raw, 0, baseMiB, `base-${disk.base1Path}`);
+    const newBase = path.join(disk.snapDir, 'base.new');
+    await sh(`qemu-img convert -f raw -O qcow2 ${q(raw)} ${q(newBase)}`);
+    await rename(newBase, disk.basePath);
+    if (overlayMiB > 0) await writeRandom(raw, baseMiB, overlayMiB, `overlay-${disk.base1Path}`);
+    // -B: only clusters that differ from base land in the overlay, as in a real base.1.
+    const newBase1 = path.join(disk.snapDir, 'base.1.new');
+    await sh(`cd ${q(disk.snapDir)} && qemu-img convert -f raw -O qcow2 -B ${q(`${snapName}/base`)} -F qcow2 ${q(raw)} base.1.new`);
+    await rename(newBase1, disk.base1Path);
+  } finally {
+    await rm(raw, { force: true });
+  }
+}
+
+export interface PlainSsh {
+  /** arguments for `ssh` (before the host), cipher as in upstream's REPLICA_SSH_OPTS */
+  args: string[];
+  /** `user@host` */
+  target: string;
+  /** the whole ssh command as one string, for `rsync -e` */
+  rsh: string;
+  keyPath: string;
+}
+
+/**
+ * A second client key with a normal (unrestricted) login, appended to the replica's authorized_keys: what
+ * upstream has (oneadmin's full key). The agent's restricted key stays first and unchanged.
+ */
+export async function plainSshAccess(env: AgentEnv, port = env.sshd.port): Promise<PlainSsh> {
+  const keyPath = path.join(env.root, 'plain_ed25519');
+  await rm(keyPath, { force: true });
+  await rm(`${keyPath}.pub`, { force: true });
+  await sh(`ssh-keygen -q -t ed25519 -N '' -C bench-plain -f ${q(keyPath)}`);
+  const pub = (await readFile(`${keyPath}.pub`, 'utf8')).trim();
+  const existing = (await readFile(env.sshd.authorizedKeysPath, 'utf8')).split('\n').filter((l) => l.trim() !== '');
+  if (!existing.includes(pub)) await env.sshd.setAuthorizedKeys([...existing, pub]);
+  return plainSshFor(env, keyPath, port);
+}
+
+export function plainSshFor(env: AgentEnv, keyPath: string, port: number): PlainSsh {
+  const args = [
+    '-p', String(port),
+    '-i', keyPath,
+    '-o', 'IdentitiesOnly=yes',
+    '-o', `UserKnownHostsFile=${env.sshd.knownHostsPath}`,
+    '-o', 'StrictHostKeyChecking=yes',
+    '-o', 'HostKeyAlias=' + `[127.0.0.1]:${env.sshd.port}`,
+    '-o', 'BatchMode=yes',
+    '-c', 'aes128-gcm@openssh.com',
+    '-m', 'umac-64@openssh.com',
+  ];
+  return { args, target: `${env.sshd.user}@${env.sshd.host}`, rsh: ['ssh', ...args].map(q).join(' '), keyPath };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// A TCP relay that counts bytes both ways: "bytes on the wire" including SSH framing, MACs and handshakes.
+
+export interface TcpMeter {
+  port: number;
+  /** client -> server, server -> client */
+  counts(): { up: number; down: number };
+  reset(): void;
+  close(): Promise<void>;
+}
+
+export async function startTcpMeter(targetPort: number): Promise<TcpMeter> {
+  let up = 0;
+  let down = 0;
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
+    sockets.add(client).add(upstream);
+    client.on('data', (d: Buffer) => (up += d.length));
+    upstream.on('data', (d: Buffer) => (down += d.length));
+    client.pipe(upstream);
+    upstream.pipe(client);
+    const done = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('error', done).on('close', done);
+    upstream.on('error', done).on('close', done);
+  });
+  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(0, '127.0.0.1', () => resolve()));
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : 0;
+  return {
+    port,
+    counts: () => ({ up, down }),
+    reset: () => {
+      up = 0;
+      down = 0;
+    },
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU accounting from /proc (clock ticks -> seconds).
+
+const TICKS_PER_SECOND = 100; // CLK_TCK on Linux x86_64
+
+/** utime+stime (own) and cutime+cstime (reaped children) of a process, in seconds; null if it is gone. */
+export async function procCpu(pid: number): Promise<{ self: number; children: number } | null> {
+  let stat: string;
+  try {
+    stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return null;
+  }
+  // comm may contain spaces and parentheses: fields start after the last ')'
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const n = (i: number) => Number(f[i - 3]);
+  return { self: (n(14) + n(15)) / TICKS_PER_SECOND, children: (n(16) + n(17)) / TICKS_PER_SECOND };
+}
+
+/** Total CPU of a long-lived server and everything it has reaped (sessions that ended). */
+export async function serverCpuTotal(pid: number): Promise<number> {
+  const c = await procCpu(pid);
+  if (!c) throw new Error(`process ${pid} is gone`);
+  return c.self + c.children;
+}
+
+/** Live descendants of `pid` whose command line matches. */
+export async function descendants(pid: number, match: RegExp): Promise<number[]> {
+  const parent = new Map<number, number>();
+  const cmd = new Map<number, string>();
+  for (const e of await readdir('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const stat = await readFile(`/proc/${e}/stat`, 'utf8');
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      parent.set(Number(e), Number(f[1]));
+      cmd.set(Number(e), (await readFile(`/proc/${e}/cmdline`, 'utf8')).replace(/\0/g, ' '));
+    } catch {
+      // exited meanwhile
+    }
+  }
+  const isUnder = (p: number): boolean => {
+    for (let cur = parent.get(p); cur !== undefined && cur > 1; cur = parent.get(cur)) if (cur === pid) return true;
+    return false;
+  };
+  return [...cmd.entries()].filter(([p, c]) => isUnder(p) && match.test(c)).map(([p]) => p);
+}
+
+export async function sshdPid(env: AgentEnv): Promise<number> {
+  return Number((await readFile(path.join(env.sshd.rootDir, 'sshd.pid'), 'utf8')).trim());
+}
+
+/** Runs a shell pipeline; returns wall seconds and the CPU seconds (user+sys) of its children (bash `times`). */
+export async function timedShell(script: string, timeoutMs = 600_000): Promise<{ seconds: number; childCpu: number; stdout: string }> {
+  const t0 = performance.now();
+  const out = await new Promise<string>((resolve, reject) => {
+    const child = spawn('bash', ['-c', `${script}\ntimes`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    child.on('close', (code) => {
+      clearTimeout(timer);
+      if (code !== 0) reject(new Error(`${script}: exit ${code}: ${stderr.trim()}`));
+      else resolve(stdout);
+    });
+  });
+  const seconds = (performance.now() - t0) / 1000;
+  // `times` prints two lines: shell user/sys, then children user/sys, like "0m1.234s 0m0.567s"
+  const lines = out.trim().split('\n');
+  const childLine = lines[lines.length - 1] ?? '';
+  const secs = [...childLine.matchAll(/(\d+)m([\d.]+)s/g)].map((m) => Number(m[1]) * 60 + Number(m[2]));
+  return { seconds, childCpu: secs.reduce((a, b) => a + b, 0), stdout: lines.slice(0, -2).join('\n') };
+}
+
+export async function fileSize(p: string): Promise<number> {
+  const r = await run('stat', ['-c', '%s', p]);
+  if (r.code !== 0) throw new Error(`stat ${p}: ${r.stderr.trim()}`);
+  return Number(r.stdout.trim());
+}
+
+/** Whether `cp --reflink=always` works in a directory (it does not on ext4 or tmpfs). */
+export async function reflinkWorks(dir: string): Promise<boolean> {
+  const a = path.join(dir, `.reflink-probe-${process.pid}`);
+  try {
+    await sh(`head -c 65536 /dev/zero > ${q(a)}`);
+    const r = await run('cp', ['--reflink=always', a, `${a}.2`]);
+    return r.code === 0;
+  } finally {
+    await rm(a, { force: true });
+    await rm(`${a}.2`, { force: true });
+  }
+}
+
+export async function fsType(dir: string): Promise<string> {
+  return (await sh(`stat -f -c %T ${q(dir)}`)).trim();
+}
+
+export { sh, q };
