@@ -216,6 +216,11 @@ export async function checkAfterFault(env: AgentEnv, vm: OneVm, baseline: Awaite
   const problems: string[] = [];
   let dataLost = false;
   if (!(await waitNoJob(env, vm))) problems.push('backup job still running 30 s after the fault');
+  // A receiver outlives a killed agent and finishes its publish: recovery (minutes later in real life)
+  // starts after that. tar reports "file changed as we read it" when a rename lands mid-read (the old
+  // base.1 loses a link), so the drill waits for the disk's receiver lock like a careful admin would.
+  const lockFile = path.join(env.snapsDir, '.onestor', 'locks', `${vm.vmId}-0.lock`);
+  if (existsSync(lockFile)) await run('flock', ['-w', '60', lockFile, 'true']);
   const drill = await drillSum(env, vm.vmId);
   let held: FaultCheck['heldAfterFault'];
   if (drill.sum === null) held = 'none';

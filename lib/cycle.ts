@@ -97,6 +97,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
   const log = deps.log.child({ vm: vmId });
   const stagingDir = path.join(req.dsDir, deps.stagingDirName, String(vmId));
   const outcomes = new Map<number, DiskOutcome>();
+  const uncertain = new Map<number, string>();
   const fail = (diskId: number, e: unknown) => {
     if (outcomes.get(diskId)?.ok === false) return;
     outcomes.set(diskId, { vmId, diskId, ok: false, durationMs: now() - t0, error: { code: errorCodeOf(e), message: describeError(e) } });
@@ -160,7 +161,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           replicaCheckpoint: replicaCk,
           libvirtCheckpoints: checkpoints,
           bitmapHealthy,
-          base1IdentityThen: ds.checkpoint === replicaCk ? ds.base1Identity : null,
+          base1IdentityThen: ds.checkpoint === replicaCk || ds.uncertainCheckpoint === replicaCk ? ds.base1Identity : null,
           base1IdentityNow: base1.devIno,
           replicaBaseMatches,
         });
@@ -212,6 +213,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
       const cd = captured.disks.find((d) => d.diskId === w.disk.diskId)!;
       const dt0 = now();
       let session: ReplicaDiskSession | null = null;
+      let publishSent = false;
       try {
         session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
@@ -227,6 +229,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           }
           const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
+          publishSent = true;
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
         } else {
           const parent = (w.decision as { parent: string }).parent;
@@ -235,6 +238,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           }
           const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
+          publishSent = true;
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
         }
         if (manifest.checkpoint !== captured.checkpoint) {
@@ -257,6 +261,8 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
         fail(w.disk.diskId, e);
+        // The replica may have published before the link died: keep this checkpoint until it tells us.
+        if (publishSent) uncertain.set(w.disk.diskId, captured.checkpoint);
       } finally {
         await session?.close().catch(() => {});
       }
@@ -294,7 +300,7 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
           // stopped by SIGTERM/SIGINT: not a failure of the disk; the previous snapshot stands
           fresh.disks[k] = { ...getDisk(fresh, vmId, d.diskId), phase: undefined, progress: undefined };
         } else if (o?.error) {
-          fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost }, o.error, Math.floor(now() / 1000));
+          fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost, uncertainCheckpoint: uncertain.get(d.diskId) ?? getDisk(fresh, vmId, d.diskId).uncertainCheckpoint }, o.error, Math.floor(now() / 1000));
         }
       }
       return fresh;
@@ -310,7 +316,12 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
 
   async function retireCheckpoints(): Promise<void> {
     const needed = new Set<string>();
-    for (const d of Object.values(state.disks)) if (d.vmId === vmId && d.checkpoint) needed.add(d.checkpoint);
+    for (const d of Object.values(state.disks)) {
+      if (d.vmId !== vmId) continue;
+      if (d.checkpoint) needed.add(d.checkpoint);
+      if (d.uncertainCheckpoint) needed.add(d.uncertainCheckpoint);
+    }
+    for (const c of uncertain.values()) needed.add(c);
     const all = await deps.libvirt.checkpointNames(dom);
     for (const name of checkpointsToDelete(all, needed)) {
       try {

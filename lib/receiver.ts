@@ -35,6 +35,7 @@ import {
   toWireManifest,
   assertSameVmDir,
   sweepOrphans,
+  recoverPendingJournals,
   type BaseOnReplica,
   type PublishContext,
   type ReplicaPaths,
@@ -292,6 +293,8 @@ class ReceiverSession {
     if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
     switch (msg.type) {
       case 'status': {
+        // an interrupted merge is finished first: the client plans its next increment from this answer
+        if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
         const manifests = await listManifests(this.opts.snapsDir, msg.vm);
         return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
       }

@@ -886,3 +886,31 @@ export async function sweepOrphans(snapsDir: string, opts: { maxDisks?: number; 
   }
   return removed;
 }
+
+/**
+ * Finishes (or drops) interrupted merges of a VM's disks before `status` answers, so a client plans from
+ * what `open` would see. Only disks whose lock is free right now: a busy disk is someone's live session.
+ */
+export async function recoverPendingJournals(snapsDir: string, vm: number, qemuImg: string, log?: (obj: object, msg: string) => void): Promise<number> {
+  const workVm = path.join(path.resolve(snapsDir), '.onestor', 'work', String(vm));
+  const names = await fsp.readdir(workVm).catch(() => [] as string[]);
+  let n = 0;
+  for (const name of names) {
+    const m = /^disk\.(0|[1-9][0-9]{0,9})$/.exec(name);
+    if (!m) continue;
+    const p = replicaPaths(snapsDir, vm, Number(m[1]));
+    if (!(await lstatOrNull(path.join(p.workDir, 'journal.json')))) continue;
+    let lock: { release(): Promise<void> } | null = null;
+    try {
+      lock = await acquireFileLock(p.lockFile, { timeoutSec: 0 });
+    } catch {
+      continue;
+    }
+    try {
+      if ((await recoverJournal(p, qemuImg, log)) !== 'none') n++;
+    } finally {
+      await lock.release();
+    }
+  }
+  return n;
+}

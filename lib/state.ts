@@ -27,6 +27,8 @@ const DiskStateSchema = z.object({
   replicaHost: z.string().optional(),
   checkpoint: z.string().nullable().default(null),
   checkpointXml: z.string().optional(),
+  /** a checkpoint whose publish was sent but not confirmed (link died): kept until the replica tells */
+  uncertainCheckpoint: z.string().optional(),
   base1Identity: z.string().nullable().default(null),
   lastSuccess: SuccessRecord.optional(),
   lastError: ErrorRecord.optional(),
@@ -80,7 +82,7 @@ export function getDisk(s: AgentState, vmId: number, diskId: number): DiskState 
 /** Pure transition: a published snapshot. */
 export function recordSuccess(d: DiskState, ok: SuccessInfo & { checkpoint: string; checkpointXml?: string; base1Identity: string }): DiskState {
   const { checkpoint, checkpointXml, base1Identity, ...success } = ok;
-  return { ...d, checkpoint, checkpointXml: checkpointXml ?? d.checkpointXml, base1Identity, lastSuccess: success, failCount: 0, lastError: undefined, phase: undefined, progress: undefined };
+  return { ...d, checkpoint, checkpointXml: checkpointXml ?? d.checkpointXml, base1Identity, lastSuccess: success, failCount: 0, lastError: undefined, phase: undefined, progress: undefined, uncertainCheckpoint: undefined };
 }
 
 /** Pure transition: a failed cycle. The previous success (and checkpoint) stay as they were. */
