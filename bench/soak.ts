@@ -20,7 +20,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { agentMain, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
 import type { OneVm } from '../test/harness/one-layout.js';
-import { guestWrite, readGuestView, sha256File } from '../test/harness/guest.js';
+import { guestWrite, guestViewSha256, sha256File } from '../test/harness/guest.js';
 import { recoverDrill } from '../test/harness/recover.js';
 import { run } from '../lib/exec.js';
 
@@ -150,14 +150,8 @@ export async function chainFacts(env: AgentEnv, vm: OneVm): Promise<{ disks: str
 }
 
 /** sha256 of the guest view of the live disk (qemu-img -U of the running chain), taken by the test. */
-export async function liveReference(env: AgentEnv, vm: OneVm, diskIndex = 0): Promise<string> {
-  const p = path.join(env.root, `ref-${vm.vmId}-${diskIndex}-${Date.now()}.raw`);
-  await readGuestView(vm.disks[diskIndex]!.base1Path, p);
-  try {
-    return await sha256File(p);
-  } finally {
-    await rm(p, { force: true });
-  }
+export function liveReference(env: AgentEnv, vm: OneVm, diskIndex = 0): Promise<string> {
+  return guestViewSha256(vm.disks[diskIndex]!.base1Path, env.root);
 }
 
 /** sha256 of the recovered guest view, or null when the replica holds no complete snapshot. */

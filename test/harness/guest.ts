@@ -9,7 +9,7 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { open, stat } from 'node:fs/promises';
+import { open, rm, stat } from 'node:fs/promises';
 import { run } from '../../lib/exec.js';
 import type { Libvirtd } from './libvirtd.js';
 import { assertRegion, domainDisks } from './one-layout.js';
@@ -148,4 +148,15 @@ export function isFilledWith(buf: Buffer, value: number): boolean {
   if (buf.length === 0) return false;
   for (const b of buf) if (b !== value) return false;
   return true;
+}
+
+/** sha256 of what the guest sees now (a reference for one point in time); the raw copy is removed. */
+export async function guestViewSha256(imagePath: string, scratchDir: string): Promise<string> {
+  const raw = `${scratchDir.replace(/\/$/, '')}/view-${process.pid}-${Date.now()}-${Math.random().toString(36).slice(2, 8)}.raw`;
+  await readGuestView(imagePath, raw);
+  try {
+    return await sha256File(raw);
+  } finally {
+    await rm(raw, { force: true });
+  }
 }

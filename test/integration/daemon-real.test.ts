@@ -10,7 +10,7 @@ import { readFile, writeFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { startAgentEnv, agentMain, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite, readGuestView, sha256File } from '../harness/guest.js';
+import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
 
 let env: AgentEnv;
@@ -91,13 +91,7 @@ async function drillMatches(expectedOneOf: string[]): Promise<void> {
   }
 }
 
-async function ref(tag: string): Promise<string> {
-  const p = path.join(env.root, `ref-${tag}.raw`);
-  await readGuestView(vm.disks[0]!.base1Path, p);
-  const s = await sha256File(p);
-  await rm(p, { force: true });
-  return s;
-}
+const ref = (_tag: string): Promise<string> => guestViewSha256(vm.disks[0]!.base1Path, env.root);
 
 beforeAll(async () => {
   env = await startAgentEnv({ name: 'daemon' });

@@ -8,7 +8,7 @@ import { rm, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite, guestZero, guestDiscard, readGuestView, sha256File } from '../harness/guest.js';
+import { guestWrite, guestZero, guestDiscard, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
 import { run } from '../../lib/exec.js';
 
@@ -26,13 +26,7 @@ afterAll(async () => {
   await env?.stop();
 });
 
-async function ref(tag: string): Promise<string> {
-  const p = path.join(env.root, `ref-${tag}.raw`);
-  await readGuestView(vm.disks[0]!.base1Path, p);
-  const s = await sha256File(p);
-  await rm(p, { force: true });
-  return s;
-}
+const ref = (_tag: string): Promise<string> => guestViewSha256(vm.disks[0]!.base1Path, env.root);
 
 async function snapshot(extra: string[] = []): Promise<{ mode: string; bytes: string; out: string }> {
   const r = await env.agent(['snapshot', '--vm', String(VM), ...extra]);

@@ -8,7 +8,7 @@ import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite, guestFlush, readGuestView, sha256File } from '../harness/guest.js';
+import { guestWrite, guestFlush, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
 import { run } from '../../lib/exec.js';
 
@@ -41,13 +41,7 @@ async function chainFacts() {
   return { disks, blk, baseSums, checkpoints: ck.trim().split('\n').filter(Boolean) };
 }
 
-async function reference(diskIndex: number, tag: string): Promise<string> {
-  const p = path.join(env.root, `ref-${tag}-${diskIndex}.raw`);
-  await readGuestView(vm.disks[diskIndex]!.base1Path, p);
-  const sum = await sha256File(p);
-  await rm(p, { force: true });
-  return sum;
-}
+const reference = (diskIndex: number, _tag: string): Promise<string> => guestViewSha256(vm.disks[diskIndex]!.base1Path, env.root);
 
 describe('snapshot: full cycle, recover drill, chain untouched', () => {
   it('protects both marked disks; the recovered disks equal the point in time, not the live disk', async () => {

@@ -6,16 +6,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { OnestorError } from '../../lib/errors.js';
 import { ConfigSchema, describeConfigErrors, loadConfig, parseConfig } from '../../lib/config.js';
+import { thrownOnestorError } from '../helpers/errors.js';
 
-function configError(fn: () => unknown): OnestorError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(OnestorError);
-    return e as OnestorError;
-  }
-  throw new Error('expected an OnestorError, nothing was thrown');
-}
+const configError = thrownOnestorError;
 
 const problems = (e: OnestorError): string[] => e.context['problems'] as string[];
 

@@ -14,6 +14,7 @@ import { parseSshrc } from '../../lib/sshrc.js';
 import { parseState } from '../../lib/state.js';
 import { FrameDecoder, parseClientMessage } from '../../lib/protocol.js';
 import { OnestorError } from '../../lib/errors.js';
+import { thrownOnestorError } from '../helpers/errors.js';
 
 const DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'hostile');
 
@@ -24,15 +25,7 @@ interface Expect {
   message: RegExp;
 }
 
-function thrown(f: () => unknown): OnestorError {
-  try {
-    f();
-  } catch (e) {
-    expect(e).toBeInstanceOf(OnestorError);
-    return e as OnestorError;
-  }
-  throw new Error('expected an error, got a result');
-}
+const thrown = thrownOnestorError;
 
 const vmCases: Record<string, Expect | { problem: RegExp }> = {
   'absurd-vm-id.xml': { code: 'E_VM_XML', field: '/VM/ID', message: /not a non-negative integer/ },

@@ -4,19 +4,12 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { OnestorError } from '../../lib/errors.js';
 import { isSafeHost, isValidDomainName, MAX_ONE_XML_BYTES, parseDsXml, parseVmXml } from '../../lib/one-xml.js';
+import { thrownOnestorError } from '../helpers/errors.js';
 
 const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'one');
 const fixture = (name: string): string => readFileSync(join(fixtures, name), 'utf8');
 
-function thrown(fn: () => unknown): OnestorError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(OnestorError);
-    return e as OnestorError;
-  }
-  throw new Error('expected an OnestorError, nothing was thrown');
-}
+const thrown = thrownOnestorError;
 
 describe('parseVmXml on realistic OpenNebula 6.8 documents', () => {
   it('two disks (one protected), context disk, NIC, history, empty DEPLOY_ID', () => {

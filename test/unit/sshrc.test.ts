@@ -7,19 +7,12 @@ import { randomBytes } from 'node:crypto';
 import { describe, expect, it, afterAll, beforeAll } from 'vitest';
 import { OnestorError } from '../../lib/errors.js';
 import { DEFAULT_DRIVER_SETTINGS, parseSshrc, readSshrc } from '../../lib/sshrc.js';
+import { thrownOnestorError } from '../helpers/errors.js';
 
 const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'sshrc');
 const fixture = (name: string): string => readFileSync(join(fixtures, name), 'utf8');
 
-function sshrcError(fn: () => unknown): OnestorError {
-  try {
-    fn();
-  } catch (e) {
-    expect(e).toBeInstanceOf(OnestorError);
-    return e as OnestorError;
-  }
-  throw new Error('expected an OnestorError, nothing was thrown');
-}
+const sshrcError = thrownOnestorError;
 
 describe('parseSshrc on fixtures', () => {
   it('reads the upstream file to exactly the upstream defaults', () => {
