@@ -12,7 +12,7 @@
  * so a hidden O(disk) copy cannot hide behind reflink.
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/incremental.js [sizesGiB=0.3,1,2,4] [reps=3]
  */
-import { rm } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { agentMain, runNode, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
 import { guestWrite } from '../test/harness/guest.js';
@@ -34,14 +34,40 @@ interface Run {
   dirty?: number;
   chainChanges: number;
   mode?: string;
+  /** ours: where the cycle's time went, from the agent's own log lines */
+  phases?: string;
 }
 
-function flagsVia(env: AgentEnv, port: number): string[] {
+/** From the CLI's pino lines: cycle start -> captured -> disk published -> cycle end (seconds). */
+function phasesFromLog(stderr: string): string {
+  const at = new Map<string, number>();
+  let captured: { ms?: number; thinMs?: number } = {};
+  for (const line of stderr.split('\n')) {
+    let o: { time?: string; msg?: string; ms?: number; thinMs?: number };
+    try {
+      o = JSON.parse(line) as typeof o;
+    } catch {
+      continue;
+    }
+    if (!o.msg || !o.time || at.has(o.msg)) continue;
+    at.set(o.msg, Date.parse(o.time));
+    if (o.msg === 'captured') captured = o;
+  }
+  const d = (a: string, b: string) => (at.has(a) && at.has(b) ? ((at.get(b)! - at.get(a)!) / 1000).toFixed(2) : '?');
+  return `plan+capture ${d('cycle start', 'captured')} (backup job ${((captured.ms ?? NaN) / 1000).toFixed(2)}, thin ${((captured.thinMs ?? NaN) / 1000).toFixed(2)}), transfer+publish ${d('captured', 'disk published')}, finish ${d('disk published', 'cycle end')}`;
+}
+
+/** The env's flags, pointed at the meter; its known_hosts names the meter's port with the replica's key. */
+let meterFlags: string[] = [];
+async function flagsForMeter(env: AgentEnv, port: number): Promise<string[]> {
   const f = [...env.flags];
-  const i = f.indexOf('--replica-port');
-  f[i + 1] = String(port);
+  f[f.indexOf('--replica-port') + 1] = String(port);
+  const knownHosts = path.join(env.root, 'known_hosts.meter');
+  await writeFile(knownHosts, `[127.0.0.1]:${port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
+  f[f.indexOf('--known-hosts') + 1] = knownHosts;
   return f;
 }
+const flagsVia = (_env: AgentEnv, _port: number): string[] => meterFlags;
 
 async function ourCheckpointDirty(env: AgentEnv, dom: string): Promise<number> {
   const names = (await env.lv.virshOk(['checkpoint-list', dom, '--name'])).split('\n').map((s) => s.trim()).filter((s) => s.startsWith('onestor-'));
@@ -61,7 +87,7 @@ async function oursCycle(env: AgentEnv, meter: TcpMeter, vm: OneVm, extra: strin
   const [o] = JSON.parse(r.stdout) as Array<{ ok: boolean; mode: string; bytes: number; durationMs: number }>;
   if (!o?.ok) throw new Error(`snapshot --vm ${vm.vmId}: ${r.stdout}`);
   const c = meter.counts();
-  return { seconds, cycleSeconds: o.durationMs / 1000, wire: c.up + c.down, payload: o.bytes, chainChanges: 0, mode: o.mode };
+  return { seconds, cycleSeconds: o.durationMs / 1000, wire: c.up + c.down, payload: o.bytes, chainChanges: 0, mode: o.mode, phases: phasesFromLog(r.stderr) };
 }
 
 async function upCycle(env: AgentEnv, meter: TcpMeter, disk: UpstreamDisk, plain: Awaited<ReturnType<typeof plainSshAccess>>): Promise<Run> {
@@ -77,6 +103,7 @@ async function main(): Promise<void> {
   const meter = await startTcpMeter(env.sshd.port);
   try {
     const plain = await plainSshAccess(env, meter.port);
+    meterFlags = await flagsForMeter(env, meter.port);
     const replicaFs = await fsType(env.snapsDir);
     const reflink = await reflinkWorks(env.snapsDir);
     console.log(`replica SNAPS on ${replicaFs}, reflink ${reflink ? 'WORKS (an O(disk) copy could hide!)' : 'unavailable (cp of base.1 would cost O(disk))'}`);
@@ -107,7 +134,7 @@ async function main(): Promise<void> {
 
         const oSeed = await oursCycle(env, meter, vmO);
         const uSeed = await upCycle(env, meter, upDisk, plain);
-        console.log(`seed: ours ${oSeed.mode} ${oSeed.seconds.toFixed(2)} s ${mib(oSeed.wire)} MiB wire; upstream ${uSeed.seconds.toFixed(2)} s ${mib(uSeed.wire)} MiB wire`);
+        console.log(`seed: ours ${oSeed.mode} ${oSeed.seconds.toFixed(2)} s ${mib(oSeed.wire)} MiB wire [${oSeed.phases}]; upstream ${uSeed.seconds.toFixed(2)} s ${mib(uSeed.wire)} MiB wire`);
         // The first incremental after a seed may prepare the replica's spare copy: shown apart, not hidden.
         await guestWrite(env.lv, vmO.domainName, { offsetMiB: rnd(dataMiB - 16), lengthMiB: 16, pattern: 0x11 });
         const dirty0 = await ourCheckpointDirty(env, vmO.domainName);
@@ -129,7 +156,7 @@ async function main(): Promise<void> {
             O.push({ ...o, dirty });
             await guestWrite(env.lv, vmU.domainName, { offsetMiB: off, lengthMiB: change, pattern });
             U.push(await upCycle(env, meter, upDisk, plain));
-            console.log(`  ${label} ${change} MiB #${r + 1}: ours ${o.seconds.toFixed(2)} s ${mib(o.wire)} MiB wire (dirty ${mib(dirty)}); upstream ${U[r]!.seconds.toFixed(2)} s ${mib(U[r]!.wire)} MiB wire`);
+            console.log(`  ${label} ${change} MiB #${r + 1}: ours ${o.seconds.toFixed(2)} s ${mib(o.wire)} MiB wire (dirty ${mib(dirty)}) [${o.phases}]; upstream ${U[r]!.seconds.toFixed(2)} s ${mib(U[r]!.wire)} MiB wire`);
           }
           const uMed = median(U.map((x) => x.seconds));
           const oMed = median(O.map((x) => x.seconds));
@@ -149,6 +176,7 @@ async function main(): Promise<void> {
           if (change === 16) curve.push([mib(base1Size, 0), medianSpread(O.map((x) => x.seconds)), median(O.map((x) => x.cycleSeconds!)).toFixed(2), medianSpread(U.map((x) => x.seconds)), `${ratio.toFixed(3)}x`]);
         }
         const oFull = await oursCycle(env, meter, vmO, ['--full']);
+        console.log(`ours --full: ${oFull.seconds.toFixed(2)} s ${mib(oFull.wire)} MiB wire [${oFull.phases}]`);
         rows.push([label, '(any)', 'ours full (base on replica)', mib(oFull.wire), '', `${oFull.seconds.toFixed(2)} [cycle ${oFull.cycleSeconds!.toFixed(2)}]`, '', '0']);
         rows.push([label, '(seed)', 'ours full seed / upstream seed', `${mib(oSeed.wire)} / ${mib(uSeed.wire)}`, '', `${oSeed.seconds.toFixed(2)} / ${uSeed.seconds.toFixed(2)}`, '', `0 / ${uSeed.chainChanges}`]);
         rows.push([label, '16 MiB', 'ours 1st incremental after seed', `${mib(oFirst.wire)} (dirty ${mib(dirty0)})`, '', `${oFirst.seconds.toFixed(2)} [cycle ${oFirst.cycleSeconds!.toFixed(2)}]`, '', '0']);

@@ -93,7 +93,8 @@ export async function upstreamCycle(lv: Libvirtd, disk: UpstreamDisk, ssh: Plain
       rsyncBytesSent += rsyncTotalSent(await sh(`rsync --stats -e ${q(ssh.rsh)} ${q(disk.basePath)} ${remote(path.join(remoteSnap, 'base'))}`));
       sentBase = true;
     }
-    rsyncBytesSent += rsyncTotalSent(await sh(`rsync --stats -e ${q(ssh.rsh)} ${q(disk.base1Path)} ${remote(path.join(remoteSnap, 'base.1'))}`));
+    // -I: never let rsync's size+mtime quick check skip a base.1 that changed within the same second.
+    rsyncBytesSent += rsyncTotalSent(await sh(`rsync -I --stats -e ${q(ssh.rsh)} ${q(disk.base1Path)} ${remote(path.join(remoteSnap, 'base.1'))}`));
     const ts2 = performance.now();
 
     await virshOk(lv, ['blockcommit', disk.domain, disk.target, '--base', disk.base1Path, '--top', overlay, '--active', '--pivot', '--wait']);
