@@ -89,6 +89,8 @@ export class ReceiverConnection {
   private helloInfo: HelloOk | null = null;
   /** Optional source of detail for "channel closed" errors (the receiver's stderr tail). */
   diagnostics: () => string = () => '';
+  /** the TCP socket under the SSH connection, when there is one (corked around each data chunk) */
+  socket: { cork(): void; uncork(): void } | null = null;
   /** shared by every transfer of the process: the per-host bandwidth limit */
   bandwidth: TokenBucket | null = null;
 
@@ -267,8 +269,12 @@ export class ReceiverConnection {
             }
             hash?.update(chunk);
             const [header, payload] = encodeData(chunk);
+            // ssh2 writes one socket write per SSH packet (32 KiB); corking turns a chunk into few writev calls
+            this.socket?.cork();
             this.output.write(header);
-            await this.write(payload);
+            const written = this.write(payload);
+            this.socket?.uncork();
+            await written;
             sent += chunk.length;
             opts.onProgress?.(sent, size);
             const wait = this.bandwidth?.reserve(chunk.length) ?? 0;
@@ -397,6 +403,7 @@ export class ReplicaClient {
       });
       conn.diagnostics = () => stderrTail;
       conn.bandwidth = o.bandwidth ?? null;
+      conn.socket = (ssh as unknown as { _sock?: { cork(): void; uncork(): void } })._sock ?? null;
       const client = new ReplicaClient(ssh, channel, conn);
       await conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0');
       return client;
