@@ -49,8 +49,8 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
 
     say(`the daemon (onestor-agent run) for ${DAEMON_SECONDS} s: RECOVERY_SNAPSHOT_FREQ=${FREQ}, the guest keeps writing`);
     const { spawn } = await import('node:child_process');
-    const { agentMain } = await import('../test/harness/agent-env.js');
-    const daemon = spawn(process.execPath, [agentMain(), 'run', ...env.flags], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, JOURNAL_STREAM: '' } });
+    const { agentMain, agentProcessEnv } = await import('../test/harness/agent-env.js');
+    const daemon = spawn(process.execPath, [agentMain(), 'run', ...env.flags], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(env.flags, { JOURNAL_STREAM: '' }) });
     const relay = (d: Buffer) => {
       for (const line of d.toString().split('\n')) {
         if (!line) continue;

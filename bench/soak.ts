@@ -18,7 +18,7 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { agentMain, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
+import { agentMain, agentProcessEnv, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
 import type { OneVm } from '../test/harness/one-layout.js';
 import { guestWrite, guestViewSha256, sha256File } from '../test/harness/guest.js';
 import { recoverDrill } from '../test/harness/recover.js';
@@ -49,7 +49,7 @@ export function withFlag(flags: string[], name: string, value: string): string[]
 }
 
 export function spawnAgent(args: string[], flags: string[]): AgentProc {
-  const child = spawn(process.execPath, [agentMain(), ...args, ...flags], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [agentMain(), ...args, ...flags], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(flags) });
   let out = '';
   let err = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));

@@ -3,7 +3,7 @@
  * VMs in the OpenNebula layout, a private sshd on loopback as the replica with the restricted key
  * (`command="onestor-agent receive ...",restrict`), and the CLI flags that point the agent at them.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -83,7 +83,7 @@ export async function startAgentEnv(opts: { name?: string; receiverArgs?: string
       snapsDir: theSshd.replicaDir,
       flags,
       createVm: (o) => createOneVm(theLv, { ...o, dsRoot, dsId, replicaHost: o.replicaHost ?? '127.0.0.1' }),
-      agent: (args, o = {}) => runNode([agentMain(), ...args, ...flags], o),
+      agent: (args, o = {}) => runNode([agentMain(), ...args, ...flags], { ...o, env: agentProcessEnv(flags, o.env) as Record<string, string> }),
       stop: async () => {
         await theSshd.stop().catch(() => {});
         if (ownLv) await theLv.stop().catch(() => {});
@@ -96,6 +96,17 @@ export async function startAgentEnv(opts: { name?: string; receiverArgs?: string
     await removeTree(root).catch(() => {});
     throw e;
   }
+}
+
+/**
+ * Environment for an agent process of a test environment: its temp files (virsh XML documents) go under
+ * the environment's root, so even an agent the test SIGKILLs leaves nothing behind once the env stops.
+ */
+export function agentProcessEnv(flags: readonly string[], extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const i = flags.indexOf('--state-dir');
+  const tmp = i >= 0 && flags[i + 1] ? path.join(path.dirname(flags[i + 1]!), 'tmp') : undefined;
+  if (tmp) mkdirSync(tmp, { recursive: true });
+  return { ...process.env, ...(tmp ? { TMPDIR: tmp } : {}), ...extra };
 }
 
 export function runNode(args: string[], o: { env?: Record<string, string>; timeoutMs?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {

@@ -8,7 +8,7 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFile, writeFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { startAgentEnv, agentMain, type AgentEnv } from '../harness/agent-env.js';
+import { startAgentEnv, agentMain, agentProcessEnv, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
 import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
@@ -25,7 +25,7 @@ interface Daemon {
 }
 
 function startDaemon(): Daemon {
-  const proc = spawn(process.execPath, [agentMain(), 'run', ...env.flags, '--log-level', 'debug'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, JOURNAL_STREAM: '', NOTIFY_SOCKET: '' } });
+  const proc = spawn(process.execPath, [agentMain(), 'run', ...env.flags, '--log-level', 'debug'], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(env.flags, { JOURNAL_STREAM: '', NOTIFY_SOCKET: '' }) });
   const lines: Array<Record<string, unknown>> = [];
   const waiters: Array<() => void> = [];
   let buf = '';
