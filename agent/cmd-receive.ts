@@ -31,6 +31,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     maxSessions: config.receiver.maxSessions,
     busyWaitSec: config.receiver.busyWaitSec,
     maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
+    spaceCheck: config.receiver.spaceCheck,
     qemuImg: config.qemuImg,
     log: (obj, msg) => log.info(obj, msg),
   });

@@ -41,6 +41,7 @@ Common options (each overrides the config file):
   --bandwidth-mbps N       cap on what this host sends, all transfers together (MB/s; 0 = none)
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
   --max-sessions N         receive: concurrent sessions on this replica (others wait, then E_BUSY)
+  --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
 
 Exit codes:
@@ -71,6 +72,7 @@ const OPTIONS = {
   'snaps-dir': { type: 'string' },
   'max-sessions': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
+  'no-space-check': { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
 
@@ -104,6 +106,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
+  if (f['no-space-check']) receiver.spaceCheck = false;
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
   if (Object.keys(replica).length) o.replica = replica;

@@ -104,6 +104,11 @@ const receiverSchema = z.strictObject({
   /** null = REPLICA_COPY_LOCK_TIMEOUT from sshrc */
   lockTimeoutSec: nullable(int(0, 7 * 86400)).default(null),
   busyWaitSec: int(0, 86400).default(300),
+  /**
+   * Refuse an upload up front when it would take the filesystem past REPLICA_MAX_USED_PERC. Off only where
+   * statfs cannot tell (compressing or deduplicating filesystems); a real ENOSPC is handled either way.
+   */
+  spaceCheck: z.boolean().default(true),
 });
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;

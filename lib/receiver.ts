@@ -51,6 +51,8 @@ export interface ReceiverOptions {
   maxSessions: number;
   busyWaitSec: number;
   maxUsedPercent: number;
+  /** false: no up-front free-space refusal (a real ENOSPC still fails the upload cleanly) */
+  spaceCheck?: boolean;
   qemuImg?: string;
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
@@ -378,7 +380,7 @@ class ReceiverSession {
     const need = (put.size - offset) * factor;
     const fs = await spaceOf(this.opts.snapsDir);
     const usedAfter = fs.total > 0 ? ((fs.used + need) / fs.total) * 100 : 100;
-    if (usedAfter > this.opts.maxUsedPercent) {
+    if (this.opts.spaceCheck !== false && usedAfter > this.opts.maxUsedPercent) {
       throw new OnestorError(
         ErrorCodes.NOSPACE,
         `accepting ${need} bytes would bring the replica filesystem to ${usedAfter.toFixed(1)}% used (limit ${this.opts.maxUsedPercent}%)`,

@@ -284,6 +284,44 @@ describe('replica out of space', () => {
   }, 240_000);
 });
 
+describe('replica out of space, for real (pre-check off)', () => {
+  it('ENOSPC in the middle of an upload: clear E_NOSPACE, temp removed, previous snapshot intact', async () => {
+    const e2 = await startAgentEnv({ name: 'enospc', libvirtd: lv, receiverArgs: ['--no-space-check'] });
+    let mounted = false;
+    let vm: OneVm | undefined;
+    try {
+      await mkdir(e2.snapsDir, { recursive: true });
+      const m = await run('mount', ['-t', 'tmpfs', '-o', 'size=48m,mode=0755', 'onestor-test-enospc', e2.snapsDir]);
+      expect(m.code, m.stderr).toBe(0);
+      mounted = true;
+      vm = await e2.createVm({ vmId: 65, disks: [{ diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 4, pattern: 0x66 }] }] });
+      await guestWrite(e2.lv, vm.domainName, { offsetMiB: 4, lengthMiB: 4, pattern: 0x67 });
+      const r1 = await liveReference(e2, vm);
+      await snapshotOk(e2, 65);
+      expect((await drillSum(e2, 65)).sum).toBe(r1);
+      const before = (await readdir(path.join(e2.snapsDir, '65', 'disk.0.snap'))).sort();
+
+      // 44 MiB more cannot fit beside what is there: the receiver accepts (no pre-check) and hits ENOSPC
+      await guestWrite(e2.lv, vm.domainName, { offsetMiB: 8, lengthMiB: 44, pattern: 0x68 });
+      const p = spawnAgent(['snapshot', '--vm', '65', '--json', '--full'], e2.flags);
+      const ex = await p.exited;
+      expect(ex.code).toBe(1);
+      const [o] = JSON.parse(p.stdout()) as Array<{ ok: boolean; error: { code: string; message: string } }>;
+      expect(o!.error.code).toBe('E_NOSPACE');
+      expect(o!.error.message).toMatch(/full while receiving/);
+      expect((await drillSum(e2, 65)).sum).toBe(r1);
+      expect((await readdir(path.join(e2.snapsDir, '65', 'disk.0.snap'))).sort()).toEqual(before);
+      // the partial upload was discarded: the space is back
+      const fs = await statfs(e2.snapsDir);
+      expect(Number(fs.bavail) * Number(fs.bsize)).toBeGreaterThan(20 * 1048576);
+    } finally {
+      await vm?.destroy().catch(() => {});
+      if (mounted) await run('umount', [e2.snapsDir]);
+      await e2.stop();
+    }
+  }, 240_000);
+});
+
 describe('the VM "migrated": a second host (own state dir) meets the disk', () => {
   it('learns the lineage from the replica, and the first host coming back does not corrupt it', async () => {
     const vm = await env.createVm({ vmId: 64, disks: [{ diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x40 }] }] });

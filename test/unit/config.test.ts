@@ -38,7 +38,7 @@ describe('parseConfig (pure)', () => {
       },
       limits: { concurrency: 2, bandwidthMBps: 0, stagingMinFreePercent: 5, captureTimeoutSec: 3600, transferTimeoutSec: 21600 },
       schedule: { rescanSec: 60, graceMinSec: 60, gracePercent: 10, backoffBaseSec: 30, backoffMaxSec: 1800, spreadSec: 0 },
-      receiver: { snapsDir: null, maxSessions: 4, lockTimeoutSec: null, busyWaitSec: 300 },
+      receiver: { snapsDir: null, maxSessions: 4, lockTimeoutSec: null, busyWaitSec: 300, spaceCheck: true },
       log: { level: 'info' },
       probe: { timeoutMs: 2000 },
       prometheusTextfile: null,
