@@ -38,6 +38,11 @@ export interface Libvirtd {
   virshOk(args: string[], opts?: { timeoutMs?: number }): Promise<string>;
   /** Where QEMU's stderr for DOMAIN goes (stdio_handler=file). HMP `qemu-io` prints its results there. */
   qemuLogPath(domain: string): string;
+  /**
+   * Kills libvirtd (SIGKILL by default: a crash) while QEMU keeps running; the namespace init starts it
+   * again. Resolves when the new daemon answers.
+   */
+  restartDaemon(signal?: NodeJS.Signals): Promise<void>;
   /** Processes currently alive in this instance's PID namespace (libvirtd, QEMU...). */
   processes(): Array<{ pid: number; comm: string; cmdline: string }>;
   /** Destroys every domain, kills the namespace, waits until all its processes are gone, removes rootDir. */
@@ -56,8 +61,13 @@ for d in ${PRIVATE_DIRS.join(' ')}; do
   mkdir -p "/$d"
   mount --bind "$root/$d" "/$d"
 done
-/usr/sbin/libvirtd -p "$root/libvirtd.pid" &
-wait
+# libvirtd is restarted when it dies (restartDaemon() kills it to simulate a crash or an upgrade);
+# QEMU processes are children of this init, not of libvirtd, so they survive and are reconnected.
+while :; do
+  /usr/sbin/libvirtd -p "$root/libvirtd.pid" &
+  wait $! || true
+  sleep 0.2
+done
 `;
 
 const LIBVIRTD_CONF = `# private test instance
@@ -235,6 +245,19 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
   // ONESTOR_TEST_DOMAIN_TYPE=qemu forces TCG, e.g. to reproduce a CI machine without /dev/kvm.
   const domainType: 'kvm' | 'qemu' = kvm && process.env.ONESTOR_TEST_DOMAIN_TYPE !== 'qemu' ? 'kvm' : 'qemu';
 
+  const restartDaemon = async (signal: NodeJS.Signals = 'SIGKILL'): Promise<void> => {
+    const old = processesInNamespace(pidNamespace).filter((p) => p.comm === 'libvirtd');
+    if (old.length === 0) throw new Error('no libvirtd to restart');
+    for (const p of old) process.kill(p.pid, signal);
+    const until = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      const now = processesInNamespace(pidNamespace).filter((p) => p.comm === 'libvirtd');
+      if (now.length > 0 && now.every((p) => !old.some((o) => o.pid === p.pid)) && (await virsh(['version'], { timeoutMs: 30_000 })).code === 0) return;
+      if (Date.now() > until) throw new Error('libvirtd did not come back');
+      await sleep(100);
+    }
+  };
+
   let stopped: Promise<void> | undefined;
   const stop = (): Promise<void> => {
     stopped ??= (async () => {
@@ -272,6 +295,7 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
     virshOk,
     qemuLogPath: (domain) => join(rootDir, 'var/log/libvirt/qemu', `${domain}.log`),
     processes: () => processesInNamespace(pidNamespace),
+    restartDaemon,
     stop,
   };
 }
