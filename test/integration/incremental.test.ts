@@ -122,6 +122,50 @@ describe('incremental cycles', () => {
     await drillEquals(e2);
   });
 
+  it('base.1 on the host replaced (a recovery wrote a new one): full by itself, with the reason', async () => {
+    await vm.destroy();
+    const b1 = vm.disks[0]!.base1Path;
+    const { copyFile, rename } = await import('node:fs/promises');
+    await copyFile(b1, `${b1}.new`);
+    await rename(`${b1}.new`, b1);
+    await vm.start();
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 75, lengthMiB: 1, pattern: 0x7e });
+    const expected = await ref('replaced');
+    const s = await snapshot();
+    expect(s.mode).toBe('full');
+    expect(s.out).toMatch(/base\.1 on the host was replaced/);
+    await drillEquals(expected);
+  });
+
+  it('a cycle while the guest keeps writing: succeeds, chain untouched, recovered image consistent', async () => {
+    const blk = await env.lv.virshOk(['domblklist', vm.domainName, '--details']);
+    const xmlDisks = (await env.lv.virshOk(['dumpxml', vm.domainName])).match(/<disk[\s\S]*?<\/disk>/g);
+    let writing = true;
+    const writer = (async () => {
+      for (let i = 0; writing; i++) await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 96 + (i % 24), lengthMiB: 1, pattern: 1 + (i % 200), noFlush: true });
+    })();
+    try {
+      const s = await snapshot();
+      expect(['incremental', 'full']).toContain(s.mode);
+    } finally {
+      writing = false;
+      await writer;
+    }
+    expect(await env.lv.virshOk(['domblklist', vm.domainName, '--details'])).toBe(blk);
+    expect((await env.lv.virshOk(['dumpxml', vm.domainName])).match(/<disk[\s\S]*?<\/disk>/g)).toEqual(xmlDisks);
+    const d = await recoverDrill(env.snapsDir, VM, 0, env.root);
+    try {
+      expect(d.check.ok, d.check.raw).toBe(true);
+    } finally {
+      await rm(d.dir, { recursive: true, force: true });
+    }
+    // and once the guest is quiet, the next cycle matches its point in time exactly
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 127, lengthMiB: 1, pattern: 0x7f });
+    const expected = await ref('quiet');
+    expect((await snapshot()).mode).toBe('incremental');
+    await drillEquals(expected);
+  });
+
   it('a foreign checkpoint is left alone', async () => {
     const ck = path.join(env.root, 'foreign.xml');
     await writeFile(ck, `<domaincheckpoint><name>one-${VM}-0</name><disks><disk name='vda' checkpoint='bitmap'/></disks></domaincheckpoint>`);
