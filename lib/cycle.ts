@@ -7,6 +7,8 @@
  * checkpoint in libvirt; other disks of the VM go on; staging is always cleaned.
  */
 import { randomBytes } from 'node:crypto';
+import { mkdir } from 'node:fs/promises';
+import { acquireFileLock, type FileLock } from './file-lock.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
@@ -50,6 +52,8 @@ export interface CycleDeps {
   captureTimeoutMs: number;
   stagingMinFreePercent: number;
   tryFreeze: boolean;
+  /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
+  vmLockWaitSec?: number;
   now?: () => number;
 }
 
@@ -90,7 +94,29 @@ interface DiskWork {
   virtualSize: number;
 }
 
+/**
+ * One cycle of a VM, under a host-side per-VM lock (DS/.onestor/VMID.lock, released when the process dies):
+ * a `snapshot` run beside the daemon waits for the daemon's cycle instead of racing it, and a backup job
+ * found running while we hold the lock can only be a leftover of a dead agent.
+ */
 export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
+  const root = path.join(req.dsDir, deps.stagingDirName);
+  let lock: FileLock;
+  try {
+    await mkdir(root, { recursive: true, mode: 0o750 });
+    lock = await acquireFileLock(path.join(root, `${req.vmId}.lock`), { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal, context: { vm: req.vmId } });
+  } catch (e) {
+    const error = { code: errorCodeOf(e), message: `another cycle of VM ${req.vmId} is running on this host: ${describeError(e)}` };
+    return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
+  }
+  try {
+    return await cycleUnderLock(deps, req);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
   const now = deps.now ?? Date.now;
   const t0 = now();
   const { vmId, domainName: dom } = req;

@@ -76,8 +76,9 @@ async function assertClean(): Promise<void> {
   expect(cks.length).toBeLessThanOrEqual(1);
   const state = JSON.parse(await readFile(path.join(env.stateDir, 'state.json'), 'utf8'));
   if (cks.length === 1) expect(state.disks[`${VM}.0`].checkpoint).toBe(cks[0]);
+  // per-VM staging dirs are gone; the per-VM lock files (VMID.lock) stay, as lock files do
   const staging = await readdir(path.join(env.dsRoot, String(env.dsId), '.onestor')).catch(() => [] as string[]);
-  expect(staging).toEqual([]);
+  expect(staging.filter((n) => !n.endsWith('.lock'))).toEqual([]);
   expect((await env.lv.virshOk(['domblklist', vm.domainName])).includes(vm.disks[0]!.base1Path)).toBe(true);
 }
 

@@ -174,6 +174,17 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
     }
   });
 
+  it('two cycles of one VM at once (a CLI run beside the daemon): the second waits its turn, both succeed', async () => {
+    const [a, b] = await Promise.all([env.agent(['snapshot', '--vm', '42', '--json']), env.agent(['snapshot', '--vm', '42', '--json'])]);
+    expect(a.code, a.stderr).toBe(0);
+    expect(b.code, b.stderr).toBe(0);
+    const checkpoints = [...(JSON.parse(a.stdout) as Array<{ checkpoint: string }>), ...(JSON.parse(b.stdout) as Array<{ checkpoint: string }>)].map((o) => o.checkpoint);
+    expect(new Set(checkpoints).size).toBe(2); // two distinct, sequential captures
+    expect((await env.lv.virshOk(['domjobinfo', vm.domainName])).trim()).toMatch(/Job type:\s+None/);
+    const ours = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').filter((c) => c.startsWith('onestor-'));
+    expect(ours).toHaveLength(1);
+  });
+
   it('reports a clear reason for a VM that is not protected and exits non-zero', async () => {
     const r = await env.agent(['snapshot', '--vm', '4242']);
     expect(r.code).toBe(1);
