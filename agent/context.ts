@@ -3,9 +3,10 @@
  * and a pool of replica connections kept open across cycles (a small cycle must not pay a handshake).
  */
 import os from 'node:os';
-import { readFile } from 'node:fs/promises';
+import { readFile, access } from 'node:fs/promises';
+import path from 'node:path';
 import type { Logger } from 'pino';
-import { loadConfig, type Config } from '../lib/config.js';
+import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config.js';
 import { readSshrc } from '../lib/sshrc.js';
 import type { DriverSettings } from '../lib/model.js';
 import { Virsh } from '../lib/virsh.js';
@@ -15,7 +16,7 @@ import { ReplicaClient } from '../lib/replica-client.js';
 import { StateStore } from '../lib/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle.js';
-import { describeError } from '../lib/errors.js';
+import { describeError, OnestorError, ErrorCodes } from '../lib/errors.js';
 
 export const VERSION: string = await readFile(new URL('../../package.json', import.meta.url), 'utf8')
   .then((t) => String((JSON.parse(t) as { version?: string }).version ?? '0.0.0'))
@@ -54,12 +55,14 @@ export class ReplicaPool {
       this.clients.delete(addr);
     }
     const r = this.config.replica;
+    const login = await resolveReplicaLogin(r);
+    if (login.notes.length) this.log.info({ replica: addr, user: login.user, identity: login.identityFile, knownHosts: login.knownHostsFile }, login.notes.join('; '));
     const p = ReplicaClient.connect({
       host: addr,
       port: r.port,
-      username: r.user,
-      privateKey: r.identityFile,
-      knownHostsFile: r.knownHostsFile,
+      username: login.user,
+      privateKey: login.identityFile,
+      knownHostsFile: login.knownHostsFile,
       acceptNewHostKey: r.acceptNewHostKey,
       ciphers: [...r.ciphers],
       receiverCommand: r.receiverCommand,
@@ -87,6 +90,39 @@ export class ReplicaPool {
     }
     this.clients.clear();
   }
+}
+
+/**
+ * Who we log in as and with what, with upstream-like fallbacks for the defaults: the running user (oneadmin
+ * under systemd), the dedicated key if install.sh made one else that user's own ~/.ssh key, and
+ * /var/lib/one/.ssh/known_hosts (oneadmin's) else the running user's. Explicit settings are never replaced.
+ */
+export async function resolveReplicaLogin(r: Config['replica']): Promise<{ user: string; identityFile: string; knownHostsFile: string; notes: string[] }> {
+  const notes: string[] = [];
+  const exists = (p: string) => access(p).then(() => true, () => false);
+  const home = os.homedir();
+  const user = r.user ?? os.userInfo().username;
+  let identityFile = r.identityFile;
+  if (identityFile === DEFAULT_IDENTITY_FILE && !(await exists(identityFile))) {
+    for (const k of ['id_ed25519', 'id_ecdsa', 'id_rsa']) {
+      const candidate = path.join(home, '.ssh', k);
+      if (await exists(candidate)) {
+        notes.push(`no dedicated key ${DEFAULT_IDENTITY_FILE}: using ${candidate}`);
+        identityFile = candidate;
+        break;
+      }
+    }
+  }
+  if (!(await exists(identityFile))) {
+    throw new OnestorError(ErrorCodes.SSH, `no SSH key for the replica: ${identityFile} does not exist (run install.sh, or set replica.identityFile / --identity)`, { file: identityFile, field: 'replica.identityFile' });
+  }
+  let knownHostsFile = r.knownHostsFile;
+  const homeKnown = path.join(home, '.ssh', 'known_hosts');
+  if (knownHostsFile === DEFAULT_KNOWN_HOSTS_FILE && !(await exists(knownHostsFile)) && (await exists(homeKnown))) {
+    notes.push(`using ${homeKnown}`);
+    knownHostsFile = homeKnown;
+  }
+  return { user, identityFile, knownHostsFile, notes };
 }
 
 export async function buildContext(opts: { configFile?: string; overrides?: Record<string, unknown>; log: Logger; signal?: AbortSignal }): Promise<AgentContext> {

@@ -33,9 +33,12 @@ Common options (each overrides the config file):
   --sshrc FILE             ssh TM driver settings (default remotes/etc/tm/ssh/sshrc)
   --replica-host HOST      connect here instead of REPLICA_HOST / REPLICA_STORAGE_IP
   --replica-port N         SSH port of the replica (default 22)
-  --replica-user USER      SSH user on the replica (default oneadmin)
-  --identity FILE          private key for the replica
-  --known-hosts FILE       known_hosts used to check the replica's host key
+  --replica-user USER      SSH user on the replica (default: the user running the agent,
+                           oneadmin under systemd, as upstream's ssh does)
+  --identity FILE          private key for the replica (default: the dedicated key install.sh
+                           makes, /var/lib/one/.ssh/onestor_replica_ed25519, else ~/.ssh/id_*)
+  --known-hosts FILE       known_hosts for the replica's host key (default:
+                           /var/lib/one/.ssh/known_hosts, else ~/.ssh/known_hosts)
   --accept-new-host-key    record an unknown replica host key (a changed key is always refused)
   --receiver-command CMD   command run on the replica (default "onestor-agent receive")
   --bandwidth-mbps N       cap on what this host sends, all transfers together (MB/s; 0 = none)

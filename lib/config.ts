@@ -42,14 +42,19 @@ const host = z.string({ error: 'expected a host name or IP address' }).refine(is
 
 const nullable = <T extends z.ZodType>(schema: T) => z.union([z.null(), schema]);
 
+export const DEFAULT_IDENTITY_FILE = '/var/lib/one/.ssh/onestor_replica_ed25519';
+export const DEFAULT_KNOWN_HOSTS_FILE = '/var/lib/one/.ssh/known_hosts';
+
 const replicaSchema = z.strictObject({
-  user: z
-    .string({ error: 'expected a user name' })
-    .regex(/^[a-z_][a-z0-9_-]{0,31}$/, { error: 'expected a user name' })
-    .default('oneadmin'),
+  /** null = the user the agent runs as (oneadmin under systemd), as upstream's ssh does */
+  user: nullable(
+    z.string({ error: 'expected a user name' }).regex(/^[a-z_][a-z0-9_-]{0,31}$/, { error: 'expected a user name' }),
+  ).default(null),
   port: int(1, 65535).default(22),
-  identityFile: absPath.default('/var/lib/one/.ssh/onestor_replica_ed25519'),
-  knownHostsFile: absPath.default('/var/lib/one/.ssh/known_hosts'),
+  /** when this default is absent, the running user's ~/.ssh/id_ed25519, id_ecdsa or id_rsa (upstream's keys) */
+  identityFile: absPath.default(DEFAULT_IDENTITY_FILE),
+  /** when this default is absent, the running user's ~/.ssh/known_hosts */
+  knownHostsFile: absPath.default(DEFAULT_KNOWN_HOSTS_FILE),
   acceptNewHostKey: z.boolean({ error: 'expected true or false' }).default(false),
   /** REPLICA_STORAGE_IP: in OpenNebula a host attribute only the front-end sees; here configuration. */
   storageIp: nullable(host).default(null),

@@ -24,7 +24,7 @@ describe('parseConfig (pure)', () => {
       qemuImg: 'qemu-img',
       stagingDirName: '.onestor',
       replica: {
-        user: 'oneadmin',
+        user: null,
         port: 22,
         identityFile: '/var/lib/one/.ssh/onestor_replica_ed25519',
         knownHostsFile: '/var/lib/one/.ssh/known_hosts',
@@ -59,7 +59,7 @@ describe('parseConfig (pure)', () => {
 
   it('partial sections keep the other defaults', () => {
     const c = parseConfig({ replica: { port: 2222, storageIp: '10.1.2.3' }, limits: { concurrency: 4 } }, 'cfg.json');
-    expect(c.replica).toMatchObject({ port: 2222, storageIp: '10.1.2.3', user: 'oneadmin', keepaliveSec: 15 });
+    expect(c.replica).toMatchObject({ port: 2222, storageIp: '10.1.2.3', user: null, keepaliveSec: 15 });
     expect(c.limits).toMatchObject({ concurrency: 4, transferTimeoutSec: 21600 });
   });
 
