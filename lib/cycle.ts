@@ -336,7 +336,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       else if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
     }
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
-    log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length, ms: now() - t0 }, 'cycle end');
+    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED).length;
+    log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length - aborted, ...(aborted ? { aborted } : {}), ms: now() - t0 }, 'cycle end');
     return list;
   }
 
