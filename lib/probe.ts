@@ -212,8 +212,17 @@ export function vmSnapshotLines(input: VmProbeInput): string[] {
 }
 
 /** A `#` comment line: ignored by OpenNebula's parser, visible to whoever runs the probe by hand. */
+/**
+ * A `#` comment line. Line breaks become spaces and other control characters `\xNN`: OpenNebula reads the
+ * probe output as a C string, so a raw NUL (a zero-filled state file puts them in the error text) would cut
+ * the comment short and make the whole message a syntax error.
+ */
 export function commentLine(text: string): string {
-  return `# ${text.replace(/[\r\n]+/g, ' ')}`;
+  const clean = text
+    .replace(/[\r\n]+/g, ' ')
+    // eslint-disable-next-line no-control-regex
+    .replace(/[\x00-\x08\x0b-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+  return `# ${clean}`;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ interface Daemon {
   stop(): Promise<{ code: number | null; ms: number }>;
 }
 
-function startDaemon(): Daemon {
-  const proc = spawn(process.execPath, [agentMain(), 'run', ...env.flags, '--log-level', 'debug'], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(env.flags, { JOURNAL_STREAM: '', NOTIFY_SOCKET: '' }) });
+function startDaemon(extra: string[] = []): Daemon {
+  const proc = spawn(process.execPath, [agentMain(), 'run', ...env.flags, '--log-level', 'debug', ...extra], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(env.flags, { JOURNAL_STREAM: '', NOTIFY_SOCKET: '' }) });
   const lines: Array<Record<string, unknown>> = [];
   const waiters: Array<() => void> = [];
   let buf = '';
@@ -151,6 +151,30 @@ describe('daemon on real daemons', () => {
       await drillMatches([before, after]);
     } finally {
       if (d.proc.exitCode === null) await d.stop();
+    }
+  });
+
+  it('SIGHUP re-reads the configuration; a broken one is refused and the running one kept', async () => {
+    const cfg = path.join(env.root, 'config.json');
+    await writeFile(cfg, JSON.stringify({ limits: { concurrency: 2 } }));
+    const d = startDaemon(['--config', cfg]);
+    try {
+      await d.waitFor((l) => l.msg === 'daemon ready', 30_000);
+      await writeFile(cfg, JSON.stringify({ limits: { concurrency: 1 } }));
+      d.proc.kill('SIGHUP');
+      const ok = await d.waitFor((l) => l.msg === 'configuration reloaded', 15_000);
+      expect(ok.concurrency).toBe(1);
+      await writeFile(cfg, JSON.stringify({ limits: { concurency: 3 } }));
+      d.proc.kill('SIGHUP');
+      const bad = await d.waitFor((l) => String(l.msg).startsWith('configuration reload failed'), 15_000);
+      expect(String(bad.err)).toMatch(/concurency/);
+      // still working with the kept configuration
+      await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 510, lengthMiB: 1, pattern: 0x44 });
+      const n = d.lines.length;
+      await d.waitFor((l) => l.msg === 'cycle end' && d.lines.indexOf(l) >= n, 40_000);
+    } finally {
+      const s = await d.stop();
+      expect(s.code).toBe(0);
     }
   });
 

@@ -66,6 +66,20 @@ describe('vm/snapshot lines', () => {
     expect(parseOneTemplate(`${lines[0]}\n`)).toEqual([]);
   });
 
+  it('a zero-filled state file (power loss): the error comment carries no raw NUL and ends where it should', () => {
+    let stateError = '';
+    try {
+      parseProbeState('\u0000'.repeat(64), '/st/state.json');
+    } catch (e) {
+      stateError = (e as Error).message;
+    }
+    expect(stateError).toContain('\u0000');
+    const lines = vmSnapshotLines(input(null, { stateError }));
+    expect(lines.join('\n')).not.toMatch(/[\u0000-\u0008]/);
+    // OpenNebula reads the output as a C string: a NUL would cut the comment and break the record after it
+    expect(parseOneTemplate(`${lines.join('\n')}\nNEXT = "kept"\n`)).toMatchObject([{ name: 'NEXT', value: 'kept' }]);
+  });
+
   it('VMs and disks are sorted and grouped, one VM line each', () => {
     const lines = vmSnapshotLines(input(state([disk(20, 1, { lastSuccess: ok(NOW) }), disk(3, 0, { lastSuccess: ok(NOW) }), disk(20, 0, { lastSuccess: ok(NOW) })])));
     const vms = decodeVmOutput(lines);
