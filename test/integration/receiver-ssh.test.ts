@@ -2,9 +2,8 @@
  * The agent's ssh2 client against the real sshd on loopback, where the client key may only run the
  * receiver (`command="node .../receiver-main.js ...",restrict`), and the real receiver behind it.
  */
-import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, createWriteStream, existsSync, openSync, statSync } from 'node:fs';
+import { createWriteStream, existsSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -202,7 +201,7 @@ describe('replica over ssh with a restricted key', () => {
     await fsp.writeFile(sshd.knownHostsPath, `[127.0.0.1]:${sshd.port} ${sshd.hostPublicKey}\n`);
   });
 
-  it('upload throughput compared with `ssh host cat > f` (measured, loose bound)', async () => {
+  it('a 256 MiB upload through the restricted key arrives whole (digest verified by the receiver and returned)', async () => {
     const size = 256 * 1024 * 1024;
     const file = path.join(work, 'big.bin');
     await new Promise<void>((resolve, reject) => {
@@ -219,49 +218,15 @@ describe('replica over ssh with a restricted key', () => {
       ws.on('error', reject);
       pump();
     });
-    // Best of two runs each, alternating, so a burst of load from elsewhere hits both sides alike.
-    let catSec = Infinity;
-    let oursSec = Infinity;
-    for (let round = 0; round < 2; round++) {
-      // Baseline: plain ssh with the same cipher into a file (key temporarily unrestricted).
-      await sshd.setAuthorizedKeys([sshd.clientPublicKey]);
-      const target = path.join(work, 'cat-target.bin');
-      const t0 = process.hrtime.bigint();
-      await new Promise<void>((resolve, reject) => {
-        const fd = openSync(file, 'r');
-        const p = spawn(
-          'ssh',
-          ['-i', sshd.clientKeyPath, '-p', String(sshd.port), '-o', `UserKnownHostsFile=${sshd.knownHostsPath}`, '-o', 'StrictHostKeyChecking=yes', '-o', 'BatchMode=yes',
-            '-c', 'aes128-gcm@openssh.com', `${sshd.user}@127.0.0.1`, `cat > ${target}`],
-          { stdio: [fd, 'ignore', 'pipe'] },
-        );
-        let stderr = '';
-        p.stderr!.on('data', (d: Buffer) => (stderr += d));
-        p.on('exit', (code) => {
-          closeSync(fd);
-          if (code === 0) resolve();
-          else reject(new Error(`ssh cat exited ${code}: ${stderr}`));
-        });
-      });
-      catSec = Math.min(catSec, Number(process.hrtime.bigint() - t0) / 1e9);
-      expect((await fsp.stat(target)).size).toBe(size);
-      await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);
-
-      const client = await ReplicaClient.connect(connectOptions());
-      const d = await client.openDisk(12, round);
-      const t1 = process.hrtime.bigint();
-      const r = await d.upload('base', file, { key: 'big' });
-      oursSec = Math.min(oursSec, Number(process.hrtime.bigint() - t1) / 1e9);
-      await d.close();
-      await client.close();
-      expect(r.resumedFrom).toBe(0);
-      expect(r.sha256).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
-    }
-    const ratio = catSec / oursSec;
-    console.log(
-      `upload 256 MiB: ssh cat ${(256 / catSec).toFixed(0)} MB/s, ReplicaClient ${(256 / oursSec).toFixed(0)} MB/s (ratio ${ratio.toFixed(2)}; ours also hashes both ends and fsyncs)`,
-    );
-    // Loose on purpose: both ends share 2 cores; the figure above is what matters.
-    expect(ratio).toBeGreaterThan(0.4);
+    // Speed is measured in bench/push.ts (side by side with `ssh cat`), never asserted here.
+    await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);
+    const client = await ReplicaClient.connect(connectOptions());
+    const d = await client.openDisk(12, 0);
+    const r = await d.upload('base', file, { key: 'big' });
+    await d.close();
+    await client.close();
+    expect(r.resumedFrom).toBe(0);
+    expect(r.bytes).toBe(size);
+    expect(r.sha256).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
   });
 });
