@@ -2,7 +2,7 @@
  * Logging with pino, I/O kept at the edge: the logger writes JSON to a destination chosen here.
  * Under journald (JOURNAL_STREAM set) each line becomes readable text with a `<N>` syslog priority
  * prefix, so `journalctl -p warning` shows only problems (pino's JSON alone lands as priority 6).
- * Elsewhere (pipes, files, tests) plain JSON lines.
+ * At a terminal the same text without the prefix; elsewhere (pipes, files, tests) plain JSON lines.
  */
 import pino, { type Logger, type DestinationStream } from 'pino';
 
@@ -29,15 +29,24 @@ function formatValue(v: unknown): string {
   return /^[^\s"=]+$/.test(s) && s.length > 0 ? s : JSON.stringify(s);
 }
 
-class JournalDestination implements DestinationStream {
-  constructor(private readonly out: NodeJS.WritableStream) {}
+/** Pure: the same text for a person at a terminal: "warn: message key=value". */
+export function formatTerminalLine(record: Record<string, unknown>): string {
+  const level = typeof record['level'] === 'number' ? (record['level'] as number) : 30;
+  return `${LEVEL_NAME[level] ?? 'info'}: ${formatJournalLine(record).replace(/^<\d>/, '')}`;
+}
+
+class TextDestination implements DestinationStream {
+  constructor(
+    private readonly out: NodeJS.WritableStream,
+    private readonly format: (r: Record<string, unknown>) => string,
+  ) {}
   write(chunk: string): void {
     for (const line of chunk.split('\n')) {
       if (!line) continue;
       try {
-        this.out.write(formatJournalLine(JSON.parse(line) as Record<string, unknown>) + '\n');
+        this.out.write(this.format(JSON.parse(line) as Record<string, unknown>) + '\n');
       } catch {
-        this.out.write(`<6>${line}\n`);
+        this.out.write(`${line}\n`);
       }
     }
   }
@@ -54,12 +63,18 @@ export interface LogOptions {
 export function createLogger(opts: LogOptions = {}): Logger {
   const stream = opts.stream ?? process.stdout;
   const journal = opts.journal ?? Boolean(process.env['JOURNAL_STREAM']);
-  const dest: DestinationStream = journal ? new JournalDestination(stream) : (stream as unknown as DestinationStream);
+  // a person at a terminal reads text; journald gets text with a priority; pipes and files get JSON
+  const tty = !journal && opts.journal === undefined && Boolean((stream as NodeJS.WriteStream).isTTY);
+  const dest: DestinationStream = journal
+    ? new TextDestination(stream, formatJournalLine)
+    : tty
+      ? new TextDestination(stream, formatTerminalLine)
+      : (stream as unknown as DestinationStream);
   return pino(
     {
       level: opts.level ?? 'info',
       base: opts.name ? { component: opts.name } : undefined,
-      timestamp: journal ? false : pino.stdTimeFunctions.isoTime,
+      timestamp: journal || tty ? false : pino.stdTimeFunctions.isoTime,
       formatters: { level: (_label, number) => ({ level: number }) },
       // secrets never reach logs even if an object carrying them is logged by mistake
       redact: { paths: ['privateKey', '*.privateKey', 'passphrase', '*.passphrase', 'password', '*.password'], censor: '[redacted]' },

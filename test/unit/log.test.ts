@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { Writable } from 'node:stream';
-import { createLogger, formatJournalLine } from '../../lib/log.js';
+import { createLogger, formatJournalLine, formatTerminalLine } from '../../lib/log.js';
 
 function sink() {
   const lines: string[] = [];
@@ -19,6 +19,10 @@ describe('journald lines', () => {
     expect(formatJournalLine({ level: 40, msg: 'x' })).toMatch(/^<4>/);
     expect(formatJournalLine({ level: 50, msg: 'x' })).toMatch(/^<3>/);
     expect(formatJournalLine({ level: 20, msg: 'x' })).toMatch(/^<7>/);
+  });
+  it('terminal lines name the level instead of a syslog prefix', () => {
+    expect(formatTerminalLine({ level: 40, msg: 'replica slow', vm: 3 })).toBe('warn: replica slow vm=3');
+    expect(formatTerminalLine({ level: 50, msg: 'x' })).toMatch(/^error: x$/);
   });
   it('quotes values with spaces and never lets a newline split the record', () => {
     const l = formatJournalLine({ level: 50, msg: 'disk failed\nsecond line', err: 'E_SSH: connection "refused"\nby peer' });
