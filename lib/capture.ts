@@ -59,8 +59,8 @@ export interface CaptureRequest {
   /** freeze guest filesystems when the domain has an agent channel */
   tryFreeze: boolean;
   timeoutMs: number;
-  /** require this many bytes free (beyond targets) on the staging fs; see planStagingSpace */
-  minFreeBytes: number;
+  /** share of the staging filesystem that must stay free beyond what the targets may take */
+  minFreePercent: number;
   /** the domain view when the caller already read it (saves a dumpxml) */
   domain?: DomainView;
   signal?: AbortSignal;
@@ -159,8 +159,9 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     const need = stagingBytesNeeded(plans);
     const fs = await statfs(req.stagingDir);
     const free = Number(fs.bavail) * Number(fs.bsize);
-    if (free - need < req.minFreeBytes) {
-      throw new OnestorError(ErrorCodes.NOSPACE, `staging ${req.stagingDir} has ${mib(free)} MiB free; capture may need ${mib(need)} MiB and ${mib(req.minFreeBytes)} MiB must stay free`, { ...ctx });
+    const keepFree = Math.ceil((Number(fs.blocks) * Number(fs.bsize) * req.minFreePercent) / 100);
+    if (free - need < keepFree) {
+      throw new OnestorError(ErrorCodes.NOSPACE, `staging ${req.stagingDir} has ${mib(free)} MiB free; capture may need ${mib(need)} MiB and ${mib(keepFree)} MiB (${req.minFreePercent}%) must stay free`, { ...ctx });
     }
 
     const backupPlans: BackupDiskPlan[] = allTargets.map((t) => ({ target: t, mode: null }));

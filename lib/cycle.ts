@@ -85,12 +85,10 @@ interface DiskWork {
   disk: EligibleDisk;
   target: string;
   replica: ReplicaPort;
-  plannedParent: string | null;
   decision: ModeDecision;
   base1DevIno: string;
   baseSha: string;
   baseSize: number;
-  replicaBaseMatches: boolean;
   virtualSize: number;
 }
 
@@ -192,7 +190,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           replicaBaseMatches,
         });
         const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
-        work.push({ disk, target, replica, plannedParent: replicaCk, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, replicaBaseMatches, virtualSize: info.virtualSize });
+        work.push({ disk, target, replica, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, virtualSize: info.virtualSize });
         if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
       } catch (e) {
         fail(disk.diskId, e);
@@ -201,8 +199,6 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     if (work.length === 0) return finish();
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
-    const fsInfo = await import('node:fs/promises').then((m) => m.statfs(req.dsDir));
-    const minFreeBytes = Math.ceil((Number(fsInfo.blocks) * Number(fsInfo.bsize) * deps.stagingMinFreePercent) / 100);
     try {
       captured = await capture(deps.libvirt, deps.qemuImg, {
         vmId,
@@ -211,7 +207,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         checkpointName,
         tryFreeze: deps.tryFreeze,
         timeoutMs: deps.captureTimeoutMs,
-        minFreeBytes,
+        minFreePercent: deps.stagingMinFreePercent,
         domain: view,
         signal: req.signal,
         now,
