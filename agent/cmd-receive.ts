@@ -6,13 +6,12 @@
  */
 import type { Logger } from 'pino';
 import { Exit } from './exit-codes.js';
-import type { Flags } from './main.js';
+import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config.js';
 import { readSshrc } from '../lib/sshrc.js';
 import { runReceiver } from '../lib/receiver.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
-  const { overridesFrom } = await import('./main.js');
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;

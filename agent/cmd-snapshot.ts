@@ -2,7 +2,7 @@
 import type { Logger } from 'pino';
 import { buildContext, runningDomains } from './context.js';
 import { Exit } from './exit-codes.js';
-import type { Flags } from './main.js';
+import { overridesFrom, type Flags } from './flags.js';
 import { discover } from '../lib/discover.js';
 import { runVmCycle, type DiskOutcome } from '../lib/cycle.js';
 import { OnestorError, ErrorCodes } from '../lib/errors.js';
@@ -13,7 +13,6 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   if (f.disk !== undefined && !/^\d+$/.test(f.disk)) throw new OnestorError(ErrorCodes.CONFIG, '--disk must be numeric', { field: '--disk' });
   const vmId = Number(f.vm);
   const diskId = f.disk === undefined ? undefined : Number(f.disk);
-  const { overridesFrom } = await import('./main.js');
   const ac = new AbortController();
   const onSignal = () => ac.abort();
   process.once('SIGINT', onSignal);

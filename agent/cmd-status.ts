@@ -1,7 +1,7 @@
 /** `onestor-agent status` and `list`: read-only views an admin (or a check script) runs any time. */
 import type { Logger } from 'pino';
 import { Exit } from './exit-codes.js';
-import type { Flags } from './main.js';
+import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config.js';
 import { discover } from '../lib/discover.js';
 import { Virsh } from '../lib/virsh.js';
@@ -10,7 +10,6 @@ import { buildStatus, renderStatusTable } from '../lib/status.js';
 import { describeError } from '../lib/errors.js';
 
 async function setup(f: Flags, log: Logger) {
-  const { overridesFrom } = await import('./main.js');
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   let running: Set<string> | null = null;
   try {

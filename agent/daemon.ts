@@ -9,6 +9,7 @@
 import path from 'node:path';
 import { readdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
+import { overridesFrom } from './flags.js';
 import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from '../lib/schedule.js';
 import { SdNotify } from '../lib/sd-notify.js';
 import { cleanStaleStaging } from '../lib/capture.js';
@@ -426,7 +427,6 @@ async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
 /** `onestor-agent run`: production wiring. */
 export async function runDaemonCommand(f: { config?: string } & Record<string, unknown>, _pos: string[], log: Logger): Promise<number> {
   const { buildContext, runningDomains, VERSION } = await import('./context.js');
-  const { overridesFrom } = await import('./main.js');
   const { discover } = await import('../lib/discover.js');
   const { runVmCycle } = await import('../lib/cycle.js');
   const { loadConfig } = await import('../lib/config.js');

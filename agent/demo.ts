@@ -7,7 +7,7 @@
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
-import type { Flags } from './main.js';
+import type { Flags } from './flags.js';
 import { Exit } from './exit-codes.js';
 import { run as exec } from '../lib/exec.js';
 

@@ -3,8 +3,8 @@
  * onestor-agent command line. Wiring only: parse flags, build the context, call into lib/, map the
  * outcome to a documented exit code (agent/exit-codes.ts, README "Exit codes").
  */
-import { parseArgs } from 'node:util';
 import { Exit } from './exit-codes.js';
+import { parseFlags, type Flags } from './flags.js';
 import { createLogger } from '../lib/log.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/errors.js';
 
@@ -51,71 +51,6 @@ Exit codes:
   0 ok   1 a cycle/session failed   2 usage or configuration error
   3 status: a protected disk is overdue or failing   4 status: daemon not running   130 interrupted
 `;
-
-const OPTIONS = {
-  help: { type: 'boolean', short: 'h' },
-  version: { type: 'boolean' },
-  json: { type: 'boolean' },
-  full: { type: 'boolean' },
-  keep: { type: 'boolean' },
-  vm: { type: 'string' },
-  disk: { type: 'string' },
-  config: { type: 'string' },
-  datastores: { type: 'string' },
-  'state-dir': { type: 'string' },
-  'libvirt-uri': { type: 'string' },
-  sshrc: { type: 'string' },
-  'replica-host': { type: 'string' },
-  'replica-port': { type: 'string' },
-  'replica-user': { type: 'string' },
-  identity: { type: 'string' },
-  'known-hosts': { type: 'string' },
-  'accept-new-host-key': { type: 'boolean' },
-  'receiver-command': { type: 'string' },
-  'snaps-dir': { type: 'string' },
-  'max-sessions': { type: 'string' },
-  'bandwidth-mbps': { type: 'string' },
-  'no-space-check': { type: 'boolean' },
-  'log-level': { type: 'string' },
-} as const;
-
-export type Flags = ReturnType<typeof parseFlags>['values'];
-
-function parseFlags(argv: string[]) {
-  return parseArgs({ args: argv, options: OPTIONS, allowPositionals: true, strict: true });
-}
-
-function intFlag(v: string | undefined, name: string): number | undefined {
-  if (v === undefined) return undefined;
-  if (!/^\d+$/.test(v)) throw new OnestorError(ErrorCodes.CONFIG, `--${name} must be a non-negative integer, got ${JSON.stringify(v)}`, { field: `--${name}` });
-  return Number(v);
-}
-
-/** CLI flags -> config overrides (same shape as the config file). */
-export function overridesFrom(f: Flags): Record<string, unknown> {
-  const o: Record<string, unknown> = {};
-  const replica: Record<string, unknown> = {};
-  const receiver: Record<string, unknown> = {};
-  if (f.datastores) o.datastoreLocation = f.datastores;
-  if (f['state-dir']) o.stateDir = f['state-dir'];
-  if (f['libvirt-uri']) o.libvirtUri = f['libvirt-uri'];
-  if (f.sshrc) o.sshrcPaths = [f.sshrc];
-  if (f['replica-host']) replica.hostOverride = f['replica-host'];
-  if (f['replica-port']) replica.port = intFlag(f['replica-port'], 'replica-port');
-  if (f['replica-user']) replica.user = f['replica-user'];
-  if (f.identity) replica.identityFile = f.identity;
-  if (f['known-hosts']) replica.knownHostsFile = f['known-hosts'];
-  if (f['accept-new-host-key']) replica.acceptNewHostKey = true;
-  if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
-  if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
-  if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
-  if (f['no-space-check']) receiver.spaceCheck = false;
-  if (f['log-level']) o.log = { level: f['log-level'] };
-  if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
-  if (Object.keys(replica).length) o.replica = replica;
-  if (Object.keys(receiver).length) o.receiver = receiver;
-  return o;
-}
 
 async function main(argv: string[]): Promise<number> {
   let parsed: ReturnType<typeof parseFlags>;
