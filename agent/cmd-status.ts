@@ -2,12 +2,12 @@
 import type { Logger } from 'pino';
 import { Exit } from './exit-codes.js';
 import { overridesFrom, type Flags } from './flags.js';
-import { loadConfig } from '../lib/config.js';
-import { discover } from '../lib/discover.js';
-import { Virsh } from '../lib/virsh.js';
-import { StateStore } from '../lib/state.js';
-import { buildStatus, renderStatusTable } from '../lib/status.js';
-import { describeError } from '../lib/errors.js';
+import { loadConfig } from '../lib/config/config.js';
+import { discover } from '../lib/discover/discover.js';
+import { Virsh } from '../lib/libvirt/virsh.js';
+import { StateStore } from '../lib/cycle/state.js';
+import { buildStatus, renderStatusTable } from '../lib/monitor/status.js';
+import { describeError } from '../lib/shared/errors.js';
 
 async function setup(f: Flags, log: Logger) {
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });

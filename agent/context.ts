@@ -6,17 +6,17 @@ import os from 'node:os';
 import { readFile, access } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config.js';
-import { readSshrc } from '../lib/sshrc.js';
-import type { DriverSettings } from '../lib/model.js';
-import { Virsh } from '../lib/virsh.js';
-import { VirshPort } from '../lib/libvirt-port.js';
-import { QemuImg } from '../lib/qemu-img.js';
-import { ReplicaClient } from '../lib/replica-client.js';
-import { StateStore } from '../lib/state.js';
-import { TokenBucket, bytesPerSecFromMBps } from '../lib/throttle.js';
-import type { CycleDeps, ReplicaPort } from '../lib/cycle.js';
-import { describeError, OnestorError, ErrorCodes } from '../lib/errors.js';
+import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config/config.js';
+import { readSshrc } from '../lib/config/sshrc.js';
+import type { DriverSettings } from '../lib/shared/model.js';
+import { Virsh } from '../lib/libvirt/virsh.js';
+import { VirshPort } from '../lib/cycle/libvirt-port.js';
+import { QemuImg } from '../lib/libvirt/qemu-img.js';
+import { ReplicaClient } from '../lib/transfer/replica-client.js';
+import { StateStore } from '../lib/cycle/state.js';
+import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
+import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
+import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
 export const VERSION: string = await readFile(new URL('../../package.json', import.meta.url), 'utf8')
   .then((t) => String((JSON.parse(t) as { version?: string }).version ?? '0.0.0'))

@@ -10,13 +10,13 @@ import path from 'node:path';
 import { readdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { overridesFrom } from './flags.js';
-import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from '../lib/schedule.js';
-import { SdNotify } from '../lib/sd-notify.js';
-import { cleanStaleStaging } from '../lib/capture.js';
-import { describeError, ErrorCodes } from '../lib/errors.js';
-import { getDisk, diskKey, type StateStore, type AgentState } from '../lib/state.js';
-import type { EligibleDisk } from '../lib/model.js';
-import type { VmCycleRequest, DiskOutcome } from '../lib/cycle.js';
+import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from '../lib/daemon/schedule.js';
+import { SdNotify } from '../lib/daemon/sd-notify.js';
+import { cleanStaleStaging } from '../lib/cycle/capture.js';
+import { describeError, ErrorCodes } from '../lib/shared/errors.js';
+import { getDisk, diskKey, type StateStore, type AgentState } from '../lib/cycle/state.js';
+import type { EligibleDisk } from '../lib/shared/model.js';
+import type { VmCycleRequest, DiskOutcome } from '../lib/cycle/cycle.js';
 
 /** The parts of lib/config.ts's Config the loop reads (Config is assignable to it). */
 export interface DaemonConfig {
@@ -427,9 +427,9 @@ async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
 /** `onestor-agent run`: production wiring. */
 export async function runDaemonCommand(f: { config?: string } & Record<string, unknown>, _pos: string[], log: Logger): Promise<number> {
   const { buildContext, runningDomains, VERSION } = await import('./context.js');
-  const { discover } = await import('../lib/discover.js');
-  const { runVmCycle } = await import('../lib/cycle.js');
-  const { loadConfig } = await import('../lib/config.js');
+  const { discover } = await import('../lib/discover/discover.js');
+  const { runVmCycle } = await import('../lib/cycle/cycle.js');
+  const { loadConfig } = await import('../lib/config/config.js');
   const overrides = overridesFrom(f as never);
   const ctx = await buildContext({ configFile: f.config, overrides, log });
   try {
@@ -445,7 +445,7 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
         runCycle: (req, signal) => runVmCycle(ctx.cycleDeps(), { ...req, signal }),
         reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
         rebuildState: async () => {
-          const { rebuildFromReplicas } = await import('../lib/rebuild.js');
+          const { rebuildFromReplicas } = await import('../lib/cycle/rebuild.js');
           const found = await discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) });
           return rebuildFromReplicas({ eligible: found.eligible, replicaFor: (h) => ctx.replicas.get(h), state: ctx.state, log });
         },

@@ -9,7 +9,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import type { Flags } from './flags.js';
 import { Exit } from './exit-codes.js';
-import { run as exec } from '../lib/exec.js';
+import { run as exec } from '../lib/shared/exec.js';
 
 const FREQ = 10;
 const DAEMON_SECONDS = 25;

@@ -3,7 +3,7 @@
  * Kept out of main.ts so commands can use them without importing the entry module.
  */
 import { parseArgs } from 'node:util';
-import { OnestorError, ErrorCodes } from '../lib/errors.js';
+import { OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
 const OPTIONS = {
   help: { type: 'boolean', short: 'h' },

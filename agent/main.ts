@@ -5,8 +5,8 @@
  */
 import { Exit } from './exit-codes.js';
 import { parseFlags, type Flags } from './flags.js';
-import { createLogger } from '../lib/log.js';
-import { describeError, OnestorError, ErrorCodes } from '../lib/errors.js';
+import { createLogger } from '../lib/shared/log.js';
+import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
 const HELP = `onestor-agent — point-in-time recovery snapshots of running OpenNebula KVM disks
 

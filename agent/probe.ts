@@ -9,8 +9,8 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { describeError } from '../lib/errors.js';
-import { agentMetrics, formatMetrics, writeTextfile } from '../lib/prometheus.js';
+import { describeError } from '../lib/shared/errors.js';
+import { agentMetrics, formatMetrics, writeTextfile } from '../lib/monitor/prometheus.js';
 import {
   DEFAULT_DATASTORE_LOCATION,
   DEFAULT_HEARTBEAT_MAX_AGE_S,
@@ -26,10 +26,10 @@ import {
   type Measured,
   type ProtectedDisk,
   type ReplicaDsInput,
-} from '../lib/probe.js';
-import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../lib/sshrc.js';
-import type { AgentState } from '../lib/state.js';
-import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBounded, writeFileAtomicBounded } from '../lib/usage.js';
+} from '../lib/monitor/probe-lines.js';
+import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../lib/config/sshrc.js';
+import type { AgentState } from '../lib/cycle/state.js';
+import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBounded, writeFileAtomicBounded } from '../lib/monitor/usage.js';
 
 export type ProbeKind = 'vm-snapshot' | 'host-monitor' | 'replica-ds';
 export const PROBE_KINDS: readonly ProbeKind[] = ['vm-snapshot', 'host-monitor', 'replica-ds'];
@@ -242,7 +242,7 @@ async function replicaInputs(opts: ProbeOptions, budget: Budget, errors: string[
     cacheDirty = true;
     return { ok: true, value: { at: now, result: w.value } };
   };
-  const fsOf = (p: string): Measured<import('../lib/usage.js').FsFigures> => {
+  const fsOf = (p: string): Measured<import('../lib/monitor/usage.js').FsFigures> => {
     const f = figures.get(p);
     return f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' };
   };
@@ -388,7 +388,7 @@ export async function runProbeCommand(f: Readonly<Record<string, unknown>>, posi
 /** Child mode: discovery as JSON on stdout (see discoverBounded). */
 async function discoverChild(dsLocation: string): Promise<void> {
   // the module is resolved at run time so the probe works (with an error line) before it exists
-  const spec = '../lib/discover.js';
+  const spec = '../lib/discover/discover.js';
   const mod = (await import(spec)) as { discover: (o: { datastoreLocation: string }) => Promise<{ eligible: Array<{ vmId: number; diskId: number; freqSeconds?: number }> }> };
   const r = await mod.discover({ datastoreLocation: dsLocation });
   process.stdout.write(JSON.stringify({ eligible: r.eligible.map((d) => ({ vmId: d.vmId, diskId: d.diskId, freqSeconds: d.freqSeconds })) }));

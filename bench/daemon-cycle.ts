@@ -8,8 +8,8 @@
 import path from 'node:path';
 import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
-import { discover } from '../lib/discover.js';
-import { runVmCycle } from '../lib/cycle.js';
+import { discover } from '../lib/discover/discover.js';
+import { runVmCycle } from '../lib/cycle/cycle.js';
 import { startAgentEnv } from '../test/harness/agent-env.js';
 import { guestWrite } from '../test/harness/guest.js';
 import { fillDisk, plainSshAccess, sh, q } from './lib/cluster.js';

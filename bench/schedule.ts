@@ -13,11 +13,11 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
 import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../agent/daemon.js';
-import { StateStore, emptyState, diskKey, recordSuccess, getDisk } from '../lib/state.js';
-import { SdNotify } from '../lib/sd-notify.js';
-import { createLogger } from '../lib/log.js';
-import type { EligibleDisk } from '../lib/model.js';
-import type { VmCycleRequest, DiskOutcome } from '../lib/cycle.js';
+import { StateStore, emptyState, diskKey, recordSuccess, getDisk } from '../lib/cycle/state.js';
+import { SdNotify } from '../lib/daemon/sd-notify.js';
+import { createLogger } from '../lib/shared/log.js';
+import type { EligibleDisk } from '../lib/shared/model.js';
+import type { VmCycleRequest, DiskOutcome } from '../lib/cycle/cycle.js';
 
 const idleSec = Number(process.argv[2] ?? 60);
 const slipSec = Number(process.argv[3] ?? 60);

@@ -22,7 +22,7 @@ import { agentMain, agentProcessEnv, startAgentEnv, type AgentEnv } from '../tes
 import type { OneVm } from '../test/harness/one-layout.js';
 import { guestWrite, guestViewSha256, sha256File } from '../test/harness/guest.js';
 import { recoverDrill } from '../test/harness/recover.js';
-import { run } from '../lib/exec.js';
+import { run } from '../lib/shared/exec.js';
 
 export type KillPhase = 'capture' | 'thin' | 'transfer' | 'publish' | 'random';
 export const KILL_PHASES: readonly KillPhase[] = ['capture', 'thin', 'transfer', 'publish', 'random'];

@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import { readFile, rename, rm, readdir } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 import type { AgentEnv } from '../../test/harness/agent-env.js';
 import type { OneVmDisk } from '../../test/harness/one-layout.js';
 

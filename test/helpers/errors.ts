@@ -1,5 +1,5 @@
 import { expect } from 'vitest';
-import { OnestorError } from '../../lib/errors.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 
 /** Runs fn, which must throw an OnestorError; returns it for assertions on code, file and field. */
 export function thrownOnestorError(fn: () => unknown): OnestorError {

@@ -11,11 +11,11 @@ import { createInterface } from 'node:readline';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../../agent/daemon.js';
-import { StateStore, getDisk, recordSuccess, diskKey } from '../../lib/state.js';
-import { SdNotify } from '../../lib/sd-notify.js';
-import { createLogger } from '../../lib/log.js';
-import type { EligibleDisk } from '../../lib/model.js';
-import type { VmCycleRequest, DiskOutcome } from '../../lib/cycle.js';
+import { StateStore, getDisk, recordSuccess, diskKey } from '../../lib/cycle/state.js';
+import { SdNotify } from '../../lib/daemon/sd-notify.js';
+import { createLogger } from '../../lib/shared/log.js';
+import type { EligibleDisk } from '../../lib/shared/model.js';
+import type { VmCycleRequest, DiskOutcome } from '../../lib/cycle/cycle.js';
 import { Writable } from 'node:stream';
 
 let dir: string;

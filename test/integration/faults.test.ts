@@ -12,7 +12,7 @@ import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import { startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
 import type { OneVm } from '../harness/one-layout.js';
 import { guestWrite } from '../harness/guest.js';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 import {
   chainFacts,
   checkAfterFault,

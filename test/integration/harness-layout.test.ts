@@ -10,7 +10,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 import { guestDiscard, guestFlush, guestWrite, guestZero, isFilledWith, readGuestView, readRegion, sha256File } from '../harness/guest.js';
 import { processesInNamespace, startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
 import { createOneVm, createSystemDatastore, domainDisks, domainDiskSources, type OneVm } from '../harness/one-layout.js';

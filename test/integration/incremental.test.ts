@@ -10,7 +10,7 @@ import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
 import { guestWrite, guestZero, guestDiscard, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 
 let env: AgentEnv;
 let vm: OneVm;

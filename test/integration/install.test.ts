@@ -6,7 +6,7 @@ import { describe, it, expect, afterAll } from 'vitest';
 import { mkdtemp, mkdir, writeFile, readFile, readdir, stat, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 import { projectRoot } from '../harness/agent-env.js';
 
 const dirs: string[] = [];

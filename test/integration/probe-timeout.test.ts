@@ -9,7 +9,7 @@ import { mkdir, rm, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseOneTemplate } from '../../lib/one-template.js';
+import { parseOneTemplate } from '../../lib/monitor/one-template.js';
 import { renderDsXml, renderVmXml } from '../harness/one-layout.js';
 import { makeTempDir } from '../harness/tmp.js';
 

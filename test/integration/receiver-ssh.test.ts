@@ -3,24 +3,25 @@
  * receiver (`command="node .../receiver-main.js ...",restrict`), and the real receiver behind it.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { createWriteStream, existsSync, statSync } from 'node:fs';
+import { createWriteStream, existsSync, readdirSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { errorCodeOf } from '../../lib/errors.js';
-import { run } from '../../lib/exec.js';
-import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/replica-client.js';
+import { errorCodeOf } from '../../lib/shared/errors.js';
+import { run } from '../../lib/shared/exec.js';
+import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
 
 /** Compiles when dist is missing or older than the receiver sources (the forced command runs dist). */
 async function ensureBuilt(): Promise<void> {
-  const sources = ['protocol', 'receiver', 'receiver-main', 'replica-store', 'file-lock', 'errors', 'exec'].map((n) => path.join(repoRoot, 'lib', `${n}.ts`));
+  const libDir = path.join(repoRoot, 'lib');
+  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
   const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
   if (!stale) return;
   // Type errors elsewhere in the tree must not block this test; tsc still emits.

@@ -6,11 +6,11 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, readFileSync, writeFileSync, chmodSync } from 'node:fs';
-import { parseConfig } from '../../lib/config.js';
+import { parseConfig } from '../../lib/config/config.js';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { SdNotify, addonTransport, systemdNotifyTransport, watchdogIntervalMs, type NotifyTransport } from '../../lib/sd-notify.js';
+import { SdNotify, addonTransport, systemdNotifyTransport, watchdogIntervalMs, type NotifyTransport } from '../../lib/daemon/sd-notify.js';
 
 const LISTENER = `
 import socket, sys, json, struct

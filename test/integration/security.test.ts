@@ -11,7 +11,7 @@ import path from 'node:path';
 import { Client, type ClientChannel } from 'ssh2';
 import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import type { OneVm } from '../harness/one-layout.js';
-import { encodeControl, FrameDecoder, PROTOCOL_VERSION } from '../../lib/protocol.js';
+import { encodeControl, FrameDecoder, PROTOCOL_VERSION } from '../../lib/protocol/protocol.js';
 import { spawnAgent, withFlag } from '../../bench/soak.js';
 
 let env: AgentEnv;

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { run } from '../../lib/exec.js';
+import { run } from '../../lib/shared/exec.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 function sshArgs(sshd: Sshd, command: string[]): string[] {

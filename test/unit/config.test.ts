@@ -4,8 +4,8 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
-import { OnestorError } from '../../lib/errors.js';
-import { ConfigSchema, describeConfigErrors, loadConfig, parseConfig } from '../../lib/config.js';
+import { OnestorError } from '../../lib/shared/errors.js';
+import { ConfigSchema, describeConfigErrors, loadConfig, parseConfig } from '../../lib/config/config.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 const configError = thrownOnestorError;

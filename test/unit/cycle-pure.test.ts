@@ -1,5 +1,5 @@
 import { describe, it, expect } from 'vitest';
-import { withoutMissingParent } from '../../lib/cycle.js';
+import { withoutMissingParent } from '../../lib/cycle/cycle.js';
 
 const xml = `<domaincheckpoint>
   <name>onestor-5-2-b</name>

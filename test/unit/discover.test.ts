@@ -12,7 +12,7 @@ import {
   type DiskFacts,
   type DiscoveredIneligible,
   type VmFacts,
-} from '../../lib/discover.js';
+} from '../../lib/discover/discover.js';
 
 const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'one');
 const fixture = (name: string): string => readFileSync(join(fixtures, name), 'utf8');

@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { overridesFrom, parseFlags } from '../../agent/flags.js';
-import { parseConfig } from '../../lib/config.js';
+import { parseConfig } from '../../lib/config/config.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 describe('CLI flags -> config overrides', () => {

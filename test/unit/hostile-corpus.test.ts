@@ -9,11 +9,11 @@ import { describe, it, expect } from 'vitest';
 import { readFileSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseVmXml, parseDsXml } from '../../lib/one-xml.js';
-import { parseSshrc } from '../../lib/sshrc.js';
-import { parseState } from '../../lib/state.js';
-import { FrameDecoder, parseClientMessage } from '../../lib/protocol.js';
-import { OnestorError } from '../../lib/errors.js';
+import { parseVmXml, parseDsXml } from '../../lib/discover/one-xml.js';
+import { parseSshrc } from '../../lib/config/sshrc.js';
+import { parseState } from '../../lib/cycle/state.js';
+import { FrameDecoder, parseClientMessage } from '../../lib/protocol/protocol.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 const DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'hostile');

@@ -9,7 +9,7 @@ import {
   hostToken,
   keyTypeOfBlob,
   parseKnownHosts,
-} from '../../lib/known-hosts.js';
+} from '../../lib/transfer/known-hosts.js';
 
 /** A syntactically valid key blob: string type + some bytes (content is irrelevant to matching). */
 function blob(type: string, fill: number): Buffer {

@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { Writable } from 'node:stream';
-import { createLogger, formatJournalLine, formatTerminalLine } from '../../lib/log.js';
+import { createLogger, formatJournalLine, formatTerminalLine } from '../../lib/shared/log.js';
 
 function sink() {
   const lines: string[] = [];

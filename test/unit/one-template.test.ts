@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { escapeValue, parseOneTemplate, quote, singleAttribute, TemplateSyntaxError, vectorAttribute } from '../../lib/one-template.js';
+import { escapeValue, parseOneTemplate, quote, singleAttribute, TemplateSyntaxError, vectorAttribute } from '../../lib/monitor/one-template.js';
 
 const FIX = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'probes');
 const fixture = (n: string): string => readFileSync(path.join(FIX, n), 'utf8');

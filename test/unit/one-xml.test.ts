@@ -2,8 +2,8 @@ import { readFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { OnestorError } from '../../lib/errors.js';
-import { isSafeHost, isValidDomainName, MAX_ONE_XML_BYTES, parseDsXml, parseVmXml } from '../../lib/one-xml.js';
+import { OnestorError } from '../../lib/shared/errors.js';
+import { isSafeHost, isValidDomainName, MAX_ONE_XML_BYTES, parseDsXml, parseVmXml } from '../../lib/discover/one-xml.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'one');

@@ -1,5 +1,5 @@
 import { describe, it, expect } from 'vitest';
-import { decideMode, checkpointsToDelete, type ModeFacts } from '../../lib/plan.js';
+import { decideMode, checkpointsToDelete, type ModeFacts } from '../../lib/cycle/plan.js';
 
 const healthy: ModeFacts = {
   forceFull: false,

@@ -1,8 +1,8 @@
 import { describe, expect, it } from 'vitest';
-import { parseOneTemplate } from '../../lib/one-template.js';
-import { dsLocationFromMonitordXml, hostAgentLines, parseProbeState, replicaDsLines, vmSnapshotLines, type VmProbeInput } from '../../lib/probe.js';
-import type { AgentState, DiskState } from '../../lib/state.js';
-import { effectiveCacheLimitMb, parseFindOutput, parseStatfsLine, summarizeCache, summarizeSnaps } from '../../lib/usage.js';
+import { parseOneTemplate } from '../../lib/monitor/one-template.js';
+import { dsLocationFromMonitordXml, hostAgentLines, parseProbeState, replicaDsLines, vmSnapshotLines, type VmProbeInput } from '../../lib/monitor/probe-lines.js';
+import type { AgentState, DiskState } from '../../lib/cycle/state.js';
+import { effectiveCacheLimitMb, parseFindOutput, parseStatfsLine, summarizeCache, summarizeSnaps } from '../../lib/monitor/usage.js';
 
 const NOW = 1_732_440_000;
 const disk = (vmId: number, diskId: number, extra: Partial<DiskState> = {}): DiskState => ({ vmId, diskId, checkpoint: null, base1Identity: null, failCount: 0, freqSeconds: 600, ...extra });

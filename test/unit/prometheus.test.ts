@@ -2,9 +2,9 @@ import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { summarizeAgent } from '../../lib/probe.js';
-import { agentMetrics, escapeLabelValue, formatMetrics, writeTextfile } from '../../lib/prometheus.js';
-import type { AgentState } from '../../lib/state.js';
+import { summarizeAgent } from '../../lib/monitor/probe-lines.js';
+import { agentMetrics, escapeLabelValue, formatMetrics, writeTextfile } from '../../lib/monitor/prometheus.js';
+import type { AgentState } from '../../lib/cycle/state.js';
 
 const NOW = 1_732_440_000;
 const SAMPLE = /^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*"(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\["\\n])*")*)?\})? (-?[0-9.e+]+|NaN|[+-]Inf)$/;

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { errorCodeOf } from '../../lib/errors.js';
+import { errorCodeOf } from '../../lib/shared/errors.js';
 import {
   FrameDecoder,
   MAX_CONTROL_BYTES,
@@ -12,7 +12,7 @@ import {
   parseReply,
   putOkSchema,
   type DecodedFrame,
-} from '../../lib/protocol.js';
+} from '../../lib/protocol/protocol.js';
 
 function decodeAll(decoder: FrameDecoder, parts: Buffer[]): DecodedFrame[] {
   return parts.flatMap((p) => decoder.push(p));

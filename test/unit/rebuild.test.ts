@@ -1,7 +1,7 @@
 import { describe, it, expect } from 'vitest';
-import { applyManifests } from '../../lib/rebuild.js';
-import { emptyState } from '../../lib/state.js';
-import type { EligibleDisk, ReplicaManifest } from '../../lib/model.js';
+import { applyManifests } from '../../lib/cycle/rebuild.js';
+import { emptyState } from '../../lib/cycle/state.js';
+import type { EligibleDisk, ReplicaManifest } from '../../lib/shared/model.js';
 
 const disk = (vmId: number, diskId: number): EligibleDisk => ({
   vmId, diskId, dsId: 100, dsDir: '/ds/100', vmDir: `/ds/100/${vmId}`, domainName: `one-${vmId}`, freqSeconds: 300, replicaHost: 'replica',

@@ -9,11 +9,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from '../../lib/exec.js';
-import { errorCodeOf } from '../../lib/errors.js';
-import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol.js';
-import { runReceiver, type ReceiverOptions } from '../../lib/receiver.js';
-import { ReceiverConnection } from '../../lib/replica-client.js';
+import { run } from '../../lib/shared/exec.js';
+import { errorCodeOf } from '../../lib/shared/errors.js';
+import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
+import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
+import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;

@@ -3,7 +3,7 @@ import { mkdtemp, writeFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { resolveReplicaLogin } from '../../agent/context.js';
-import { parseConfig } from '../../lib/config.js';
+import { parseConfig } from '../../lib/config/config.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 const dirs: string[] = [];

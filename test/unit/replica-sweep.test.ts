@@ -2,8 +2,9 @@ import { describe, it, expect, afterEach } from 'vitest';
 import { mkdtemp, mkdir, writeFile, rm, access } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { sweepOrphans, replicaPaths } from '../../lib/replica-store.js';
-import { acquireFileLock } from '../../lib/file-lock.js';
+import { replicaPaths } from '../../lib/replica/layout.js';
+import { sweepOrphans } from '../../lib/replica/sweep.js';
+import { acquireFileLock } from '../../lib/shared/file-lock.js';
 
 const dirs: string[] = [];
 afterEach(async () => {

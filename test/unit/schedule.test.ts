@@ -8,8 +8,8 @@ import {
   type KnownDisk,
   type SchedulerOptions,
   type VmStart,
-} from '../../lib/schedule.js';
-import { OnestorError } from '../../lib/errors.js';
+} from '../../lib/daemon/schedule.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 
 const BASE: SchedulerOptions = {
   graceMinSec: 60,

@@ -5,8 +5,8 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it, afterAll, beforeAll } from 'vitest';
-import { OnestorError } from '../../lib/errors.js';
-import { DEFAULT_DRIVER_SETTINGS, parseSshrc, readSshrc } from '../../lib/sshrc.js';
+import { OnestorError } from '../../lib/shared/errors.js';
+import { DEFAULT_DRIVER_SETTINGS, parseSshrc, readSshrc } from '../../lib/config/sshrc.js';
 import { thrownOnestorError } from '../helpers/errors.js';
 
 const fixtures = join(dirname(fileURLToPath(import.meta.url)), '..', 'fixtures', 'sshrc');

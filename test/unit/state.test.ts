@@ -2,8 +2,8 @@ import { describe, it, expect, afterEach } from 'vitest';
 import { mkdtemp, rm, writeFile, readdir, readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { parseState, recordFailure, recordSuccess, getDisk, emptyState, StateStore, diskKey } from '../../lib/state.js';
-import { OnestorError } from '../../lib/errors.js';
+import { parseState, recordFailure, recordSuccess, getDisk, emptyState, StateStore, diskKey } from '../../lib/cycle/state.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 
 const dirs: string[] = [];
 afterEach(async () => {

@@ -2,8 +2,8 @@ import { describe, it, expect } from 'vitest';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { createHash, randomBytes } from 'node:crypto';
-import { TokenBucket, throttle, realClock, bytesPerSecFromMBps, type Clock } from '../../lib/throttle.js';
-import { OnestorError } from '../../lib/errors.js';
+import { TokenBucket, throttle, realClock, bytesPerSecFromMBps, type Clock } from '../../lib/transfer/throttle.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 
 /** Virtual time: sleeping advances the clock instead of waiting; every sleep is recorded. */
 class FakeClock implements Clock {

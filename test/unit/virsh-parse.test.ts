@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { OnestorError } from '../../lib/errors.js';
+import { OnestorError } from '../../lib/shared/errors.js';
 import {
   classifyVirshError,
   parseBlockList,
@@ -21,7 +21,7 @@ import {
   parseFsFreezeCount,
   parseJobInfo,
   parseVersion,
-} from '../../lib/virsh-parse.js';
+} from '../../lib/libvirt/virsh-parse.js';
 
 const FIXTURES = fileURLToPath(new URL('../fixtures/virsh/', import.meta.url));
 const out = (name: string) => readFileSync(`${FIXTURES}${name}.out`, 'utf8');

@@ -1,0 +1,299 @@
+/**
+ * Capture: a point-in-time copy of one VM's due disks through libvirt's backup API, without ever
+ * touching the VM's active chain (no overlays, no pivots, no block commits). DESIGN §3.
+ *
+ * One job per VM (all due disks at one instant), push mode into pre-created qcow2 targets in a
+ * staging dir on the datastore's filesystem, a new checkpoint created atomically with the job.
+ * Returns files ready to send: a thin base.1 overlay (full) or the dirty clusters (incremental).
+ */
+import { mkdir, rm, symlink, statfs, readdir, lstat, realpath } from 'node:fs/promises';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { buildBackupXml, buildCheckpointXml, type BackupDiskPlan } from '../libvirt/backup-xml.js';
+import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
+import type { QemuImg } from '../libvirt/qemu-img.js';
+import type { Consistency, CycleMode } from '../shared/model.js';
+
+/** What capture needs from libvirt; lib/libvirt-port.ts implements it over `virsh`. */
+export interface CaptureLibvirt {
+  /** the domain's disks and whether it has a guest-agent channel (one dumpxml) */
+  domainView(dom: string): Promise<DomainView>;
+  backupBegin(dom: string, backupXml: string, checkpointXml: string, reuseExternal: boolean): Promise<void>;
+  /** true while a job (ours or another) runs on the domain. */
+  jobActive(dom: string): Promise<boolean>;
+  /** After the job ended: null when it completed, else the failure text. */
+  completedJobError(dom: string): Promise<string | null>;
+  abortJob(dom: string): Promise<void>;
+  /** target files of the running backup job ([] when none) */
+  backupTargets(dom: string): Promise<string[]>;
+  /** 'frozen' or why not (no channel / agent not answering). */
+  fsFreeze(dom: string): Promise<{ frozen: true } | { frozen: false; why: string }>;
+  fsThaw(dom: string): Promise<void>;
+  checkpointNames(dom: string): Promise<string[]>;
+  checkpointDelete(dom: string, name: string, opts?: { metadataOnly?: boolean }): Promise<void>;
+}
+
+export interface DomainView {
+  disks: Array<{ target: string; source: string | null }>;
+  hasGuestAgentChannel: boolean;
+}
+
+export interface CaptureDiskRequest {
+  diskId: number;
+  /** DS/VMID/disk.N.snap/base.1 */
+  base1Path: string;
+  /** libvirt target (vda) when the caller already matched it */
+  target?: string;
+  snapDir: string;
+  mode: CycleMode;
+  parentCheckpoint?: string;
+  virtualSize: number;
+}
+
+export interface CaptureRequest {
+  vmId: number;
+  domainName: string;
+  stagingDir: string;
+  checkpointName: string;
+  disks: CaptureDiskRequest[];
+  /** freeze guest filesystems when the domain has an agent channel */
+  tryFreeze: boolean;
+  timeoutMs: number;
+  /** share of the staging filesystem that must stay free beyond what the targets may take */
+  minFreePercent: number;
+  /** the domain view when the caller already read it (saves a dumpxml) */
+  domain?: DomainView;
+  signal?: AbortSignal;
+  log?: (obj: Record<string, unknown>, msg: string) => void;
+  now?: () => number;
+}
+
+export interface CapturedDisk {
+  diskId: number;
+  target: string;
+  mode: CycleMode;
+  /** file to send: thin base.1 (full) or dirty clusters (incremental) */
+  file: string;
+  virtualSize: number;
+}
+
+export interface CaptureResult {
+  checkpoint: string;
+  consistency: Consistency;
+  freezeNote?: string;
+  /** epoch ms of the point in time (job start) */
+  capturedAtMs: number;
+  jobMs: number;
+  thinMs: number;
+  disks: CapturedDisk[];
+}
+
+/** Pure: bytes a capture may need on the staging filesystem in the worst case. */
+export function stagingBytesNeeded(disks: ReadonlyArray<{ mode: CycleMode; virtualSize: number }>): number {
+  // full: flat target (up to virtual size) + thin copy (up to virtual size); incremental: up to virtual size
+  return disks.reduce((n, d) => n + (d.mode === 'full' ? 2 * d.virtualSize : d.virtualSize), 0);
+}
+
+export function stagingPaths(stagingDir: string, diskId: number) {
+  return {
+    snapLink: path.join(stagingDir, `disk.${diskId}.snap`),
+    full: path.join(stagingDir, `disk.${diskId}.full.qcow2`),
+    thin: path.join(stagingDir, `disk.${diskId}.base.1`),
+    inc: path.join(stagingDir, `disk.${diskId}.inc.qcow2`),
+  };
+}
+
+/** Removes a staging dir; refuses anything that is not a plain dir named by a numeric VM id. */
+export async function cleanStagingDir(stagingDir: string): Promise<void> {
+  if (!/^\d+$/.test(path.basename(stagingDir))) throw new Error(`refusing to clean ${stagingDir}`);
+  await rm(stagingDir, { recursive: true, force: true });
+}
+
+/** Leftovers of a crashed run: every numeric dir under DS/.onestor except the ones in use. */
+export async function cleanStaleStaging(stagingRoot: string, inUse: ReadonlySet<number> = new Set()): Promise<number[]> {
+  let names: string[];
+  try {
+    names = await readdir(stagingRoot);
+  } catch {
+    return [];
+  }
+  const removed: number[] = [];
+  for (const n of names) {
+    if (!/^\d+$/.test(n) || inUse.has(Number(n))) continue;
+    const p = path.join(stagingRoot, n);
+    const st = await lstat(p).catch(() => null);
+    if (!st?.isDirectory()) continue;
+    await rm(p, { recursive: true, force: true });
+    removed.push(Number(n));
+  }
+  return removed;
+}
+
+export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: CaptureRequest): Promise<CaptureResult> {
+  const log = req.log ?? (() => {});
+  const now = req.now ?? Date.now;
+  const dom = req.domainName;
+  const ctx = { vm: req.vmId };
+
+  // Map each disk to the target libvirt uses for it, by the path of base.1 (OpenNebula >= 6.8 names it).
+  const view = req.domain ?? (await lv.domainView(dom));
+  const domDisks = view.disks;
+  const allTargets = domDisks.map((d) => d.target);
+  const plans: Array<CaptureDiskRequest & { target: string; paths: ReturnType<typeof stagingPaths> }> = [];
+  for (const d of req.disks) {
+    const hit = d.target ? domDisks.find((x) => x.target === d.target) : await findDiskBySource(domDisks, d.base1Path);
+    if (!hit) {
+      throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} has no disk on ${d.base1Path} (sources: ${domDisks.map((x) => x.source ?? '-').join(', ')})`, { ...ctx, disk: d.diskId, field: 'devices/disk/source' });
+    }
+    plans.push({ ...d, target: hit.target, paths: stagingPaths(req.stagingDir, d.diskId) });
+  }
+
+  await clearStaleJob(lv, req);
+  await cleanStagingDir(req.stagingDir);
+  await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
+
+  let jobStarted = false;
+  let jobDone = false;
+  try {
+    // Free space first: a target that fills the datastore pauses every VM on it with ENOSPC.
+    const need = stagingBytesNeeded(plans);
+    const fs = await statfs(req.stagingDir);
+    const free = Number(fs.bavail) * Number(fs.bsize);
+    const keepFree = Math.ceil((Number(fs.blocks) * Number(fs.bsize) * req.minFreePercent) / 100);
+    if (free - need < keepFree) {
+      throw new OnestorError(ErrorCodes.NOSPACE, `staging ${req.stagingDir} has ${mib(free)} MiB free; capture may need ${mib(need)} MiB and ${mib(keepFree)} MiB (${req.minFreePercent}%) must stay free`, { ...ctx });
+    }
+
+    const backupPlans: BackupDiskPlan[] = allTargets.map((t) => ({ target: t, mode: null }));
+    for (const p of plans) {
+      await symlink(p.snapDir, p.paths.snapLink);
+      const bp = backupPlans.find((b) => b.target === p.target)!;
+      bp.mode = p.mode;
+      if (p.mode === 'full') {
+        bp.targetFile = p.paths.full;
+        await qemuImg.create(p.paths.full, { size: p.virtualSize });
+      } else {
+        if (!p.parentCheckpoint) throw new OnestorError(ErrorCodes.INTERNAL, 'incremental without parent', { ...ctx, disk: p.diskId });
+        bp.incrementalFrom = p.parentCheckpoint;
+        bp.targetFile = p.paths.inc;
+        // Backing name is a placeholder: QEMU writes only dirty clusters; the replica rebases it.
+        await qemuImg.create(p.paths.inc, { size: p.virtualSize, backing: 'base.1.next', backingFormat: 'qcow2', unsafe: true });
+      }
+    }
+    const backupXml = buildBackupXml(backupPlans);
+    const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
+
+    // Consistency: freeze only around the job start (the point in time), thaw always.
+    let consistency: Consistency = 'crash-consistent';
+    let freezeNote: string | undefined;
+    let frozen = false;
+    const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
+    if (!req.tryFreeze) freezeNote = 'freeze disabled';
+    else if (!hasAgent) freezeNote = 'no guest agent channel';
+    const t0 = now();
+    try {
+      if (hasAgent) {
+        const r = await lv.fsFreeze(dom);
+        if (r.frozen) frozen = true;
+        else freezeNote = r.why;
+      }
+      jobStarted = true;
+      await lv.backupBegin(dom, backupXml, checkpointXml, true);
+    } catch (e) {
+      jobStarted = false; // backup-begin failed: libvirt created neither job nor checkpoint
+      throw e;
+    } finally {
+      if (frozen) {
+        await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
+        await lv.fsThaw(dom).catch(() => {});
+      }
+    }
+    if (frozen) consistency = 'filesystem-frozen';
+    const capturedAtMs = t0;
+
+    // Wait for the job to end, then for QEMU to really release every target (job-completed comes
+    // ~100 ms before QEMU closes the file; a copy taken then was missing data).
+    const deadline = now() + req.timeoutMs;
+    while (await lv.jobActive(dom)) {
+      if (req.signal?.aborted) throw new OnestorError(ErrorCodes.ABORTED, 'capture aborted', ctx);
+      if (now() > deadline) throw new OnestorError(ErrorCodes.CAPTURE, `backup job still running after ${req.timeoutMs} ms`, ctx);
+      await sleep(50);
+    }
+    jobDone = true;
+    const failure = await lv.completedJobError(dom);
+    if (failure) throw new OnestorError(ErrorCodes.CAPTURE, `backup job failed: ${failure}`, ctx);
+    for (const p of plans) {
+      const target = p.mode === 'full' ? p.paths.full : p.paths.inc;
+      while (!(await qemuImg.tryInfoLocked(target))) {
+        if (now() > deadline) throw new OnestorError(ErrorCodes.CAPTURE, `QEMU did not release ${target}`, { ...ctx, disk: p.diskId });
+        await sleep(20);
+      }
+    }
+    const jobMs = now() - t0;
+
+    // Thin each full target into a base.1 overlay whose stored backing name is `disk.N.snap/base`
+    // (resolved through the staging dir's disk.N.snap link). convert -B and --reuse-external are not thin.
+    const t1 = now();
+    const out: CapturedDisk[] = [];
+    for (const p of plans) {
+      if (p.mode === 'full') {
+        const rel = `disk.${p.diskId}.snap/base`;
+        await qemuImg.create(p.paths.thin, { size: p.virtualSize, backing: rel, backingFormat: 'qcow2' });
+        await qemuImg.rebaseUnsafe(p.paths.thin, p.paths.full);
+        await qemuImg.rebase(p.paths.thin, rel);
+        await rm(p.paths.full, { force: true });
+        out.push({ diskId: p.diskId, target: p.target, mode: 'full', file: p.paths.thin, virtualSize: p.virtualSize });
+      } else {
+        out.push({ diskId: p.diskId, target: p.target, mode: 'incremental', file: p.paths.inc, virtualSize: p.virtualSize });
+      }
+    }
+    return { checkpoint: req.checkpointName, consistency, freezeNote, capturedAtMs, jobMs, thinMs: now() - t1, disks: out };
+  } catch (e) {
+    // Never leave a job running or a half-made checkpoint behind.
+    if (jobStarted && !jobDone) await lv.abortJob(dom).catch(() => {});
+    if (jobStarted) {
+      for (let i = 0; i < 100 && (await lv.jobActive(dom).catch(() => false)); i++) await sleep(50);
+      const names = await lv.checkpointNames(dom).catch(() => [] as string[]);
+      if (names.includes(req.checkpointName)) {
+        await lv.checkpointDelete(dom, req.checkpointName).catch(() => lv.checkpointDelete(dom, req.checkpointName, { metadataOnly: true }).catch(() => {}));
+      }
+    }
+    await cleanStagingDir(req.stagingDir).catch(() => {});
+    throw e;
+  }
+}
+
+/**
+ * A backup job still running from an agent that was killed mid-capture (its targets are in our staging
+ * area) is aborted, so this cycle can start; anyone else's job (OpenNebula's own backups) is left alone
+ * and this cycle fails with a clear reason, to be retried.
+ */
+async function clearStaleJob(lv: CaptureLibvirt, req: CaptureRequest): Promise<void> {
+  if (!(await lv.jobActive(req.domainName))) return;
+  const targets = await lv.backupTargets(req.domainName);
+  const ours = path.dirname(path.resolve(req.stagingDir)) + path.sep;
+  if (targets.length === 0 || !targets.every((t) => path.resolve(t).startsWith(ours))) {
+    throw new OnestorError(ErrorCodes.CAPTURE, `another job is running on domain ${req.domainName}${targets.length ? ` (backup to ${targets.join(', ')})` : ''}; will retry`, { vm: req.vmId });
+  }
+  req.log?.({ vm: req.vmId, targets: targets.join(',') }, 'aborting a backup job left by a previous run');
+  await lv.abortJob(req.domainName);
+  for (let i = 0; i < 200 && (await lv.jobActive(req.domainName)); i++) await sleep(50);
+}
+
+/**
+ * The domain disk that runs on `base1Path`. OpenNebula >= 6.8 names the real path .../disk.N.snap/base.1;
+ * older deployments name the DS/VMID/disk.N symlink: both resolve to the same file.
+ */
+export async function findDiskBySource<T extends { source: string | null }>(disks: readonly T[], base1Path: string): Promise<T | undefined> {
+  const want = await realpath(base1Path).catch(() => path.resolve(base1Path));
+  for (const x of disks) {
+    if (x.source === null) continue;
+    if (path.resolve(x.source) === path.resolve(base1Path)) return x;
+    if ((await realpath(x.source).catch(() => null)) === want) return x;
+  }
+  return undefined;
+}
+
+function mib(n: number): number {
+  return Math.round(n / 1048576);
+}

@@ -1,0 +1,366 @@
+/**
+ * One protection cycle for one VM: plan -> capture -> transfer -> publish -> record.
+ * Data flows one way; every side effect goes through a port (libvirt, qemu-img, replica, state),
+ * so the daemon, the `snapshot` command and the tests drive the same code.
+ *
+ * Failure rules: a disk that fails keeps its previous snapshot on the replica and its previous
+ * checkpoint in libvirt; other disks of the VM go on; staging is always cleaned.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir } from 'node:fs/promises';
+import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
+import { newCheckpointName } from '../libvirt/backup-xml.js';
+import { cachedSha256, fileIdentity } from './digest.js';
+import { OnestorError, ErrorCodes, describeError, errorCodeOf } from '../shared/errors.js';
+import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
+import type { QemuImg } from '../libvirt/qemu-img.js';
+import type { DiskSession } from '../transfer/replica-client.js';
+import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
+import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+
+/** Libvirt operations the cycle needs beyond capture. */
+export interface CycleLibvirt extends CaptureLibvirt {
+  /** true: bitmap for `target` present and consistent; false: broken/missing; */
+  checkpointBitmapHealthy(dom: string, name: string, target: string): Promise<boolean>;
+  checkpointXml(dom: string, name: string): Promise<string>;
+  checkpointRedefine(dom: string, xml: string): Promise<void>;
+  domainRunning(dom: string): Promise<boolean>;
+}
+
+/** What the cycle needs of a replica session: lib/replica-client.ts DiskSession. */
+export type ReplicaDiskSession = DiskSession;
+
+export interface ReplicaPort {
+  /** manifests the replica holds for a VM (no lock taken) */
+  status(vmId: number): Promise<ReplicaManifest[]>;
+  /** takes the per-disk lock until the session is closed */
+  openDisk(vmId: number, diskId: number): Promise<ReplicaDiskSession>;
+}
+
+export interface CycleDeps {
+  libvirt: CycleLibvirt;
+  qemuImg: QemuImg;
+  /** a connected replica for a REPLICA_HOST (pooled by the caller) */
+  replicaFor(replicaHost: string): Promise<ReplicaPort>;
+  state: StateStore;
+  log: Logger;
+  hostName: string;
+  stagingDirName: string;
+  captureTimeoutMs: number;
+  stagingMinFreePercent: number;
+  tryFreeze: boolean;
+  /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
+  vmLockWaitSec?: number;
+  now?: () => number;
+}
+
+export interface VmCycleRequest {
+  vmId: number;
+  domainName: string;
+  dsDir: string;
+  disks: EligibleDisk[];
+  forceFull?: boolean;
+  signal?: AbortSignal;
+  onProgress?: (diskId: number, sent: number, total: number) => void;
+}
+
+export interface DiskOutcome {
+  vmId: number;
+  diskId: number;
+  ok: boolean;
+  mode?: CycleMode;
+  reason?: string;
+  bytes?: number;
+  durationMs: number;
+  consistency?: Consistency;
+  checkpoint?: string;
+  capturedAt?: number;
+  error?: { code: string; message: string };
+}
+
+interface DiskWork {
+  disk: EligibleDisk;
+  target: string;
+  replica: ReplicaPort;
+  decision: ModeDecision;
+  base1DevIno: string;
+  baseSha: string;
+  baseSize: number;
+  virtualSize: number;
+}
+
+/**
+ * One cycle of a VM, under a host-side per-VM lock (DS/.onestor/VMID.lock, released when the process dies):
+ * a `snapshot` run beside the daemon waits for the daemon's cycle instead of racing it, and a backup job
+ * found running while we hold the lock can only be a leftover of a dead agent.
+ */
+export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
+  const root = path.join(req.dsDir, deps.stagingDirName);
+  let lock: FileLock;
+  try {
+    await mkdir(root, { recursive: true, mode: 0o750 });
+    lock = await acquireFileLock(path.join(root, `${req.vmId}.lock`), { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal, context: { vm: req.vmId } });
+  } catch (e) {
+    const error = { code: errorCodeOf(e), message: `another cycle of VM ${req.vmId} is running on this host: ${describeError(e)}` };
+    return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
+  }
+  try {
+    return await cycleUnderLock(deps, req);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
+  const now = deps.now ?? Date.now;
+  const t0 = now();
+  const { vmId, domainName: dom } = req;
+  const log = deps.log.child({ vm: vmId });
+  const stagingDir = path.join(req.dsDir, deps.stagingDirName, String(vmId));
+  const outcomes = new Map<number, DiskOutcome>();
+  const uncertain = new Map<number, string>();
+  const fail = (diskId: number, e: unknown) => {
+    if (outcomes.get(diskId)?.ok === false) return;
+    outcomes.set(diskId, { vmId, diskId, ok: false, durationMs: now() - t0, error: { code: errorCodeOf(e), message: describeError(e) } });
+  };
+  let state: AgentState = (await deps.state.loadOrReset()).state;
+  const work: DiskWork[] = [];
+  let captured: CaptureResult | null = null;
+
+  log.info({ disks: req.disks.map((d) => d.diskId).join(','), forceFull: Boolean(req.forceFull) }, 'cycle start');
+  try {
+    if (!(await deps.libvirt.domainRunning(dom))) {
+      throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} is not running`, { vm: vmId });
+    }
+    const view = await deps.libvirt.domainView(dom);
+    const domDisks = view.disks;
+    let checkpoints = await deps.libvirt.checkpointNames(dom);
+
+    // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
+    // for the transfer, and the receiver refuses an incremental whose parent is no longer what it holds).
+    const manifestsByHost = new Map<string, ReplicaManifest[]>();
+    for (const disk of req.disks) {
+      try {
+        const replica = await deps.replicaFor(disk.replicaHost);
+        let manifests = manifestsByHost.get(disk.replicaHost);
+        if (!manifests) {
+          manifests = await replica.status(vmId);
+          manifestsByHost.set(disk.replicaHost, manifests);
+        }
+        const manifest = manifests.find((m) => m.diskId === disk.diskId) ?? null;
+        const ds = getDisk(state, vmId, disk.diskId);
+        const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
+        if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
+
+        const replicaCk = manifest?.checkpoint ?? null;
+        // Transient domains (virsh create) lose checkpoint metadata on destroy+create while the bitmap
+        // stays in base.1: put the saved definition back before deciding.
+        if (replicaCk && !checkpoints.includes(replicaCk) && ds.checkpoint === replicaCk && ds.checkpointXml) {
+          try {
+            await deps.libvirt.checkpointRedefine(dom, withoutMissingParent(ds.checkpointXml, checkpoints));
+            checkpoints = await deps.libvirt.checkpointNames(dom);
+            log.info({ disk: disk.diskId, checkpoint: replicaCk }, 'checkpoint metadata redefined from saved XML');
+          } catch (e) {
+            log.warn({ disk: disk.diskId, checkpoint: replicaCk, err: describeError(e) }, 'could not redefine checkpoint; will take a full');
+          }
+        }
+        const base1 = await fileIdentity(disk.base1Path);
+        const cached = state.baseDigests[disk.basePath];
+        const baseDigest = await cachedSha256(disk.basePath, cached, req.signal);
+        if (!baseDigest.fromCache) {
+          state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
+        }
+        const onReplica = manifest?.base ?? null;
+        const replicaBaseMatches = onReplica !== null && onReplica.sha256 === baseDigest.sha256 && onReplica.size === baseDigest.size;
+        let bitmapHealthy: boolean | null = null;
+        if (replicaCk && checkpoints.includes(replicaCk)) {
+          bitmapHealthy = await deps.libvirt.checkpointBitmapHealthy(dom, replicaCk, target).catch(() => false);
+        }
+        const decision = decideMode({
+          forceFull: Boolean(req.forceFull),
+          stateCheckpoint: ds.checkpoint,
+          replicaCheckpoint: replicaCk,
+          libvirtCheckpoints: checkpoints,
+          bitmapHealthy,
+          base1IdentityThen: ds.checkpoint === replicaCk || ds.uncertainCheckpoint === replicaCk ? ds.base1Identity : null,
+          base1IdentityNow: base1.devIno,
+          replicaBaseMatches,
+        });
+        const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
+        work.push({ disk, target, replica, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, virtualSize: info.virtualSize });
+        if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
+      } catch (e) {
+        fail(disk.diskId, e);
+      }
+    }
+    if (work.length === 0) return finish();
+
+    const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    try {
+      captured = await capture(deps.libvirt, deps.qemuImg, {
+        vmId,
+        domainName: dom,
+        stagingDir,
+        checkpointName,
+        tryFreeze: deps.tryFreeze,
+        timeoutMs: deps.captureTimeoutMs,
+        minFreePercent: deps.stagingMinFreePercent,
+        domain: view,
+        signal: req.signal,
+        now,
+        log: (o, m) => log.warn(o, m),
+        disks: work.map((w) => ({
+          diskId: w.disk.diskId,
+          base1Path: w.disk.base1Path,
+          target: w.target,
+          snapDir: w.disk.snapDir,
+          mode: w.decision.mode,
+          parentCheckpoint: w.decision.mode === 'incremental' ? w.decision.parent : undefined,
+          virtualSize: w.virtualSize,
+        })),
+      });
+    } catch (e) {
+      for (const w of work) fail(w.disk.diskId, e);
+      return finish();
+    }
+    log.info({ checkpoint: captured.checkpoint, consistency: captured.consistency, ms: captured.jobMs, thinMs: captured.thinMs, note: captured.freezeNote }, 'captured');
+    const capturedAt = Math.floor(captured.capturedAtMs / 1000);
+
+    // Transfer and publish disk by disk, each under its replica lock: one disk's failure does not
+    // stop the others.
+    for (const w of work) {
+      const cd = captured.disks.find((d) => d.diskId === w.disk.diskId)!;
+      const dt0 = now();
+      let session: ReplicaDiskSession | null = null;
+      let publishSent = false;
+      try {
+        session = await w.replica.openDisk(vmId, w.disk.diskId);
+        const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
+        let bytes = 0;
+        let manifest: ReplicaManifest;
+        const baseOk = session.baseOnReplica !== null && session.baseOnReplica.sha256 === w.baseSha && session.baseOnReplica.size === w.baseSize;
+        if (cd.mode === 'full') {
+          let baseKey: string | undefined;
+          if (!baseOk) {
+            baseKey = `base-${w.baseSha.slice(0, 32)}`;
+            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
+            bytes += r.bytes - r.resumedFrom;
+          }
+          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
+          bytes += r1.bytes - r1.resumedFrom;
+          publishSent = true;
+          manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
+        } else {
+          const parent = (w.decision as { parent: string }).parent;
+          if (!baseOk || (session.manifest?.checkpoint ?? null) !== parent) {
+            throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (holds ${session.manifest?.checkpoint ?? 'nothing'}, base ${baseOk ? 'same' : 'different'}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
+          }
+          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
+          bytes += r.bytes - r.resumedFrom;
+          publishSent = true;
+          manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
+        }
+        if (manifest.checkpoint !== captured.checkpoint) {
+          throw new OnestorError(ErrorCodes.PROTOCOL, `replica confirmed ${manifest.checkpoint}, expected ${captured.checkpoint}`, { vm: vmId, disk: w.disk.diskId });
+        }
+        const durationMs = now() - t0;
+        outcomes.set(w.disk.diskId, { vmId, diskId: w.disk.diskId, ok: true, mode: cd.mode, reason: w.decision.reason, bytes, durationMs, consistency: captured.consistency, checkpoint: captured.checkpoint, capturedAt });
+        const k = diskKey(vmId, w.disk.diskId);
+        state.disks[k] = recordSuccess({ ...getDisk(state, vmId, w.disk.diskId), domainName: dom, freqSeconds: w.disk.freqSeconds, replicaHost: w.disk.replicaHost }, {
+          checkpoint: captured.checkpoint,
+          base1Identity: w.base1DevIno,
+          capturedAt,
+          finishedAt: Math.floor(now() / 1000),
+          durationMs,
+          bytes,
+          mode: cd.mode,
+          consistency: captured.consistency,
+          reason: w.decision.reason,
+        });
+        log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
+      } catch (e) {
+        fail(w.disk.diskId, e);
+        // The replica may have published before the link died: keep this checkpoint until it tells us.
+        if (publishSent) uncertain.set(w.disk.diskId, captured.checkpoint);
+      } finally {
+        await session?.close().catch(() => {});
+      }
+    }
+    return finish();
+  } catch (e) {
+    for (const d of req.disks) fail(d.diskId, e);
+    return finish();
+  }
+
+  async function finish(): Promise<DiskOutcome[]> {
+    await cleanStagingDir(stagingDir).catch(() => {});
+    if (captured) {
+      // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then
+      // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,
+      // ready for `checkpoint-create --redefine` when a transient domain loses its metadata.
+      await retireCheckpoints().catch((e) => log.warn({ err: describeError(e) }, 'checkpoint cleanup failed'));
+      if ([...outcomes.values()].some((o) => o.ok)) {
+        try {
+          const xml = await deps.libvirt.checkpointXml(dom, captured.checkpoint);
+          for (const o of outcomes.values()) if (o.ok) state.disks[diskKey(vmId, o.diskId)]!.checkpointXml = xml;
+        } catch (e) {
+          log.warn({ err: describeError(e) }, 'could not save checkpoint XML (redefine after a transient restart will not be possible)');
+        }
+      }
+    }
+    // Merge into the latest file: another writer (daemon marks, a CLI run) may have updated other disks.
+    state = await deps.state.update((fresh) => {
+      for (const [p, v] of Object.entries(state.baseDigests)) fresh.baseDigests[p] = v;
+      for (const d of req.disks) {
+        const o = outcomes.get(d.diskId);
+        const k = diskKey(vmId, d.diskId);
+        if (o?.ok) fresh.disks[k] = { ...state.disks[k]!, nextDueAt: fresh.disks[k]?.nextDueAt, queuedSince: undefined };
+        else if (o?.error && o.error.code === ErrorCodes.ABORTED) {
+          // stopped by SIGTERM/SIGINT: not a failure of the disk; the previous snapshot stands
+          fresh.disks[k] = { ...getDisk(fresh, vmId, d.diskId), phase: undefined, progress: undefined };
+        } else if (o?.error) {
+          fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost, uncertainCheckpoint: uncertain.get(d.diskId) ?? getDisk(fresh, vmId, d.diskId).uncertainCheckpoint }, o.error, Math.floor(now() / 1000));
+        }
+      }
+      return fresh;
+    });
+    for (const o of outcomes.values()) {
+      if (o.error?.code === ErrorCodes.ABORTED) log.info({ disk: o.diskId }, 'disk cycle aborted; previous snapshot stands');
+      else if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
+    }
+    const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
+    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED).length;
+    log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length - aborted, ...(aborted ? { aborted } : {}), ms: now() - t0 }, 'cycle end');
+    return list;
+  }
+
+  async function retireCheckpoints(): Promise<void> {
+    const needed = new Set<string>();
+    for (const d of Object.values(state.disks)) {
+      if (d.vmId !== vmId) continue;
+      if (d.checkpoint) needed.add(d.checkpoint);
+      if (d.uncertainCheckpoint) needed.add(d.uncertainCheckpoint);
+    }
+    for (const c of uncertain.values()) needed.add(c);
+    const all = await deps.libvirt.checkpointNames(dom);
+    for (const name of checkpointsToDelete(all, needed)) {
+      try {
+        await deps.libvirt.checkpointDelete(dom, name);
+      } catch {
+        // a broken bitmap cannot be merged: drop the metadata only
+        await deps.libvirt.checkpointDelete(dom, name, { metadataOnly: true });
+      }
+      log.debug({ checkpoint: name }, 'checkpoint retired');
+    }
+  }
+}
+
+/** Pure: drop `<parent>` from a checkpoint definition when libvirt no longer has that parent. */
+export function withoutMissingParent(xml: string, existing: readonly string[]): string {
+  const m = /<parent>\s*<name>([^<]*)<\/name>\s*<\/parent>\s*/.exec(xml);
+  if (!m || existing.includes(m[1]!)) return xml;
+  return xml.replace(m[0], '');
+}

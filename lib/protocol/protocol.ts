@@ -1,0 +1,341 @@
+/**
+ * Wire protocol between the agent (client) and the replica receiver. PURE: no I/O.
+ *
+ * Frame: [u32 BE payload length][u8 type][payload]. The length counts the payload only.
+ *   type 1 = control message: UTF-8 JSON object, payload <= 64 KiB
+ *   type 2 = data chunk: raw bytes, payload <= 4 MiB
+ * Anything else (unknown type, oversize, a stream that ends inside a frame, bad JSON, a message that does
+ * not match its schema) is E_PROTOCOL.
+ *
+ * Data carries no meaning per frame (it is a byte stream of the current upload), so the decoder hands data
+ * out as it arrives — possibly several pieces per frame — instead of copying it into one buffer first.
+ */
+import { z } from 'zod';
+import { ErrorCodes, OnestorError } from '../shared/errors.js';
+
+export const PROTOCOL_VERSION = 1;
+export const FRAME_HEADER_BYTES = 5;
+export const FRAME_CONTROL = 1;
+export const FRAME_DATA = 2;
+export const MAX_CONTROL_BYTES = 64 * 1024;
+export const MAX_DATA_BYTES = 4 * 1024 * 1024;
+
+export type DecodedFrame =
+  | { type: 'control'; message: unknown }
+  /** A piece of a data frame; `frameEnd` is true on the last piece of that frame. */
+  | { type: 'data'; chunk: Buffer; frameEnd: boolean };
+
+function protocolError(message: string, field?: string): OnestorError {
+  return new OnestorError(ErrorCodes.PROTOCOL, message, field ? { field } : {});
+}
+
+/** Streaming frame decoder: feed it whatever the transport delivers, frames may be split anywhere. */
+export class FrameDecoder {
+  private header = Buffer.alloc(FRAME_HEADER_BYTES);
+  private headerFill = 0;
+  /** Bytes of the current frame's payload still expected; -1 while reading a header. */
+  private remaining = -1;
+  private frameType = 0;
+  private controlParts: Buffer[] = [];
+  private failed: OnestorError | null = null;
+
+  /** Decodes everything complete in `chunk`. Throws E_PROTOCOL; once failed, every later call throws too. */
+  push(chunk: Buffer): DecodedFrame[] {
+    if (this.failed) throw this.failed;
+    try {
+      return this.decode(chunk);
+    } catch (e) {
+      this.failed = e instanceof OnestorError ? e : protocolError(String(e));
+      throw this.failed;
+    }
+  }
+
+  /** True when the stream is between frames (nothing partial buffered). */
+  get idle(): boolean {
+    return this.remaining === -1 && this.headerFill === 0;
+  }
+
+  /** Call at end of stream: a partial frame means the peer was cut mid-frame. */
+  end(): void {
+    if (this.failed) throw this.failed;
+    if (!this.idle) {
+      this.failed = protocolError('stream ended inside a frame (truncated)');
+      throw this.failed;
+    }
+  }
+
+  private decode(chunk: Buffer): DecodedFrame[] {
+    const out: DecodedFrame[] = [];
+    let pos = 0;
+    while (pos < chunk.length) {
+      if (this.remaining === -1) {
+        const take = Math.min(FRAME_HEADER_BYTES - this.headerFill, chunk.length - pos);
+        chunk.copy(this.header, this.headerFill, pos, pos + take);
+        this.headerFill += take;
+        pos += take;
+        if (this.headerFill < FRAME_HEADER_BYTES) break;
+        this.headerFill = 0;
+        const length = this.header.readUInt32BE(0);
+        const type = this.header.readUInt8(4);
+        if (type === FRAME_CONTROL) {
+          if (length > MAX_CONTROL_BYTES) throw protocolError(`control frame of ${length} bytes exceeds ${MAX_CONTROL_BYTES}`);
+        } else if (type === FRAME_DATA) {
+          if (length > MAX_DATA_BYTES) throw protocolError(`data frame of ${length} bytes exceeds ${MAX_DATA_BYTES}`);
+        } else {
+          throw protocolError(`unknown frame type ${type}`);
+        }
+        this.frameType = type;
+        this.remaining = length;
+        if (length === 0) this.finishEmpty(out);
+        continue;
+      }
+      const take = Math.min(this.remaining, chunk.length - pos);
+      const piece = chunk.subarray(pos, pos + take);
+      pos += take;
+      this.remaining -= take;
+      if (this.frameType === FRAME_DATA) {
+        out.push({ type: 'data', chunk: piece, frameEnd: this.remaining === 0 });
+      } else {
+        this.controlParts.push(piece);
+      }
+      if (this.remaining === 0) {
+        this.remaining = -1;
+        if (this.frameType === FRAME_CONTROL) {
+          const payload = this.controlParts.length === 1 ? this.controlParts[0]! : Buffer.concat(this.controlParts);
+          this.controlParts = [];
+          out.push({ type: 'control', message: parseControlPayload(payload) });
+        }
+      }
+    }
+    return out;
+  }
+
+  private finishEmpty(out: DecodedFrame[]): void {
+    this.remaining = -1;
+    if (this.frameType === FRAME_DATA) out.push({ type: 'data', chunk: Buffer.alloc(0), frameEnd: true });
+    else out.push({ type: 'control', message: parseControlPayload(Buffer.alloc(0)) });
+  }
+}
+
+function parseControlPayload(payload: Buffer): unknown {
+  let text: string;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(payload);
+  } catch {
+    throw protocolError('control frame is not valid UTF-8');
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    throw protocolError('control frame is not valid JSON');
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    throw protocolError('control frame is not a JSON object');
+  }
+  return value;
+}
+
+/** Header for a frame; data is sent as header + the caller's buffer so the payload is never copied. */
+export function encodeFrameHeader(type: number, length: number): Buffer {
+  const header = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  header.writeUInt32BE(length, 0);
+  header.writeUInt8(type, 4);
+  return header;
+}
+
+export function encodeControl(message: object): Buffer {
+  const payload = Buffer.from(JSON.stringify(message), 'utf8');
+  if (payload.length > MAX_CONTROL_BYTES) throw protocolError(`control message of ${payload.length} bytes exceeds ${MAX_CONTROL_BYTES}`);
+  return Buffer.concat([encodeFrameHeader(FRAME_CONTROL, payload.length), payload]);
+}
+
+/** Header and payload of one data frame (write both, in order). */
+export function encodeData(chunk: Buffer): [Buffer, Buffer] {
+  if (chunk.length > MAX_DATA_BYTES) throw protocolError(`data chunk of ${chunk.length} bytes exceeds ${MAX_DATA_BYTES}`);
+  return [encodeFrameHeader(FRAME_DATA, chunk.length), chunk];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Message schemas. Unknown extra keys are dropped (newer peers may add fields); known ones are strict.
+
+export const idSchema = z.number().int().min(0).max(2 ** 31 - 1);
+export const sizeSchema = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+export const sha256Schema = z.string().regex(/^[0-9a-f]{64}$/, 'sha256 must be 64 lowercase hex digits');
+export const uploadKeySchema = z
+  .string()
+  .regex(/^[A-Za-z0-9._-]{1,128}$/, 'key must match [A-Za-z0-9._-]{1,128}')
+  .refine((k) => !/^\.+$/.test(k), 'key must not be only dots');
+/** Checkpoint names are chosen by the agent; keep them to a boring alphabet (they end up in logs and JSON). */
+export const checkpointSchema = z.string().regex(/^[A-Za-z0-9._:@+-]{1,200}$/, 'checkpoint name has invalid characters');
+const shortText = (max: number) => z.string().max(max).regex(/^[^\u0000-\u001f\u007f]*$/, 'control characters are not allowed');
+export const epochSchema = z.number().min(0).max(1e11);
+export const consistencySchema = z.enum(['filesystem-frozen', 'crash-consistent']);
+export const uploadKindSchema = z.enum(['base', 'base1', 'inc']);
+export type UploadKind = z.infer<typeof uploadKindSchema>;
+
+export const replicaManifestSchema = z.object({
+  version: z.literal(1),
+  vmId: idSchema,
+  diskId: idSchema,
+  checkpoint: checkpointSchema.nullable(),
+  capturedAt: epochSchema,
+  publishedAt: epochSchema,
+  consistency: consistencySchema,
+  mode: z.enum(['full', 'incremental']),
+  base: z.object({ size: sizeSchema, sha256: sha256Schema }),
+  base1: z.object({ size: sizeSchema, sha256: sha256Schema.optional(), virtualSize: sizeSchema.optional() }),
+  sourceHost: shortText(255).optional(),
+});
+
+export const helloSchema = z.object({
+  type: z.literal('hello'),
+  protocol: z.number().int(),
+  agentVersion: shortText(64),
+  host: shortText(255),
+});
+export const openSchema = z.object({ type: z.literal('open'), vm: idSchema, disk: idSchema });
+export const putSchema = z.object({
+  type: z.literal('put'),
+  kind: uploadKindSchema,
+  size: sizeSchema,
+  key: uploadKeySchema,
+  sha256: sha256Schema.optional(),
+});
+export const endSchema = z.object({ type: z.literal('end'), sha256: sha256Schema });
+const publishCommon = {
+  type: z.literal('publish'),
+  checkpoint: checkpointSchema.nullable(),
+  capturedAt: epochSchema,
+  consistency: consistencySchema,
+  sourceHost: shortText(255),
+};
+export const publishFullSchema = z.object({
+  ...publishCommon,
+  mode: z.literal('full'),
+  base: uploadKeySchema.optional(),
+  base1: uploadKeySchema,
+});
+export const publishIncrementalSchema = z.object({
+  ...publishCommon,
+  mode: z.literal('incremental'),
+  checkpoint: checkpointSchema,
+  parentCheckpoint: checkpointSchema,
+  inc: uploadKeySchema,
+});
+export const statusSchema = z.object({ type: z.literal('status'), vm: idSchema.optional() });
+export const closeSchema = z.object({ type: z.literal('close') });
+export const byeSchema = z.object({ type: z.literal('bye') });
+
+export type HelloMessage = z.infer<typeof helloSchema>;
+export type OpenMessage = z.infer<typeof openSchema>;
+export type PutMessage = z.infer<typeof putSchema>;
+export type EndMessage = z.infer<typeof endSchema>;
+export type PublishFullMessage = z.infer<typeof publishFullSchema>;
+export type PublishIncrementalMessage = z.infer<typeof publishIncrementalSchema>;
+export type StatusMessage = z.infer<typeof statusSchema>;
+export type ClientMessage =
+  | HelloMessage
+  | OpenMessage
+  | PutMessage
+  | EndMessage
+  | PublishFullMessage
+  | PublishIncrementalMessage
+  | StatusMessage
+  | z.infer<typeof closeSchema>
+  | z.infer<typeof byeSchema>;
+
+function describeZodError(err: z.ZodError): string {
+  return err.issues.map((i) => `${i.path.join('.') || '(message)'}: ${i.message}`).join('; ');
+}
+
+function parseWith<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
+  const r = schema.safeParse(value);
+  if (!r.success) {
+    const first = r.error.issues[0];
+    throw new OnestorError(ErrorCodes.PROTOCOL, `invalid ${what}: ${describeZodError(r.error)}`, {
+      field: first ? first.path.join('.') : undefined,
+    });
+  }
+  return r.data;
+}
+
+/** Validates a decoded control message sent by the agent. */
+export function parseClientMessage(value: unknown): ClientMessage {
+  const type = (value as { type?: unknown } | null)?.type;
+  switch (type) {
+    case 'hello':
+      return parseWith(helloSchema, value, 'hello');
+    case 'open':
+      return parseWith(openSchema, value, 'open');
+    case 'put':
+      return parseWith(putSchema, value, 'put');
+    case 'end':
+      return parseWith(endSchema, value, 'end');
+    case 'publish': {
+      const mode = (value as { mode?: unknown }).mode;
+      if (mode === 'full') return parseWith(publishFullSchema, value, 'publish');
+      if (mode === 'incremental') return parseWith(publishIncrementalSchema, value, 'publish');
+      throw new OnestorError(ErrorCodes.PROTOCOL, `invalid publish: unknown mode ${JSON.stringify(mode)}`, { field: 'mode' });
+    }
+    case 'status':
+      return parseWith(statusSchema, value, 'status');
+    case 'close':
+      return parseWith(closeSchema, value, 'close');
+    case 'bye':
+      return parseWith(byeSchema, value, 'bye');
+    default:
+      throw new OnestorError(ErrorCodes.PROTOCOL, `unknown message type ${JSON.stringify(type)}`, { field: 'type' });
+  }
+}
+
+// Replies (receiver -> agent)
+const errorCodeValues = Object.values(ErrorCodes) as [string, ...string[]];
+export const errorReplySchema = z.object({
+  type: z.literal('error'),
+  code: z.enum(errorCodeValues),
+  message: z.string().max(8192),
+});
+export const helloOkSchema = z.object({
+  type: z.literal('ok'),
+  protocol: z.literal(PROTOCOL_VERSION),
+  receiverVersion: z.string().max(64),
+  maxChunk: z.number().int().min(1).max(MAX_DATA_BYTES),
+  snapsDirFree: sizeSchema,
+  snapsDirUsedPercent: z.number().min(0).max(100),
+});
+export const fileDigestSchema = z.object({ size: sizeSchema, sha256: sha256Schema });
+export const openOkSchema = z.object({
+  type: z.literal('ok'),
+  manifest: replicaManifestSchema.nullable(),
+  baseOnReplica: fileDigestSchema.nullable(),
+});
+export const putOkSchema = z.object({ type: z.literal('ok'), offset: sizeSchema });
+export const endOkSchema = z.object({ type: z.literal('ok'), bytes: sizeSchema, sha256: sha256Schema });
+export const publishOkSchema = z.object({ type: z.literal('ok'), manifest: replicaManifestSchema });
+export const statusOkSchema = z.object({ type: z.literal('ok'), manifests: z.array(replicaManifestSchema).max(100_000) });
+export const plainOkSchema = z.object({ type: z.literal('ok') });
+
+export type ErrorReply = z.infer<typeof errorReplySchema>;
+export type HelloOk = z.infer<typeof helloOkSchema>;
+export type OpenOk = z.infer<typeof openOkSchema>;
+export type PutOk = z.infer<typeof putOkSchema>;
+export type EndOk = z.infer<typeof endOkSchema>;
+export type PublishOk = z.infer<typeof publishOkSchema>;
+export type StatusOk = z.infer<typeof statusOkSchema>;
+
+/**
+ * Validates a reply against the expected ok-schema. An error reply becomes the OnestorError it names
+ * (the receiver's code), so callers catch the same codes on both sides of the wire.
+ */
+export function parseReply<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
+  if ((value as { type?: unknown } | null)?.type === 'error') {
+    const err = parseWith(errorReplySchema, value, `error reply to ${what}`);
+    throw new OnestorError(err.code as OnestorError['code'], `replica: ${err.message}`);
+  }
+  return parseWith(schema, value, `reply to ${what}`);
+}
+
+export function errorReply(code: string, message: string): ErrorReply {
+  return { type: 'error', code: code as ErrorReply['code'], message: message.slice(0, 8192) };
+}

@@ -1,0 +1,194 @@
+/**
+ * Where everything of one disk lives on the replica, and the checks that refuse anything we would not have
+ * made (symlinks where directories or files belong). Paths come from validated integers only.
+ *
+ * Layout kept for recovery (DESIGN §2), nothing else inside disk.N.snap/:
+ *   SNAPS/VMID/disk.N -> disk.N.snap/base.1
+ *   SNAPS/VMID/disk.N.snap/{base, base.1, disk.N.snap -> .}
+ *   SNAPS/VMID/.onestor/disk.N.json                 manifest (what is published, with file identities)
+ * Receiver-private, outside SNAPS/VMID so upstream's `rm -rf SNAPS/VMID` never meets a half-written file:
+ *   SNAPS/.onestor/tmp/VMID-N/up.KEY                 uploads (resumable), manifest temps
+ *   SNAPS/.onestor/locks/VMID-N.lock                 per-disk lock
+ *   SNAPS/.onestor/slots/slot.K                      session cap
+ *   SNAPS/.onestor/work/VMID/disk.N/                 A/B copies of base.1 for O(changed) merges
+ */
+import { randomBytes } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
+import { ErrorCodes, OnestorError, type ErrorContext } from '../shared/errors.js';
+import { idSchema } from '../protocol/protocol.js';
+
+export interface ReplicaPaths {
+  vm: number;
+  disk: number;
+  snapsDir: string;
+  vmDir: string;
+  /** `disk.N.snap`: the directory name, the self-link name and the first part of base.1's backing name. */
+  snapDirName: string;
+  snapDir: string;
+  base: string;
+  base1: string;
+  /** SNAPS/VMID/disk.N */
+  diskLink: string;
+  /** SNAPS/VMID/disk.N.snap/disk.N.snap */
+  selfLink: string;
+  metaDir: string;
+  manifest: string;
+  internalDir: string;
+  tmpDir: string;
+  workDir: string;
+  lockFile: string;
+}
+
+/** Backing name base.1 must store (relative, resolved through the self-link). */
+export function expectedBackingName(disk: number): string {
+  return `disk.${disk}.snap/base`;
+}
+
+/** All paths for one disk, from validated integers only (never from client-supplied strings). */
+export function replicaPaths(snapsDir: string, vm: number, disk: number): ReplicaPaths {
+  for (const [field, v] of [['vm', vm], ['disk', disk]] as const) {
+    if (!idSchema.safeParse(v).success) {
+      throw new OnestorError(ErrorCodes.PATH, `${field} id must be an integer 0..2^31-1, got ${JSON.stringify(v)}`, { field });
+    }
+  }
+  if (!path.isAbsolute(snapsDir)) throw new OnestorError(ErrorCodes.CONFIG, `snaps dir must be absolute: ${snapsDir}`, { field: 'snapsDir' });
+  const root = path.resolve(snapsDir);
+  const vmDir = path.join(root, String(vm));
+  const snapDirName = `disk.${disk}.snap`;
+  const snapDir = path.join(vmDir, snapDirName);
+  const internalDir = path.join(root, '.onestor');
+  return {
+    vm,
+    disk,
+    snapsDir: root,
+    vmDir,
+    snapDirName,
+    snapDir,
+    base: path.join(snapDir, 'base'),
+    base1: path.join(snapDir, 'base.1'),
+    diskLink: path.join(vmDir, `disk.${disk}`),
+    selfLink: path.join(snapDir, snapDirName),
+    metaDir: path.join(vmDir, '.onestor'),
+    manifest: path.join(vmDir, '.onestor', `disk.${disk}.json`),
+    internalDir,
+    tmpDir: path.join(internalDir, 'tmp', `${vm}-${disk}`),
+    workDir: path.join(internalDir, 'work', String(vm), `disk.${disk}`),
+    lockFile: path.join(internalDir, 'locks', `${vm}-${disk}.lock`),
+  };
+}
+
+export function slotsDir(snapsDir: string): string {
+  return path.join(path.resolve(snapsDir), '.onestor', 'slots');
+}
+
+export function ctx(p: ReplicaPaths, extra: ErrorContext = {}): ErrorContext {
+  return { vm: p.vm, disk: p.disk, ...extra };
+}
+
+export function errno(e: unknown): string | undefined {
+  return (e as NodeJS.ErrnoException | null)?.code;
+}
+
+export async function lstatOrNull(file: string) {
+  try {
+    return await fsp.lstat(file);
+  } catch (e) {
+    if (errno(e) === 'ENOENT' || errno(e) === 'ENOTDIR') return null;
+    throw e;
+  }
+}
+
+/**
+ * Refuses anything in SNAPS/VMID that is not what we would have made: a symlink where a directory or file
+ * belongs, or a link pointing elsewhere. Nothing is ever written through such a path.
+ */
+/**
+ * Identity of SNAPS/VMID: inode plus birth time, because ext4 hands a freed inode number straight to the
+ * next mkdir, so `rm -rf` + recreate can yield the same inode.
+ */
+export type VmDirId = string;
+export function vmDirIdOf(st: { ino: number; birthtimeMs: number }): VmDirId {
+  return `${st.ino}/${st.birthtimeMs}`;
+}
+
+export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirId: VmDirId | null }> {
+  const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${why}`, ctx(p, { file }));
+  const internal = await lstatOrNull(p.internalDir);
+  if (internal && !internal.isDirectory()) throw refuse(p.internalDir, 'receiver dir that is not a directory');
+  const vmSt = await lstatOrNull(p.vmDir);
+  if (!vmSt) return { vmDirId: null };
+  if (!vmSt.isDirectory()) throw refuse(p.vmDir, 'VM dir that is not a directory (symlink?)');
+  for (const dir of [p.snapDir, p.metaDir]) {
+    const st = await lstatOrNull(dir);
+    if (st && !st.isDirectory()) throw refuse(dir, 'a non-directory where a directory belongs');
+  }
+  for (const file of [p.base, p.base1, p.manifest]) {
+    const st = await lstatOrNull(file);
+    if (st && !st.isFile()) throw refuse(file, 'a non-regular file (symlink?) where a regular file belongs');
+  }
+  for (const [link, target] of [
+    [p.diskLink, `${p.snapDirName}/base.1`],
+    [p.selfLink, '.'],
+  ] as const) {
+    const st = await lstatOrNull(link);
+    if (!st) continue;
+    if (!st.isSymbolicLink()) throw refuse(link, `a non-symlink where the link -> ${target} belongs`);
+    const actual = await fsp.readlink(link);
+    if (actual !== target) throw refuse(link, `link pointing to ${JSON.stringify(actual)} instead of ${target}`);
+  }
+  return { vmDirId: vmDirIdOf(vmSt) };
+}
+
+
+export async function ensureDir(dir: string): Promise<void> {
+  await fsp.mkdir(dir, { recursive: true });
+}
+
+export function tmpName(p: ReplicaPaths, prefix: string): string {
+  return path.join(p.tmpDir, `${prefix}.${randomBytes(6).toString('hex')}`);
+}
+
+
+/** mkdir of one level inside SNAPS/VMID: the parent must exist (ENOENT means the VM dir vanished). */
+export async function mkdirIn(p: ReplicaPaths, dir: string): Promise<void> {
+  try {
+    await fsp.mkdir(dir);
+  } catch (e) {
+    if (errno(e) !== 'EEXIST') throw e;
+    const st = await fsp.lstat(dir);
+    if (!st.isDirectory()) throw new OnestorError(ErrorCodes.PATH, 'refusing a non-directory where a directory belongs', ctx(p, { file: dir }));
+  }
+}
+
+export async function ensureSymlink(p: ReplicaPaths, link: string, target: string): Promise<void> {
+  try {
+    await fsp.symlink(target, link);
+  } catch (e) {
+    if (errno(e) !== 'EEXIST') throw e;
+    const st = await fsp.lstat(link);
+    if (!st.isSymbolicLink() || (await fsp.readlink(link)) !== target) {
+      throw new OnestorError(ErrorCodes.PATH, `refusing ${link}: not a link to ${target}`, ctx(p, { file: link }));
+    }
+  }
+}
+
+export function mapVanished(p: ReplicaPaths, e: unknown, file: string): unknown {
+  if (e instanceof OnestorError) return e;
+  if (errno(e) === 'ENOENT' || errno(e) === 'ENOTDIR') {
+    return new OnestorError(ErrorCodes.VANISHED, `replica VM dir ${p.vmDir} was removed during the session`, ctx(p, { file }), { cause: e });
+  }
+  if (errno(e) === 'ENOSPC' || errno(e) === 'EDQUOT') {
+    return new OnestorError(ErrorCodes.NOSPACE, `no space left on the replica writing ${file}`, ctx(p, { file }), { cause: e });
+  }
+  return e;
+}
+
+/** The VM dir must still be the one seen at open (upstream may `rm -rf` it at any time). */
+export async function assertSameVmDir(p: ReplicaPaths, vmDirId: VmDirId): Promise<void> {
+  const st = await lstatOrNull(p.vmDir);
+  if (!st || !st.isDirectory() || vmDirIdOf(st) !== vmDirId) {
+    throw new OnestorError(ErrorCodes.VANISHED, `replica VM dir ${p.vmDir} was removed or replaced during the session`, ctx(p, { file: p.vmDir }));
+  }
+}
+

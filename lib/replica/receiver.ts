@@ -1,0 +1,481 @@
+/**
+ * The replica-side receiver: one session per process (each ssh exec is one), speaking lib/protocol.ts on
+ * stdin/stdout. It owns every write under SNAPS; SNAPS itself comes from ReceiverOptions, never the client.
+ * Logs go to opts.log (stderr in production): stdout is the protocol.
+ */
+import { createHash, type Hash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import type { Readable, Writable } from 'node:stream';
+import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
+import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
+import {
+  FrameDecoder,
+  MAX_DATA_BYTES,
+  PROTOCOL_VERSION,
+  encodeControl,
+  errorReply,
+  parseClientMessage,
+  type ClientMessage,
+  type PutMessage,
+} from '../protocol/protocol.js';
+import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
+import { publishFull, type PublishContext } from './publish.js';
+import { sweepOrphans } from './sweep.js';
+import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
+
+export const RECEIVER_VERSION = '0.1.0';
+
+export interface ReceiverOptions {
+  snapsDir: string;
+  lockTimeoutSec: number;
+  maxSessions: number;
+  busyWaitSec: number;
+  maxUsedPercent: number;
+  /** false: no up-front free-space refusal (a real ENOSPC still fails the upload cleanly) */
+  spaceCheck?: boolean;
+  qemuImg?: string;
+  /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
+  idleTimeoutSec?: number;
+  log?: (obj: object, msg: string) => void;
+  /** Test hook passed to the publish functions (simulated crashes). */
+  onStep?: PublishContext['onStep'];
+}
+
+/** Exit codes: 0 clean end, 2 protocol violation, 1 anything else that ended the session. */
+export const EXIT_OK = 0;
+export const EXIT_FAILED = 1;
+export const EXIT_PROTOCOL = 2;
+
+const WRITE_BATCH_BYTES = 1024 * 1024;
+
+interface Upload {
+  put: PutMessage;
+  file: string;
+  fh: fsp.FileHandle;
+  position: number;
+  hash: Hash;
+  pending: Buffer[];
+  pendingBytes: number;
+}
+
+interface DiskSession {
+  paths: ReplicaPaths;
+  lock: FileLock;
+  vmDirId: VmDirId | null;
+  baseAtOpen: BaseOnReplica | null;
+  /** Verified uploads of this session, by key. */
+  uploads: Map<string, UploadedFile & { kind: PutMessage['kind'] }>;
+}
+
+class SessionEnd extends Error {
+  constructor(readonly exitCode: number) {
+    super('session end');
+  }
+}
+
+async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
+  const dir = slotsDir(opts.snapsDir);
+  await fsp.mkdir(dir, { recursive: true });
+  const deadline = Date.now() + opts.busyWaitSec * 1000;
+  for (;;) {
+    for (let i = 0; i < opts.maxSessions; i++) {
+      try {
+        return await acquireFileLock(`${dir}/slot.${i}`, { timeoutSec: 0 });
+      } catch (e) {
+        if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
+      }
+    }
+    if (Date.now() >= deadline) {
+      throw new OnestorError(ErrorCodes.BUSY, `all ${opts.maxSessions} receiver sessions busy for ${opts.busyWaitSec} s`);
+    }
+    await new Promise((r) => setTimeout(r, Math.min(250, Math.max(10, deadline - Date.now()))));
+  }
+}
+
+export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
+  const session = new ReceiverSession(output, opts);
+  const decoder = new FrameDecoder();
+  let exitCode = EXIT_OK;
+  const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
+  let idleTimer: NodeJS.Timeout | null = null;
+  const armIdle = () => {
+    if (idleTimer) clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => {
+      input.destroy(new OnestorError(ErrorCodes.ABORTED, `no data from the agent for ${idleMs / 1000} s; ending session`));
+    }, idleMs);
+  };
+  try {
+    try {
+      armIdle();
+      for await (const chunk of input) {
+        // Only time spent waiting for the agent counts; a long merge or lock wait is not idleness.
+        if (idleTimer) clearTimeout(idleTimer);
+        const frames = decoder.push(chunk as Buffer);
+        for (const frame of frames) {
+          if (frame.type === 'data') await session.onData(frame.chunk);
+          else await session.onControl(frame.message);
+        }
+        armIdle();
+      }
+      decoder.end();
+    } catch (e) {
+      if (e instanceof SessionEnd) {
+        exitCode = e.exitCode;
+      } else if (errorCodeOf(e) === ErrorCodes.PROTOCOL) {
+        opts.log?.({ err: describeError(e) }, 'protocol violation; ending session');
+        await session.sendSafe(errorReply(ErrorCodes.PROTOCOL, (e as Error).message));
+        exitCode = EXIT_PROTOCOL;
+      } else {
+        opts.log?.({ err: describeError(e) }, 'receiver failed');
+        await session.sendSafe(errorReply(errorCodeOf(e), (e as Error).message));
+        exitCode = EXIT_FAILED;
+      }
+    }
+  } finally {
+    if (idleTimer) clearTimeout(idleTimer);
+    await session.cleanup();
+  }
+  return exitCode;
+}
+
+class ReceiverSession {
+  private slot: FileLock | null = null;
+  private greeted = false;
+  private disk: DiskSession | null = null;
+  private upload: Upload | null = null;
+  /** After an upload failed early: discard its remaining data and its `end` (the error was its answer). */
+  private draining = false;
+  private readonly qemuImg: string;
+
+  constructor(
+    private readonly output: Writable,
+    private readonly opts: ReceiverOptions,
+  ) {
+    this.qemuImg = opts.qemuImg ?? 'qemu-img';
+  }
+
+  private async send(msg: object): Promise<void> {
+    const out = this.output;
+    // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
+    if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
+    if (!out.write(encodeControl(msg))) {
+      await new Promise<void>((resolve, reject) => {
+        const done = (err?: Error) => {
+          out.off('drain', onDrain);
+          out.off('error', onError);
+          out.off('close', onClose);
+          if (err) reject(err);
+          else resolve();
+        };
+        const onDrain = () => done();
+        const onError = (e: Error) => done(e);
+        const onClose = () => done(new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel'));
+        out.once('drain', onDrain);
+        out.once('error', onError);
+        out.once('close', onClose);
+      });
+    }
+  }
+
+  async sendSafe(msg: object): Promise<void> {
+    try {
+      await this.send(msg);
+    } catch {
+      // peer gone: nothing left to tell it
+    }
+  }
+
+  async onData(chunk: Buffer): Promise<void> {
+    if (this.draining) return;
+    const up = this.upload;
+    if (!up) throw new OnestorError(ErrorCodes.PROTOCOL, 'data frame outside an upload');
+    const received = up.position + up.pendingBytes + chunk.length;
+    if (received > up.put.size) {
+      await this.failUpload(new OnestorError(ErrorCodes.SIZE, `received more than the announced ${up.put.size} bytes`, this.ctx()));
+      return;
+    }
+    if (chunk.length === 0) return;
+    up.hash.update(chunk);
+    up.pending.push(chunk);
+    up.pendingBytes += chunk.length;
+    if (up.pendingBytes >= WRITE_BATCH_BYTES) {
+      try {
+        await this.flush(up);
+      } catch (e) {
+        await this.failUpload(this.mapWriteError(e, up.file));
+      }
+    }
+  }
+
+  private async flush(up: Upload): Promise<void> {
+    if (up.pendingBytes === 0) return;
+    const bufs = up.pending;
+    const expected = up.pendingBytes;
+    up.pending = [];
+    up.pendingBytes = 0;
+    const { bytesWritten } = await up.fh.writev(bufs, up.position);
+    if (bytesWritten !== expected) {
+      // Short write on a regular file: only a full disk does that.
+      throw Object.assign(new Error('short write'), { code: 'ENOSPC' });
+    }
+    up.position += bytesWritten;
+  }
+
+  private mapWriteError(e: unknown, file: string): OnestorError {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT') {
+      return new OnestorError(ErrorCodes.NOSPACE, 'replica filesystem full while receiving; upload discarded', this.ctx({ file }));
+    }
+    if (e instanceof OnestorError) return e;
+    return new OnestorError(ErrorCodes.INTERNAL, `writing ${file}: ${(e as Error).message}`, this.ctx({ file }));
+  }
+
+  private ctx(extra: Record<string, unknown> = {}) {
+    return this.disk ? { vm: this.disk.paths.vm, disk: this.disk.paths.disk, ...extra } : extra;
+  }
+
+  /** Answers the upload with an error now, removes the temp (a bad upload must not be resumed). */
+  private async failUpload(err: OnestorError): Promise<void> {
+    const up = this.upload;
+    this.upload = null;
+    this.draining = true;
+    if (up) {
+      await up.fh.close().catch(() => {});
+      await fsp.rm(up.file, { force: true });
+    }
+    this.opts.log?.({ err: describeError(err) }, 'upload failed');
+    await this.send(errorReply(err.code, err.message));
+  }
+
+  async onControl(raw: unknown): Promise<void> {
+    const msg = parseClientMessage(raw);
+    if (this.draining) {
+      this.draining = false;
+      if (msg.type === 'end') return;
+    }
+    if (this.upload && msg.type !== 'end') {
+      throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} in the middle of an upload`);
+    }
+    try {
+      await this.dispatch(msg);
+    } catch (e) {
+      if (e instanceof SessionEnd || errorCodeOf(e) === ErrorCodes.PROTOCOL) throw e;
+      // Every other failure is the answer to this request; the session goes on.
+      this.opts.log?.({ err: describeError(e), request: msg.type }, 'request failed');
+      await this.send(errorReply(errorCodeOf(e), e instanceof Error ? e.message : String(e)));
+    }
+  }
+
+  private async dispatch(msg: ClientMessage): Promise<void> {
+    if (msg.type === 'bye') {
+      await this.send({ type: 'ok' });
+      throw new SessionEnd(EXIT_OK);
+    }
+    if (msg.type === 'hello') return this.onHello(msg.protocol);
+    if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
+    switch (msg.type) {
+      case 'status': {
+        // an interrupted merge is finished first: the client plans its next increment from this answer
+        if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
+        const manifests = await listManifests(this.opts.snapsDir, msg.vm);
+        return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
+      }
+      case 'open':
+        return this.onOpen(msg.vm, msg.disk);
+      case 'close':
+        await this.closeDisk();
+        return this.send({ type: 'ok' });
+      case 'put':
+        return this.onPut(msg);
+      case 'end':
+        return this.onEnd(msg.sha256);
+      case 'publish':
+        return this.onPublish(msg);
+    }
+  }
+
+  private async onHello(protocol: number): Promise<void> {
+    if (this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, 'second hello');
+    if (protocol !== PROTOCOL_VERSION) {
+      await this.send(errorReply(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
+      throw new SessionEnd(EXIT_PROTOCOL);
+    }
+    await fsp.mkdir(this.opts.snapsDir, { recursive: true });
+    try {
+      this.slot = await acquireSlot(this.opts);
+    } catch (e) {
+      await this.send(errorReply(errorCodeOf(e), (e as Error).message));
+      throw new SessionEnd(EXIT_FAILED);
+    }
+    this.greeted = true;
+    // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
+    await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
+    const fs = await spaceOf(this.opts.snapsDir);
+    await this.send({
+      type: 'ok',
+      protocol: PROTOCOL_VERSION,
+      receiverVersion: RECEIVER_VERSION,
+      maxChunk: MAX_DATA_BYTES,
+      snapsDirFree: fs.avail,
+      snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
+    });
+  }
+
+  private async onOpen(vm: number, disk: number): Promise<void> {
+    if (this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, 'open while another disk is open; close it first');
+    const paths = replicaPaths(this.opts.snapsDir, vm, disk);
+    await fsp.mkdir(paths.tmpDir, { recursive: true });
+    await fsp.mkdir(`${paths.internalDir}/locks`, { recursive: true });
+    const lock = await acquireFileLock(paths.lockFile, { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
+    try {
+      await dropWorkIfVmGone(paths);
+      await recoverJournal(paths, this.qemuImg, this.opts.log);
+      const { vmDirId } = await checkLayout(paths);
+      const manifest = await readValidManifest(paths);
+      const base = await baseOnReplica(paths, manifest);
+      this.disk = { paths, lock, vmDirId, baseAtOpen: base, uploads: new Map() };
+      this.opts.log?.({ vm, disk, checkpoint: manifest?.checkpoint ?? null }, 'disk opened');
+      await this.send({
+        type: 'ok',
+        manifest: manifest ? toWireManifest(manifest) : null,
+        baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
+      });
+    } catch (e) {
+      if (!this.disk) await lock.release();
+      throw e;
+    }
+  }
+
+  private requireDisk(what: string): DiskSession {
+    if (!this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, `${what} without an open disk`);
+    return this.disk;
+  }
+
+  private async onPut(put: PutMessage): Promise<void> {
+    const d = this.requireDisk('put');
+    if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
+    const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
+    // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
+    const factor = put.kind === 'base' ? 1 : 2;
+    const need = (put.size - offset) * factor;
+    const fs = await spaceOf(this.opts.snapsDir);
+    const usedAfter = fs.total > 0 ? ((fs.used + need) / fs.total) * 100 : 100;
+    if (this.opts.spaceCheck !== false && usedAfter > this.opts.maxUsedPercent) {
+      throw new OnestorError(
+        ErrorCodes.NOSPACE,
+        `accepting ${need} bytes would bring the replica filesystem to ${usedAfter.toFixed(1)}% used (limit ${this.opts.maxUsedPercent}%)`,
+        this.ctx({ field: 'REPLICA_MAX_USED_PERC' }),
+      );
+    }
+    const hash = createHash('sha256');
+    if (offset > 0) {
+      // The digest covers the whole file: fold in what we already hold.
+      for await (const chunk of createReadStream(file, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) {
+        hash.update(chunk as Buffer);
+      }
+    }
+    const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
+    d.uploads.delete(put.key);
+    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
+    this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
+    await this.send({ type: 'ok', offset });
+  }
+
+  private async onEnd(sha256: string): Promise<void> {
+    const up = this.upload;
+    if (!up) throw new OnestorError(ErrorCodes.PROTOCOL, 'end without an upload');
+    const d = this.requireDisk('end');
+    let failure: OnestorError | null = null;
+    try {
+      await this.flush(up);
+      await up.fh.sync();
+    } catch (e) {
+      failure = this.mapWriteError(e, up.file);
+    }
+    if (!failure && up.position !== up.put.size) {
+      failure = new OnestorError(ErrorCodes.SIZE, `received ${up.position} bytes, announced ${up.put.size}`, this.ctx({ file: up.file }));
+    }
+    const digest = up.hash.digest('hex');
+    if (!failure && (digest !== sha256 || (up.put.sha256 !== undefined && up.put.sha256 !== digest))) {
+      failure = new OnestorError(ErrorCodes.DIGEST, `sha256 of received data is ${digest}, sender says ${sha256}`, this.ctx({ file: up.file }));
+    }
+    this.upload = null;
+    await up.fh.close().catch(() => {});
+    if (failure) {
+      await fsp.rm(up.file, { force: true });
+      throw failure;
+    }
+    d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
+    await this.send({ type: 'ok', bytes: up.position, sha256: digest });
+  }
+
+  private takeUpload(d: DiskSession, key: string, kind: PutMessage['kind'], field: string): UploadedFile {
+    const u = d.uploads.get(key);
+    if (!u || u.kind !== kind) {
+      throw new OnestorError(ErrorCodes.PROTOCOL, `no verified ${kind} upload with key ${key} in this session`, this.ctx({ field }));
+    }
+    return u;
+  }
+
+  private async onPublish(msg: Extract<ClientMessage, { type: 'publish' }>): Promise<void> {
+    const d = this.requireDisk('publish');
+    const c: PublishContext = {
+      paths: d.paths,
+      qemuImg: this.qemuImg,
+      vmDirId: d.vmDirId,
+      baseAtOpen: d.baseAtOpen,
+      ...(this.opts.log ? { log: this.opts.log } : {}),
+      ...(this.opts.onStep ? { onStep: this.opts.onStep } : {}),
+    };
+    const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: msg.sourceHost };
+    let manifest;
+    if (msg.mode === 'full') {
+      const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
+      const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
+      const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
+      d.vmDirId = r.vmDirId;
+      manifest = r.manifest;
+      d.uploads.delete(msg.base1);
+      if (msg.base !== undefined) d.uploads.delete(msg.base);
+    } else {
+      const inc = this.takeUpload(d, msg.inc, 'inc', 'inc');
+      manifest = await publishIncremental(c, inc, { ...meta, checkpoint: msg.checkpoint, parentCheckpoint: msg.parentCheckpoint });
+      d.uploads.delete(msg.inc);
+    }
+    await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
+    d.baseAtOpen = await baseOnReplica(d.paths, manifest);
+    this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
+    await this.send({ type: 'ok', manifest: toWireManifest(manifest) });
+  }
+
+  private async closeDisk(): Promise<void> {
+    const d = this.disk;
+    this.disk = null;
+    if (d) await d.lock.release();
+  }
+
+  async cleanup(): Promise<void> {
+    if (this.upload) {
+      // Keep the partial file: the next session resumes from it.
+      await this.flush(this.upload).catch(() => {});
+      await this.upload.fh.close().catch(() => {});
+      this.upload = null;
+    }
+    await this.closeDisk().catch(() => {});
+    if (this.slot) await this.slot.release().catch(() => {});
+    this.slot = null;
+  }
+}
+
+async function spaceOf(dir: string): Promise<{ total: number; used: number; avail: number; usedPercent: number }> {
+  const s = await fsp.statfs(dir);
+  const used = (s.blocks - s.bfree) * s.bsize;
+  const avail = s.bavail * s.bsize;
+  // Like df: the root reserve counts neither as used nor as available.
+  const total = used + avail;
+  return { total, used, avail, usedPercent: total > 0 ? (used / total) * 100 : 100 };
+}
+
