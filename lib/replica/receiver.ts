@@ -4,7 +4,6 @@
  * Logs go to opts.log (stderr in production): stdout is the protocol.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
@@ -19,12 +18,13 @@ import {
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
-import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { assertSameVmDir, checkLayout, checkedLockFile, diskLockFile, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
+import { reclaimLeftovers } from './leftovers.js';
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
 import { sweepOrphans } from './sweep.js';
-import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
+import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
 
@@ -77,13 +77,11 @@ class SessionEnd extends Error {
 }
 
 async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
-  const dir = slotsDir(opts.snapsDir);
-  await fsp.mkdir(dir, { recursive: true });
   const deadline = Date.now() + opts.busyWaitSec * 1000;
   for (;;) {
     for (let i = 0; i < opts.maxSessions; i++) {
       try {
-        return await acquireFileLock(`${dir}/slot.${i}`, { timeoutSec: 0 });
+        return await acquireFileLock(await checkedLockFile(opts.snapsDir, ['slots'], `slot.${i}`), { timeoutSec: 0 });
       } catch (e) {
         if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
       }
@@ -327,12 +325,13 @@ class ReceiverSession {
   private async onOpen(vm: number, disk: number): Promise<void> {
     if (this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, 'open while another disk is open; close it first');
     const paths = replicaPaths(this.opts.snapsDir, vm, disk);
-    await fsp.mkdir(paths.tmpDir, { recursive: true });
-    await fsp.mkdir(`${paths.internalDir}/locks`, { recursive: true });
-    const lock = await acquireFileLock(paths.lockFile, { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
+    const lock = await acquireFileLock(await diskLockFile(paths), { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
     try {
+      // Layout first: no journal redo or cleanup ever acts through a path we did not make.
+      await checkLayout(paths);
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
+      await reclaimLeftovers(paths, this.opts.log);
       const { vmDirId } = await checkLayout(paths);
       const manifest = await readValidManifest(paths);
       const base = await baseOnReplica(paths, manifest);
@@ -357,7 +356,7 @@ class ReceiverSession {
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
-    const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
+    const { file, offset } = await prepareUpload(d.paths, put.key, put.size, new Set([...d.uploads.values()].map((u) => u.file)));
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     const factor = put.kind === 'base' ? 1 : 2;
     const need = (put.size - offset) * factor;
@@ -371,13 +370,13 @@ class ReceiverSession {
       );
     }
     const hash = createHash('sha256');
+    const fh = await openUpload(file, offset);
     if (offset > 0) {
       // The digest covers the whole file: fold in what we already hold.
-      for await (const chunk of createReadStream(file, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) {
+      for await (const chunk of fh.createReadStream({ start: 0, end: offset - 1, highWaterMark: 4 << 20, autoClose: false })) {
         hash.update(chunk as Buffer);
       }
     }
-    const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
     d.uploads.delete(put.key);
     this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
