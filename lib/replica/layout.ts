@@ -114,7 +114,7 @@ export function vmDirIdOf(st: { ino: number; birthtimeMs: number }): VmDirId {
 }
 
 export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirId: VmDirId | null }> {
-  const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${why}`, ctx(p, { file }));
+  const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${file}: ${why}`, ctx(p, { file }));
   const internal = await lstatOrNull(p.internalDir);
   if (internal && !internal.isDirectory()) throw refuse(p.internalDir, 'receiver dir that is not a directory');
   const vmSt = await lstatOrNull(p.vmDir);
