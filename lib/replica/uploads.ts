@@ -28,8 +28,14 @@ export async function prepareUpload(p: ReplicaPaths, key: string, size: number, 
   await ensureTmpDir(p);
   const file = uploadPath(p, key);
   await boundUploads(p, new Set([...keep, file]), MAX_OTHER_UPLOADS);
-  const st = await lstatOrNull(file);
-  if (st && !st.isFile()) throw new OnestorError(ErrorCodes.PATH, 'refusing a non-regular upload temp file', ctx(p, { file }));
+  let st = await lstatOrNull(file);
+  if (st && !st.isFile()) throw new OnestorError(ErrorCodes.PATH, `refusing ${file}: not a regular file`, ctx(p, { file }));
+  if (st && st.nlink > 1) {
+    // Linked elsewhere: staged or already published by a journal that did not finish its bookkeeping.
+    // Never written again; the upload starts over in a new inode.
+    await fsp.rm(file, { force: true });
+    st = null;
+  }
   if (!st) return { file, offset: 0 };
   if (st.size > size) {
     const fh = await openUpload(file, 0);
@@ -52,7 +58,8 @@ async function uploadEntries(p: ReplicaPaths): Promise<Array<{ file: string; mti
   for (const n of await fsp.readdir(dir)) {
     if (!n.startsWith('up.')) continue;
     const st = await lstatOrNull(path.join(dir, n));
-    if (st) out.push({ file: path.join(dir, n), mtimeMs: st.mtimeMs });
+    // linked elsewhere (published): not a partial upload, never resumed; sorts as oldest
+    if (st) out.push({ file: path.join(dir, n), mtimeMs: st.nlink > 1 ? 0 : st.mtimeMs });
   }
   return out;
 }
