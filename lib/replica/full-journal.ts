@@ -114,6 +114,7 @@ export async function runFullJournal(p: ReplicaPaths, j: FullJournal, c?: Publis
   }
   // The pair is the new snapshot from here on; what follows is bookkeeping.
   for (const u of j.uploads) {
+    if (path.dirname(u.file) !== p.tmpDir || !path.basename(u.file).startsWith('up.')) continue; // only our upload temps
     const st = await lstatOrNull(u.file);
     if (st?.isFile() && st.ino === u.ino) await fsp.rm(u.file, { force: true });
   }
