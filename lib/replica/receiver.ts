@@ -372,9 +372,14 @@ class ReceiverSession {
     const hash = createHash('sha256');
     const fh = await openUpload(file, offset);
     if (offset > 0) {
-      // The digest covers the whole file: fold in what we already hold.
-      for await (const chunk of fh.createReadStream({ start: 0, end: offset - 1, highWaterMark: 4 << 20, autoClose: false })) {
-        hash.update(chunk as Buffer);
+      try {
+        // The digest covers the whole file: fold in what we already hold.
+        for await (const chunk of fh.createReadStream({ start: 0, end: offset - 1, highWaterMark: 4 << 20, autoClose: false })) {
+          hash.update(chunk as Buffer);
+        }
+      } catch (e) {
+        await fh.close().catch(() => {});
+        throw e;
       }
     }
     d.uploads.delete(put.key);
