@@ -197,6 +197,12 @@ export async function removeWorkDir(p: ReplicaPaths): Promise<void> {
   if (dir) await fsp.rm(dir, { recursive: true, force: true });
 }
 
+/** rm -rf of the disk's tmp dir (uploads included), only once every component down to it is a real directory. */
+export async function removeTmpDir(p: ReplicaPaths): Promise<void> {
+  const dir = await checkedTmpDir(p);
+  if (dir) await fsp.rm(dir, { recursive: true, force: true });
+}
+
 /**
  * A lock or slot file we are about to hand to flock(1), which opens it following symlinks: its directory
  * is checked (and created) component by component and the file itself must be absent or a regular file.
