@@ -35,7 +35,7 @@ const plan: Array<{ kind: ScenarioKind; syscall: string; stride: number }> = [
 describe('receiver killed between syscalls (strace inject)', () => {
   const scenarios = new Map<ScenarioKind, Awaited<ReturnType<typeof makeScenario>>>();
   for (const { kind, syscall, stride } of plan) {
-    it(`${kind}, ${syscall} every ${stride === 1 ? '' : `${stride}th `}call until one completes`, async () => {
+    it(`${kind}, ${syscall}: N = 1, ${1 + stride}, ${1 + 2 * stride}, ... until a run completes`, async () => {
       if (!scenarios.has(kind)) scenarios.set(kind, await makeScenario(root, kind));
       const r = await sweepSyscall(scenarios.get(kind)!, root, syscall, { stride });
       expect(r.completedAt, `${syscall}: no run completed`).not.toBeNull();
