@@ -103,14 +103,18 @@ async function publishFull(snaps: string, vm: number, src: { base?: string; base
   );
 }
 
-async function publishInc(snaps: string, vm: number, inc: string, parent: string, ck: string) {
-  return withSession(snaps, async (c) => {
-    const d = await c.openDisk(vm, 0);
-    await d.upload('inc', inc, { key: `${ck}.inc` });
-    const m = await d.publishIncremental({ parentCheckpoint: parent, checkpoint: ck, capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'hv1', inc: `${ck}.inc` });
-    await d.close();
-    return m;
-  });
+async function publishInc(snaps: string, vm: number, inc: string, parent: string, ck: string, extra: Partial<ReceiverOptions> = {}) {
+  return withSession(
+    snaps,
+    async (c) => {
+      const d = await c.openDisk(vm, 0);
+      await d.upload('inc', inc, { key: `${ck}.inc` });
+      const m = await d.publishIncremental({ parentCheckpoint: parent, checkpoint: ck, capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'hv1', inc: `${ck}.inc` });
+      await d.close();
+      return m;
+    },
+    extra,
+  );
 }
 
 async function makeInc(ops: string[], alsoApplyTo: string, sizeMiB = 8): Promise<string> {
@@ -240,6 +244,36 @@ describe('a spare that something else links is never written', () => {
     const spareAfter = await Promise.all(['copy.a', 'copy.b'].map(async (n) => (await fsp.stat(path.join(work, n))).ino));
     expect(spareAfter.sort()).toEqual(spareBefore.sort());
     expect(await recovered(snaps, 9)).toBe(await view(src.base1));
+  });
+});
+
+describe('a merge interrupted right after starting its fresh spare', () => {
+  it('is finished by the next open; the linked inode stays untouched', async () => {
+    const src = await disk(8, ['write -P 0x11 0 4M'], ['write -P 0x22 1M 1M']);
+    const snaps = path.join(root, `spare-crash-${uniq++}`);
+    await publishFull(snaps, 10, src, 'c1');
+    const backup = path.join(root, `backup-${uniq++}`);
+    await fsp.link(path.join(snaps, '10', 'disk.0.snap', 'base.1'), backup);
+    const hash = await sha(backup);
+    await publishInc(snaps, 10, await makeInc(['write -P 0x51 2M 128k'], src.base1), 'c1', 'c2');
+    const inc3 = await makeInc(['write -P 0x52 5M 128k'], src.base1);
+    const steps: string[] = [];
+    const err = await publishInc(snaps, 10, inc3, 'c2', 'c3', {
+      onStep: (s) => {
+        steps.push(s);
+        if (s === 'inc:fresh-spare') throw new Error('crash after the fresh spare');
+      },
+    }).catch((e: Error) => e);
+    expect(String(err)).toMatch(/crash after the fresh spare/);
+    expect(steps).toContain('inc:fresh-spare');
+    const m = await withSession(snaps, async (c) => {
+      const d = await c.openDisk(10, 0);
+      await d.close();
+      return d.manifest;
+    });
+    expect(m?.checkpoint).toBe('c3');
+    expect(await recovered(snaps, 10)).toBe(await view(src.base1));
+    expect(await sha(backup)).toBe(hash);
   });
 });
 
