@@ -1,14 +1,22 @@
 /**
- * Crash-safe exclusive file locks. Node has no flock(2), so the lock is held by a child
- * `flock` process whose command waits on our stdin: when we release (or die, even by SIGKILL) the pipe
- * closes, the child exits and the kernel drops the lock. No stale lock files to clean up after a crash.
+ * Crash-safe exclusive file locks. Node has no flock(2), so the lock is held by a child shell that
+ * opens the file on fd 9, `flock`s that fd and waits on our stdin: when we release (or die, even by
+ * SIGKILL) the pipe closes, the child exits and the kernel drops the lock.
+ *
+ * Lock files may be removed (FileLock.remove), which is only safe because every acquirer checks, once it
+ * holds the lock, that the path still names the inode it locked, and starts over if not. Without that
+ * check: A holds inode I, B waits on I, A unlinks and releases, C creates J — B (on I) and C (on J) would
+ * both "hold" the lock.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { unlink } from 'node:fs/promises';
 import { ErrorCodes, OnestorError, type ErrorContext } from './errors.js';
 
 export interface FileLock {
   readonly path: string;
   release(): Promise<void>;
+  /** Unlinks the lock file while still holding it, then releases (waiters notice and retry on a new file). */
+  remove(): Promise<void>;
 }
 
 export interface LockOptions {
@@ -24,9 +32,12 @@ const ACQUIRED = 'L';
 /** Acquires an exclusive lock on `path` (created if missing). Rejects with E_LOCK_TIMEOUT when not acquired in time. */
 export function acquireFileLock(path: string, opts: LockOptions): Promise<FileLock> {
   const flock = opts.flockPath ?? 'flock';
-  const waitArgs = opts.timeoutSec > 0 ? ['-w', String(opts.timeoutSec)] : ['-n'];
-  // -o: the lock fd is not inherited by sh; flock itself keeps it until sh exits (our stdin closes).
-  const child = spawn(flock, [...waitArgs, '-o', path, '-c', `echo ${ACQUIRED}; read _`], {
+  const waitArgs = opts.timeoutSec > 0 ? `-w ${Number(opts.timeoutSec)}` : '-n';
+  // fd 9 stays open in sh (and so locked) until sh exits, i.e. until our stdin closes. `[ A -ef B ]`
+  // compares device and inode: a lock on a file that was unlinked (or replaced) meanwhile is worthless,
+  // so close it and lock whatever the path names now. Each attempt waits up to the timeout.
+  const script = `while :; do exec 9>>"$1"; "$2" ${waitArgs} 9 || exit $?; [ /proc/self/fd/9 -ef "$1" ] && break; exec 9>&-; done; echo ${ACQUIRED}; read _`;
+  const child = spawn('sh', ['-c', script, 'sh', path, flock], {
     stdio: ['pipe', 'pipe', 'pipe'],
     env: { ...process.env, LC_ALL: 'C' },
   });
@@ -90,8 +101,17 @@ function makeLock(path: string, child: ChildProcess): FileLock {
   child.unref();
   (child.stdout as unknown as { unref?: () => void })?.unref?.();
   (child.stderr as unknown as { unref?: () => void })?.unref?.();
-  return {
+  const lock: FileLock = {
     path,
+    async remove() {
+      if (!released) {
+        // We hold it, so nobody else can be removing or replacing it right now.
+        await unlink(path).catch((e: NodeJS.ErrnoException) => {
+          if (e.code !== 'ENOENT') throw e;
+        });
+      }
+      await lock.release();
+    },
     release() {
       if (!released) {
         released = new Promise<void>((resolve) => {
@@ -105,4 +125,5 @@ function makeLock(path: string, child: ChildProcess): FileLock {
       return released;
     },
   };
+  return lock;
 }
