@@ -13,14 +13,16 @@ import {
   FrameDecoder,
   MAX_DATA_BYTES,
   PROTOCOL_VERSION,
-  encodeControl,
+  encodeReply,
   errorReply,
   parseClientMessage,
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
 import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
-import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { statusPage } from './status-page.js';
+import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
 import { sweepOrphans } from './sweep.js';
@@ -161,7 +163,7 @@ class ReceiverSession {
     const out = this.output;
     // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
     if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
-    if (!out.write(encodeControl(msg))) {
+    if (!out.write(encodeReply(msg))) {
       await new Promise<void>((resolve, reject) => {
         const done = (err?: Error) => {
           out.off('drain', onDrain);
@@ -280,8 +282,12 @@ class ReceiverSession {
       case 'status': {
         // an interrupted merge is finished first: the client plans its next increment from this answer
         if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
-        const manifests = await listManifests(this.opts.snapsDir, msg.vm);
-        return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
+        const page = await statusPage(this.opts.snapsDir, { ...(msg.vm !== undefined ? { vm: msg.vm } : {}), after: msg.after ?? null });
+        if (msg.after === undefined && page.next) {
+          // an agent from before paging: it cannot follow a cursor, and a partial list would mislead it
+          throw new OnestorError(ErrorCodes.INTERNAL, `status holds more manifests than one reply carries; this agent must be upgraded to page through them`, msg.vm !== undefined ? { vm: msg.vm } : {});
+        }
+        return this.send({ type: 'ok', manifests: page.manifests, ...(msg.after !== undefined ? { next: page.next } : {}) });
       }
       case 'open':
         return this.onOpen(msg.vm, msg.disk);
@@ -327,9 +333,8 @@ class ReceiverSession {
   private async onOpen(vm: number, disk: number): Promise<void> {
     if (this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, 'open while another disk is open; close it first');
     const paths = replicaPaths(this.opts.snapsDir, vm, disk);
-    await fsp.mkdir(paths.tmpDir, { recursive: true });
-    await fsp.mkdir(`${paths.internalDir}/locks`, { recursive: true });
-    const lock = await acquireFileLock(paths.lockFile, { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
+    // nothing but the lock until data arrives: the tmp dir is made by the first put (see unlockDisk)
+    const lock = await lockDisk(paths, this.opts.lockTimeoutSec);
     try {
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
@@ -344,7 +349,7 @@ class ReceiverSession {
         baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
       });
     } catch (e) {
-      if (!this.disk) await lock.release();
+      if (!this.disk) await unlockDisk(paths, lock);
       throw e;
     }
   }
@@ -454,7 +459,7 @@ class ReceiverSession {
   private async closeDisk(): Promise<void> {
     const d = this.disk;
     this.disk = null;
-    if (d) await d.lock.release();
+    if (d) await unlockDisk(d.paths, d.lock);
   }
 
   async cleanup(): Promise<void> {
