@@ -25,7 +25,7 @@ import { statusPage } from './status-page.js';
 import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
-import { sweepOrphans } from './sweep.js';
+import { maybeSweep } from './sweep.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
@@ -42,6 +42,8 @@ export interface ReceiverOptions {
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
   log?: (obj: object, msg: string) => void;
+  /** Orphan sweep at most this often per replica (after a hello reply). Default 600; 0 = after every hello. */
+  sweepIntervalSec?: number;
   /** Test hook passed to the publish functions (simulated crashes). */
   onStep?: PublishContext['onStep'];
 }
@@ -145,6 +147,7 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
 
 class ReceiverSession {
   private slot: FileLock | null = null;
+  private sweep: Promise<void> | null = null;
   private greeted = false;
   private disk: DiskSession | null = null;
   private upload: Upload | null = null;
@@ -317,8 +320,6 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
-    // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
-    await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -328,6 +329,17 @@ class ReceiverSession {
       snapsDirFree: fs.avail,
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
     });
+    this.startSweep();
+  }
+
+  /** Housekeeping after the reply, in the background, while we hold a slot; cleanup() waits for it. */
+  private startSweep(): void {
+    const log = this.opts.log;
+    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? 600) * 1000, log ? { log } : {})
+      .then((r) => {
+        if (r && r.candidates > 0) log?.({ ...r }, 'orphan sweep');
+      })
+      .catch((e: unknown) => log?.({ err: describeError(e) }, 'orphan sweep failed'));
   }
 
   private async onOpen(vm: number, disk: number): Promise<void> {
@@ -470,6 +482,7 @@ class ReceiverSession {
       this.upload = null;
     }
     await this.closeDisk().catch(() => {});
+    if (this.sweep) await this.sweep;
     if (this.slot) await this.slot.release().catch(() => {});
     this.slot = null;
   }
