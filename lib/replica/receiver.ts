@@ -26,6 +26,7 @@ import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
 import { maybeSweep } from './sweep.js';
+import { SpaceLedger } from './reservations.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
@@ -148,6 +149,8 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
 class ReceiverSession {
   private slot: FileLock | null = null;
   private sweep: Promise<void> | null = null;
+  /** accepted-but-unpublished bytes of this session, visible to every other session (null: no space check) */
+  private ledger: SpaceLedger | null = null;
   private greeted = false;
   private disk: DiskSession | null = null;
   private upload: Upload | null = null;
@@ -238,6 +241,10 @@ class ReceiverSession {
     return new OnestorError(ErrorCodes.INTERNAL, `writing ${file}: ${(e as Error).message}`, this.ctx({ file }));
   }
 
+  private resvKey(key: string): string {
+    return this.disk ? `${this.disk.paths.vm}-${this.disk.paths.disk}/${key}` : key;
+  }
+
   private ctx(extra: Record<string, unknown> = {}) {
     return this.disk ? { vm: this.disk.paths.vm, disk: this.disk.paths.disk, ...extra } : extra;
   }
@@ -250,6 +257,7 @@ class ReceiverSession {
     if (up) {
       await up.fh.close().catch(() => {});
       await fsp.rm(up.file, { force: true });
+      await this.ledger?.lower(this.resvKey(up.put.key), 0);
     }
     this.opts.log?.({ err: describeError(err) }, 'upload failed');
     await this.send(errorReply(err.code, err.message));
@@ -320,6 +328,10 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
+    if (this.opts.spaceCheck !== false) {
+      this.ledger = new SpaceLedger(this.slot.path, () => spaceOf(this.opts.snapsDir), this.opts.maxUsedPercent);
+      await this.ledger.reset();
+    }
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -376,17 +388,8 @@ class ReceiverSession {
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
     const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
-    const factor = put.kind === 'base' ? 1 : 2;
-    const need = (put.size - offset) * factor;
-    const fs = await spaceOf(this.opts.snapsDir);
-    const usedAfter = fs.total > 0 ? ((fs.used + need) / fs.total) * 100 : 100;
-    if (this.opts.spaceCheck !== false && usedAfter > this.opts.maxUsedPercent) {
-      throw new OnestorError(
-        ErrorCodes.NOSPACE,
-        `accepting ${need} bytes would bring the replica filesystem to ${usedAfter.toFixed(1)}% used (limit ${this.opts.maxUsedPercent}%)`,
-        this.ctx({ field: 'REPLICA_MAX_USED_PERC' }),
-      );
-    }
+    // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
+    await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
     const hash = createHash('sha256');
     if (offset > 0) {
       // The digest covers the whole file: fold in what we already hold.
@@ -423,8 +426,11 @@ class ReceiverSession {
     await up.fh.close().catch(() => {});
     if (failure) {
       await fsp.rm(up.file, { force: true });
+      await this.ledger?.lower(this.resvKey(up.put.key), 0);
       throw failure;
     }
+    // the upload itself now shows in the filesystem's usage; only the spare's room stays reserved
+    await this.ledger?.lower(this.resvKey(up.put.key), spareBytes(up.put));
     d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
     await this.send({ type: 'ok', bytes: up.position, sha256: digest });
   }
@@ -462,6 +468,7 @@ class ReceiverSession {
       manifest = await publishIncremental(c, inc, { ...meta, checkpoint: msg.checkpoint, parentCheckpoint: msg.parentCheckpoint });
       d.uploads.delete(msg.inc);
     }
+    for (const k of msg.mode === 'full' ? [msg.base1, msg.base] : [msg.inc]) if (k !== undefined) await this.ledger?.lower(this.resvKey(k), 0);
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
@@ -471,6 +478,8 @@ class ReceiverSession {
   private async closeDisk(): Promise<void> {
     const d = this.disk;
     this.disk = null;
+    // what this disk did not publish is dropped with it (one disk open at a time)
+    await this.ledger?.releaseAll();
     if (d) await unlockDisk(d.paths, d.lock);
   }
 
@@ -483,9 +492,15 @@ class ReceiverSession {
     }
     await this.closeDisk().catch(() => {});
     if (this.sweep) await this.sweep;
+    await this.ledger?.releaseAll().catch(() => {});
     if (this.slot) await this.slot.release().catch(() => {});
     this.slot = null;
   }
+}
+
+/** Room a base.1 or an increment needs after its upload: the A/B spare (copy at seed, merge growth later). */
+function spareBytes(put: PutMessage): number {
+  return put.kind === 'base' ? 0 : put.size;
 }
 
 async function spaceOf(dir: string): Promise<{ total: number; used: number; avail: number; usedPercent: number }> {
