@@ -139,13 +139,16 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
     if (m && validIds(m[1]!, m[2]!)) at(m[1]!, m[2]!).lock = true;
   }
 
-  /** What this disk has to give back; re-evaluated under the lock. */
-  const plan = async (c: Candidate, p: ReplicaPaths) => {
-    const vmLive = liveVms.has(c.vm) && (await lstatOrNull(p.vmDir)) !== null;
-    const base1 = vmLive ? await lstatOrNull(p.base1) : null;
+  /**
+   * What this disk has to give back. First from the listings alone (cheap: most disks need nothing and cost
+   * a readdir of their tmp dir at most), then again under the lock with lstat checks before removing.
+   */
+  const plan = async (c: Candidate, p: ReplicaPaths, locked: boolean) => {
+    const vmLive = locked ? (await lstatOrNull(p.vmDir))?.isDirectory() === true : liveVms.has(c.vm);
+    const base1 = c.work && vmLive ? await lstatOrNull(p.base1) : null;
     // The work dir serves the published base.1 only; without one it is a spare (and a link) for nothing.
-    const dropWork = c.work && !base1?.isFile() && (await lstatOrNull(p.workDir)) !== null;
-    const tmpNames = c.tmp ? await listDir(p.tmpDir) : [];
+    const dropWork = c.work && !base1?.isFile() && (!locked || (await lstatOrNull(p.workDir)) !== null);
+    const tmpNames = !c.tmp ? [] : locked ? await listDir(p.tmpDir) : await fsp.readdir(p.tmpDir).catch(() => [] as string[]);
     const lineageGone = !vmLive && c.work;
     const tmpGone = await removableTmp(p, tmpNames, lineageGone ? -1 : vmLive ? uploadAge : orphanUploadAge, now);
     const tmpEmptyAfter = c.tmp && tmpGone.length === tmpNames.length;
@@ -154,7 +157,7 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
 
   for (const c of byDisk.values()) {
     const p = replicaPaths(root, c.vm, c.disk);
-    if (!(await plan(c, p)).any) continue;
+    if (!(await plan(c, p, false)).any) continue;
     result.candidates++;
     if (result.cleaned >= maxCleaned) {
       result.deferred++;
@@ -169,7 +172,7 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
     }
     let removed = 0;
     try {
-      const todo = await plan(c, p);
+      const todo = await plan(c, p, true);
       if (todo.dropWork) {
         result.bytes += await allocatedBytes(p.workDir);
         await fsp.rm(p.workDir, { recursive: true, force: true });
