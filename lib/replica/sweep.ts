@@ -1,7 +1,7 @@
 /**
  * Reclaims what no session will ever clean up in SNAPS/.onestor:
  *   - merge work dirs (a full spare, plus a hard link that keeps alive the base.1 upstream's `rm -rf SNAPS/VMID`
- *     thought it deleted: ~2x base.1 each) of disks whose published base.1 is gone;
+ *     thought it deleted: ~2x base.1 each) of disks whose disk.N.snap/ is gone;
  *   - temp files of dead sessions (manifest temps, staged publishes, an old base.1 moved away), and partial
  *     uploads nobody resumed in time;
  *   - empty tmp dirs and lock files.
@@ -145,9 +145,11 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
    */
   const plan = async (c: Candidate, p: ReplicaPaths, locked: boolean) => {
     const vmLive = locked ? (await lstatOrNull(p.vmDir))?.isDirectory() === true : liveVms.has(c.vm);
-    const base1 = c.work && vmLive ? await lstatOrNull(p.base1) : null;
-    // The work dir serves the published base.1 only; without one it is a spare (and a link) for nothing.
-    const dropWork = c.work && !base1?.isFile() && (!locked || (await lstatOrNull(p.workDir)) !== null);
+    // The work dir serves this disk's snapshot dir only (A/B spares, a journal a later open finishes).
+    // Without disk.N.snap (VM terminated, or disk detached and SNAPS/VMID recreated by another disk) it
+    // holds a spare and a link for nothing; with it, even half-published, the next open of the disk decides.
+    const snapDir = c.work && vmLive ? await lstatOrNull(p.snapDir) : null;
+    const dropWork = c.work && snapDir === null && (!locked || (await lstatOrNull(p.workDir)) !== null);
     const tmpNames = !c.tmp ? [] : locked ? await listDir(p.tmpDir) : await fsp.readdir(p.tmpDir).catch(() => [] as string[]);
     const lineageGone = !vmLive && c.work;
     const tmpGone = await removableTmp(p, tmpNames, lineageGone ? -1 : vmLive ? uploadAge : orphanUploadAge, now);

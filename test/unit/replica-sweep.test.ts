@@ -80,6 +80,13 @@ describe('sweepOrphans', () => {
     const detached = replicaPaths(snaps, 30, 2);
     await mkdir(detached.workDir, { recursive: true });
     await writeFile(path.join(detached.workDir, 'copy.b'), 'spare of a disk that is gone');
+    // a disk whose full publish was interrupted (base renamed in, base.1 not yet): its journal and staged
+    // files in the work dir are for the next open of the disk to finish, never the sweep's
+    const midPublish = replicaPaths(snaps, 31, 0);
+    await mkdir(midPublish.snapDir, { recursive: true });
+    await writeFile(midPublish.base, 'new base');
+    await mkdir(midPublish.workDir, { recursive: true });
+    for (const n of ['full.json', 'full.base1']) await writeFile(path.join(midPublish.workDir, n), 'x');
     // a first seed cut an hour ago: no VM dir yet, may still resume
     const seeding = replicaPaths(snaps, 40, 0);
     await mkdir(seeding.tmpDir, { recursive: true });
@@ -108,6 +115,7 @@ describe('sweepOrphans', () => {
     expect(await exists(crashed.lockFile)).toBe(false);
     expect(await exists(path.join(crashed.workDir, 'copy.b'))).toBe(true); // its spare serves its base.1
     expect(await exists(detached.workDir)).toBe(false);
+    expect((await readdir(midPublish.workDir)).sort()).toEqual(['full.base1', 'full.json']);
     expect(await readdir(seeding.tmpDir)).toEqual(['up.base-ck1']);
     for (const p of live) {
       expect(await readdir(p.workDir)).toEqual(['copy.a', 'copy.b', 'state.json']);
