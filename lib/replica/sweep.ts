@@ -16,9 +16,9 @@
 import { constants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { acquireFileLock } from '../shared/file-lock.js';
+import { acquireFileLock, openBatchLocker, type BatchLocker } from '../shared/file-lock.js';
 import { lstatOrNull, replicaPaths, type ReplicaPaths } from './layout.js';
-import { lockDisk, unlockDisk } from './disk-lock.js';
+import { unlockDisk } from './disk-lock.js';
 
 export interface SweepOptions {
   /** At most this many disks cleaned per call (the rest next time). Default: no limit. */
@@ -157,44 +157,51 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
     return { dropWork, tmpGone, tmpEmptyAfter, any: dropWork || tmpGone.length > 0 || tmpEmptyAfter || c.lock };
   };
 
-  for (const c of byDisk.values()) {
-    const p = replicaPaths(root, c.vm, c.disk);
-    if (!(await plan(c, p, false)).any) continue;
-    result.candidates++;
-    if (result.cleaned >= maxCleaned) {
-      result.deferred++;
-      continue;
-    }
-    let lock;
-    try {
-      lock = await lockDisk(p, 0);
-    } catch {
-      result.busy++; // a session is working on it right now
-      continue;
-    }
-    let removed = 0;
-    try {
-      const todo = await plan(c, p, true);
-      if (todo.dropWork) {
-        result.bytes += await allocatedBytes(p.workDir);
-        await fsp.rm(p.workDir, { recursive: true, force: true });
-        removed++;
+  let locker: BatchLocker | null = null;
+  try {
+    for (const c of byDisk.values()) {
+      const p = replicaPaths(root, c.vm, c.disk);
+      if (!(await plan(c, p, false)).any) continue;
+      result.candidates++;
+      if (result.cleaned >= maxCleaned) {
+        result.deferred++;
+        continue;
       }
-      for (const n of todo.tmpGone) {
-        const f = path.join(p.tmpDir, n);
-        result.bytes += await allocatedBytes(f);
-        await fsp.rm(f, { recursive: true, force: true });
-        removed++;
+      if (!locker) {
+        await fsp.mkdir(path.dirname(p.lockFile), { recursive: true });
+        locker = openBatchLocker();
       }
-    } finally {
-      // also removes the tmp dir when empty, and the lock file
-      await unlockDisk(p, lock);
+      const lock = await locker.tryLock(p.lockFile);
+      if (!lock) {
+        result.busy++; // a session is working on it right now
+        continue;
+      }
+      let removed = 0;
+      try {
+        const todo = await plan(c, p, true);
+        if (todo.dropWork) {
+          result.bytes += await allocatedBytes(p.workDir);
+          await fsp.rm(p.workDir, { recursive: true, force: true });
+          removed++;
+        }
+        for (const n of todo.tmpGone) {
+          const f = path.join(p.tmpDir, n);
+          result.bytes += await allocatedBytes(f);
+          await fsp.rm(f, { recursive: true, force: true });
+          removed++;
+        }
+      } finally {
+        // also removes the tmp dir when empty, and the lock file
+        await unlockDisk(p, lock);
+      }
+      removed += c.lock ? 1 : 0;
+      if (c.tmp && !(await lstatOrNull(p.tmpDir))) removed++;
+      result.removed += removed;
+      result.cleaned++;
+      if (removed > 0) opts.log?.({ vm: c.vm, disk: c.disk, removed }, 'sweep: reclaimed leftovers of a disk');
     }
-    removed += c.lock ? 1 : 0;
-    if (c.tmp && !(await lstatOrNull(p.tmpDir))) removed++;
-    result.removed += removed;
-    result.cleaned++;
-    if (removed > 0) opts.log?.({ vm: c.vm, disk: c.disk, removed }, 'sweep: reclaimed leftovers of a disk');
+  } finally {
+    await locker?.close();
   }
   // work/VMID dirs whose disks are all gone (rmdir only succeeds on an empty dir)
   for (const vm of workVms) await fsp.rmdir(path.join(internal, 'work', vm)).catch(() => {});

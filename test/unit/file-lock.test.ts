@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { mkdtemp, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { acquireFileLock } from '../../lib/shared/file-lock.js';
+import { acquireFileLock, openBatchLocker } from '../../lib/shared/file-lock.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 
 let dir: string;
@@ -51,5 +51,41 @@ describe('file locks that may be removed', () => {
     const err = (await acquireFileLock(file, { timeoutSec: 0 }).catch((e: unknown) => e)) as Error;
     expect(errorCodeOf(err)).toBe('E_INTERNAL');
     expect((err as { context?: { file?: string } }).context?.file).toBe(file);
+  });
+
+  it('batch locker: busy when someone holds it, excludes others while it holds, remove() while held', async () => {
+    const held = path.join(dir, 'batch-held.lock');
+    const free = path.join(dir, 'batch-free.lock');
+    const other = await acquireFileLock(held, { timeoutSec: 0 });
+    const locker = openBatchLocker();
+    try {
+      expect(await locker.tryLock(held)).toBeNull();
+      expect(await locker.tryLock(path.join(dir, 'no-such-dir', 'x.lock'))).toBeNull();
+      const l = await locker.tryLock(free);
+      expect(l).not.toBeNull();
+      // a session trying the same disk meanwhile is refused (try-once) ...
+      expect(errorCodeOf(await acquireFileLock(free, { timeoutSec: 0 }).catch((e: unknown) => e))).toBe('E_LOCK_TIMEOUT');
+      // ... and one that waits gets it only after the remove, on a new file
+      let waiterHeld = false;
+      const waiter = acquireFileLock(free, { timeoutSec: 10 }).then((w) => {
+        waiterHeld = true;
+        return w;
+      });
+      await new Promise((r) => setTimeout(r, 300));
+      expect(waiterHeld).toBe(false);
+      await l!.remove();
+      const w = await waiter;
+      expect((await stat(free)).isFile()).toBe(true); // re-created by the waiter after the unlink
+      await w.remove();
+      // the locker goes on with the next disk
+      await other.release();
+      const again = await locker.tryLock(held);
+      expect(again).not.toBeNull();
+      await again!.release();
+      expect((await stat(held)).isFile()).toBe(true);
+    } finally {
+      await locker.close();
+      await other.release();
+    }
   });
 });
