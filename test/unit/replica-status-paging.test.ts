@@ -7,9 +7,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_CONTROL_BYTES } from '../../lib/protocol/protocol.js';
-import { replicaPaths } from '../../lib/replica/layout.js';
-import { identityOf } from '../../lib/replica/manifest.js';
 import { statusPage } from '../../lib/replica/status-page.js';
+import { writeManifestTree } from '../helpers/manifest-tree.js';
 import { clientSession, rawPeer } from '../helpers/receiver-session.js';
 
 let snaps: string;
@@ -19,36 +18,10 @@ const expected: Array<[number, number]> = [];
 
 beforeAll(async () => {
   snaps = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-paging-'));
-  for (let vm = 1; vm <= VMS; vm++) {
-    for (let disk = 0; disk < DISKS; disk++) {
-      const p = replicaPaths(snaps, vm * 7, disk * 3);
-      await fsp.mkdir(p.snapDir, { recursive: true });
-      await fsp.mkdir(p.metaDir, { recursive: true });
-      await fsp.writeFile(p.base, 'b');
-      await fsp.writeFile(p.base1, 'b1');
-      const [b, b1] = await Promise.all([fsp.lstat(p.base), fsp.lstat(p.base1)]);
-      const m = {
-        version: 1,
-        vmId: p.vm,
-        diskId: p.disk,
-        checkpoint: `onestor-${'c'.repeat(120)}-${vm}-${disk}`,
-        capturedAt: 1700000000 + vm,
-        publishedAt: 1700000001 + vm,
-        consistency: 'crash-consistent',
-        mode: 'incremental',
-        base: { size: 1, sha256: 'a'.repeat(64) },
-        base1: { size: 2, sha256: 'b'.repeat(64), virtualSize: 1 << 30 },
-        sourceHost: `hypervisor-with-a-rather-long-name-${vm}.example.org`,
-        files: { base: identityOf(b), base1: identityOf(b1) },
-      };
-      await fsp.writeFile(p.manifest, JSON.stringify(m));
-      expected.push([p.vm, p.disk]);
-    }
-  }
+  expected.push(...(await writeManifestTree(snaps, VMS, DISKS)));
   // noise that must be skipped, not counted: an invalid manifest, a non-numeric dir
   await fsp.writeFile(path.join(snaps, '7', '.onestor', 'disk.1.json'), '{"broken":');
   await fsp.mkdir(path.join(snaps, 'not-a-vm', '.onestor'), { recursive: true });
-  expected.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
 });
 afterAll(async () => {
   await fsp.rm(snaps, { recursive: true, force: true });
