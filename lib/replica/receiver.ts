@@ -55,6 +55,7 @@ export const EXIT_FAILED = 1;
 export const EXIT_PROTOCOL = 2;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
+const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
 
 interface Upload {
   put: PutMessage;
@@ -64,6 +65,8 @@ interface Upload {
   hash: Hash;
   pending: Buffer[];
   pendingBytes: number;
+  /** position at which the ledger last lowered this upload's reservation by what landed on disk */
+  ledgerAt: number;
 }
 
 interface DiskSession {
@@ -230,6 +233,12 @@ class ReceiverSession {
       throw Object.assign(new Error('short write'), { code: 'ENOSPC' });
     }
     up.position += bytesWritten;
+    // What landed on disk now shows in the filesystem's usage: stop counting it twice (coarsely, so the
+    // ledger file is rewritten every 64 MiB at most).
+    if (this.ledger && up.position - up.ledgerAt >= LEDGER_STEP_BYTES) {
+      up.ledgerAt = up.position;
+      await this.ledger.lower(this.resvKey(up.put.key), up.put.size - up.position + spareBytes(up.put));
+    }
   }
 
   private mapWriteError(e: unknown, file: string): OnestorError {
@@ -399,7 +408,7 @@ class ReceiverSession {
     }
     const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
     d.uploads.delete(put.key);
-    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
+    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
     await this.send({ type: 'ok', offset });
   }

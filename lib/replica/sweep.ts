@@ -27,7 +27,8 @@ export interface SweepOptions {
   uploadMaxAgeMs?: number;
   /**
    * Partial uploads of a disk without a VM dir: a first seed uploads before SNAPS/VMID exists and may
-   * resume, so they are kept this long too (default 1 h); those of a disk that had a published lineage
+   * resume, so they are kept this long too (default 1 h, beyond the agent's default retry backoff of at most
+   * 30 min: a longer outage costs a re-upload, never a snapshot); those of a disk that had a published lineage
    * (a work dir) whose VM dir upstream removed go at once.
    */
   orphanUploadMaxAgeMs?: number;

@@ -4,7 +4,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { acquireFileLock } from '../../lib/shared/file-lock.js';
+import { createHash } from 'node:crypto';
+import { PassThrough } from 'node:stream';
 import { devKey, heldFlocks, reservedByOthers, SpaceLedger } from '../../lib/replica/reservations.js';
+import { runReceiver } from '../../lib/replica/receiver.js';
+import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
+import { receiverOptions } from '../helpers/receiver-session.js';
 
 let dir: string;
 beforeAll(async () => {
@@ -69,5 +74,48 @@ describe('reservation ledger', () => {
     holder.kill('SIGKILL');
     await new Promise((r) => holder.once('exit', r));
     expect(await reservedByOthers(slots, null)).toBe(0);
+  });
+
+  it('an upload in flight is counted once: its reservation shrinks as its bytes land, and goes at end', async () => {
+    const MiB = 1024 * 1024;
+    const snaps = path.join(dir, 'snaps-inflight');
+    const toReceiver = new PassThrough();
+    const fromReceiver = new PassThrough();
+    const done = runReceiver(toReceiver, fromReceiver, receiverOptions(snaps, { sweepIntervalSec: 3600 }));
+    const dec = new FrameDecoder();
+    const replies: Array<Record<string, unknown>> = [];
+    fromReceiver.on('data', (c: Buffer) => {
+      for (const f of dec.push(c)) if (f.type === 'control') replies.push(f.message as Record<string, unknown>);
+    });
+    const reply = async () => {
+      for (let i = 0; i < 600 && !replies.length; i++) await new Promise((r) => setTimeout(r, 10));
+      return replies.shift();
+    };
+    const ask = async (m: object) => (toReceiver.write(encodeControl(m)), reply());
+    const ledgerBytes = async () => {
+      const f = (await fsp.readdir(path.join(snaps, '.onestor', 'slots'))).find((n) => n.endsWith('.resv'));
+      return f ? (JSON.parse(await fsp.readFile(path.join(snaps, '.onestor', 'slots', f), 'utf8')) as { bytes: number }).bytes : 0;
+    };
+    expect(await ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' })).toMatchObject({ type: 'ok' });
+    expect(await ask({ type: 'open', vm: 1, disk: 0 })).toMatchObject({ type: 'ok' });
+    const size = 100 * MiB;
+    expect(await ask({ type: 'put', kind: 'base1', size, key: 'b1' })).toMatchObject({ type: 'ok', offset: 0 });
+    expect(await ledgerBytes()).toBe(2 * size); // the upload and the spare it will need
+    const data = Buffer.alloc(size, 0x5a);
+    for (let o = 0; o < 80 * MiB; o += 4 * MiB) for (const b of encodeData(data.subarray(o, o + 4 * MiB))) toReceiver.write(b);
+    let now = 2 * size;
+    for (let i = 0; i < 500 && now === 2 * size; i++) {
+      await new Promise((r) => setTimeout(r, 20));
+      now = await ledgerBytes();
+    }
+    // after 64 MiB on disk, the reservation holds only what is still to come plus the spare
+    expect(now).toBeLessThanOrEqual(2 * size - 64 * MiB);
+    for (let o = 80 * MiB; o < size; o += 4 * MiB) for (const b of encodeData(data.subarray(o, o + 4 * MiB))) toReceiver.write(b);
+    expect(await ask({ type: 'end', sha256: createHash('sha256').update(data).digest('hex') })).toMatchObject({ type: 'ok' });
+    expect(await ledgerBytes()).toBe(size); // the spare's room, until publish or close
+    expect(await ask({ type: 'close' })).toMatchObject({ type: 'ok' });
+    expect(await ledgerBytes()).toBe(0);
+    await ask({ type: 'bye' });
+    expect(await done).toBe(0);
   });
 });
