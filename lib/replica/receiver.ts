@@ -237,7 +237,8 @@ class ReceiverSession {
     // ledger file is rewritten every 64 MiB at most).
     if (this.ledger && up.position - up.ledgerAt >= LEDGER_STEP_BYTES) {
       up.ledgerAt = up.position;
-      await this.ledger.lower(this.resvKey(up.put.key), up.put.size - up.position + spareBytes(up.put));
+      // an optimisation only: a failure to rewrite the ledger must not fail the upload
+      await this.ledger.lower(this.resvKey(up.put.key), up.put.size - up.position + spareBytes(up.put)).catch(() => {});
     }
   }
 
@@ -488,8 +489,11 @@ class ReceiverSession {
     const d = this.disk;
     this.disk = null;
     // what this disk did not publish is dropped with it (one disk open at a time)
-    await this.ledger?.releaseAll();
-    if (d) await unlockDisk(d.paths, d.lock);
+    try {
+      await this.ledger?.releaseAll();
+    } finally {
+      if (d) await unlockDisk(d.paths, d.lock);
+    }
   }
 
   async cleanup(): Promise<void> {
