@@ -338,10 +338,7 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
-    if (this.opts.spaceCheck !== false) {
-      this.ledger = new SpaceLedger(this.slot.path, () => spaceOf(this.opts.snapsDir), this.opts.maxUsedPercent);
-      await this.ledger.reset();
-    }
+    await this.bindLedger(this.slot.path);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -352,6 +349,22 @@ class ReceiverSession {
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
     });
     this.startSweep();
+  }
+
+  /**
+   * The reservation ledger lives beside the slot file and counts while that slot is held: bind it right
+   * after a slot is taken (dropping what a dead earlier holder left), unbind it when the slot goes.
+   */
+  private async bindLedger(slotFile: string): Promise<void> {
+    if (this.opts.spaceCheck === false) return;
+    this.ledger = new SpaceLedger(slotFile, () => spaceOf(this.opts.snapsDir), this.opts.maxUsedPercent);
+    await this.ledger.reset();
+  }
+
+  private async unbindLedger(): Promise<void> {
+    const l = this.ledger;
+    this.ledger = null;
+    await l?.releaseAll();
   }
 
   /** Housekeeping after the reply, in the background, while we hold a slot; cleanup() waits for it. */
@@ -505,7 +518,7 @@ class ReceiverSession {
     }
     await this.closeDisk().catch(() => {});
     if (this.sweep) await this.sweep;
-    await this.ledger?.releaseAll().catch(() => {});
+    await this.unbindLedger().catch(() => {});
     if (this.slot) await this.slot.release().catch(() => {});
     this.slot = null;
   }
