@@ -5,6 +5,7 @@
  */
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { runReceiver, type ReceiverOptions } from './receiver.js';
+import { HOST_NAME_RE } from './slots.js';
 
 const FLAGS = {
   '--snaps-dir': 'snapsDir',
@@ -14,6 +15,13 @@ const FLAGS = {
   '--max-used-percent': 'maxUsedPercent',
   '--qemu-img': 'qemuImg',
   '--idle-timeout': 'idleTimeoutSec',
+  '--host': 'identity',
+  '--max-sessions-per-host': 'maxSessionsPerHost',
+  '--hello-timeout': 'helloTimeoutSec',
+  '--drain-timeout': 'drainTimeoutSec',
+  '--progress-window': 'progressWindowSec',
+  '--min-progress-kib': 'minProgressKiB',
+  '--max-session-time': 'maxSessionSec',
 } as const;
 
 export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
@@ -35,13 +43,25 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   if (!raw.snapsDir || !raw.snapsDir.startsWith('/')) {
     throw new OnestorError(ErrorCodes.CONFIG, '--snaps-dir must be an absolute path', { field: '--snaps-dir' });
   }
+  if (raw.identity !== undefined && !HOST_NAME_RE.test(raw.identity)) {
+    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(raw.identity)}`, { field: '--host' });
+  }
+  const maxSessions = num('maxSessions', 4, 1, 1024);
+  const opt = (key: string, min: number, max: number) => (raw[key] === undefined ? {} : { [key]: num(key, 0, min, max) });
   return {
     snapsDir: raw.snapsDir,
+    identity: raw.identity ?? 'unnamed',
     lockTimeoutSec: num('lockTimeoutSec', 600, 0, 86400),
-    maxSessions: num('maxSessions', 4, 1, 1024),
+    maxSessions,
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),
     maxUsedPercent: num('maxUsedPercent', 90, 1, 100),
     idleTimeoutSec: num('idleTimeoutSec', 900, 1, 86400),
+    ...opt('maxSessionsPerHost', 1, maxSessions),
+    ...opt('helloTimeoutSec', 1, 3600),
+    ...opt('drainTimeoutSec', 1, 86400),
+    ...opt('progressWindowSec', 1, 86400),
+    ...opt('minProgressKiB', 0, 1024 * 1024),
+    ...opt('maxSessionSec', 1, 30 * 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
     log: (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
   };
@@ -68,6 +88,8 @@ async function main(): Promise<void> {
   process.stdout.on('error', () => {});
   const code = await runReceiver(process.stdin, process.stdout, opts);
   // Let the last reply reach the pipe before exiting.
+  // (a stdout destroyed because the agent stopped reading would never call back)
+  if (process.stdout.destroyed) process.exit(code);
   process.stdout.end(() => process.exit(code));
 }
 

@@ -23,6 +23,8 @@ import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
+import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
+import { acquireFairSlot, defaultMaxPerHost, type Slot } from './slots.js';
 import { sweepOrphans } from './sweep.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
@@ -30,8 +32,13 @@ export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
+  /** Who is writing, from sshd's authentication (forced command `receive --host NAME`), never from the client. */
+  identity: string;
   lockTimeoutSec: number;
+  /** concurrent disk sessions (open..close) on this replica, all hosts together */
   maxSessions: number;
+  /** most of those one identity may hold at once; default half of maxSessions, rounded up */
+  maxSessionsPerHost?: number;
   busyWaitSec: number;
   maxUsedPercent: number;
   /** false: no up-front free-space refusal (a real ENOSPC still fails the upload cleanly) */
@@ -39,6 +46,12 @@ export interface ReceiverOptions {
   qemuImg?: string;
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
+  /** The other session time limits (lib/replica/session-watch.ts); defaults in DEFAULT_SESSION_LIMITS. */
+  helloTimeoutSec?: number;
+  drainTimeoutSec?: number;
+  progressWindowSec?: number;
+  minProgressKiB?: number;
+  maxSessionSec?: number;
   log?: (obj: object, msg: string) => void;
   /** Test hook passed to the publish functions (simulated crashes). */
   onStep?: PublishContext['onStep'];
@@ -76,49 +89,40 @@ class SessionEnd extends Error {
   }
 }
 
-async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
-  const dir = slotsDir(opts.snapsDir);
-  await fsp.mkdir(dir, { recursive: true });
-  const deadline = Date.now() + opts.busyWaitSec * 1000;
-  for (;;) {
-    for (let i = 0; i < opts.maxSessions; i++) {
-      try {
-        return await acquireFileLock(`${dir}/slot.${i}`, { timeoutSec: 0 });
-      } catch (e) {
-        if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
-      }
-    }
-    if (Date.now() >= deadline) {
-      throw new OnestorError(ErrorCodes.BUSY, `all ${opts.maxSessions} receiver sessions busy for ${opts.busyWaitSec} s`);
-    }
-    await new Promise((r) => setTimeout(r, Math.min(250, Math.max(10, deadline - Date.now()))));
-  }
+export function sessionLimitsOf(opts: ReceiverOptions): SessionLimits {
+  const d = DEFAULT_SESSION_LIMITS;
+  return {
+    helloTimeoutSec: opts.helloTimeoutSec ?? d.helloTimeoutSec,
+    idleTimeoutSec: opts.idleTimeoutSec ?? d.idleTimeoutSec,
+    drainTimeoutSec: opts.drainTimeoutSec ?? d.drainTimeoutSec,
+    progressWindowSec: opts.progressWindowSec ?? d.progressWindowSec,
+    minProgressKiB: opts.minProgressKiB ?? d.minProgressKiB,
+    maxSessionSec: opts.maxSessionSec ?? d.maxSessionSec,
+  };
 }
 
 export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
-  const session = new ReceiverSession(output, opts);
+  const limits = sessionLimitsOf(opts);
+  const watch = new SessionWatch(limits, (err) => {
+    opts.log?.({ identity: opts.identity, err: describeError(err) }, 'session limit reached');
+    input.destroy(err);
+  });
+  const session = new ReceiverSession(output, opts, watch);
   const decoder = new FrameDecoder();
   let exitCode = EXIT_OK;
-  const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
-  let idleTimer: NodeJS.Timeout | null = null;
-  const armIdle = () => {
-    if (idleTimer) clearTimeout(idleTimer);
-    idleTimer = setTimeout(() => {
-      input.destroy(new OnestorError(ErrorCodes.ABORTED, `no data from the agent for ${idleMs / 1000} s; ending session`));
-    }, idleMs);
-  };
+  // Only time spent waiting for the agent counts against it; a merge or a lock wait is the receiver's.
+  const waitBegin = () => watch.waitBegin({ owed: session.holdsSlot || !decoder.idle, holding: session.holdsSlot });
   try {
     try {
-      armIdle();
+      waitBegin();
       for await (const chunk of input) {
-        // Only time spent waiting for the agent counts; a long merge or lock wait is not idleness.
-        if (idleTimer) clearTimeout(idleTimer);
+        watch.waitEnd((chunk as Buffer).length);
         const frames = decoder.push(chunk as Buffer);
         for (const frame of frames) {
           if (frame.type === 'data') await session.onData(frame.chunk);
           else await session.onControl(frame.message);
         }
-        armIdle();
+        waitBegin();
       }
       decoder.end();
     } catch (e) {
@@ -135,14 +139,14 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
       }
     }
   } finally {
-    if (idleTimer) clearTimeout(idleTimer);
+    watch.stop();
     await session.cleanup();
   }
   return exitCode;
 }
 
 class ReceiverSession {
-  private slot: FileLock | null = null;
+  private slot: Slot | null = null;
   private greeted = false;
   private disk: DiskSession | null = null;
   private upload: Upload | null = null;
@@ -150,11 +154,19 @@ class ReceiverSession {
   private draining = false;
   private readonly qemuImg: string;
 
+  private readonly drainMs: number;
+
   constructor(
     private readonly output: Writable,
     private readonly opts: ReceiverOptions,
+    private readonly watch: SessionWatch,
   ) {
     this.qemuImg = opts.qemuImg ?? 'qemu-img';
+    this.drainMs = sessionLimitsOf(opts).drainTimeoutSec * 1000;
+  }
+
+  get holdsSlot(): boolean {
+    return this.slot !== null;
   }
 
   private async send(msg: object): Promise<void> {
@@ -164,12 +176,19 @@ class ReceiverSession {
     if (!out.write(encodeControl(msg))) {
       await new Promise<void>((resolve, reject) => {
         const done = (err?: Error) => {
+          clearTimeout(timer);
           out.off('drain', onDrain);
           out.off('error', onError);
           out.off('close', onClose);
           if (err) reject(err);
           else resolve();
         };
+        // A client that never reads its replies would keep us (and our slot and lock) here for ever.
+        const timer = setTimeout(() => {
+          this.opts.log?.({ identity: this.opts.identity, drainTimeoutSec: this.drainMs / 1000 }, 'agent does not read replies; ending session');
+          out.destroy();
+          done(new SessionEnd(EXIT_FAILED));
+        }, this.drainMs);
         const onDrain = () => done();
         const onError = (e: Error) => done(e);
         const onClose = () => done(new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel'));
@@ -274,7 +293,10 @@ class ReceiverSession {
       await this.send({ type: 'ok' });
       throw new SessionEnd(EXIT_OK);
     }
-    if (msg.type === 'hello') return this.onHello(msg.protocol);
+    if (msg.type === 'hello') {
+      this.watch.markGreeted();
+      return this.onHello(msg.protocol);
+    }
     if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
     switch (msg.type) {
       case 'status': {
@@ -304,15 +326,8 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_PROTOCOL);
     }
     await fsp.mkdir(this.opts.snapsDir, { recursive: true });
-    try {
-      this.slot = await acquireSlot(this.opts);
-    } catch (e) {
-      await this.send(errorReply(errorCodeOf(e), (e as Error).message));
-      throw new SessionEnd(EXIT_FAILED);
-    }
+    // No slot yet: a connection kept open between cycles holds nothing; the slot is taken at `open`.
     this.greeted = true;
-    // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
-    await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -329,8 +344,20 @@ class ReceiverSession {
     const paths = replicaPaths(this.opts.snapsDir, vm, disk);
     await fsp.mkdir(paths.tmpDir, { recursive: true });
     await fsp.mkdir(`${paths.internalDir}/locks`, { recursive: true });
+    // Lock first, then the slot: nobody ever waits for a disk lock while holding a slot.
     const lock = await acquireFileLock(paths.lockFile, { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
     try {
+      this.slot = await acquireFairSlot({
+        dir: slotsDir(this.opts.snapsDir),
+        identity: this.opts.identity,
+        maxSessions: this.opts.maxSessions,
+        maxPerHost: this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions),
+        busyWaitSec: this.opts.busyWaitSec,
+        ...(this.opts.log ? { log: this.opts.log } : {}),
+      });
+      this.watch.holdStarted();
+      // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
+      await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
       const { vmDirId } = await checkLayout(paths);
@@ -344,7 +371,10 @@ class ReceiverSession {
         baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
       });
     } catch (e) {
-      if (!this.disk) await lock.release();
+      if (!this.disk) {
+        await this.releaseSlot();
+        await lock.release();
+      }
       throw e;
     }
   }
@@ -454,7 +484,15 @@ class ReceiverSession {
   private async closeDisk(): Promise<void> {
     const d = this.disk;
     this.disk = null;
+    // the slot goes with the disk: the next open competes (fairly) again
+    await this.releaseSlot();
     if (d) await d.lock.release();
+  }
+
+  private async releaseSlot(): Promise<void> {
+    const slot = this.slot;
+    this.slot = null;
+    if (slot) await slot.release().catch(() => {});
   }
 
   async cleanup(): Promise<void> {
@@ -465,8 +503,7 @@ class ReceiverSession {
       this.upload = null;
     }
     await this.closeDisk().catch(() => {});
-    if (this.slot) await this.slot.release().catch(() => {});
-    this.slot = null;
+    await this.releaseSlot();
   }
 }
 

@@ -1,0 +1,170 @@
+/**
+ * Receiver session slots, fair across hosts. Each receiver is its own process (one per ssh exec), so the
+ * bookkeeping lives in SNAPS/.onestor/slots/:
+ *   slot.N        flock'ed by the holder for as long as it holds the slot (the kernel drops it on death)
+ *   slot.N.owner  "identity\npid" of the holder, written after the flock is taken (who holds what)
+ *   wait.PID.N    "identity" of a receiver waiting for a slot, removed when it stops waiting
+ * The flock is the truth about whether a slot is free; owner and wait files only steer who may take a free
+ * one. Files of dead processes (pid gone) are ignored and removed.
+ *
+ * Rule: an identity may take a free slot when it holds fewer than maxPerHost slots and no OTHER waiting
+ * identity holds fewer slots than it does. So a host that is alone may use up to maxPerHost slots, and as
+ * soon as another host waits, every freed slot goes to whoever holds the fewest (ties race).
+ */
+import { randomBytes } from 'node:crypto';
+import * as fsp from 'node:fs/promises';
+import path from 'node:path';
+import { ErrorCodes, OnestorError, errorCodeOf } from '../shared/errors.js';
+import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
+
+/** A host name bound into the forced command (`receive --host NAME`): the writer's identity. */
+export const HOST_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export interface SlotOptions {
+  dir: string;
+  identity: string;
+  maxSessions: number;
+  /** most slots one identity may hold at once */
+  maxPerHost: number;
+  busyWaitSec: number;
+  pollMs?: number;
+  log?: (obj: object, msg: string) => void;
+}
+
+export interface SlotView {
+  /** identity -> slots held (live holders only) */
+  held: Map<string, number>;
+  /** identities waiting (live waiters only) */
+  waiting: Set<string>;
+  /** slot indexes whose owner file names a live holder */
+  busy: Set<number>;
+}
+
+/** Default per-host cap: half the slots, rounded up, so one host alone never holds all of them (when > 1). */
+export function defaultMaxPerHost(maxSessions: number): number {
+  return maxSessions <= 1 ? 1 : Math.ceil(maxSessions / 2);
+}
+
+/** Pure decision (exported for unit tests): may `me` take a free slot now? */
+export function mayTake(me: string, view: SlotView, maxPerHost: number): boolean {
+  const mine = view.held.get(me) ?? 0;
+  if (mine >= maxPerHost) return false;
+  for (const other of view.waiting) {
+    if (other === me) continue;
+    if ((view.held.get(other) ?? 0) < mine) return false;
+  }
+  return true;
+}
+
+function alive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    // EPERM: exists but belongs to someone else (still alive)
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Reads who holds and who waits; removes files left by dead processes. */
+export async function readSlotView(dir: string, maxSessions: number): Promise<SlotView> {
+  const held = new Map<string, number>();
+  const waiting = new Set<string>();
+  const busy = new Set<number>();
+  let names: string[];
+  try {
+    names = await fsp.readdir(dir);
+  } catch {
+    return { held, waiting, busy };
+  }
+  for (const name of names) {
+    const w = /^wait\.(\d+)\.\w+$/.exec(name);
+    const o = /^slot\.(\d+)\.owner$/.exec(name);
+    if (!w && !o) continue;
+    const file = path.join(dir, name);
+    const text = await fsp.readFile(file, 'utf8').catch(() => null);
+    if (text === null) continue;
+    const [identity = '', pidText = ''] = text.split('\n');
+    const pid = Number(w ? w[1] : pidText);
+    if (!alive(pid)) {
+      await fsp.rm(file, { force: true }).catch(() => {});
+      continue;
+    }
+    if (!identity) continue;
+    if (w) {
+      waiting.add(identity);
+    } else {
+      const index = Number(o![1]);
+      if (index >= maxSessions) continue;
+      busy.add(index);
+      held.set(identity, (held.get(identity) ?? 0) + 1);
+    }
+  }
+  return { held, waiting, busy };
+}
+
+export interface Slot {
+  index: number;
+  release(): Promise<void>;
+}
+
+/**
+ * Waits up to busyWaitSec for a slot this identity may take (see the rule above); E_BUSY otherwise.
+ * The caller holds no slot while it waits (a receiver holds at most one, from open to close).
+ */
+export async function acquireFairSlot(o: SlotOptions): Promise<Slot> {
+  await fsp.mkdir(o.dir, { recursive: true });
+  const waitFile = path.join(o.dir, `wait.${process.pid}.${randomBytes(4).toString('hex')}`);
+  const deadline = Date.now() + o.busyWaitSec * 1000;
+  const pollMs = o.pollMs ?? 200;
+  let registered = false;
+  let lastReason = '';
+  try {
+    for (;;) {
+      const view = await readSlotView(o.dir, o.maxSessions);
+      if (mayTake(o.identity, view, o.maxPerHost)) {
+        // slots that look free first; the others too, since an owner file may outlive its holder when the
+        // holder's pid was reused (the flock is the truth)
+        const order = [...Array(o.maxSessions).keys()].sort((a, b) => Number(view.busy.has(a)) - Number(view.busy.has(b)));
+        for (const i of order) {
+          let lock: FileLock;
+          try {
+            lock = await acquireFileLock(path.join(o.dir, `slot.${i}`), { timeoutSec: 0 });
+          } catch (e) {
+            if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
+            continue;
+          }
+          const ownerFile = path.join(o.dir, `slot.${i}.owner`);
+          await fsp.writeFile(ownerFile, `${o.identity}\n${process.pid}\n`, { mode: 0o600 });
+          return {
+            index: i,
+            release: async () => {
+              // owner file first: a slot must never look held by us once the flock is gone
+              await fsp.rm(ownerFile, { force: true }).catch(() => {});
+              await lock.release();
+            },
+          };
+        }
+        lastReason = `all ${o.maxSessions} receiver sessions busy`;
+      } else {
+        const mine = view.held.get(o.identity) ?? 0;
+        lastReason =
+          mine >= o.maxPerHost
+            ? `host ${o.identity} already holds ${mine} of its ${o.maxPerHost} sessions`
+            : `host ${o.identity} holds ${mine} sessions and other hosts holding fewer are waiting`;
+      }
+      if (!registered) {
+        // announce that we wait, so holders of more slots than us leave the next free one to us
+        await fsp.writeFile(waitFile, `${o.identity}\n`, { mode: 0o600 });
+        registered = true;
+      }
+      if (Date.now() >= deadline) {
+        throw new OnestorError(ErrorCodes.BUSY, `${lastReason} for ${o.busyWaitSec} s; try again later`, { field: 'receiver.maxSessions' });
+      }
+      await new Promise((r) => setTimeout(r, Math.min(pollMs, Math.max(10, deadline - Date.now()))));
+    }
+  } finally {
+    if (registered) await fsp.rm(waitFile, { force: true }).catch(() => {});
+  }
+}
