@@ -10,6 +10,7 @@ import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
 import { runReceiver } from '../lib/replica/receiver.js';
+import { nonBlockingFd } from '../lib/replica/stdio.js';
 import { HOST_NAME_RE } from '../lib/replica/slots.js';
 import { ErrorCodes, OnestorError } from '../lib/shared/errors.js';
 
@@ -28,9 +29,11 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     return Exit.FAILED;
   }
-  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, {
+  // non-blocking stdout: a full pipe (agent not reading) must not freeze the session timers; a write to
+  // the closed pipe ends the session, not the process
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, {
     snapsDir,
     identity: f.host ?? 'unnamed',
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
@@ -49,6 +52,6 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log: (obj, msg) => log.info(obj, msg),
   });
   // a stdout destroyed because the agent stopped reading would never call back
-  if (!process.stdout.destroyed) await new Promise<void>((resolve) => process.stdout.end(resolve));
+  if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
   return code === 0 ? Exit.OK : Exit.FAILED;
 }

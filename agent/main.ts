@@ -73,7 +73,10 @@ async function main(argv: string[]): Promise<number> {
   }
   // stdout carries data for receive (protocol), probe and --json: logs go to stderr there.
   const dataOnStdout = cmd === 'receive' || cmd === 'probe' || Boolean(f.json);
-  const log = createLogger({ level: f['log-level'] ?? 'info', stream: dataOnStdout || cmd !== 'run' ? process.stderr : process.stdout });
+  // receive: logs through a non-blocking stderr that drops lines when the agent does not read them (a
+  // synchronous pipe write would freeze the receiver's timers)
+  const receiveLog = cmd === 'receive' ? ((await import('../lib/replica/stdio.js')).droppingLogSink() as unknown as NodeJS.WritableStream) : null;
+  const log = createLogger({ level: f['log-level'] ?? 'info', stream: receiveLog ?? (dataOnStdout || cmd !== 'run' ? process.stderr : process.stdout) });
   const commands: Record<string, () => Promise<{ run(f: Flags, positionals: string[], log: ReturnType<typeof createLogger>): Promise<number> }>> = {
     snapshot: () => import('./cmd-snapshot.js'),
     list: () => import('./cmd-status.js').then((m) => ({ run: m.runList })),

@@ -6,6 +6,7 @@
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { runReceiver, type ReceiverOptions } from './receiver.js';
 import { HOST_NAME_RE } from './slots.js';
+import { droppingLogSink, nonBlockingFd } from './stdio.js';
 
 const FLAGS = {
   '--snaps-dir': 'snapsDir',
@@ -23,6 +24,9 @@ const FLAGS = {
   '--min-progress-kib': 'minProgressKiB',
   '--max-session-time': 'maxSessionSec',
 } as const;
+
+let sink: { write(line: string): boolean } | null = null;
+const logSink = () => (sink ??= droppingLogSink());
 
 export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   const raw: Record<string, string> = {};
@@ -63,7 +67,7 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
     ...opt('minProgressKiB', 0, 1024 * 1024),
     ...opt('maxSessionSec', 1, 30 * 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
-    log: (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
+    log: (obj, msg) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
   };
 }
 
@@ -83,14 +87,15 @@ async function main(): Promise<void> {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     process.exit(1);
   }
-  // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
-  // before partial uploads are flushed for resume.
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, opts);
-  // Let the last reply reach the pipe before exiting.
-  // (a stdout destroyed because the agent stopped reading would never call back)
-  if (process.stdout.destroyed) process.exit(code);
-  process.stdout.end(() => process.exit(code));
+  // Non-blocking stdout (a full pipe must not freeze the timers); errors when the agent vanishes are
+  // handled by the session (partial uploads are flushed for resume), never a crash.
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, opts);
+  // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
+  // reading would never call back.
+  if (out.destroyed) process.exit(code);
+  out.end(() => process.exit(code));
 }
 
 main().catch((e) => {
