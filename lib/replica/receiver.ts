@@ -63,6 +63,12 @@ export const EXIT_FAILED = 1;
 export const EXIT_PROTOCOL = 2;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
+/**
+ * Once every byte of an upload has arrived the agent still has to finish its digest before it sends `end`
+ * (a resumed upload hashes the whole file): that long is not a stall. The grace is the upload size at
+ * a hashing rate any host exceeds, so a client can only earn idle time by moving data.
+ */
+const HASH_RATE_FLOOR_BYTES_PER_SEC = 50_000_000;
 
 interface Upload {
   put: PutMessage;
@@ -72,6 +78,8 @@ interface Upload {
   hash: Hash;
   pending: Buffer[];
   pendingBytes: number;
+  /** when the last announced byte arrived (ms), null before */
+  completeAt: number | null;
 }
 
 interface DiskSession {
@@ -111,7 +119,10 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
   const decoder = new FrameDecoder();
   let exitCode = EXIT_OK;
   // Only time spent waiting for the agent counts against it; a merge or a lock wait is the receiver's.
-  const waitBegin = () => watch.waitBegin({ owed: session.holdsSlot || !decoder.idle, holding: session.holdsSlot });
+  const waitBegin = () => {
+    const owedFrom = decoder.idle ? session.hashGraceUntil() : 0;
+    watch.waitBegin({ owed: session.holdsSlot || !decoder.idle, holding: session.holdsSlot, ...(owedFrom ? { owedFrom } : {}) });
+  };
   try {
     try {
       waitBegin();
@@ -169,6 +180,13 @@ class ReceiverSession {
     return this.slot !== null;
   }
 
+  /** Until when (epoch ms) waiting for `end` of a fully received upload is not owed progress; 0 = no grace. */
+  hashGraceUntil(): number {
+    const up = this.upload;
+    if (!up || up.completeAt === null) return 0;
+    return up.completeAt + Math.ceil((up.put.size / HASH_RATE_FLOOR_BYTES_PER_SEC) * 1000);
+  }
+
   private async send(msg: object): Promise<void> {
     const out = this.output;
     // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
@@ -220,6 +238,7 @@ class ReceiverSession {
     up.hash.update(chunk);
     up.pending.push(chunk);
     up.pendingBytes += chunk.length;
+    if (received === up.put.size) up.completeAt = Date.now();
     if (up.pendingBytes >= WRITE_BATCH_BYTES) {
       try {
         await this.flush(up);
@@ -409,7 +428,7 @@ class ReceiverSession {
     }
     const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
     d.uploads.delete(put.key);
-    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
+    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, completeAt: offset === put.size ? Date.now() : null };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
     await this.send({ type: 'ok', offset });
   }

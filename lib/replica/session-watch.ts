@@ -39,6 +39,8 @@ export const DEFAULT_SESSION_LIMITS: SessionLimits = {
 export interface WaitState {
   /** the agent owes progress: a slot is held or a frame is half-received */
   owed: boolean;
+  /** progress is owed only from this time on (epoch ms): the agent is hashing a file it has fully sent */
+  owedFrom?: number;
   /** a slot is held (hold cap runs) */
   holding: boolean;
 }
@@ -102,9 +104,10 @@ export class SessionWatch {
     if (!w || this.expired) return;
     const t = this.now();
     const elapsed = t - w.since;
+    const owedElapsed = Math.max(0, t - Math.max(w.since, w.owedFrom ?? 0));
     w.since = t;
     if (w.owed) {
-      this.windowMs += elapsed;
+      this.windowMs += owedElapsed;
       this.windowBytes += bytes;
     }
     if (w.holding) this.holdMs += elapsed;
@@ -145,7 +148,7 @@ export class SessionWatch {
     const t = this.now();
     const due: number[] = [w.start + L.idleTimeoutSec * 1000];
     if (!this.greeted) due.push(this.startedAt + L.helloTimeoutSec * 1000);
-    if (w.owed) due.push(w.since + (L.progressWindowSec * 1000 - this.windowMs));
+    if (w.owed) due.push(Math.max(w.since, w.owedFrom ?? 0) + (L.progressWindowSec * 1000 - this.windowMs));
     if (w.holding) due.push(w.since + (L.maxSessionSec * 1000 - this.holdMs));
     const at = Math.min(...due);
     this.timer = setTimeout(() => {

@@ -485,6 +485,33 @@ describe('receiver: hostile and broken input', () => {
     await endSession(s);
   });
 
+  it('time the receiver spends publishing does not count against the agent; a silent holder is cut after one window', async () => {
+    const snaps = path.join(root, 'snaps-progress');
+    const src = await makeSourceDisk('src-progress', 0);
+    // publish takes 2.5 s of receiver work, far beyond a 1 s progress window: the session must survive it
+    const s = await session(snaps, {
+      progressWindowSec: 1,
+      minProgressKiB: 16,
+      onStep: async (step) => {
+        if (step.startsWith('full:')) await new Promise((r) => setTimeout(r, 500));
+      },
+    });
+    const d = await s.conn.openDisk(14, 0);
+    await d.upload('base', src.base, { key: 'b' });
+    await d.upload('base1', src.base1, { key: 'b1' });
+    const t0 = Date.now();
+    const m = await d.publishFull({ checkpoint: 'p1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'b', base1: 'b1' });
+    expect(m.checkpoint).toBe('p1');
+    expect(Date.now() - t0).toBeGreaterThan(1000);
+    // now the agent sits on the open disk and sends nothing: cut after the window, lock and slot released
+    const code = await s.done;
+    expect(code).toBe(1);
+    expect(s.conn.connected).toBe(false);
+    const s2 = await session(snaps, { lockTimeoutSec: 0, maxSessions: 1, busyWaitSec: 0 });
+    await (await s2.conn.openDisk(14, 0)).close();
+    await endSession(s2);
+  });
+
   it('E_NOSPACE before accepting a put that would pass REPLICA_MAX_USED_PERC', async () => {
     const snaps = path.join(root, 'snaps-space');
     const src = await makeSourceDisk('src-space', 0);

@@ -57,6 +57,15 @@ describe('SessionWatch', () => {
     expect(expired).toEqual([]);
   });
 
+  it('waiting for `end` of a fully sent upload is not owed until the hashing grace ends', () => {
+    watch.markGreeted();
+    watch.waitBegin({ owed: true, holding: true, owedFrom: Date.now() + 20_000 });
+    vi.advanceTimersByTime(29_000);
+    expect(expired).toEqual([]);
+    vi.advanceTimersByTime(1_100);
+    expect(expired[0]).toMatch(/sent 0 bytes in 10 s/);
+  });
+
   it('a fast client is left alone until the hold cap of agent time', () => {
     watch.markGreeted();
     watch.holdStarted();
