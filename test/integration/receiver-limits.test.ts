@@ -243,14 +243,14 @@ describe('slots are fair across hosts', () => {
       return d;
     });
     pa2.catch(() => {});
-    const db1 = await within(b1.openDisk(71, 0), 10_000, 'B opens while A holds its share');
+    const db1 = await within(b1.openDisk(71, 0), 20_000, 'B opens while A holds its share');
     expect(a2Opened).toBe(false);
     await db1.close();
     // B's slot is free now but it is beyond A's share (1 of 2): A still waits until its own first one closes
     await new Promise((r) => setTimeout(r, 1500));
     expect(a2Opened).toBe(false);
     await da1.close();
-    const da2 = await within(pa2, 10_000, 'A second session after its first closed');
+    const da2 = await within(pa2, 20_000, 'A second session after its first closed');
     await da2.close();
     for (const c of [a1, a2, b1]) await c.close();
   }, 60_000);
@@ -267,17 +267,17 @@ describe('slots are fair across hosts', () => {
     const order: string[] = [];
     const pa3 = a3.openDisk(72, 2).then((d) => (order.push('A'), d));
     pa3.catch(() => {});
-    await new Promise((r) => setTimeout(r, 800)); // A3 is waiting first
+    await new Promise((r) => setTimeout(r, 1500)); // A3 is waiting first
     const pb1 = b1.openDisk(73, 0).then((d) => (order.push('B'), d));
     pb1.catch(() => {});
-    await new Promise((r) => setTimeout(r, 800));
+    await new Promise((r) => setTimeout(r, 1500)); // B is registered as waiting
     expect(order).toEqual([]);
     await da1.close();
-    const db1 = await within(pb1, 10_000, 'B gets the freed slot');
+    const db1 = await within(pb1, 20_000, 'B gets the freed slot');
     await new Promise((r) => setTimeout(r, 1000));
     expect(order).toEqual(['B']);
     await da2.close();
-    const da3 = await within(pa3, 10_000, 'A third session once A holds fewer');
+    const da3 = await within(pa3, 20_000, 'A third session once A holds fewer');
     expect(order).toEqual(['B', 'A']);
     await da3.close();
     await db1.close();
