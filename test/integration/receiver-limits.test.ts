@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Client, type ClientChannel } from 'ssh2';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { encodeControl, encodeData, FrameDecoder, PROTOCOL_VERSION } from '../../lib/protocol/protocol.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
@@ -48,6 +48,17 @@ function forced(host: string, extra = ''): string {
 async function authorize(extra: string): Promise<void> {
   await sshd.setAuthorizedKeys([`${forced('hvA', extra)} ${sshd.clientPublicKey}`, `${forced('hvB', extra)} ${pubB}`]);
 }
+
+/** Every client a test opened, closed after it even when it failed (a held slot would fail the next test). */
+const clients: ReplicaClient[] = [];
+async function connect(who: 'A' | 'B'): Promise<ReplicaClient> {
+  const c = await ReplicaClient.connect(opts(who));
+  clients.push(c);
+  return c;
+}
+afterEach(async () => {
+  for (const c of clients.splice(0)) await c.close().catch(() => {});
+});
 
 function opts(who: 'A' | 'B'): ReplicaConnectOptions {
   return {
@@ -134,7 +145,7 @@ describe('sessions that do not move data are ended in bounded time; other hosts 
   it('a client that never reads its replies is cut after the drain timeout, releasing its slot and disk lock', async () => {
     await authorize('--max-sessions 2');
     // Replies must be big enough to fill the SSH window: status of a VM with several disks published.
-    const b = await ReplicaClient.connect(opts('B'));
+    const b = await connect('B');
     for (let disk = 0; disk < 8; disk++) await publishSeed(b, 60, disk, await makeSeed(`s60-${disk}`, disk), `c60-${disk}`);
     await b.close();
 
@@ -151,7 +162,7 @@ describe('sessions that do not move data are ended in bounded time; other hosts 
     const stuckAt = Date.now();
 
     // meanwhile host B works normally
-    const b2 = await ReplicaClient.connect(opts('B'));
+    const b2 = await connect('B');
     await publishSeed(b2, 62, 0, seed, 'c62');
 
     const closedAt = await within(a.closed, 60_000, 'non-reading session cut');
@@ -193,7 +204,7 @@ describe('sessions that do not move data are ended in bounded time; other hosts 
     // B seeds a disk while A trickles: a normal session is never cut by the same bounds
     const big = path.join(work, 'big.bin');
     await fsp.writeFile(big, randomBytes(8 << 20));
-    const b = await ReplicaClient.connect(opts('B'));
+    const b = await connect('B');
     const d = await b.openDisk(64, 0);
     const up = await d.upload('base', big, { key: 'big' });
     expect(up.bytes).toBe(8 << 20);
@@ -233,9 +244,9 @@ describe('slots are fair across hosts', () => {
   const idleOk = '--progress-window 300';
   it('one host cannot take all slots: with 2 slots, A gets one, B the other at once, A waits', async () => {
     await authorize(`--max-sessions 2 ${idleOk}`);
-    const a1 = await ReplicaClient.connect(opts('A'));
-    const a2 = await ReplicaClient.connect(opts('A'));
-    const b1 = await ReplicaClient.connect(opts('B'));
+    const a1 = await connect('A');
+    const a2 = await connect('A');
+    const b1 = await connect('B');
     const da1 = await a1.openDisk(70, 0);
     let a2Opened = false;
     const pa2 = a2.openDisk(70, 1).then((d) => {
@@ -258,10 +269,10 @@ describe('slots are fair across hosts', () => {
   it('a freed slot goes to the host holding fewer, even when the other host asked first', async () => {
     // A may use both slots while alone
     await authorize(`--max-sessions 2 --max-sessions-per-host 2 ${idleOk}`);
-    const a1 = await ReplicaClient.connect(opts('A'));
-    const a2 = await ReplicaClient.connect(opts('A'));
-    const a3 = await ReplicaClient.connect(opts('A'));
-    const b1 = await ReplicaClient.connect(opts('B'));
+    const a1 = await connect('A');
+    const a2 = await connect('A');
+    const a3 = await connect('A');
+    const b1 = await connect('B');
     const da1 = await a1.openDisk(72, 0);
     const da2 = await a2.openDisk(72, 1);
     const order: string[] = [];
@@ -288,8 +299,8 @@ describe('slots are fair across hosts', () => {
     await sshd.setAuthorizedKeys([
       `${forced('hvA', '--max-sessions 2').replace('--busy-wait 20', '--busy-wait 1')} ${sshd.clientPublicKey}`,
     ]);
-    const a1 = await ReplicaClient.connect(opts('A'));
-    const a2 = await ReplicaClient.connect(opts('A'));
+    const a1 = await connect('A');
+    const a2 = await connect('A');
     const d = await a1.openDisk(74, 0);
     const err = await a2.openDisk(74, 1).catch((e) => e);
     expect(errorCodeOf(err)).toBe('E_BUSY');
