@@ -88,7 +88,8 @@ export async function readSlotView(dir: string, maxSessions: number): Promise<Sl
     const [identity = '', pidText = ''] = text.split('\n');
     const pid = Number(w ? w[1] : pidText);
     if (!alive(pid)) {
-      await fsp.rm(file, { force: true }).catch(() => {});
+      // a new holder may have just rewritten this owner file: remove it only if it still names the dead pid
+      if ((await fsp.readFile(file, 'utf8').catch(() => null)) === text) await fsp.rm(file, { force: true }).catch(() => {});
       continue;
     }
     if (!identity) continue;
