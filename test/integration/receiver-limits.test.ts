@@ -169,6 +169,12 @@ describe('sessions that do not move data are ended in bounded time; other hosts 
     // the drain timeout is 2 s; the margin covers the receiver working through the ~700 requests (each
     // status reads 8 manifests) it answers before its output blocks
     expect(closedAt - stuckAt).toBeLessThan(30_000);
+    // now read what was held back: the receiver's log names the drain timeout as the reason
+    let stderr = '';
+    a.ch.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    a.ch.on('data', () => {});
+    await within(new Promise((r) => a.ch.once('close', r)), 30_000, 'channel drained after exit');
+    expect(stderr).toMatch(/agent does not read replies; ending session/);
     // its disk lock went with it (lock timeout is 5 s; a held lock would be E_LOCK_TIMEOUT)
     await publishSeed(b2, 61, 0, seed, 'c61');
     await b2.close();
