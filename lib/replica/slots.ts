@@ -105,6 +105,8 @@ export async function readSlotView(dir: string, maxSessions: number): Promise<Sl
   return { held, waiting, busy };
 }
 
+const FULL_TRY_MS = 5_000;
+
 export interface Slot {
   index: number;
   release(): Promise<void>;
@@ -121,13 +123,16 @@ export async function acquireFairSlot(o: SlotOptions): Promise<Slot> {
   const pollMs = o.pollMs ?? 200;
   let registered = false;
   let lastReason = '';
+  let lastFullTry = 0;
   try {
     for (;;) {
       const view = await readSlotView(o.dir, o.maxSessions);
       if (mayTake(o.identity, view, o.maxPerHost)) {
-        // slots that look free first; the others too, since an owner file may outlive its holder when the
-        // holder's pid was reused (the flock is the truth)
-        const order = [...Array(o.maxSessions).keys()].sort((a, b) => Number(view.busy.has(a)) - Number(view.busy.has(b)));
+        // slots that look free; every few seconds the others too, since an owner file may outlive its holder
+        // when the holder's pid was reused (the flock is the truth). Each try spawns a flock process.
+        const full = Date.now() - lastFullTry >= FULL_TRY_MS;
+        if (full) lastFullTry = Date.now();
+        const order = [...Array(o.maxSessions).keys()].filter((i) => full || !view.busy.has(i));
         for (const i of order) {
           let lock: FileLock;
           try {
