@@ -164,6 +164,7 @@ export async function acquireFairSlot(o: SlotOptions): Promise<Slot> {
         // announce that we wait, so holders of more slots than us leave the next free one to us
         await fsp.writeFile(waitFile, `${o.identity}\n`, { mode: 0o600 });
         registered = true;
+        o.log?.({ identity: o.identity, reason: lastReason }, 'waiting for a session slot');
       }
       if (Date.now() >= deadline) {
         throw new OnestorError(ErrorCodes.BUSY, `${lastReason} for ${o.busyWaitSec} s; try again later`, { field: 'receiver.maxSessions' });
