@@ -11,7 +11,7 @@ import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
 import { runReceiver } from '../lib/replica/receiver.js';
 import { nonBlockingFd } from '../lib/replica/stdio.js';
-import { HOST_NAME_RE } from '../lib/replica/slots.js';
+import { HOST_NAME_RE, UNNAMED_IDENTITY } from '../lib/replica/slots.js';
 import { ErrorCodes, OnestorError } from '../lib/shared/errors.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
@@ -35,7 +35,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   out.on('error', () => {});
   const code = await runReceiver(process.stdin, out, {
     snapsDir,
-    identity: f.host ?? 'unnamed',
+    identity: f.host ?? UNNAMED_IDENTITY,
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: config.receiver.maxSessions,
     busyWaitSec: config.receiver.busyWaitSec,

@@ -31,9 +31,7 @@ function procs(): Array<{ pid: string; ppid: string; cmd: string[] }> {
 }
 
 async function main(): Promise<void> {
-  // every simulated host uses the same key, hence one identity: let it use every slot (per-host fairness is
-  // tested in test/integration/receiver-limits.test.ts)
-  const env = await startAgentEnv({ name: 'load', receiverArgs: ['--max-sessions', String(maxSessions), '--max-sessions-per-host', String(maxSessions)] });
+  const env = await startAgentEnv({ name: 'load', receiverArgs: ['--max-sessions', String(maxSessions)] });
   const vms: OneVm[] = [];
   let failures = 0;
   try {

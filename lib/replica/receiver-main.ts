@@ -5,7 +5,7 @@
  */
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { runReceiver, type ReceiverOptions } from './receiver.js';
-import { HOST_NAME_RE } from './slots.js';
+import { HOST_NAME_RE, UNNAMED_IDENTITY } from './slots.js';
 import { droppingLogSink, nonBlockingFd } from './stdio.js';
 
 const FLAGS = {
@@ -54,7 +54,7 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   const opt = (key: string, min: number, max: number) => (raw[key] === undefined ? {} : { [key]: num(key, 0, min, max) });
   return {
     snapsDir: raw.snapsDir,
-    identity: raw.identity ?? 'unnamed',
+    identity: raw.identity ?? UNNAMED_IDENTITY,
     lockTimeoutSec: num('lockTimeoutSec', 600, 0, 86400),
     maxSessions,
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),

@@ -24,7 +24,7 @@ import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type B
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
 import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
-import { acquireFairSlot, defaultMaxPerHost, type Slot } from './slots.js';
+import { acquireFairSlot, defaultMaxPerHost, UNNAMED_IDENTITY, type Slot } from './slots.js';
 import { sweepOrphans } from './sweep.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
@@ -370,7 +370,8 @@ class ReceiverSession {
         dir: slotsDir(this.opts.snapsDir),
         identity: this.opts.identity,
         maxSessions: this.opts.maxSessions,
-        maxPerHost: this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions),
+        maxPerHost:
+          this.opts.identity === UNNAMED_IDENTITY ? this.opts.maxSessions : (this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions)),
         busyWaitSec: this.opts.busyWaitSec,
         ...(this.opts.log ? { log: this.opts.log } : {}),
       });

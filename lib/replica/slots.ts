@@ -17,6 +17,12 @@ import path from 'node:path';
 import { ErrorCodes, OnestorError, errorCodeOf } from '../shared/errors.js';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 
+/**
+ * The identity of a key authorized without `--host` (no name to tell hosts apart by): every such session
+ * is the same "host", so no per-host cap applies to it (it would cap all of them together).
+ */
+export const UNNAMED_IDENTITY = 'unnamed';
+
 /** A host name bound into the forced command (`receive --host NAME`): the writer's identity. */
 export const HOST_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
