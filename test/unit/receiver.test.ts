@@ -512,6 +512,26 @@ describe('receiver: hostile and broken input', () => {
     await endSession(s2);
   });
 
+  it('hold cap: a session that keeps sending but holds its slot past maxSessionSec of agent time is ended', async () => {
+    const snaps = path.join(root, 'snaps-cap');
+    const p = rawPeer(snaps, { maxSessionSec: 2, progressWindowSec: 60, minProgressKiB: 1 });
+    await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p.ask({ type: 'open', vm: 15, disk: 0 });
+    await p.ask({ type: 'put', kind: 'base', size: 64 << 20, key: 'slow' });
+    let ended = false;
+    void p.done.then(() => (ended = true));
+    const t0 = Date.now();
+    while (!ended && Date.now() - t0 < 20_000) {
+      p.data(Buffer.alloc(16 << 10, 5));
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    expect(await p.done).toBe(1);
+    expect(Date.now() - t0).toBeLessThan(15_000);
+    const reply = await p.next();
+    expect(reply.code).toBe('E_ABORTED');
+    expect(String(reply.message)).toMatch(/held its slot for 2 s/);
+  });
+
   it('E_NOSPACE before accepting a put that would pass REPLICA_MAX_USED_PERC', async () => {
     const snaps = path.join(root, 'snaps-space');
     const src = await makeSourceDisk('src-space', 0);
