@@ -5,6 +5,7 @@
 import { Virsh, virshErrorKind } from '../libvirt/virsh.js';
 import type { CycleLibvirt } from './cycle.js';
 import type { DomainView } from './capture.js';
+import { parseNodeBitmaps, type NodeBitmaps } from '../libvirt/bitmaps.js';
 
 export class VirshPort implements CycleLibvirt {
   constructor(readonly virsh: Virsh) {}
@@ -90,5 +91,38 @@ export class VirshPort implements CycleLibvirt {
 
   async checkpointRedefine(dom: string, xml: string): Promise<void> {
     await this.virsh.checkpointCreateRedefine(dom, xml);
+  }
+
+  async domainId(dom: string): Promise<number | null> {
+    try {
+      return await this.virsh.domainId(dom);
+    } catch (e) {
+      if (virshErrorKind(e) === 'no-domain') return null;
+      throw e;
+    }
+  }
+
+  async diskBitmaps(dom: string, file: string): Promise<NodeBitmaps | null> {
+    return parseNodeBitmaps(await this.virsh.qemuMonitorCommand(dom, { execute: 'query-named-block-nodes', arguments: { flat: true } }), file);
+  }
+
+  /**
+   * libvirt first: a bitmap it does not know is given a checkpoint definition (redefine) and that
+   * checkpoint deleted, which makes libvirt drop the bitmap itself (no parent to merge into). When libvirt
+   * refuses (e.g. an inconsistent bitmap), QMP block-dirty-bitmap-remove on the qcow2 node.
+   */
+  async removeBitmap(dom: string, target: string, node: string, name: string): Promise<string> {
+    const xml = `<domaincheckpoint><name>${name}</name><disks><disk name='${target}' checkpoint='bitmap' bitmap='${name}'/></disks></domaincheckpoint>`;
+    let redefined = false;
+    try {
+      await this.virsh.checkpointCreateRedefine(dom, xml);
+      redefined = true;
+      await this.virsh.checkpointDelete(dom, name);
+      return 'libvirt checkpoint redefine + checkpoint-delete';
+    } catch {
+      if (redefined) await this.virsh.checkpointDelete(dom, name, { metadataOnly: true }).catch(() => {});
+    }
+    await this.virsh.qemuMonitorCommand(dom, { execute: 'block-dirty-bitmap-remove', arguments: { node, name } });
+    return 'QMP block-dirty-bitmap-remove';
   }
 }

@@ -75,6 +75,8 @@ export interface MigrateOptions {
   duringPresync?: () => Promise<void>;
   /** runs concurrently with the whole driver action (what a state hook would do); awaited at the end */
   hook?: () => Promise<void>;
+  /** runs after `virsh resume` on the destination, before the source VM dir is removed */
+  afterResume?: () => Promise<void>;
   /** tries of `virsh migrate` (KvmDomain virsh_tries); default 3 */
   tries?: number;
 }
@@ -228,6 +230,7 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
   try {
     const srcDir = src.vmDir(vm.vmId);
     const dstDir = dst.vmDir(vm.vmId);
+    const shared = (hostSide: string) => path.join(t.dsRoot, path.relative(src.hostDsRoot, hostSide));
     await rm(dstDir, { recursive: true, force: true });
     await mkdir(dstDir, { recursive: true });
     const live = (await src.lv.virshOk(['domblklist', vm.domainName, '--details'])).split('\n');
@@ -247,7 +250,9 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
     const xmls = (await run('sh', ['-c', 'ls -1 "$1"/*.xml', 'ls', srcDir])).stdout.split('\n').filter(Boolean);
     const t0 = Date.now();
     const during = o.duringPresync ? o.duringPresync() : Promise.resolve();
-    const rs = await run('rsync', ['-az', ...xmls, ...presync, `${dstDir}/`], { timeoutMs: 300_000 });
+    // The driver runs on the source host: so do its rsync and virsh here (the source's mount and PID
+    // namespaces), naming the VM's files by their datastore path, as the agent there sees them.
+    const rs = await onHost(src, ['rsync', '-az', ...[...xmls, ...presync].map(shared), `${dstDir}/`], 300_000);
     await during;
     if (rs.code !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
     const presyncMs = Date.now() - t0;
@@ -260,7 +265,7 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
       attempts++;
       // MIGRATE_OPTIONS (kvmrc) go right after --live, as KvmDomain does; here they pin the migration stream to
       // loopback (libvirt refuses 127.0.0.1 as migration_host/migration_address in qemu.conf).
-      const r = await src.lv.virsh(['migrate', '--live', ...MIGRATE_OPTIONS, '--suspend', vm.domainName, dst.lv.uri, '--copy-storage-all', '--migrate-disks', devs.join(',')], { timeoutMs: 600_000 });
+      const r = await onHost(src, ['virsh', '-c', src.lv.uri, 'migrate', '--live', ...MIGRATE_OPTIONS, '--suspend', vm.domainName, dst.lv.uri, '--copy-storage-all', '--migrate-disks', devs.join(',')], 600_000);
       if (r.code === 0) break;
       errors.push(r.stderr.trim());
       if (!/active block job/.test(r.stderr) || attempts >= tries) {
@@ -273,12 +278,18 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
     }
     const migrateMs = Date.now() - t1;
     await dst.lv.virshOk(['resume', vm.domainName]);
+    await o.afterResume?.();
     await rm(srcDir, { recursive: true, force: true });
     return { presyncMs, migrateMs, attempts, errors };
   } finally {
     const h = await hookDone;
     if (h instanceof Error) throw h;
   }
+}
+
+/** Runs a command on a host: inside its mount and PID namespaces (what the host's own processes see). */
+export function onHost(h: Host, argv: string[], timeoutMs = 120_000): Promise<{ code: number; stdout: string; stderr: string }> {
+  return run('nsenter', ['--target', String(h.lv.initPid), '--mount', '--pid', '--', ...argv], { timeoutMs });
 }
 
 /** sha256 of a disk's guest view as `host` sees it now (qemu-img -U on the live chain). */
