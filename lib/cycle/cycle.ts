@@ -372,7 +372,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       else if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
     }
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
-    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED).length;
+    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED || o.error?.code === ErrorCodes.YIELDED).length;
     log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length - aborted, ...(aborted ? { aborted } : {}), ms: now() - t0 }, 'cycle end');
     return list;
   }
