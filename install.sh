@@ -8,7 +8,8 @@
 #   ./install.sh --replica [--authorize 'ssh-ed25519 AAAA... host']
 #                             replica host: the agent (for `onestor-agent receive`), SNAPS owned by
 #                             oneadmin, and the hypervisor key authorized for the receiver ONLY
-#   ./install.sh --frontend   front-end: the monitoring probes into remotes/ (then `onehost sync -f`)
+#   ./install.sh --frontend   front-end: the monitoring probes into remotes/ (then `onehost sync -f`) and
+#                             the live-migration hook (remotes/hooks/onestor/, registered with onehook)
 #   ./install.sh --uninstall  removes everything install.sh added (listed in $PREFIX/installed-files)
 #
 # The agent goes to $PREFIX (default /usr/local/lib/onestor-agent), the launcher to /usr/local/bin.
@@ -77,7 +78,20 @@ if [ "$ROLE" = frontend ]; then
     install -D -m 0755 "$HERE/probes/$f" "$t"
     record "$t"
   done
-  say "probes installed under $dest; distribute them with: onehost sync -f" 
+  say "probes installed under $dest; distribute them with: onehost sync -f"
+  # Live migration: a state hook for ACTIVE/MIGRATE asks the agent on the source host to yield (README).
+  hook=$REMOTES/hooks/onestor/yield-on-migrate
+  install -D -m 0755 "$HERE/hooks/yield-on-migrate" "$hook"
+  record "$hook"
+  if command -v onehook >/dev/null 2>&1; then
+    if onehook list --no-header 2>/dev/null | grep -q 'onestor-yield-on-migrate'; then
+      say "hook onestor-yield-on-migrate already registered"
+    else
+      onehook create "$HERE/hooks/onestor-yield-on-migrate.tmpl" && say "hook onestor-yield-on-migrate registered"
+    fi
+  else
+    say "onehook not found: register the hook as oneadmin with: onehook create $HERE/hooks/onestor-yield-on-migrate.tmpl"
+  fi
   exit 0
 fi
 

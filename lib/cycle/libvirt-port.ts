@@ -114,15 +114,17 @@ export class VirshPort implements CycleLibvirt {
   async removeBitmap(dom: string, target: string, node: string, name: string): Promise<string> {
     const xml = `<domaincheckpoint><name>${name}</name><disks><disk name='${target}' checkpoint='bitmap' bitmap='${name}'/></disks></domaincheckpoint>`;
     let redefined = false;
+    let why = '';
     try {
       await this.virsh.checkpointCreateRedefine(dom, xml);
       redefined = true;
       await this.virsh.checkpointDelete(dom, name);
       return 'libvirt checkpoint redefine + checkpoint-delete';
-    } catch {
+    } catch (e) {
+      why = (e as Error).message.split(' (virsh')[0] ?? '';
       if (redefined) await this.virsh.checkpointDelete(dom, name, { metadataOnly: true }).catch(() => {});
     }
     await this.virsh.qemuMonitorCommand(dom, { execute: 'block-dirty-bitmap-remove', arguments: { node, name } });
-    return 'QMP block-dirty-bitmap-remove';
+    return `QMP block-dirty-bitmap-remove (libvirt ${redefined ? 'checkpoint-delete' : 'redefine'} refused: ${why})`;
   }
 }

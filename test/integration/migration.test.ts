@@ -8,7 +8,9 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFile, rm, stat, open, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { startTwoHosts, migrateVm, onHost, type Host, type TwoHosts } from '../harness/two-hosts.js';
-import type { OneVm } from '../harness/one-layout.js';
+import { renderVmXml, type OneVm } from '../harness/one-layout.js';
+import { agentMain, projectRoot } from '../harness/agent-env.js';
+import { run } from '../../lib/shared/exec.js';
 import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
 import { parseNodeBitmaps } from '../../lib/libvirt/bitmaps.js';
@@ -59,6 +61,30 @@ exit $rc
     await writeFile(path.join(slowVirshDir, 'virsh'), script, { mode: 0o755 });
   }
   return { PATH: `${slowVirshDir}:${process.env.PATH ?? ''}` };
+}
+
+/**
+ * hooks/yield-on-migrate as the front-end runs it: $TEMPLATE is the VM's XML (base64) whose last history
+ * record names the destination and the one before it the source; its `ssh SRC onestor-agent ...` lands,
+ * through a stand-in ssh, in the source host's namespace with that host's agent flags.
+ */
+async function runHook(vm: OneVm, src: Host, dst: Host): Promise<{ code: number; stdout: string; stderr: string }> {
+  const xml = renderVmXml({ vmId: vm.vmId, dsId: t.dsId, dsRoot: t.dsRoot, deployId: vm.domainName, hostname: src.agentHostName, memoryMiB: 32, stime: 1, disks: [] }).replace(
+    '</HISTORY_RECORDS>',
+    `<HISTORY><OID>${vm.vmId}</OID><SEQ>1</SEQ><HOSTNAME><![CDATA[${dst.agentHostName}]]></HOSTNAME></HISTORY></HISTORY_RECORDS>`,
+  );
+  const ssh = path.join(t.root, `ssh-to-${src.name}`);
+  const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
+  await writeFile(
+    ssh,
+    `#!/bin/sh\n# stand-in for: ssh -o BatchMode=yes -o ConnectTimeout=10 HOST onestor-agent ARGS...\nshift 4\n[ "$1" = ${q(src.agentHostName)} ] || { echo "unexpected host $1" >&2; exit 255; }\nshift 2\n` +
+      `exec nsenter --target ${src.lv.initPid} --mount -- ${q(process.execPath)} ${q(agentMain())} "$@" ${src.flags.map(q).join(' ')}\n`,
+    { mode: 0o755 },
+  );
+  return run(path.join(projectRoot(), 'hooks', 'yield-on-migrate'), [Buffer.from(xml).toString('base64')], {
+    env: { ONESTOR_HOOK_SSH: ssh, ONESTOR_YIELD_SECONDS: '120', TMPDIR: path.join(t.root, 'tmp') },
+    timeoutMs: 60_000,
+  });
 }
 
 async function waitForJob(h: Host, dom: string): Promise<void> {
@@ -124,19 +150,22 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
   let vm: OneVm;
 
   it('a full running on the source (hook runs `yield`): migration succeeds, nothing left behind, the new host protects the VM', async () => {
-    vm = await t.createVm(t.A, { vmId: 61, disks: [{ diskId: 0, sizeMiB: 512, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 16, pattern: 0x41 }, { offsetMiB: 256, lengthMiB: 192, pattern: 0x43 }] }] });
+    vm = await t.createVm(t.A, { vmId: 61, disks: [{ diskId: 0, sizeMiB: 384, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 16, pattern: 0x41 }, { offsetMiB: 224, lengthMiB: 144, pattern: 0x43 }] }] });
     await guestWrite(t.A.lv, vm.domainName, { offsetMiB: 20, lengthMiB: 8, pattern: 0x21 });
     const cycle = t.A.agentSpawn(['snapshot', '--vm', String(vm.vmId)], { env: await slowBackupEnv() });
     await waitForJob(t.A, vm.domainName);
     await sleep(1500);
     expect(await jobActive(t.A, vm.domainName)).toBe(true); // still copying: stands for a big disk
 
-    // The front-end's MIGRATE state hook reaches the source host while the driver pre-syncs.
+    // The front-end's ACTIVE/MIGRATE state hook (the real script, $TEMPLATE as oned sends it) reaches the
+    // source host over ssh while the driver pre-syncs.
     const t0 = Date.now();
+    let hookOut = '';
     const steps = await migrateVm(t, vm, t.A, t.B, {
       hook: async () => {
-        const y = await t.A.agent(['yield', '--vm', String(vm.vmId), '--seconds', '120']);
-        expect(y.code, y.stdout + y.stderr).toBe(0);
+        const y = await runHook(vm, t.A, t.B);
+        hookOut = y.stdout + y.stderr;
+        expect(y.code, hookOut).toBe(0);
       },
       duringPresync: () => guestWrite(t.A.lv, vm.domainName, { offsetMiB: 40, lengthMiB: 4, pattern: 0x42 }),
     });
@@ -145,6 +174,8 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     expect(steps.attempts).toBe(1);
     expect((await t.whereRuns(vm.domainName))?.name).toBe('B');
 
+    expect(hookOut).toMatch(new RegExp(`VM ${vm.vmId} migrates ${t.A.agentHostName} -> ${t.B.agentHostName}`));
+    expect(hookOut).toMatch(/no backup job of ours runs/);
     const r = await cycle.done;
     expect(r.code, r.stdout + r.stderr).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/E_YIELDED|gave way to a live migration/);
@@ -196,6 +227,7 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     expect(kept).toHaveLength(1);
     expect(await bitmapsOn(t.A, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
     expect(s.out).toMatch(/stray bitmap removed/);
+    console.log(s.out.split('\n').filter((l) => /stray bitmap removed|source image checked|redefined/.test(l)).join('\n'));
   });
 
   it('round trip A -> B -> A with guest writes during each pre-sync: incremental on each side, recoverable, zero orphan bitmaps', async () => {
