@@ -112,7 +112,11 @@ export class VirshPort implements CycleLibvirt {
    * refuses (e.g. an inconsistent bitmap), QMP block-dirty-bitmap-remove on the qcow2 node.
    */
   async removeBitmap(dom: string, target: string, node: string, name: string): Promise<string> {
-    const xml = `<domaincheckpoint><name>${name}</name><disks><disk name='${target}' checkpoint='bitmap' bitmap='${name}'/></disks></domaincheckpoint>`;
+    // libvirt 9.0 refuses a redefinition without creationTime ("missing creationTime from existing
+    // checkpoint"); ours carry their creation time (ms) in the name
+    const ms = /^onestor-\d+-(\d+)-/.exec(name)?.[1];
+    const created = ms ? Math.floor(Number(ms) / 1000) : Math.floor(Date.now() / 1000);
+    const xml = `<domaincheckpoint><name>${name}</name><creationTime>${created}</creationTime><disks><disk name='${target}' checkpoint='bitmap' bitmap='${name}'/></disks></domaincheckpoint>`;
     let redefined = false;
     let why = '';
     try {
