@@ -53,9 +53,16 @@ for a in "$@"; do
   prev="$a"
 done
 if [ $rc -eq 0 ] && [ -n "$dom" ]; then
-  for dev in $(/usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" '{"execute":"query-block-jobs"}' | grep -o '"device": *"[^"]*"' | sed 's/.*"\\([^"]*\\)"$/\\1/'); do
-    /usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" "{\\"execute\\":\\"block-job-set-speed\\",\\"arguments\\":{\\"device\\":\\"$dev\\",\\"speed\\":1}}" >/dev/null
+  i=0
+  devs=""
+  while [ -z "$devs" ] && [ $i -lt 20 ]; do
+    devs=$(/usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" '{"execute":"query-block-jobs"}' | grep -o '"device": *"[^"]*"' | sed 's/.*"\\([^"]*\\)"$/\\1/')
+    i=$((i+1))
   done
+  for dev in $devs; do
+    /usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" "{\\"execute\\":\\"block-job-set-speed\\",\\"arguments\\":{\\"device\\":\\"$dev\\",\\"speed\\":1}}" >>"$0.log" 2>&1
+  done
+  echo "tries=$i devs=$devs" >>"$0.log"
 fi
 exit $rc
 `;
@@ -107,7 +114,7 @@ async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agent
     await sleep(1000);
     if (await jobActive(h, vm.domainName)) return cycle;
     const r = await cycle.done;
-    console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`);
+    console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`, await readFile(path.join(slowVirshDir, 'virsh.log'), 'utf8').catch(() => 'no log'));
   }
   throw new Error(`could not keep a backup job of ${vm.domainName} running on host ${h.name}`);
 }
@@ -240,6 +247,29 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     expect(await bitmapsOn(t.A, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
     expect(s.out).toMatch(/stray bitmap removed/);
     console.log(s.out.split('\n').filter((l) => /stray bitmap removed|source image checked|redefined/.test(l)).join('\n'));
+  });
+
+  it('`yield` with no migration after all: the running job is aborted leaving no checkpoint or staging, cycles are held off, then resume', async () => {
+    const cps = await checkpointsOn(t.A, vm);
+    const bms = await bitmapsOn(t.A, vm);
+    const published = await manifest(vm);
+    const cycle = await startSlowFull(t.A, vm);
+    const t0 = Date.now();
+    const y = await t.A.agent(['yield', '--vm', String(vm.vmId), '--seconds', '8']);
+    expect(y.code, y.stdout + y.stderr).toBe(0);
+    const r = await cycle.done;
+    console.log(`yield returned after ${Date.now() - t0} ms`);
+    expect(r.stdout + r.stderr).toMatch(/E_YIELDED/);
+    expect(await jobActive(t.A, vm.domainName)).toBe(false);
+    expect(await checkpointsOn(t.A, vm)).toEqual(cps);
+    expect(await bitmapsOn(t.A, vm)).toEqual(bms);
+    expect(await stat(path.join(t.A.hostDsRoot, String(t.dsId), '.onestor', String(vm.vmId))).catch(() => null)).toBeNull();
+    expect(await manifest(vm)).toEqual(published);
+    const held = await t.A.agent(['snapshot', '--vm', String(vm.vmId)]);
+    expect(held.code).not.toBe(0);
+    expect(held.stdout + held.stderr).toMatch(/held off for a live migration/);
+    await sleep(Math.max(0, t0 + 8500 - Date.now()));
+    expect((await snapshot(t.A, vm)).mode).toBe('incremental');
   });
 
   it('round trip A -> B -> A with guest writes during each pre-sync: incremental on each side, recoverable, zero orphan bitmaps', async () => {
