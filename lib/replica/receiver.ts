@@ -4,7 +4,6 @@
  * Logs go to opts.log (stderr in production): stdout is the protocol.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
@@ -19,7 +18,8 @@ import {
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
-import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { assertSameVmDir, checkLayout, checkedLockFile, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
+import { reclaimLeftovers } from './leftovers.js';
 import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { statusPage } from './status-page.js';
 import { lockDisk, unlockDisk } from './disk-lock.js';
@@ -27,7 +27,7 @@ import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJou
 import { publishFull, type PublishContext } from './publish.js';
 import { maybeSweep } from './sweep.js';
 import { SpaceLedger } from './reservations.js';
-import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
+import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
 
@@ -85,13 +85,11 @@ class SessionEnd extends Error {
 }
 
 async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
-  const dir = slotsDir(opts.snapsDir);
-  await fsp.mkdir(dir, { recursive: true });
   const deadline = Date.now() + opts.busyWaitSec * 1000;
   for (;;) {
     for (let i = 0; i < opts.maxSessions; i++) {
       try {
-        return await acquireFileLock(`${dir}/slot.${i}`, { timeoutSec: 0 });
+        return await acquireFileLock(await checkedLockFile(opts.snapsDir, ['slots'], `slot.${i}`), { timeoutSec: 0 });
       } catch (e) {
         if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
       }
@@ -383,8 +381,11 @@ class ReceiverSession {
     // nothing but the lock until data arrives: the tmp dir is made by the first put (see unlockDisk)
     const lock = await lockDisk(paths, this.opts.lockTimeoutSec);
     try {
+      // Layout first: no journal redo or cleanup ever acts through a path we did not make.
+      await checkLayout(paths);
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
+      await reclaimLeftovers(paths, this.opts.log);
       const { vmDirId } = await checkLayout(paths);
       const manifest = await readValidManifest(paths);
       const base = await baseOnReplica(paths, manifest);
@@ -409,18 +410,23 @@ class ReceiverSession {
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
-    const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
+    const { file, offset } = await prepareUpload(d.paths, put.key, put.size, new Set([...d.uploads.values()].map((u) => u.file)));
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
     await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
     const hash = createHash('sha256');
+    const fh = await openUpload(file, offset);
     if (offset > 0) {
-      // The digest covers the whole file: fold in what we already hold.
-      for await (const chunk of createReadStream(file, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) {
-        hash.update(chunk as Buffer);
+      try {
+        // The digest covers the whole file: fold in what we already hold.
+        for await (const chunk of fh.createReadStream({ start: 0, end: offset - 1, highWaterMark: 4 << 20, autoClose: false })) {
+          hash.update(chunk as Buffer);
+        }
+      } catch (e) {
+        await fh.close().catch(() => {});
+        throw e;
       }
     }
-    const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
     d.uploads.delete(put.key);
     this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
