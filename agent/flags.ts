@@ -27,6 +27,14 @@ const OPTIONS = {
   'receiver-command': { type: 'string' },
   'snaps-dir': { type: 'string' },
   'max-sessions': { type: 'string' },
+  host: { type: 'string' },
+  'max-sessions-per-host': { type: 'string' },
+  'hello-timeout': { type: 'string' },
+  'idle-timeout': { type: 'string' },
+  'drain-timeout': { type: 'string' },
+  'progress-window': { type: 'string' },
+  'min-progress-kib': { type: 'string' },
+  'max-session-time': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
   'log-level': { type: 'string' },
@@ -62,6 +70,16 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
+  const receiverInts = [
+    ['max-sessions-per-host', 'maxSessionsPerHost'],
+    ['hello-timeout', 'helloTimeoutSec'],
+    ['idle-timeout', 'idleTimeoutSec'],
+    ['drain-timeout', 'drainTimeoutSec'],
+    ['progress-window', 'progressWindowSec'],
+    ['min-progress-kib', 'minProgressKiB'],
+    ['max-session-time', 'maxSessionSec'],
+  ] as const;
+  for (const [flag, key] of receiverInts) if (f[flag] !== undefined) receiver[key] = intFlag(f[flag], flag);
   if (f['no-space-check']) receiver.spaceCheck = false;
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
