@@ -38,6 +38,8 @@ const OPTIONS = {
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
   'log-level': { type: 'string' },
+  'host-name': { type: 'string' },
+  seconds: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];
@@ -60,6 +62,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f.datastores) o.datastoreLocation = f.datastores;
   if (f['state-dir']) o.stateDir = f['state-dir'];
   if (f['libvirt-uri']) o.libvirtUri = f['libvirt-uri'];
+  if (f['host-name']) o.hostName = f['host-name'];
   if (f.sshrc) o.sshrcPaths = [f.sshrc];
   if (f['replica-host']) replica.hostOverride = f['replica-host'];
   if (f['replica-port']) replica.port = intFlag(f['replica-port'], 'replica-port');

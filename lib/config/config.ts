@@ -134,6 +134,8 @@ export const ConfigSchema = z.strictObject({
     .min(1, { error: 'expected at least one path' })
     .default(['/var/lib/one/remotes/etc/tm/ssh/sshrc', '/var/tmp/one/etc/tm/ssh/sshrc']),
   stateDir: absPath.default('/var/lib/one/onestor-agent'),
+  /** this host's name as recorded on the replica (sourceHost); null = the system host name */
+  hostName: nullable(z.string().regex(/^[A-Za-z0-9._-]{1,253}$/, { error: 'expected a host name' })).default(null),
   libvirtUri: z
     .string({ error: 'expected a libvirt URI' })
     .regex(/^[a-z][a-z0-9+.-]*:\/\/[^\s]*$/, { error: 'expected a libvirt URI such as qemu:///system' })
