@@ -36,7 +36,9 @@ export function acquireFileLock(path: string, opts: LockOptions): Promise<FileLo
   // fd 9 stays open in sh (and so locked) until sh exits, i.e. until our stdin closes. `[ A -ef B ]`
   // compares device and inode: a lock on a file that was unlinked (or replaced) meanwhile is worthless,
   // so close it and lock whatever the path names now. Each attempt waits up to the timeout.
-  const script = `while :; do exec 9>>"$1"; "$2" ${waitArgs} 9 || exit $?; [ /proc/self/fd/9 -ef "$1" ] && break; exec 9>&-; done; echo ${ACQUIRED}; read _`;
+  // Where /proc/self does not name this process (a mount namespace that mounted the proc of another PID
+  // namespace) the check cannot be made: take the lock as before (only the replica removes lock files).
+  const script = `while :; do exec 9>>"$1"; "$2" ${waitArgs} 9 || exit $?; [ -e /proc/self/fd/9 ] || break; [ /proc/self/fd/9 -ef "$1" ] && break; exec 9>&-; done; echo ${ACQUIRED}; read _`;
   const child = spawn('sh', ['-c', script, 'sh', path, flock], {
     stdio: ['pipe', 'pipe', 'pipe'],
     env: { ...process.env, LC_ALL: 'C' },

@@ -110,7 +110,12 @@ async function waitForJob(h: Host, dom: string): Promise<void> {
 async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agentSpawn']>> {
   for (let i = 0; i < 5; i++) {
     const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
-    await waitForJob(h, vm.domainName);
+    // a cycle that ends before its job shows up failed early: say why instead of waiting for a job
+    const early = cycle.done.then((r) => {
+      throw new Error(`the cycle on host ${h.name} ended (exit ${r.code}) before its backup job was seen: ${(r.stderr + r.stdout).slice(-2000)}`);
+    });
+    early.catch(() => {});
+    await Promise.race([waitForJob(h, vm.domainName), early]);
     await sleep(1000);
     if (await jobActive(h, vm.domainName)) return cycle;
     const r = await cycle.done;
