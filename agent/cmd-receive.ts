@@ -9,7 +9,9 @@ import { Exit } from './exit-codes.js';
 import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
-import { runReceiver } from '../lib/replica/receiver.js';
+import { ErrorCodes, isOnestorError } from '../lib/shared/errors.js';
+import { identityFromEnvironment } from '../lib/replica/identity-env.js';
+import { refuseSession, runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
@@ -24,7 +26,21 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   }
   // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
   process.stdout.on('error', () => {});
+  const logFn: ReceiverOptions['log'] = (obj, msg, level) => (level === 'warn' ? log.warn(obj, msg) : log.info(obj, msg));
+  // Who writes comes from sshd's authentication: --host in the key's forced command, else the key's
+  // fingerprint (ExposeAuthInfo). A bad --host is a configuration error (the whole session fails, loudly).
+  let who;
+  try {
+    who = await identityFromEnvironment({ ...(f.host !== undefined ? { host: f.host } : {}), allowUnidentified: Boolean(f['allow-unidentified']) });
+  } catch (e) {
+    if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
+    await refuseSession(process.stdin, process.stdout, e, logFn);
+    await new Promise<void>((resolve) => process.stdout.end(resolve));
+    return Exit.FAILED;
+  }
   const code = await runReceiver(process.stdin, process.stdout, {
+    identity: who.identity,
+    ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}),
     snapsDir,
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: config.receiver.maxSessions,
@@ -32,7 +48,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
     spaceCheck: config.receiver.spaceCheck,
     qemuImg: config.qemuImg,
-    log: (obj, msg) => log.info(obj, msg),
+    log: logFn,
   });
   await new Promise<void>((resolve) => process.stdout.end(resolve));
   return code === 0 ? Exit.OK : Exit.FAILED;

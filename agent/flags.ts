@@ -29,6 +29,9 @@ const OPTIONS = {
   'max-sessions': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
+  // receive: the writer's identity (see lib/replica/identity.ts)
+  host: { type: 'string' },
+  'allow-unidentified': { type: 'boolean' },
   'log-level': { type: 'string' },
 } as const;
 

@@ -45,6 +45,9 @@ Common options (each overrides the config file):
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
   --max-sessions N         receive: concurrent sessions on this replica (others wait, then E_BUSY)
   --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
+  --host NAME              receive: the host this key belongs to (set in authorized_keys' forced command);
+                           without it the key's fingerprint (sshd ExposeAuthInfo yes) names the writer
+  --allow-unidentified     receive: serve keys with neither (all count as one writer, warned every session)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
 
 Exit codes:

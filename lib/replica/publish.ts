@@ -86,6 +86,7 @@ export async function publishFull(
       base: { size: bSt.size, sha256: baseSha },
       base1: { size: b1St.size, sha256: up.base1.sha256, ...(info['virtual-size'] !== undefined ? { virtualSize: info['virtual-size'] } : {}) },
       sourceHost: meta.sourceHost,
+      ...meta.ownership,
       files: { base: identityOf(bSt), base1: identityOf(b1St) },
     };
     await writeManifest(p, manifest);

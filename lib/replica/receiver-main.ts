@@ -3,8 +3,10 @@
  * authorized_keys forced command and for tests. The full CLI (`onestor-agent receive`) reads the driver
  * settings instead; both end in runReceiver. stdout is the protocol, logs are JSON lines on stderr.
  */
-import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
-import { runReceiver, type ReceiverOptions } from './receiver.js';
+import { ErrorCodes, OnestorError, describeError, isOnestorError } from '../shared/errors.js';
+import { identityFromEnvironment } from './identity-env.js';
+import { parseHostFlag } from './identity.js';
+import { refuseSession, runReceiver, type ReceiverOptions } from './receiver.js';
 
 const FLAGS = {
   '--snaps-dir': 'snapsDir',
@@ -14,12 +16,22 @@ const FLAGS = {
   '--max-used-percent': 'maxUsedPercent',
   '--qemu-img': 'qemuImg',
   '--idle-timeout': 'idleTimeoutSec',
+  '--host': 'host',
 } as const;
 
-export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
+/** Parsed flags; the identity is resolved later from --host / sshd's SSH_USER_AUTH (see identity.ts). */
+export type ReceiverArgs = Omit<ReceiverOptions, 'identity'> & { host?: string; allowUnidentified: boolean };
+
+export function parseReceiverArgs(argv: readonly string[]): ReceiverArgs {
   const raw: Record<string, string> = {};
+  let allowUnidentified = false;
   for (let i = 0; i < argv.length; i += 2) {
     const flag = argv[i]!;
+    if (flag === '--allow-unidentified') {
+      allowUnidentified = true;
+      i--;
+      continue;
+    }
     const value = argv[i + 1];
     const key = (FLAGS as Record<string, string>)[flag];
     if (!key || value === undefined) throw new OnestorError(ErrorCodes.CONFIG, `unknown flag or missing value: ${flag}`, { field: flag });
@@ -43,14 +55,16 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
     maxUsedPercent: num('maxUsedPercent', 90, 1, 100),
     idleTimeoutSec: num('idleTimeoutSec', 900, 1, 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
-    log: (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
+    ...(raw.host !== undefined ? { host: parseHostFlag(raw.host) } : {}),
+    allowUnidentified,
+    log: (obj, msg, level) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, level: level ?? 'info', ...obj, msg }) + '\n'),
   };
 }
 
 async function main(): Promise<void> {
-  let opts: ReceiverOptions;
+  let args: ReceiverArgs;
   try {
-    opts = parseReceiverArgs(process.argv.slice(2));
+    args = parseReceiverArgs(process.argv.slice(2));
   } catch (e) {
     process.stderr.write(describeError(e) + '\n');
     process.exit(64);
@@ -58,6 +72,8 @@ async function main(): Promise<void> {
   // Under `command="...",restrict` every request runs this program; an SFTP subsystem request arrives
   // as SSH_ORIGINAL_COMMAND=internal-sftp (or sftp-server). Refuse it up front instead of waiting on
   // bytes that will never form a frame.
+  const { host: _host, allowUnidentified, ...rest } = args;
+  const opts: ReceiverOptions = { ...rest, identity: '' };
   const original = process.env.SSH_ORIGINAL_COMMAND ?? '';
   if (/(^|\/)(internal-sftp|sftp-server)\b/.test(original)) {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
@@ -66,7 +82,14 @@ async function main(): Promise<void> {
   // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
   // before partial uploads are flushed for resume.
   process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, opts);
+  let code: number;
+  try {
+    const who = await identityFromEnvironment({ ...(args.host !== undefined ? { host: args.host } : {}), allowUnidentified });
+    code = await runReceiver(process.stdin, process.stdout, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
+  } catch (e) {
+    if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
+    code = await refuseSession(process.stdin, process.stdout, e, opts.log);
+  }
   // Let the last reply reach the pipe before exiting.
   process.stdout.end(() => process.exit(code));
 }

@@ -20,6 +20,8 @@ import {
   type PutMessage,
 } from '../protocol/protocol.js';
 import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { identityKind } from './identity.js';
+import { appendTakeover, assertMayIncrement, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
@@ -30,6 +32,13 @@ export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
+  /**
+   * The authenticated writer (lib/replica/identity.ts): `--host NAME` from the key's forced command, else the
+   * key's fingerprint from sshd. Owner of what this session publishes, field `writer` of every log line.
+   */
+  identity: string;
+  /** fingerprint of the authenticated key when sshd exposed it (logged beside a --host identity) */
+  keyFingerprint?: string;
   lockTimeoutSec: number;
   maxSessions: number;
   busyWaitSec: number;
@@ -39,7 +48,8 @@ export interface ReceiverOptions {
   qemuImg?: string;
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
-  log?: (obj: object, msg: string) => void;
+  /** level defaults to info; take-overs and identity mismatches come at warn */
+  log?: (obj: object, msg: string, level?: 'info' | 'warn') => void;
   /** Test hook passed to the publish functions (simulated crashes). */
   onStep?: PublishContext['onStep'];
 }
@@ -95,7 +105,14 @@ async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
   }
 }
 
-export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
+export async function runReceiver(input: Readable, output: Writable, options: ReceiverOptions): Promise<number> {
+  // Every line this session logs names the authenticated writer.
+  const baseLog = options.log;
+  const who = { writer: options.identity, ...(options.keyFingerprint && options.keyFingerprint !== options.identity ? { key: options.keyFingerprint } : {}) };
+  const opts: ReceiverOptions = baseLog ? { ...options, log: (obj, msg, level) => baseLog({ ...who, ...obj }, msg, level) } : options;
+  if (identityKind(opts.identity) === 'unidentified') {
+    opts.log?.({}, 'writer not identified: bind the host with receive --host NAME (ownership cannot tell unidentified keys apart)', 'warn');
+  }
   const session = new ReceiverSession(output, opts);
   const decoder = new FrameDecoder();
   let exitCode = EXIT_OK;
@@ -139,6 +156,27 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
     await session.cleanup();
   }
   return exitCode;
+}
+
+/**
+ * A session the receiver cannot serve at all (no identity): answers the client's first message with the
+ * error, so the agent logs the reason and its code instead of "channel closed", then ends. Bounded in time.
+ */
+export async function refuseSession(input: Readable, output: Writable, err: OnestorError, log?: ReceiverOptions['log'], waitMs = 30_000): Promise<number> {
+  log?.({ err: describeError(err) }, 'session refused', 'warn');
+  const decoder = new FrameDecoder();
+  const timer = setTimeout(() => input.destroy(), waitMs);
+  try {
+    for await (const chunk of input) {
+      if (decoder.push(chunk as Buffer).some((f) => f.type === 'control')) break;
+    }
+  } catch {
+    // garbage or a timeout: the answer below is all the peer gets
+  } finally {
+    clearTimeout(timer);
+  }
+  if (!output.destroyed && output.writable) output.write(encodeControl(errorReply(err.code, err.message)));
+  return EXIT_FAILED;
 }
 
 class ReceiverSession {
@@ -274,13 +312,16 @@ class ReceiverSession {
       await this.send({ type: 'ok' });
       throw new SessionEnd(EXIT_OK);
     }
-    if (msg.type === 'hello') return this.onHello(msg.protocol);
+    if (msg.type === 'hello') return this.onHello(msg);
     if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
     switch (msg.type) {
       case 'status': {
         // an interrupted merge is finished first: the client plans its next increment from this answer
         if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
-        const manifests = await listManifests(this.opts.snapsDir, msg.vm);
+        const all = await listManifests(this.opts.snapsDir, msg.vm);
+        // `status VM` is open to any authorized host (the one now running the VM must learn where the
+        // lineage stands); the replica-wide list only shows the caller's own disks.
+        const manifests = msg.vm !== undefined ? all : all.filter((m) => m.owner === this.opts.identity);
         return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
       }
       case 'open':
@@ -297,8 +338,15 @@ class ReceiverSession {
     }
   }
 
-  private async onHello(protocol: number): Promise<void> {
+  private async onHello(hello: Extract<ClientMessage, { type: 'hello' }>): Promise<void> {
+    const protocol = hello.protocol;
     if (this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, 'second hello');
+    // hello.host is the client's word: it is only compared, never used. A mismatch is worth a warning (a key
+    // copied to another host, or a host named differently in the agent and in authorized_keys) but not a
+    // refusal: the name grants nothing, and refusing over a naming nit would stop protection.
+    if (identityKind(this.opts.identity) === 'host' && hello.host !== this.opts.identity) {
+      this.opts.log?.({ claimed: hello.host.slice(0, 255) }, 'hello names another host than the key is bound to; the authenticated name is used', 'warn');
+    }
     if (protocol !== PROTOCOL_VERSION) {
       await this.send(errorReply(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
       throw new SessionEnd(EXIT_PROTOCOL);
@@ -321,6 +369,7 @@ class ReceiverSession {
       maxChunk: MAX_DATA_BYTES,
       snapsDirFree: fs.avail,
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
+      identity: this.opts.identity,
     });
   }
 
@@ -357,7 +406,7 @@ class ReceiverSession {
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
-    const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
+    const { file, offset } = await prepareUpload(d.paths, uploadKeyFor(this.opts.identity, put.key), put.size);
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     const factor = put.kind === 'base' ? 1 : 2;
     const need = (put.size - offset) * factor;
@@ -430,7 +479,12 @@ class ReceiverSession {
       ...(this.opts.log ? { log: this.opts.log } : {}),
       ...(this.opts.onStep ? { onStep: this.opts.onStep } : {}),
     };
-    const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: msg.sourceHost };
+    // Under the session's disk lock: the manifest cannot change between this read and the publish.
+    const prev = await readValidManifest(d.paths);
+    if (msg.mode === 'incremental') assertMayIncrement(prev, this.opts.identity, d.paths);
+    const own = ownershipForPublish(prev, this.opts.identity, msg.checkpoint, Math.floor(Date.now() / 1000));
+    // msg.sourceHost is the client's word: the manifest names the authenticated writer instead.
+    const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: this.opts.identity, ownership: own.fields };
     let manifest;
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
@@ -448,7 +502,22 @@ class ReceiverSession {
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
+    await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover);
     await this.send({ type: 'ok', manifest: toWireManifest(manifest) });
+  }
+
+  /** After a publish: the take-over warning and ledger entry, the writer's record. Never fails the publish. */
+  private async recordOwnership(p: ReplicaPaths, mode: 'full' | 'incremental', checkpoint: string | null, takeover: { from: string; to: string } | null): Promise<void> {
+    const at = Math.floor(Date.now() / 1000);
+    if (takeover) {
+      this.opts.log?.({ vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }, `lineage taken over: ${takeover.from} -> ${takeover.to} (full publish)`, 'warn');
+      await appendTakeover(this.opts.snapsDir, { at, vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }).catch((e: unknown) =>
+        this.opts.log?.({ vm: p.vm, disk: p.disk, err: describeError(e) }, 'could not append the take-over to the ledger', 'warn'),
+      );
+    }
+    await recordWriter(this.opts.snapsDir, { identity: this.opts.identity, lastPublishAt: at, lastVm: p.vm, lastDisk: p.disk, lastMode: mode }).catch((e: unknown) =>
+      this.opts.log?.({ err: describeError(e) }, 'could not record the writer in the ledger', 'warn'),
+    );
   }
 
   private async closeDisk(): Promise<void> {

@@ -75,7 +75,7 @@ async function makeInc(name: string, ops: string[], alsoApplyTo?: string): Promi
 }
 
 function options(snapsDir: string, extra: Partial<ReceiverOptions> = {}): ReceiverOptions {
-  return { snapsDir, lockTimeoutSec: 2, maxSessions: 4, busyWaitSec: 0, maxUsedPercent: 99, ...(process.env.RLOG ? { log: (o: object, m: string) => console.error(Date.now() % 100000, m, JSON.stringify(o)) } : {}), ...extra };
+  return { snapsDir, identity: 'hv-test', lockTimeoutSec: 2, maxSessions: 4, busyWaitSec: 0, maxUsedPercent: 99, ...(process.env.RLOG ? { log: (o: object, m: string) => console.error(Date.now() % 100000, m, JSON.stringify(o)) } : {}), ...extra };
 }
 
 interface Session {
