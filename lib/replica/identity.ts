@@ -14,8 +14,9 @@
  */
 import { createHash } from 'node:crypto';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
+import { UNIDENTIFIED_WRITER } from '../shared/ledger.js';
 
-export const UNIDENTIFIED = '(unidentified)';
+export const UNIDENTIFIED = UNIDENTIFIED_WRITER;
 export type IdentityKind = 'host' | 'key' | 'unidentified';
 
 /** RFC 1123 host name (labels of letters, digits and inner hyphens, dots between), at most 253 chars. */

@@ -6,6 +6,9 @@
  *   writers/TAG.json                       per writer: who, how authenticated, last publish
  * Parsers are hand-written (the probe avoids loading zod) and skip anything malformed.
  */
+/** The writer name of a key the receiver could not identify (not a valid host name, so never a real host's). */
+export const UNIDENTIFIED_WRITER = '(unidentified)';
+
 export const LEDGER_DIR = '.onestor/ledger';
 export const TAKEOVERS_FILE = 'takeovers.jsonl';
 export const WRITERS_DIR = 'writers';
