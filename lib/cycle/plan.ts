@@ -60,7 +60,8 @@ export function lineageCheck(f: ModeFacts): Extract<ModeDecision, { mode: 'full'
     return { mode: 'full', alert: 'unowned', reason: 'replica lineage has no recorded owner (written before ownership was tracked); a full claims it' };
   }
   if (f.replicaOwner !== self) {
-    return { mode: 'full', alert: 'foreign-owner', reason: `replica lineage was last published by ${f.replicaOwner}, not by this host (${self}); never building on it` };
+    const token = f.replicaToken !== (f.stateToken ?? null) ? `; token mismatch (replica ${short(f.replicaToken)}, ours ${short(f.stateToken)})` : '';
+    return { mode: 'full', alert: 'foreign-owner', reason: `replica lineage was last published by ${f.replicaOwner}, not by this host (${self})${token}; never building on it` };
   }
   if (f.stateToken && f.replicaToken === f.stateToken) return null;
   const identified = self !== UNIDENTIFIED_WRITER;

@@ -23,6 +23,8 @@ export interface SshdOptions {
   authorizedKeyOptions?: string;
   /** How long to wait for the server to accept connections (default 10 s). */
   readyTimeoutMs?: number;
+  /** Extra sshd_config lines, e.g. `ExposeAuthInfo yes`. */
+  extraConfig?: string[];
 }
 
 export interface Sshd {
@@ -78,7 +80,8 @@ function tcpConnects(port: number): Promise<boolean> {
   });
 }
 
-async function generateKey(file: string, comment: string): Promise<string> {
+/** ed25519 key pair without passphrase; returns the public line "ssh-ed25519 AAAA... comment". */
+export async function generateKey(file: string, comment: string): Promise<string> {
   await rm(file, { force: true });
   await rm(`${file}.pub`, { force: true });
   const r = await run(SSH_KEYGEN, ['-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', file]);
@@ -92,7 +95,7 @@ function keyWithoutComment(publicKeyLine: string): string {
   return publicKeyLine.split(/\s+/).slice(0, 2).join(' ');
 }
 
-function sshdConfig(p: { port: number; hostKey: string; pidFile: string; authorizedKeys: string }): string {
+function sshdConfig(p: { port: number; hostKey: string; pidFile: string; authorizedKeys: string; extra?: string[] }): string {
   return [
     `Port ${p.port}`,
     'ListenAddress 127.0.0.1',
@@ -115,6 +118,7 @@ function sshdConfig(p: { port: number; hostKey: string; pidFile: string; authori
     'X11Forwarding no',
     'LogLevel VERBOSE',
     'Subsystem sftp internal-sftp',
+    ...(p.extra ?? []),
     '',
   ].join('\n');
 }
@@ -168,7 +172,7 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   };
 
   const launch = async (): Promise<void> => {
-    await writeFile(configPath, sshdConfig({ port, hostKey: hostKeyPath, pidFile, authorizedKeys: authorizedKeysPath }));
+    await writeFile(configPath, sshdConfig({ port, hostKey: hostKeyPath, pidFile, authorizedKeys: authorizedKeysPath, extra: opts.extraConfig }));
     const proc = spawn(SETPRIV, ['--pdeathsig', 'KILL', SSHD, '-D', '-e', '-f', configPath, '-E', logPath], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
