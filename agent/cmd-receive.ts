@@ -9,7 +9,7 @@ import { Exit } from './exit-codes.js';
 import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
-import { ErrorCodes, isOnestorError } from '../lib/shared/errors.js';
+import { ErrorCodes, isOnestorError, type OnestorError } from '../lib/shared/errors.js';
 import { identityFromEnvironment } from '../lib/replica/identity-env.js';
 import { refuseSession, runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
 
@@ -17,24 +17,28 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
-  // As a forced command this runs whatever the client asked for: SFTP would otherwise wait, speaking
-  // no protocol, until the idle timeout.
-  const requested = process.env['SSH_ORIGINAL_COMMAND'] ?? '';
-  if (/(^|\/)(internal-sftp|sftp-server)\b/.test(requested)) {
-    log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
-    return Exit.FAILED;
-  }
-  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
-  process.stdout.on('error', () => {});
   const logFn: ReceiverOptions['log'] = (obj, msg, level) => (level === 'warn' ? log.warn(obj, msg) : log.info(obj, msg));
   // Who writes comes from sshd's authentication: --host in the key's forced command, else the key's
   // fingerprint (ExposeAuthInfo). A bad --host is a configuration error (the whole session fails, loudly).
-  let who;
+  let who: Awaited<ReturnType<typeof identityFromEnvironment>> | null = null;
+  let identityError: OnestorError | null = null;
   try {
     who = await identityFromEnvironment({ ...(f.host !== undefined ? { host: f.host } : {}), allowUnidentified: Boolean(f['allow-unidentified']) });
   } catch (e) {
     if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
-    await refuseSession(process.stdin, process.stdout, e, logFn);
+    identityError = e;
+  }
+  // As a forced command this runs whatever the client asked for: SFTP would otherwise wait, speaking
+  // no protocol, until the idle timeout.
+  const requested = process.env['SSH_ORIGINAL_COMMAND'] ?? '';
+  if (/(^|\/)(internal-sftp|sftp-server)\b/.test(requested)) {
+    log.warn({ writer: who?.identity ?? null, requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
+    return Exit.FAILED;
+  }
+  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
+  process.stdout.on('error', () => {});
+  if (!who) {
+    await refuseSession(process.stdin, process.stdout, identityError!, logFn);
     await new Promise<void>((resolve) => process.stdout.end(resolve));
     return Exit.FAILED;
   }

@@ -12,7 +12,7 @@ import { run } from '../../lib/shared/exec.js';
 import { fingerprintFromUserAuth, identityKind, identityTag, isValidIdentity, parseHostFlag, resolveIdentity, UNIDENTIFIED } from '../../lib/replica/identity.js';
 import { appendHistory, assertMayIncrement, ownershipForPublish, uploadKeyFor } from '../../lib/replica/ownership.js';
 import { replicaPaths } from '../../lib/replica/layout.js';
-import { OWNER_HISTORY_MAX, replicaManifestSchema } from '../../lib/protocol/protocol.js';
+import { OWNER_HISTORY_MAX, parseReply, plainOkSchema, replicaManifestSchema } from '../../lib/protocol/protocol.js';
 import { parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../../lib/shared/ledger.js';
 import { ledgerLines } from '../../lib/monitor/probe-lines.js';
 
@@ -213,5 +213,24 @@ describe('ledger parsers and probe lines', () => {
     expect(parseWriterRecord('garbage')).toBeNull();
     const lines = ledgerLines({ writers: { ok: false, error: 'timed out' }, takeovers: { ok: true, value: { logged: 0, recent: 0 } } });
     expect(lines).toEqual(['ONESTOR_REPLICA_OWNERSHIP = [ TAKEOVERS_24H=0, TAKEOVERS_LOGGED=0, MSG="ERROR writers: timed out" ]']);
+  });
+});
+
+describe('error replies across versions', () => {
+  const codeOf = (v: unknown) => {
+    try {
+      parseReply(plainOkSchema, v, 'publish');
+    } catch (e) {
+      return { code: errorCodeOf(e), message: (e as Error).message };
+    }
+    return null;
+  };
+  it('the new codes reach the agent as themselves', () => {
+    expect(codeOf({ type: 'error', code: 'E_OWNER', message: 'belongs to hvA' })).toEqual({ code: 'E_OWNER', message: 'replica: belongs to hvA' });
+    expect(codeOf({ type: 'error', code: 'E_IDENTITY', message: 'x' })?.code).toBe('E_IDENTITY');
+  });
+  it('a code this agent does not know yet is E_PROTOCOL that still names it, not an unreadable reply', () => {
+    expect(codeOf({ type: 'error', code: 'E_FROM_THE_FUTURE', message: 'later' })).toEqual({ code: 'E_PROTOCOL', message: 'replica: [E_FROM_THE_FUTURE] later' });
+    expect(codeOf({ type: 'error', code: 'not a code', message: 'x' })?.message).toMatch(/invalid error reply/);
   });
 });
