@@ -109,7 +109,8 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
   // Every line this session logs names the authenticated writer.
   const baseLog = options.log;
   const who = { writer: options.identity, ...(options.keyFingerprint && options.keyFingerprint !== options.identity ? { key: options.keyFingerprint } : {}) };
-  const opts: ReceiverOptions = baseLog ? { ...options, log: (obj, msg, level) => baseLog({ ...who, ...obj }, msg, level) } : options;
+  // `who` last: no field of a log call can override the writer.
+  const opts: ReceiverOptions = baseLog ? { ...options, log: (obj, msg, level) => baseLog({ ...obj, ...who }, msg, level) } : options;
   if (identityKind(opts.identity) === 'unidentified') {
     opts.log?.({}, 'writer not identified: bind the host with receive --host NAME (ownership cannot tell unidentified keys apart)', 'warn');
   }
