@@ -274,7 +274,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           // Planning read the manifest without the lock: check owner and token again under it.
           const ds = getDisk(state, vmId, w.disk.diskId);
           const again = lineageCheck({
-            forceFull: false, stateCheckpoint: ds.checkpoint, replicaCheckpoint: parent, libvirtCheckpoints: [], bitmapHealthy: true,
+            forceFull: false, stateCheckpoint: ds.checkpoint, replicaCheckpoint: parent, libvirtCheckpoints: checkpoints, bitmapHealthy: true,
             base1IdentityThen: null, base1IdentityNow: '', replicaBaseMatches: true,
             selfIdentity: w.replica.writer ?? null, replicaOwner: session.manifest?.owner ?? null, replicaToken: session.manifest?.token ?? null,
             stateToken: ds.replicaToken ?? null, uncertainCheckpoint: ds.uncertainCheckpoint ?? null,

@@ -50,8 +50,8 @@ const short = (t: string | null | undefined): string => (t ? t.slice(0, 8) : 'no
  * in between that the owner check cannot tell apart (same identity: unidentified keys, or a copied key).
  * An old state without a token (agent upgraded) is accepted once when the replica says the lineage is ours
  * and holds the checkpoint our state names: a foreign publish would have changed the owner (its name is
- * authenticated), so the only writer that can match is this host. With unidentified keys that argument
- * fails, so it takes a full.
+ * authenticated), so the only writer that can match is this host. Likewise a publish of ours that state never
+ * recorded (reply lost, agent killed). With unidentified keys that argument fails, so they take a full.
  */
 export function lineageCheck(f: ModeFacts): Extract<ModeDecision, { mode: 'full' }> | null {
   const self = f.selfIdentity;
@@ -65,7 +65,13 @@ export function lineageCheck(f: ModeFacts): Extract<ModeDecision, { mode: 'full'
   }
   if (f.stateToken && f.replicaToken === f.stateToken) return null;
   const identified = self !== UNIDENTIFIED_WRITER;
-  if (identified && f.uncertainCheckpoint && f.replicaCheckpoint === f.uncertainCheckpoint) return null; // our unconfirmed publish
+  // Our own publish that state never recorded: the reply was lost (uncertainCheckpoint), or the agent died
+  // between the publish and the state write (the replica names a newer checkpoint of ours that libvirt has).
+  // A republish under our *current* checkpoint name, the reproduced attack, matches neither; our checkpoint
+  // names carry a time and a random suffix (a foreign one, e.g. an OpenNebula backup's, could be guessed).
+  if (identified && f.replicaCheckpoint !== null && f.replicaCheckpoint !== f.stateCheckpoint && isOurCheckpoint(f.replicaCheckpoint)) {
+    if (f.replicaCheckpoint === f.uncertainCheckpoint || f.libvirtCheckpoints.includes(f.replicaCheckpoint)) return null;
+  }
   if (identified && !f.stateToken && f.stateCheckpoint !== null && f.replicaCheckpoint === f.stateCheckpoint) return null; // state predates tokens
   return {
     mode: 'full',

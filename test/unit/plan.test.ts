@@ -73,14 +73,24 @@ describe('decideMode: owner and token (tamper evidence)', () => {
   it('a lineage with no recorded owner (written before ownership) is claimed by a full', () => {
     expect(decideMode({ ...owned, replicaOwner: null, replicaToken: null })).toMatchObject({ mode: 'full', alert: 'unowned' });
   });
-  it('state from an older agent (no token): accepted once when the replica says it is ours and holds our checkpoint', () => {
+  it('state from an older agent (no token): accepted when the replica says it is ours and names a checkpoint of ours', () => {
     expect(decideMode({ ...owned, stateToken: null }).mode).toBe('incremental');
-    expect(decideMode({ ...owned, stateToken: null, stateCheckpoint: 'onestor-7-0-z' })).toMatchObject({ mode: 'full', alert: 'token-mismatch' });
-    expect(decideMode({ ...owned, stateToken: null, stateCheckpoint: null })).toMatchObject({ mode: 'full', alert: 'token-mismatch' });
+    // no state at all (lost, not rebuilt), but the replica's checkpoint is one libvirt has: ours
+    expect(decideMode({ ...owned, stateToken: null, stateCheckpoint: null }).mode).toBe('incremental');
+    // a checkpoint this host never made is not accepted on the owner name alone
+    expect(decideMode({ ...owned, stateToken: null, stateCheckpoint: 'onestor-7-0-z', libvirtCheckpoints: ['onestor-7-0-z'] })).toMatchObject({ mode: 'full', alert: 'token-mismatch' });
   });
   it('our own publish whose reply was lost (uncertain checkpoint) is built on', () => {
     const d = decideMode({ ...owned, replicaToken: 'e'.repeat(32), stateCheckpoint: 'onestor-7-0-z', uncertainCheckpoint: 'onestor-7-1-a' });
     expect(d.mode).toBe('incremental');
+  });
+  it('agent killed between publish and state write: the replica names a newer checkpoint of ours (in libvirt), no false alert', () => {
+    const d = decideMode({ ...owned, replicaToken: 'e'.repeat(32), stateCheckpoint: 'onestor-7-0-z', libvirtCheckpoints: ['onestor-7-0-z', 'onestor-7-1-a'] });
+    expect(d.mode).toBe('incremental');
+    // ...but a checkpoint libvirt does not have is not ours
+    expect(decideMode({ ...owned, replicaToken: 'e'.repeat(32), stateCheckpoint: 'onestor-7-0-z', replicaCheckpoint: 'onestor-9-9-x', libvirtCheckpoints: ['onestor-7-0-z', 'onestor-7-1-a'] })).toMatchObject({ mode: 'full', alert: 'token-mismatch' });
+    // nor is a foreign checkpoint libvirt happens to have (an OpenNebula backup's name can be guessed)
+    expect(decideMode({ ...owned, replicaToken: 'e'.repeat(32), stateCheckpoint: 'onestor-7-0-z', replicaCheckpoint: 'one-7-0', libvirtCheckpoints: ['one-7-0', 'onestor-7-0-z'] })).toMatchObject({ mode: 'full', alert: 'token-mismatch' });
   });
   it('unidentified keys: the owner name proves nothing, only the token does', () => {
     const u: ModeFacts = { ...owned, selfIdentity: '(unidentified)', replicaOwner: '(unidentified)' };
