@@ -19,8 +19,13 @@ import { UNIDENTIFIED_WRITER } from '../shared/ledger.js';
 export const UNIDENTIFIED = UNIDENTIFIED_WRITER;
 export type IdentityKind = 'host' | 'key' | 'unidentified';
 
-/** RFC 1123 host name (labels of letters, digits and inner hyphens, dots between), at most 253 chars. */
-const HOSTNAME_RE = /^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+/**
+ * A host name as an opaque label: a letter or digit, then letters, digits, '.', '_', '-', at most 253 chars.
+ * A superset of what install.sh accepts for --host (so no authorized line it writes is refused here); no
+ * character that could break a log line, a probe attribute or the forced command, and never ':' or '(' (the
+ * fingerprint and unidentified namespaces). It is only compared and shown, never used as a path.
+ */
+const HOSTNAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$/;
 const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
 
 /** Validates the value of `receive --host NAME`; anything but a plain host name is E_CONFIG. */
@@ -28,7 +33,7 @@ export function parseHostFlag(value: string): string {
   if (!HOSTNAME_RE.test(value)) {
     throw new OnestorError(
       ErrorCodes.CONFIG,
-      `--host must be a host name (letters, digits, '-' and '.', at most 253 characters), got ${JSON.stringify(value.slice(0, 80))}`,
+      `--host must be a host name (a letter or digit, then letters, digits, '.', '_', '-'; at most 253 characters), got ${JSON.stringify(value.slice(0, 80))}`,
       { field: '--host' },
     );
   }
