@@ -198,7 +198,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           stateToken: ds.replicaToken ?? null,
           uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
         });
-        if (decision.mode === 'full' && decision.alert) {
+        // Someone else's publish is an alert (state, probe); a lineage from before ownership existed is not
+        // (its full is the one-time upgrade step, reason in the log and in lastSuccess.reason).
+        if (decision.mode === 'full' && decision.alert && decision.alert !== 'unowned') {
           alerts.set(disk.diskId, { at: Math.floor(now() / 1000), kind: decision.alert, reason: decision.reason });
           log.warn({ disk: disk.diskId, owner: manifest?.owner ?? null, self: replica.writer ?? null, reason: decision.reason }, 'replica lineage is not ours: full snapshot');
         }
