@@ -127,6 +127,17 @@ export function resolveIdentity(i: IdentityInputs): ResolvedIdentity {
   );
 }
 
+/**
+ * Whether the name a client claims in hello is the host its key is bound to: equal, ignoring case, or the
+ * same host written short and fully qualified (install.sh suggests `hostname -s`, the agent says `hostname`).
+ * Only decides whether a warning is logged; the claim is never used.
+ */
+export function claimMatches(claimed: string, identity: string): boolean {
+  const a = claimed.toLowerCase();
+  const b = identity.toLowerCase();
+  return a === b || a.split('.')[0] === b || b.split('.')[0] === a;
+}
+
 /** A short, file-name-safe tag of an identity (upload names, ledger files). */
 export function identityTag(identity: string): string {
   return createHash('sha256').update(identity).digest('hex').slice(0, 16);

@@ -20,7 +20,7 @@ import {
   type PutMessage,
 } from '../protocol/protocol.js';
 import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
-import { identityKind } from './identity.js';
+import { claimMatches, identityKind } from './identity.js';
 import { appendTakeover, assertMayIncrement, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
@@ -345,7 +345,7 @@ class ReceiverSession {
     // hello.host is the client's word: it is only compared, never used. A mismatch is worth a warning (a key
     // copied to another host, or a host named differently in the agent and in authorized_keys) but not a
     // refusal: the name grants nothing, and refusing over a naming nit would stop protection.
-    if (identityKind(this.opts.identity) === 'host' && hello.host !== this.opts.identity) {
+    if (identityKind(this.opts.identity) === 'host' && !claimMatches(hello.host, this.opts.identity)) {
       this.opts.log?.({ claimed: hello.host.slice(0, 255) }, 'hello names another host than the key is bound to; the authenticated name is used', 'warn');
     }
     if (protocol !== PROTOCOL_VERSION) {

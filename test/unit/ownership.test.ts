@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
-import { fingerprintFromUserAuth, identityKind, identityTag, isValidIdentity, parseHostFlag, resolveIdentity, UNIDENTIFIED } from '../../lib/replica/identity.js';
+import { claimMatches, fingerprintFromUserAuth, identityKind, identityTag, isValidIdentity, parseHostFlag, resolveIdentity, UNIDENTIFIED } from '../../lib/replica/identity.js';
 import { appendHistory, assertMayIncrement, ownershipForPublish, uploadKeyFor } from '../../lib/replica/ownership.js';
 import { replicaPaths } from '../../lib/replica/layout.js';
 import { OWNER_HISTORY_MAX, parseReply, plainOkSchema, replicaManifestSchema } from '../../lib/protocol/protocol.js';
@@ -100,6 +100,20 @@ describe('SSH_USER_AUTH', () => {
   });
   it('the same key listed twice is still one key', () => {
     expect(fingerprintFromUserAuth(authLine(keyLine) + authLine(keyLine))).toEqual({ fingerprint: keygenFingerprint });
+  });
+});
+
+describe('hello.host compared with the bound name (warning only)', () => {
+  it.each([
+    ['hvA', 'hvA', true],
+    ['HVA', 'hvA', true],
+    ['hvA.cluster.example', 'hvA', true],
+    ['hvA', 'hvA.cluster.example', true],
+    ['hvB', 'hvA', false],
+    ['hvA-evil', 'hvA', false],
+    ['hvB.cluster.example', 'hvA.cluster.example', false],
+  ])('%s vs %s: %s', (claimed, bound, same) => {
+    expect(claimMatches(claimed, bound)).toBe(same);
   });
 });
 
