@@ -15,6 +15,8 @@ import { replicaPaths } from '../../lib/replica/layout.js';
 import { OWNER_HISTORY_MAX, parseReply, plainOkSchema, replicaManifestSchema } from '../../lib/protocol/protocol.js';
 import { parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../../lib/shared/ledger.js';
 import { ledgerLines } from '../../lib/monitor/probe-lines.js';
+import { buildStatus } from '../../lib/monitor/status.js';
+import type { EligibleDisk } from '../../lib/shared/model.js';
 
 let dir: string;
 let keyLine: string; // "ssh-ed25519 AAAA... comment"
@@ -249,5 +251,27 @@ describe('error replies across versions', () => {
   it('a code this agent does not know yet is E_PROTOCOL that still names it, not an unreadable reply', () => {
     expect(codeOf({ type: 'error', code: 'E_FROM_THE_FUTURE', message: 'later' })).toEqual({ code: 'E_PROTOCOL', message: 'replica: [E_FROM_THE_FUTURE] later' });
     expect(codeOf({ type: 'error', code: 'not a code', message: 'x' })?.message).toMatch(/invalid error reply/);
+  });
+});
+
+describe('onestor-agent status', () => {
+  it('shows a lineage alert of the last day beside the disk\'s health, and forgets it after', () => {
+    const NOW = 2_000_000_000;
+    const disk = { vmId: 7, diskId: 0, freqSeconds: 600 } as EligibleDisk;
+    const state = (alertAt: number) => ({
+      version: 1 as const,
+      updatedAt: NOW,
+      baseDigests: {},
+      disks: {
+        '7.0': {
+          vmId: 7, diskId: 0, checkpoint: 'c', base1Identity: null, failCount: 0,
+          lastSuccess: { capturedAt: NOW - 60, finishedAt: NOW - 50, durationMs: 1000, bytes: 1, mode: 'full' as const, consistency: 'crash-consistent' as const },
+          lineageAlert: { at: alertAt, kind: 'foreign-owner', reason: 'replica lineage was last published by hvB' },
+        },
+      },
+    });
+    const detail = (at: number) => buildStatus({ now: NOW, state: state(at), eligible: [disk], ineligible: [], graceMinSec: 60, gracePercent: 10, heartbeatMaxAgeSec: 180 }).rows[0]!.detail;
+    expect(detail(NOW - 100)).toBe('crash-consistent; lineage alert (foreign-owner): replica lineage was last published by hvB');
+    expect(detail(NOW - 90_000)).toBe('crash-consistent');
   });
 });
