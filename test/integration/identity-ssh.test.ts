@@ -127,7 +127,7 @@ beforeAll(async () => {
   await fsp.writeFile(sshrc, `REPLICA_RECOVERY_SNAPS_DIR=${exposed.replicaDir}\nREPLICA_MAX_USED_PERC=99\n`);
   keys.A = exposed.clientKeyPath;
   const pub: Record<string, string> = { A: exposed.clientPublicKey };
-  for (const k of ['B', 'K', 'U2']) {
+  for (const k of ['B', 'K', 'U2', 'R', 'R2']) {
     keys[k] = path.join(work, `key-${k}`);
     pub[k] = await generateKey(keys[k]!, `test-${k}`);
   }
@@ -139,7 +139,14 @@ beforeAll(async () => {
     `${forced(exposed.replicaDir, '--host hvB')} ${pub.B}`,
     `${forced(exposed.replicaDir, '')} ${pub.K}`,
   ]);
-  await plain.setAuthorizedKeys([`${forced(plain.replicaDir, '')} ${pub.U}`, `${forced(plain.replicaDir, '--allow-unidentified')} ${pub.U2}`]);
+  // the stand-alone receiver entry (receiver-main) resolves identity the same way
+  const standalone = (extra: string) => `command="${process.execPath} ${path.join(projectRoot(), 'dist', 'lib', 'replica', 'receiver-main.js')} --snaps-dir ${plain.replicaDir}${extra}",restrict`;
+  await plain.setAuthorizedKeys([
+    `${forced(plain.replicaDir, '')} ${pub.U}`,
+    `${forced(plain.replicaDir, '--allow-unidentified')} ${pub.U2}`,
+    `${standalone('')} ${pub.R}`,
+    `${standalone(' --host hvR')} ${pub.R2}`,
+  ]);
 }, 300_000);
 
 afterAll(async () => {
@@ -200,6 +207,17 @@ describe('who writes is what sshd authenticated', () => {
     expect(errorCodeOf(err)).toBe('E_IDENTITY');
     expect((err as Error).message).toMatch(/receive --host NAME/);
     expect(await fsp.readdir(plain.replicaDir)).toEqual([]);
+  });
+
+  it('the stand-alone receiver entry binds and refuses the same way', async () => {
+    const err = await ReplicaClient.connect(opts(plain, 'R')).catch((e: unknown) => e);
+    expect(errorCodeOf(err)).toBe('E_IDENTITY');
+    const c = await ReplicaClient.connect(opts(plain, 'R2'));
+    try {
+      expect(c.writer).toBe('hvR');
+    } finally {
+      await c.close();
+    }
   });
 
   it('--allow-unidentified serves such a key as "(unidentified)" and warns about it', async () => {
