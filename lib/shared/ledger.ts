@@ -1,6 +1,6 @@
 /**
  * The replica's ownership ledger, shared by the receiver (writes it) and the replica probe (reads it).
- * PURE: names and parsers only. Lives in SNAPS/.onestor/ledger/, outside every SNAPS/VMID (upstream's
+ * PURE: names and parsers only. Lives in SNAPS/.onestor/ownership/, outside every SNAPS/VMID (upstream's
  * `rm -rf SNAPS/VMID` must not take the record of who wrote what with it):
  *   takeovers.jsonl (+ takeovers.jsonl.1)  one JSON object per take-over, appended; rotated at a size cap
  *   writers/TAG.json                       per writer: who, how authenticated, last publish
@@ -9,7 +9,7 @@
 /** The writer name of a key the receiver could not identify (not a valid host name, so never a real host's). */
 export const UNIDENTIFIED_WRITER = '(unidentified)';
 
-export const LEDGER_DIR = '.onestor/ledger';
+export const LEDGER_DIR = '.onestor/ownership';
 export const TAKEOVERS_FILE = 'takeovers.jsonl';
 export const WRITERS_DIR = 'writers';
 /** takeovers.jsonl is rotated to .1 past this size: the two files hold at least this much history. */

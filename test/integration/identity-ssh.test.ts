@@ -286,7 +286,7 @@ describe('a lineage belongs to the host that published it last', () => {
       await a.close();
     }
 
-    const ledger = await fsp.readFile(path.join(exposed.replicaDir, '.onestor', 'ledger', 'takeovers.jsonl'), 'utf8');
+    const ledger = await fsp.readFile(path.join(exposed.replicaDir, '.onestor', 'ownership', 'takeovers.jsonl'), 'utf8');
     expect(ledger.trim().split('\n').map((l) => JSON.parse(l))).toEqual([expect.objectContaining({ vm: 31, disk: 0, from: 'hvA', to: 'hvB', checkpoint: 'ckB1' })]);
 
     const probe = await runProbe('replica-ds', { sshrcPaths: [sshrc], datastoreLocation: path.join(work, 'no-datastores'), cacheFile: path.join(work, 'probe-cache.json'), deadlineMs: 10_000 });
