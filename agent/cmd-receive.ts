@@ -9,17 +9,21 @@ import { Exit } from './exit-codes.js';
 import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
-import { ErrorCodes, isOnestorError, type OnestorError } from '../lib/shared/errors.js';
-import { identityFromEnvironment } from '../lib/replica/identity-env.js';
 import { refuseSession, runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
+import { nonBlockingFd } from '../lib/replica/stdio.js';
+import { identityFromEnvironment } from '../lib/replica/identity-env.js';
+import { parseHostFlag } from '../lib/replica/identity.js';
+import { ErrorCodes, isOnestorError, type OnestorError } from '../lib/shared/errors.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
+  // The writer's identity comes from the forced command of its key (`receive --host NAME`), never from the client.
+  if (f.host !== undefined) parseHostFlag(f.host); // E_CONFIG (exit 2) before anything else
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
   const logFn: ReceiverOptions['log'] = (obj, msg, level) => (level === 'warn' ? log.warn(obj, msg) : log.info(obj, msg));
   // Who writes comes from sshd's authentication: --host in the key's forced command, else the key's
-  // fingerprint (ExposeAuthInfo). A bad --host is a configuration error (the whole session fails, loudly).
+  // fingerprint (ExposeAuthInfo); neither: refused unless --allow-unidentified (lib/replica/identity.ts).
   let who: Awaited<ReturnType<typeof identityFromEnvironment>> | null = null;
   let identityError: OnestorError | null = null;
   try {
@@ -35,25 +39,35 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log.warn({ writer: who?.identity ?? null, requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     return Exit.FAILED;
   }
-  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
-  process.stdout.on('error', () => {});
+  // non-blocking stdout: a full pipe (agent not reading) must not freeze the session timers; a write to
+  // the closed pipe ends the session, not the process
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
   if (!who) {
-    await refuseSession(process.stdin, process.stdout, identityError!, logFn);
-    await new Promise<void>((resolve) => process.stdout.end(resolve));
+    await refuseSession(process.stdin, out, identityError!, logFn);
+    if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
     return Exit.FAILED;
   }
-  const code = await runReceiver(process.stdin, process.stdout, {
+  const code = await runReceiver(process.stdin, out, {
+    snapsDir,
     identity: who.identity,
     ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}),
-    snapsDir,
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: config.receiver.maxSessions,
     busyWaitSec: config.receiver.busyWaitSec,
+    ...(config.receiver.maxSessionsPerHost !== null ? { maxSessionsPerHost: config.receiver.maxSessionsPerHost } : {}),
+    helloTimeoutSec: config.receiver.helloTimeoutSec,
+    idleTimeoutSec: config.receiver.idleTimeoutSec,
+    drainTimeoutSec: config.receiver.drainTimeoutSec,
+    progressWindowSec: config.receiver.progressWindowSec,
+    minProgressKiB: config.receiver.minProgressKiB,
+    maxSessionSec: config.receiver.maxSessionSec,
     maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
     spaceCheck: config.receiver.spaceCheck,
     qemuImg: config.qemuImg,
     log: logFn,
   });
-  await new Promise<void>((resolve) => process.stdout.end(resolve));
+  // a stdout destroyed because the agent stopped reading would never call back
+  if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
   return code === 0 ? Exit.OK : Exit.FAILED;
 }

@@ -7,6 +7,7 @@ import { ErrorCodes, OnestorError, describeError, isOnestorError } from '../shar
 import { identityFromEnvironment } from './identity-env.js';
 import { parseHostFlag } from './identity.js';
 import { refuseSession, runReceiver, type ReceiverOptions } from './receiver.js';
+import { droppingLogSink, nonBlockingFd } from './stdio.js';
 
 const FLAGS = {
   '--snaps-dir': 'snapsDir',
@@ -17,7 +18,16 @@ const FLAGS = {
   '--qemu-img': 'qemuImg',
   '--idle-timeout': 'idleTimeoutSec',
   '--host': 'host',
+  '--max-sessions-per-host': 'maxSessionsPerHost',
+  '--hello-timeout': 'helloTimeoutSec',
+  '--drain-timeout': 'drainTimeoutSec',
+  '--progress-window': 'progressWindowSec',
+  '--min-progress-kib': 'minProgressKiB',
+  '--max-session-time': 'maxSessionSec',
 } as const;
+
+let sink: { write(line: string): boolean } | null = null;
+const logSink = () => (sink ??= droppingLogSink());
 
 /** Parsed flags; the identity is resolved later from --host / sshd's SSH_USER_AUTH (see identity.ts). */
 export type ReceiverArgs = Omit<ReceiverOptions, 'identity'> & { host?: string; allowUnidentified: boolean };
@@ -47,17 +57,25 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverArgs {
   if (!raw.snapsDir || !raw.snapsDir.startsWith('/')) {
     throw new OnestorError(ErrorCodes.CONFIG, '--snaps-dir must be an absolute path', { field: '--snaps-dir' });
   }
+  const maxSessions = num('maxSessions', 4, 1, 1024);
+  const opt = (key: string, min: number, max: number) => (raw[key] === undefined ? {} : { [key]: num(key, 0, min, max) });
   return {
     snapsDir: raw.snapsDir,
+    ...(raw.host !== undefined ? { host: parseHostFlag(raw.host) } : {}),
+    allowUnidentified,
     lockTimeoutSec: num('lockTimeoutSec', 600, 0, 86400),
-    maxSessions: num('maxSessions', 4, 1, 1024),
+    maxSessions,
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),
     maxUsedPercent: num('maxUsedPercent', 90, 1, 100),
     idleTimeoutSec: num('idleTimeoutSec', 900, 1, 86400),
+    ...opt('maxSessionsPerHost', 1, maxSessions),
+    ...opt('helloTimeoutSec', 1, 3600),
+    ...opt('drainTimeoutSec', 1, 86400),
+    ...opt('progressWindowSec', 1, 86400),
+    ...opt('minProgressKiB', 0, 1024 * 1024),
+    ...opt('maxSessionSec', 1, 30 * 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
-    ...(raw.host !== undefined ? { host: parseHostFlag(raw.host) } : {}),
-    allowUnidentified,
-    log: (obj, msg, level) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, level: level ?? 'info', ...obj, msg }) + '\n'),
+    log: (obj, msg, level) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, level: level ?? 'info', ...obj, msg }) + '\n'),
   };
 }
 
@@ -72,26 +90,28 @@ async function main(): Promise<void> {
   // Under `command="...",restrict` every request runs this program; an SFTP subsystem request arrives
   // as SSH_ORIGINAL_COMMAND=internal-sftp (or sftp-server). Refuse it up front instead of waiting on
   // bytes that will never form a frame.
-  const { host: _host, allowUnidentified, ...rest } = args;
-  const opts: ReceiverOptions = { ...rest, identity: '' };
+  const { host: _host, allowUnidentified, ...opts } = args;
   const original = process.env.SSH_ORIGINAL_COMMAND ?? '';
   if (/(^|\/)(internal-sftp|sftp-server)\b/.test(original)) {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     process.exit(1);
   }
-  // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
-  // before partial uploads are flushed for resume.
-  process.stdout.on('error', () => {});
+  // Non-blocking stdout (a full pipe must not freeze the timers); errors when the agent vanishes are
+  // handled by the session (partial uploads are flushed for resume), never a crash.
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
   let code: number;
   try {
     const who = await identityFromEnvironment({ ...(args.host !== undefined ? { host: args.host } : {}), allowUnidentified });
-    code = await runReceiver(process.stdin, process.stdout, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
+    code = await runReceiver(process.stdin, out, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
   } catch (e) {
     if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
-    code = await refuseSession(process.stdin, process.stdout, e, opts.log);
+    code = await refuseSession(process.stdin, out, e, opts.log);
   }
-  // Let the last reply reach the pipe before exiting.
-  process.stdout.end(() => process.exit(code));
+  // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
+  // reading would never call back.
+  if (out.destroyed) process.exit(code);
+  out.end(() => process.exit(code));
 }
 
 main().catch((e) => {

@@ -29,6 +29,8 @@ export const ErrorCodes = {
   IDENTITY: 'E_IDENTITY', // the replica cannot tell which host a key belongs to (no --host, no ExposeAuthInfo)
   STATE: 'E_STATE', // agent state file unreadable / corrupt
   ABORTED: 'E_ABORTED', // cancelled (SIGTERM, timeout)
+  YIELDED: 'E_YIELDED', // gave way to a live migration of the VM (yield marker or migration seen); retried
+  SOURCE_DAMAGED: 'E_SOURCE_DAMAGED', // qemu-img check found errors in the host's base.1: replica snapshot kept
   INTERNAL: 'E_INTERNAL',
 } as const;
 

@@ -122,7 +122,7 @@ export async function makeScenario(root: string, kind: ScenarioKind, sizeMiB = 8
 async function inProcess<T>(snaps: string, fn: (conn: ReceiverConnection) => Promise<T>): Promise<T> {
   const toReceiver = new PassThrough();
   const fromReceiver = new PassThrough();
-  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, identity: 'hv-test', lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
+  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, identity: 'hv-crash', lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
     fromReceiver.end(),
   );
   const conn = new ReceiverConnection(fromReceiver, toReceiver);
@@ -183,7 +183,7 @@ export async function runPublish(sc: Scenario, snaps: string, opts: RunOptions):
     const { syscall, when } = opts.strace;
     cmd = 'strace';
     args = ['-f', '-qq', '-o', '/dev/null', '-e', `trace=${syscall}`, '-e', `inject=${syscall}:signal=KILL:when=${when}`];
-    args.push(process.execPath, RECEIVER_MAIN, '--snaps-dir', snaps, '--host', 'hv-test', '--lock-timeout', '10', '--idle-timeout', '60', '--max-used-percent', '100');
+    args.push(process.execPath, RECEIVER_MAIN, '--snaps-dir', snaps, '--host', 'hv-crash', '--lock-timeout', '10', '--idle-timeout', '60', '--max-used-percent', '100');
   } else {
     cmd = process.execPath;
     args = [CRASH_RECEIVER, snaps];
