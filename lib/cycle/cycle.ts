@@ -212,12 +212,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         if (replicaCk && checkpoints.includes(replicaCk)) {
           bitmapHealthy = await deps.libvirt.checkpointBitmapHealthy(dom, replicaCk, target).catch(() => false);
         }
-        // The authenticated owner against how the replica knows us, when the receiver records them (the
-        // sourceHost of older manifests was the client's word, compared with our own name).
-        const lineageFromAnotherHost =
-          manifest?.owner !== undefined && replica.writer
-            ? manifest.owner !== replica.writer
-            : manifest?.sourceHost !== undefined && manifest.sourceHost !== deps.hostName;
+        const lineageFromAnotherHost = manifest?.sourceHost !== undefined && manifest.sourceHost !== deps.hostName;
         const decision = decideMode({
           lineageFromAnotherHost,
           forceFull: Boolean(req.forceFull),
