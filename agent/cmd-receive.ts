@@ -9,33 +9,49 @@ import { Exit } from './exit-codes.js';
 import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
-import { runReceiver } from '../lib/replica/receiver.js';
+import { refuseSession, runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
 import { nonBlockingFd } from '../lib/replica/stdio.js';
-import { HOST_NAME_RE, UNNAMED_IDENTITY } from '../lib/replica/slots.js';
-import { ErrorCodes, OnestorError } from '../lib/shared/errors.js';
+import { identityFromEnvironment } from '../lib/replica/identity-env.js';
+import { parseHostFlag } from '../lib/replica/identity.js';
+import { ErrorCodes, isOnestorError, type OnestorError } from '../lib/shared/errors.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
   // The writer's identity comes from the forced command of its key (`receive --host NAME`), never from the client.
-  if (f.host !== undefined && !HOST_NAME_RE.test(f.host)) {
-    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(f.host)}`, { field: '--host' });
-  }
+  if (f.host !== undefined) parseHostFlag(f.host); // E_CONFIG (exit 2) before anything else
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
+  const logFn: ReceiverOptions['log'] = (obj, msg, level) => (level === 'warn' ? log.warn(obj, msg) : log.info(obj, msg));
+  // Who writes comes from sshd's authentication: --host in the key's forced command, else the key's
+  // fingerprint (ExposeAuthInfo); neither: refused unless --allow-unidentified (lib/replica/identity.ts).
+  let who: Awaited<ReturnType<typeof identityFromEnvironment>> | null = null;
+  let identityError: OnestorError | null = null;
+  try {
+    who = await identityFromEnvironment({ ...(f.host !== undefined ? { host: f.host } : {}), allowUnidentified: Boolean(f['allow-unidentified']) });
+  } catch (e) {
+    if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
+    identityError = e;
+  }
   // As a forced command this runs whatever the client asked for: SFTP would otherwise wait, speaking
   // no protocol, until the idle timeout.
   const requested = process.env['SSH_ORIGINAL_COMMAND'] ?? '';
   if (/(^|\/)(internal-sftp|sftp-server)\b/.test(requested)) {
-    log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
+    log.warn({ writer: who?.identity ?? null, requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     return Exit.FAILED;
   }
   // non-blocking stdout: a full pipe (agent not reading) must not freeze the session timers; a write to
   // the closed pipe ends the session, not the process
   const out = nonBlockingFd(1);
   out.on('error', () => {});
+  if (!who) {
+    await refuseSession(process.stdin, out, identityError!, logFn);
+    if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
+    return Exit.FAILED;
+  }
   const code = await runReceiver(process.stdin, out, {
     snapsDir,
-    identity: f.host ?? UNNAMED_IDENTITY,
+    identity: who.identity,
+    ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}),
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: config.receiver.maxSessions,
     busyWaitSec: config.receiver.busyWaitSec,
@@ -49,7 +65,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
     spaceCheck: config.receiver.spaceCheck,
     qemuImg: config.qemuImg,
-    log: (obj, msg) => log.info(obj, msg),
+    log: logFn,
   });
   // a stdout destroyed because the agent stopped reading would never call back
   if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));

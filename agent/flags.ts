@@ -37,6 +37,8 @@ const OPTIONS = {
   'max-session-time': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
+  // receive: serve keys with neither --host nor an exposed key fingerprint (see lib/replica/identity.ts)
+  'allow-unidentified': { type: 'boolean' },
   'log-level': { type: 'string' },
   'host-name': { type: 'string' },
   seconds: { type: 'string' },

@@ -48,7 +48,8 @@ Common options (each overrides the config file):
   --bandwidth-mbps N       cap on what this host sends, all transfers together (MB/s; 0 = none)
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
   --max-sessions N         receive: concurrent disk sessions on this replica (others wait, then E_BUSY)
-  --host NAME              receive: the writer's name, bound into its key's forced command
+  --host NAME              receive: the writer's name, bound into its key's forced command; without it
+                           the key's fingerprint (sshd ExposeAuthInfo yes) names the writer
   --max-sessions-per-host N  receive: most sessions one host holds (default half, rounded up)
   --hello-timeout S        receive: end a session without hello after S seconds (default 30)
   --idle-timeout S         receive: end a session silent for S seconds (default 900)
@@ -57,6 +58,7 @@ Common options (each overrides the config file):
   --min-progress-kib K       at least K KiB (defaults 60 s, 1024 KiB)
   --max-session-time S     receive: most agent time one disk session may hold its slot (86400)
   --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
+  --allow-unidentified     receive: serve keys with neither (all count as one writer, warned every session)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
   --host-name NAME         this host's name as recorded on the replica (default: the system's)
 

@@ -27,6 +27,7 @@ import {
   type ProtectedDisk,
   type ReplicaDsInput,
 } from '../lib/monitor/probe-lines.js';
+import { LEDGER_DIR, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../lib/shared/ledger.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../lib/config/sshrc.js';
 import type { AgentState } from '../lib/cycle/state.js';
 import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary } from '../lib/monitor/usage.js';
@@ -291,8 +292,28 @@ async function replicaInputs(opts: ProbeOptions, budget: Budget, errors: string[
       if (!again.ok) errors.push(`walk cache: ${again.error}`);
     }
   }
+  t = performance.now();
+  const ledger = snaps ? await readLedger(snapsDir, now, budget) : undefined;
+  timings.ledger = performance.now() - t;
   const location = fsOf(loc);
-  return { location, datastores, settings, settingsError, snaps };
+  return { location, datastores, settings, settingsError, snaps, ...(ledger ? { ledger } : {}) };
+}
+
+/** The receiver's ownership ledger: one child per file group (each writer file is one JSON line). */
+async function readLedger(snapsDir: string, now: number, budget: Budget): Promise<NonNullable<ReplicaDsInput['ledger']>> {
+  const dir = path.join(snapsDir, LEDGER_DIR);
+  const catAll = async (where: string, name: string, maxBytes: number): Promise<Measured<string>> => {
+    const r = await runBounded('find', [where, '-maxdepth', '1', '-type', 'f', '-name', name, '-exec', 'cat', '--', '{}', '+'], { deadlineMs: budget.left(), maxBytes });
+    if (!r.ok) return { ok: false, error: r.error };
+    // find fails when the dir does not exist yet: nothing written, nothing to report
+    if (r.value.code !== 0 && !/No such file or directory/.test(r.value.stderr)) return { ok: false, error: r.value.stderr || `find exited ${r.value.code}` };
+    return { ok: true, value: r.value.stdout.toString('utf8') };
+  };
+  const [w, t] = await Promise.all([catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024), catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES)]);
+  return {
+    writers: w.ok ? { ok: true, value: w.value.split('\n').map(parseWriterRecord).filter((x): x is NonNullable<typeof x> => x !== null) } : w,
+    takeovers: t.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(t.value), now) } : t,
+  };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import { copyFile, mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { Client } from 'ssh2';
 import { ReplicaClient } from '../lib/transfer/replica-client.js';
-import { agentMain, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
+import { agentMain, startAgentEnv, testHostName, type AgentEnv } from '../test/harness/agent-env.js';
 import { formatSelfTimes, profileInProcess, selfTimes, type CpuProfile } from './lib/profile.js';
 import { descendants, fileSize, fillDisk, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
 import { mbps, median, medianSpread, mib, table } from './lib/stats.js';
@@ -227,7 +227,7 @@ async function main(): Promise<void> {
     // One profiled run of ours: client in-process, receiver started with --cpu-prof through the plain login.
     const profDir = path.join(env.root, 'prof');
     await mkdir(profDir);
-    const receiverCommand = [process.execPath, '--cpu-prof', `--cpu-prof-dir=${profDir}`, agentMain(), 'receive', '--snaps-dir', env.snapsDir, '--sshrc', path.join(env.root, 'no-sshrc'), '--log-level', 'warn'].map(q).join(' ');
+    const receiverCommand = [process.execPath, '--cpu-prof', `--cpu-prof-dir=${profDir}`, agentMain(), 'receive', '--snaps-dir', env.snapsDir, '--sshrc', path.join(env.root, 'no-sshrc'), '--log-level', 'warn', '--host', testHostName()].map(q).join(' ');
     const { result: P, profile } = await profileInProcess(() => ours(env, base, base1, baseSha, 990, sshd, { keyPath: plain.keyPath, receiverCommand }));
     let receiverProfile: CpuProfile | null = null;
     for (let i = 0; i < 100 && !receiverProfile; i++) {

@@ -15,7 +15,7 @@ import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type C
 import { newCheckpointName } from '../libvirt/backup-xml.js';
 import { cachedSha256, fileIdentity } from './digest.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf } from '../shared/errors.js';
-import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
+import { decideMode, checkpointsToDelete, lineageCheck, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { DiskSession } from '../transfer/replica-client.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
@@ -43,6 +43,8 @@ export interface CycleLibvirt extends CaptureLibvirt {
 export type ReplicaDiskSession = DiskSession;
 
 export interface ReplicaPort {
+  /** this host as the replica authenticated it (null/undefined: the receiver predates ownership) */
+  readonly writer?: string | null;
   /** manifests the replica holds for a VM (no lock taken) */
   status(vmId: number): Promise<ReplicaManifest[]>;
   /** takes the per-disk lock until the session is closed */
@@ -131,6 +133,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   const stagingDir = path.join(req.dsDir, deps.stagingDirName, String(vmId));
   const outcomes = new Map<number, DiskOutcome>();
   const uncertain = new Map<number, string>();
+  /** fulls forced by someone else's publish: kept in state (lineageAlert) and shown by the probe */
+  const alerts = new Map<number, { at: number; kind: string; reason: string }>();
   const fail = (diskId: number, e: unknown) => {
     if (outcomes.get(diskId)?.ok === false) return;
     outcomes.set(diskId, { vmId, diskId, ok: false, durationMs: now() - t0, error: { code: errorCodeOf(e), message: describeError(e) } });
@@ -219,7 +223,18 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           base1IdentityThen: ds.checkpoint === replicaCk || ds.uncertainCheckpoint === replicaCk ? ds.base1Identity : null,
           base1IdentityNow: base1.devIno,
           replicaBaseMatches,
+          selfIdentity: replica.writer ?? null,
+          replicaOwner: manifest?.owner ?? null,
+          replicaToken: manifest?.token ?? null,
+          stateToken: ds.replicaToken ?? null,
+          uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
         });
+        // Someone else's publish is an alert (state, probe); a lineage from before ownership existed is not
+        // (its full is the one-time upgrade step, reason in the log and in lastSuccess.reason).
+        if (decision.mode === 'full' && decision.alert && decision.alert !== 'unowned') {
+          alerts.set(disk.diskId, { at: Math.floor(now() / 1000), kind: decision.alert, reason: decision.reason });
+          log.warn({ disk: disk.diskId, owner: manifest?.owner ?? null, self: replica.writer ?? null, reason: decision.reason }, 'replica lineage is not ours: full snapshot');
+        }
         const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
         // Never publish a damaged source over a good snapshot: after a host change (a live migration's
         // pre-sync can leave the destination's qcow2 metadata inconsistent) and before any full.
@@ -295,6 +310,15 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           if (!baseOk || (session.manifest?.checkpoint ?? null) !== parent) {
             throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (holds ${session.manifest?.checkpoint ?? 'nothing'}, base ${baseOk ? 'same' : 'different'}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
           }
+          // Planning read the manifest without the lock: check owner and token again under it.
+          const ds = getDisk(state, vmId, w.disk.diskId);
+          const again = lineageCheck({
+            forceFull: false, stateCheckpoint: ds.checkpoint, replicaCheckpoint: parent, libvirtCheckpoints: checkpoints, bitmapHealthy: true,
+            base1IdentityThen: null, base1IdentityNow: '', replicaBaseMatches: true,
+            selfIdentity: w.replica.writer ?? null, replicaOwner: session.manifest?.owner ?? null, replicaToken: session.manifest?.token ?? null,
+            stateToken: ds.replicaToken ?? null, uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
+          });
+          if (again) throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (${again.reason}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
           const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
           publishSent = true;
@@ -316,6 +340,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           mode: cd.mode,
           consistency: captured.consistency,
           reason: w.decision.reason,
+          ...(manifest.token ? { token: manifest.token } : {}),
         });
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
@@ -363,6 +388,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         } else if (o?.error) {
           fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost, uncertainCheckpoint: uncertain.get(d.diskId) ?? getDisk(fresh, vmId, d.diskId).uncertainCheckpoint }, o.error, Math.floor(now() / 1000));
         }
+        const alert = alerts.get(d.diskId);
+        if (alert) fresh.disks[k] = { ...getDisk(fresh, vmId, d.diskId), lineageAlert: alert };
       }
       return fresh;
     });

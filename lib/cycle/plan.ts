@@ -4,6 +4,7 @@
  */
 import { isOurCheckpoint } from '../libvirt/backup-xml.js';
 import type { CycleMode } from '../shared/model.js';
+import { UNIDENTIFIED_WRITER } from '../shared/ledger.js';
 
 export interface ModeFacts {
   forceFull: boolean;
@@ -20,6 +21,18 @@ export interface ModeFacts {
   base1IdentityNow: string;
   /** the replica's base equals the host's base (sizes + digest) */
   replicaBaseMatches: boolean;
+  // Ownership and tamper evidence (issue 11). Optional: without selfIdentity the receiver predates
+  // ownership and the checks below cannot be made (the earlier rules still hold).
+  /** this host as the replica authenticated it (hello reply); null/undefined: receiver without ownership */
+  selfIdentity?: string | null;
+  /** manifest owner: the authenticated writer of the replica's last publish (null: not recorded) */
+  replicaOwner?: string | null;
+  /** token the receiver chose for its last publish of this disk */
+  replicaToken?: string | null;
+  /** token this host got back from its own last confirmed publish of this disk (agent state) */
+  stateToken?: string | null;
+  /** a checkpoint this host published without getting the reply (link died) */
+  uncertainCheckpoint?: string | null;
   /**
    * the replica's lineage was last published by another host (the VM came here by migration): a base.1
    * that is not the file we checkpointed is then expected, and the bitmap check decides
@@ -27,9 +40,50 @@ export interface ModeFacts {
   lineageFromAnotherHost?: boolean;
 }
 
+/** Why a full was forced by the lineage's owner or token (recorded as an alert in state and probe). */
+export type LineageAlert = 'foreign-owner' | 'unowned' | 'token-mismatch';
+
 export type ModeDecision =
   | { mode: 'incremental'; parent: string; reason: string }
-  | { mode: 'full'; reason: string; /** checkpoint metadata that should be redefined first */ redefine?: undefined };
+  | { mode: 'full'; reason: string; /** set when someone else's publish (or an unowned lineage) forced it */ alert?: LineageAlert };
+
+const short = (t: string | null | undefined): string => (t ? t.slice(0, 8) : 'none');
+
+/**
+ * Pure: may this host build on the replica's lineage? null = yes; else the full it must take, and why.
+ * The owner check keeps a host off a lineage someone else published last; the token check catches a publish
+ * in between that the owner check cannot tell apart (same identity: unidentified keys, or a copied key).
+ * An old state without a token (agent upgraded) is accepted once when the replica says the lineage is ours
+ * and holds the checkpoint our state names: a foreign publish would have changed the owner (its name is
+ * authenticated), so the only writer that can match is this host. Likewise a publish of ours that state never
+ * recorded (reply lost, agent killed). With unidentified keys that argument fails, so they take a full.
+ */
+export function lineageCheck(f: ModeFacts): Extract<ModeDecision, { mode: 'full' }> | null {
+  const self = f.selfIdentity;
+  if (!self) return null;
+  if (!f.replicaOwner) {
+    return { mode: 'full', alert: 'unowned', reason: 'replica lineage has no recorded owner (written before ownership was tracked); a full claims it' };
+  }
+  if (f.replicaOwner !== self) {
+    const token = f.replicaToken !== (f.stateToken ?? null) ? `; token mismatch (replica ${short(f.replicaToken)}, ours ${short(f.stateToken)})` : '';
+    return { mode: 'full', alert: 'foreign-owner', reason: `replica lineage was last published by ${f.replicaOwner}, not by this host (${self})${token}; never building on it` };
+  }
+  if (f.stateToken && f.replicaToken === f.stateToken) return null;
+  const identified = self !== UNIDENTIFIED_WRITER;
+  // Our own publish that state never recorded: the reply was lost (uncertainCheckpoint), or the agent died
+  // between the publish and the state write (the replica names a newer checkpoint of ours that libvirt has).
+  // A republish under our *current* checkpoint name, the reproduced attack, matches neither; our checkpoint
+  // names carry a time and a random suffix (a foreign one, e.g. an OpenNebula backup's, could be guessed).
+  if (identified && f.replicaCheckpoint !== null && f.replicaCheckpoint !== f.stateCheckpoint && isOurCheckpoint(f.replicaCheckpoint)) {
+    if (f.replicaCheckpoint === f.uncertainCheckpoint || f.libvirtCheckpoints.includes(f.replicaCheckpoint)) return null;
+  }
+  if (identified && !f.stateToken && f.stateCheckpoint !== null && f.replicaCheckpoint === f.stateCheckpoint) return null; // state predates tokens
+  return {
+    mode: 'full',
+    alert: 'token-mismatch',
+    reason: `token mismatch: the replica holds a publish this host did not make (replica token ${short(f.replicaToken)}, ours ${short(f.stateToken)}); never merging on it`,
+  };
+}
 
 /**
  * Incremental only when every link of the lineage is known to hold: replica holds the checkpoint we
@@ -39,6 +93,8 @@ export type ModeDecision =
 export function decideMode(f: ModeFacts): ModeDecision {
   if (f.forceFull) return { mode: 'full', reason: 'full requested' };
   if (f.replicaCheckpoint === null) return { mode: 'full', reason: 'replica holds no snapshot lineage for this disk' };
+  const lineage = lineageCheck(f);
+  if (lineage) return lineage;
   if (!f.replicaBaseMatches) return { mode: 'full', reason: 'replica base differs from the host image' };
   const parent = f.replicaCheckpoint;
   if (f.stateCheckpoint !== null && f.stateCheckpoint !== parent) {

@@ -30,6 +30,10 @@ const DiskStateSchema = z.object({
   /** a checkpoint whose publish was sent but not confirmed (link died): kept until the replica tells */
   uncertainCheckpoint: z.string().optional(),
   base1Identity: z.string().nullable().default(null),
+  /** token the replica returned for this host's last confirmed publish (tamper evidence; see cycle/plan.ts) */
+  replicaToken: z.string().optional(),
+  /** the last time someone else's publish (or an unowned lineage) forced a full, and why */
+  lineageAlert: z.object({ at: z.number(), kind: z.string(), reason: z.string() }).optional(),
   lastSuccess: SuccessRecord.optional(),
   lastError: ErrorRecord.optional(),
   failCount: z.number().int().nonnegative().default(0),
@@ -80,9 +84,9 @@ export function getDisk(s: AgentState, vmId: number, diskId: number): DiskState 
 }
 
 /** Pure transition: a published snapshot. */
-export function recordSuccess(d: DiskState, ok: SuccessInfo & { checkpoint: string; checkpointXml?: string; base1Identity: string }): DiskState {
-  const { checkpoint, checkpointXml, base1Identity, ...success } = ok;
-  return { ...d, checkpoint, checkpointXml: checkpointXml ?? d.checkpointXml, base1Identity, lastSuccess: success, failCount: 0, lastError: undefined, phase: undefined, progress: undefined, uncertainCheckpoint: undefined };
+export function recordSuccess(d: DiskState, ok: SuccessInfo & { checkpoint: string; checkpointXml?: string; base1Identity: string; token?: string }): DiskState {
+  const { checkpoint, checkpointXml, base1Identity, token, ...success } = ok;
+  return { ...d, checkpoint, checkpointXml: checkpointXml ?? d.checkpointXml, base1Identity, replicaToken: token, lastSuccess: success, failCount: 0, lastError: undefined, phase: undefined, progress: undefined, uncertainCheckpoint: undefined };
 }
 
 /** Pure transition: a failed cycle. The previous success (and checkpoint) stay as they were. */

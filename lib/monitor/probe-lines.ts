@@ -10,6 +10,7 @@ import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { singleAttribute, vectorAttribute, type TemplateScalar } from './one-template.js';
 import type { AgentState, DiskState } from '../cycle/state.js';
 import { effectiveCacheLimitMb, type BookkeepingSummary, type CacheSummary, type FsFigures, type SnapsSummary } from './usage.js';
+import type { TakeoverSummary, WriterRecord } from '../shared/ledger.js';
 
 export const DEFAULT_STATE_FILE = '/var/lib/one/onestor-agent/state.json';
 export const DEFAULT_DATASTORE_LOCATION = '/var/lib/one/datastores';
@@ -63,6 +64,10 @@ export function parseProbeState(text: string, file: string): AgentState {
       const s = d.lastSuccess;
       if (!isObj(s)) fail(file, `${f}.lastSuccess`, 'expected an object');
       for (const k of ['capturedAt', 'finishedAt', 'durationMs', 'bytes'] as const) if (!isNum(s[k])) fail(file, `${f}.lastSuccess.${k}`, 'expected a number');
+    }
+    if (d.lineageAlert !== undefined) {
+      const a = d.lineageAlert;
+      if (!isObj(a) || typeof a.kind !== 'string' || typeof a.reason !== 'string' || !isNum(a.at)) fail(file, `${f}.lineageAlert`, 'expected {kind, reason, at}');
     }
     if (d.lastError !== undefined) {
       const e = d.lastError;
@@ -183,6 +188,8 @@ export function diskRecoveryLine(r: DiskReport): string {
   if (d?.freqSeconds !== undefined) extra.push(['FREQ', d.freqSeconds]);
   if (d?.nextDueAt !== undefined) extra.push(['NEXT_DUE', String(Math.round(d.nextDueAt))]);
   if (d?.phase) extra.push(['PHASE', d.phase]);
+  // Someone else's publish (take-over, tampering) forced a full: keep it visible (state keeps the last one).
+  if (d?.lineageAlert) extra.push(['LINEAGE_ALERT', d.lineageAlert.kind], ['LINEAGE_ALERT_AT', String(Math.round(d.lineageAlert.at))], ['LINEAGE_ALERT_REASON', d.lineageAlert.reason]);
   if (r.verdict.kind === 'ok') {
     return vectorAttribute('DISK_RECOVERY_SNAPSHOT', [['ID', r.diskId], ['TIMESTAMP', String(Math.round(r.verdict.capturedAt))], ...extra]);
   }
@@ -244,6 +251,8 @@ export interface AgentSummary {
   oldestSnapshotAgeS?: number;
   /** bytes of the last cycle of each disk that finished within the window (state keeps one cycle per disk) */
   bytesSentRecent: number;
+  /** disks where someone else's publish forced a full within the last day */
+  lineageAlertsRecent: number;
   downReason: string | null;
 }
 
@@ -266,6 +275,7 @@ export function summarizeAgent(input: HostProbeInput): AgentSummary & { reports:
     overdueDisks: reports.filter((r) => r.overdue).length,
     oldestSnapshotAgeS: oldest,
     bytesSentRecent: bytes,
+    lineageAlertsRecent: reports.filter((r) => r.disk?.lineageAlert && input.now - r.disk.lineageAlert.at <= 86_400).length,
     downReason,
   };
 }
@@ -285,6 +295,7 @@ export function hostAgentLines(input: HostProbeInput): string[] {
       ['OLDEST_SNAPSHOT_AGE', s.oldestSnapshotAgeS],
       ['BYTES_SENT_RECENT', s.bytesSentRecent],
       ['RECENT_WINDOW', input.recentWindowS ?? 3600],
+      ['LINEAGE_ALERTS_24H', s.lineageAlertsRecent],
       ['MSG', s.downReason ? `ERROR ${s.downReason}` : undefined],
     ]),
   ];
@@ -317,6 +328,45 @@ export interface ReplicaDsInput {
     /** SNAPS/.onestor: what the receiver's bookkeeping holds beside the snapshots (absent: not measured) */
     bookkeeping?: Measured<BookkeepingSummary & { measuredAt: number }>;
   };
+  /** who writes to this replica and the lineage take-overs (SNAPS/.onestor/ownership, written by the receiver) */
+  ledger?: { writers: Measured<WriterRecord[]>; takeovers: Measured<TakeoverSummary> };
+}
+
+/** At most this many writer lines (a cluster has one per hypervisor key). */
+export const MAX_WRITER_LINES = 64;
+
+/** One line per writer (authenticated identity, how, last publish) and one with the take-over counts. */
+export function ledgerLines(ledger: NonNullable<ReplicaDsInput['ledger']>): string[] {
+  const out: string[] = [];
+  if (ledger.writers.ok) {
+    const ws = [...ledger.writers.value].sort((a, b) => (a.identity < b.identity ? -1 : a.identity > b.identity ? 1 : 0));
+    for (const w of ws.slice(0, MAX_WRITER_LINES)) {
+      out.push(
+        vectorAttribute('ONESTOR_REPLICA_WRITER', [
+          ['NAME', w.identity],
+          ['AUTH', w.auth],
+          ['LAST_PUBLISH', String(Math.round(w.lastPublishAt))],
+          ['LAST_VM', w.lastVm],
+          ['LAST_DISK', w.lastDisk],
+          ['LAST_MODE', w.lastMode],
+        ]),
+      );
+    }
+  }
+  const pairs: Array<[string, TemplateScalar | undefined]> = [];
+  const msgs: string[] = [];
+  if (!ledger.writers.ok) msgs.push(`writers: ${ledger.writers.error}`);
+  else pairs.push(['WRITERS', ledger.writers.value.length]);
+  if (ledger.takeovers.ok) {
+    const t = ledger.takeovers.value;
+    pairs.push(['TAKEOVERS_24H', t.recent], ['TAKEOVERS_LOGGED', t.logged]);
+    if (t.last) {
+      pairs.push(['LAST_AT', String(Math.round(t.last.at))], ['LAST_VM', t.last.vm], ['LAST_DISK', t.last.disk], ['LAST_FROM', t.last.from], ['LAST_TO', t.last.to]);
+    }
+  } else msgs.push(`take-overs: ${ledger.takeovers.error}`);
+  if (msgs.length) pairs.push(['MSG', `ERROR ${msgs.join('; ')}`]);
+  out.push(vectorAttribute('ONESTOR_REPLICA_OWNERSHIP', pairs));
+  return out;
 }
 
 export function replicaDsLines(input: ReplicaDsInput): string[] {
@@ -371,6 +421,7 @@ export function replicaDsLines(input: ReplicaDsInput): string[] {
     if (msgs.length) pairs.push(['MSG', `ERROR ${msgs.join('; ')}`]);
     out.push(vectorAttribute('ONESTOR_REPLICA_SNAPS', pairs));
   }
+  if (input.ledger) out.push(...ledgerLines(input.ledger));
   if (errors.length) out.push(singleAttribute('ONESTOR_PROBE_ERROR', `ERROR ${errors.join('; ')}`));
   return out;
 }

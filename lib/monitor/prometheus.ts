@@ -77,6 +77,12 @@ export function agentMetrics(summary: AgentSummary, reports: readonly DiskReport
     { name: 'onestor_disk_last_bytes', help: 'Bytes sent by the last successful cycle.', type: 'gauge', samples: per((r) => r.disk?.lastSuccess?.bytes) },
     { name: 'onestor_disk_last_duration_seconds', help: 'Duration of the last successful cycle.', type: 'gauge', samples: per((r) => (r.disk?.lastSuccess ? r.disk.lastSuccess.durationMs / 1000 : undefined)) },
     { name: 'onestor_disk_fail_count', help: 'Consecutive failed cycles.', type: 'gauge', samples: per((r) => r.disk?.failCount ?? 0) },
+    {
+      name: 'onestor_disk_lineage_alert_timestamp_seconds',
+      help: 'Last time the replica held a publish this host did not make (take-over or token mismatch) and a full was forced.',
+      type: 'gauge',
+      samples: per((r) => r.disk?.lineageAlert?.at),
+    },
   ];
 }
 

@@ -69,6 +69,8 @@ export function buildStatus(input: {
       detail = last.consistency;
     }
     if (overdue && health === 'running') detail += ' (overdue)';
+    // someone else's publish forced a full within the last day: say so beside whatever else is shown
+    if (s?.lineageAlert && input.now - s.lineageAlert.at <= 86_400) detail += `; lineage alert (${s.lineageAlert.kind}): ${s.lineageAlert.reason}`;
     rows.push({
       vm: d.vmId,
       disk: d.diskId,

@@ -13,6 +13,14 @@
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
+/**
+ * Still 1 after ownership (issue 11), on purpose: the receiver refuses any other version, so a bump would cut
+ * off every host not yet upgraded. What changed is additive and optional (manifest owner/token/history, hello
+ * reply identity, publish.sourceHost no longer required) and old peers drop unknown keys. The new rules are
+ * enforced by the receiver whatever the client's version; an old agent only misses the host-side token check,
+ * and sees the new codes E_OWNER/E_IDENTITY as E_PROTOCOL (it did not know them). Bump when a field becomes
+ * required or changes meaning.
+ */
 export const PROTOCOL_VERSION = 1;
 export const FRAME_HEADER_BYTES = 5;
 export const FRAME_CONTROL = 1;
@@ -186,6 +194,19 @@ export const consistencySchema = z.enum(['filesystem-frozen', 'crash-consistent'
 export const uploadKindSchema = z.enum(['base', 'base1', 'inc']);
 export type UploadKind = z.infer<typeof uploadKindSchema>;
 
+/** Not a secret (status shows it to any host): it names one publish event, which only the receiver creates. */
+export const publishTokenSchema = z.string().regex(/^[0-9a-f]{32}$/, 'token must be 32 lowercase hex digits');
+/** How many owner changes a manifest keeps. */
+export const OWNER_HISTORY_MAX = 8;
+export const ownerChangeSchema = z.object({
+  at: epochSchema,
+  /** null: first claim (no previous owner recorded) */
+  from: shortText(255).nullable(),
+  to: shortText(255),
+  checkpoint: checkpointSchema.nullable(),
+});
+export type OwnerChange = z.infer<typeof ownerChangeSchema>;
+
 export const replicaManifestSchema = z.object({
   version: z.literal(1),
   vmId: idSchema,
@@ -198,6 +219,14 @@ export const replicaManifestSchema = z.object({
   base: z.object({ size: sizeSchema, sha256: sha256Schema }),
   base1: z.object({ size: sizeSchema, sha256: sha256Schema.optional(), virtualSize: sizeSchema.optional() }),
   sourceHost: shortText(255).optional(),
+  // Ownership and tamper evidence (issue 11). Optional so manifests written before them stay readable and
+  // older agents (which strip unknown keys) keep working. All three are set by the receiver only.
+  /** the authenticated writer of the last publish (host name, key fingerprint or "(unidentified)") */
+  owner: shortText(255).optional(),
+  /** random value the receiver chose for the last publish; the publishing host keeps it to detect tampering */
+  token: publishTokenSchema.optional(),
+  /** the last owner changes (first claim and take-overs), oldest first */
+  history: z.array(ownerChangeSchema).max(OWNER_HISTORY_MAX).optional(),
 });
 
 export const helloSchema = z.object({
@@ -220,7 +249,8 @@ const publishCommon = {
   checkpoint: checkpointSchema.nullable(),
   capturedAt: epochSchema,
   consistency: consistencySchema,
-  sourceHost: shortText(255),
+  /** Ignored by the receiver (it records the authenticated writer); still sent because older receivers require it. */
+  sourceHost: shortText(255).optional(),
 };
 export const publishFullSchema = z.object({
   ...publishCommon,
@@ -313,7 +343,8 @@ export function parseClientMessage(value: unknown): ClientMessage {
 const errorCodeValues = Object.values(ErrorCodes) as [string, ...string[]];
 export const errorReplySchema = z.object({
   type: z.literal('error'),
-  code: z.enum(errorCodeValues),
+  // Any code-shaped value: a newer receiver may answer with a code this agent does not know yet.
+  code: z.string().regex(/^E_[A-Z_]{1,40}$/),
   message: z.string().max(8192),
 });
 export const helloOkSchema = z.object({
@@ -323,6 +354,8 @@ export const helloOkSchema = z.object({
   maxChunk: z.number().int().min(1).max(MAX_DATA_BYTES),
   snapsDirFree: sizeSchema,
   snapsDirUsedPercent: z.number().min(0).max(100),
+  /** The writer as the replica authenticated it; absent from receivers that predate ownership. */
+  identity: shortText(255).optional(),
 });
 export const fileDigestSchema = z.object({ size: sizeSchema, sha256: sha256Schema });
 export const openOkSchema = z.object({
@@ -355,6 +388,7 @@ export type StatusOk = z.infer<typeof statusOkSchema>;
 export function parseReply<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
   if ((value as { type?: unknown } | null)?.type === 'error') {
     const err = parseWith(errorReplySchema, value, `error reply to ${what}`);
+    if (!(errorCodeValues as string[]).includes(err.code)) throw new OnestorError(ErrorCodes.PROTOCOL, `replica: [${err.code}] ${err.message}`);
     throw new OnestorError(err.code as OnestorError['code'], `replica: ${err.message}`);
   }
   return parseWith(schema, value, `reply to ${what}`);

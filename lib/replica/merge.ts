@@ -11,7 +11,7 @@ import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { acquireFileLock } from '../shared/file-lock.js';
-import { checkpointSchema, consistencySchema, epochSchema, sha256Schema, sizeSchema } from '../protocol/protocol.js';
+import { checkpointSchema, consistencySchema, epochSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, sha256Schema, sizeSchema } from '../protocol/protocol.js';
 import { fsyncPath, readFileNoFollow, writeFileAtomic } from './durable.js';
 import { FULL_JOURNAL, readFullJournal, runFullJournal } from './full-journal.js';
 import { checkImage, checkIncrement, qemu } from './image-check.js';
@@ -70,6 +70,8 @@ export const journalSchema = z.object({
   sourceHost: z.string().max(255),
   base: z.object({ size: sizeSchema, sha256: sha256Schema }),
   seq: z.number().int().min(0),
+  /** owner/token/history of the manifest this merge publishes (a redo after a crash writes the same) */
+  ownership: z.object({ owner: z.string().max(255), token: publishTokenSchema, history: z.array(ownerChangeSchema).max(OWNER_HISTORY_MAX) }).optional(),
 });
 export type Journal = z.infer<typeof journalSchema>;
 
@@ -197,6 +199,7 @@ export async function runJournal(p: ReplicaPaths, qemuImg: string, j: Journal, c
     base: j.base,
     base1: { size: b1St.size },
     sourceHost: j.sourceHost,
+    ...j.ownership,
     files: { base: identityOf(bSt), base1: identityOf(b1St) },
   };
   await writeManifest(p, manifest);
@@ -302,6 +305,7 @@ export async function publishIncremental(
       sourceHost: meta.sourceHost,
       base: manifest.base,
       seq,
+      ...(meta.ownership ? { ownership: meta.ownership } : {}),
     };
     await writeWorkJson(p, 'journal.json', journal);
     await step(c, 'inc:journal');

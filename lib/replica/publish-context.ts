@@ -2,12 +2,15 @@
 import type { ReplicaManifest } from '../shared/model.js';
 import type { BaseOnReplica } from './manifest.js';
 import type { ReplicaPaths, VmDirId } from './layout.js';
+import type { OwnershipFields } from './ownership.js';
 
 export interface PublishMeta {
   checkpoint: string | null;
   capturedAt: number;
   consistency: ReplicaManifest['consistency'];
   sourceHost: string;
+  /** owner/token/history the manifest gets (lib/replica/ownership.ts); set by the receiver on every publish */
+  ownership?: OwnershipFields;
 }
 
 export interface PublishContext {

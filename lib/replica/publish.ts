@@ -133,6 +133,7 @@ export async function publishFull(
       base: { size: nb ? nb.size : keepBase!.size, sha256: baseSha },
       base1: { size: nb1.size, sha256: up.base1.sha256, ...(info['virtual-size'] !== undefined ? { virtualSize: info['virtual-size'] } : {}) },
       sourceHost: meta.sourceHost,
+      ...meta.ownership,
     };
     const journal: FullJournal = {
       version: 1,

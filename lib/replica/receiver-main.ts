@@ -3,9 +3,10 @@
  * authorized_keys forced command and for tests. The full CLI (`onestor-agent receive`) reads the driver
  * settings instead; both end in runReceiver. stdout is the protocol, logs are JSON lines on stderr.
  */
-import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
-import { runReceiver, type ReceiverOptions } from './receiver.js';
-import { HOST_NAME_RE, UNNAMED_IDENTITY } from './slots.js';
+import { ErrorCodes, OnestorError, describeError, isOnestorError } from '../shared/errors.js';
+import { identityFromEnvironment } from './identity-env.js';
+import { parseHostFlag } from './identity.js';
+import { refuseSession, runReceiver, type ReceiverOptions } from './receiver.js';
 import { droppingLogSink, nonBlockingFd } from './stdio.js';
 
 const FLAGS = {
@@ -16,7 +17,7 @@ const FLAGS = {
   '--max-used-percent': 'maxUsedPercent',
   '--qemu-img': 'qemuImg',
   '--idle-timeout': 'idleTimeoutSec',
-  '--host': 'identity',
+  '--host': 'host',
   '--max-sessions-per-host': 'maxSessionsPerHost',
   '--hello-timeout': 'helloTimeoutSec',
   '--drain-timeout': 'drainTimeoutSec',
@@ -28,10 +29,19 @@ const FLAGS = {
 let sink: { write(line: string): boolean } | null = null;
 const logSink = () => (sink ??= droppingLogSink());
 
-export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
+/** Parsed flags; the identity is resolved later from --host / sshd's SSH_USER_AUTH (see identity.ts). */
+export type ReceiverArgs = Omit<ReceiverOptions, 'identity'> & { host?: string; allowUnidentified: boolean };
+
+export function parseReceiverArgs(argv: readonly string[]): ReceiverArgs {
   const raw: Record<string, string> = {};
+  let allowUnidentified = false;
   for (let i = 0; i < argv.length; i += 2) {
     const flag = argv[i]!;
+    if (flag === '--allow-unidentified') {
+      allowUnidentified = true;
+      i--;
+      continue;
+    }
     const value = argv[i + 1];
     const key = (FLAGS as Record<string, string>)[flag];
     if (!key || value === undefined) throw new OnestorError(ErrorCodes.CONFIG, `unknown flag or missing value: ${flag}`, { field: flag });
@@ -47,14 +57,12 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   if (!raw.snapsDir || !raw.snapsDir.startsWith('/')) {
     throw new OnestorError(ErrorCodes.CONFIG, '--snaps-dir must be an absolute path', { field: '--snaps-dir' });
   }
-  if (raw.identity !== undefined && !HOST_NAME_RE.test(raw.identity)) {
-    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(raw.identity)}`, { field: '--host' });
-  }
   const maxSessions = num('maxSessions', 4, 1, 1024);
   const opt = (key: string, min: number, max: number) => (raw[key] === undefined ? {} : { [key]: num(key, 0, min, max) });
   return {
     snapsDir: raw.snapsDir,
-    identity: raw.identity ?? UNNAMED_IDENTITY,
+    ...(raw.host !== undefined ? { host: parseHostFlag(raw.host) } : {}),
+    allowUnidentified,
     lockTimeoutSec: num('lockTimeoutSec', 600, 0, 86400),
     maxSessions,
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),
@@ -67,14 +75,14 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
     ...opt('minProgressKiB', 0, 1024 * 1024),
     ...opt('maxSessionSec', 1, 30 * 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
-    log: (obj, msg) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
+    log: (obj, msg, level) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, level: level ?? 'info', ...obj, msg }) + '\n'),
   };
 }
 
 async function main(): Promise<void> {
-  let opts: ReceiverOptions;
+  let args: ReceiverArgs;
   try {
-    opts = parseReceiverArgs(process.argv.slice(2));
+    args = parseReceiverArgs(process.argv.slice(2));
   } catch (e) {
     process.stderr.write(describeError(e) + '\n');
     process.exit(64);
@@ -82,6 +90,7 @@ async function main(): Promise<void> {
   // Under `command="...",restrict` every request runs this program; an SFTP subsystem request arrives
   // as SSH_ORIGINAL_COMMAND=internal-sftp (or sftp-server). Refuse it up front instead of waiting on
   // bytes that will never form a frame.
+  const { host: _host, allowUnidentified, ...opts } = args;
   const original = process.env.SSH_ORIGINAL_COMMAND ?? '';
   if (/(^|\/)(internal-sftp|sftp-server)\b/.test(original)) {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
@@ -91,7 +100,14 @@ async function main(): Promise<void> {
   // handled by the session (partial uploads are flushed for resume), never a crash.
   const out = nonBlockingFd(1);
   out.on('error', () => {});
-  const code = await runReceiver(process.stdin, out, opts);
+  let code: number;
+  try {
+    const who = await identityFromEnvironment({ ...(args.host !== undefined ? { host: args.host } : {}), allowUnidentified });
+    code = await runReceiver(process.stdin, out, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
+  } catch (e) {
+    if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
+    code = await refuseSession(process.stdin, out, e, opts.log);
+  }
   // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
   // reading would never call back.
   if (out.destroyed) process.exit(code);

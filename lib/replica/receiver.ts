@@ -20,6 +20,8 @@ import {
   type PutMessage,
 } from '../protocol/protocol.js';
 import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
+import { claimMatches, identityKind } from './identity.js';
+import { appendTakeover, assertMayIncrement, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
 import { reclaimLeftovers } from './leftovers.js';
 import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { statusPage } from './status-page.js';
@@ -36,8 +38,13 @@ export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
-  /** Who is writing, from sshd's authentication (forced command `receive --host NAME`), never from the client. */
+  /**
+   * The authenticated writer (lib/replica/identity.ts): `--host NAME` from the key's forced command, else the
+   * key's fingerprint from sshd. Owner of what this session publishes, field `writer` of every log line.
+   */
   identity: string;
+  /** fingerprint of the authenticated key when sshd exposed it (logged beside a --host identity) */
+  keyFingerprint?: string;
   lockTimeoutSec: number;
   /** concurrent disk sessions (open..close) on this replica, all hosts together */
   maxSessions: number;
@@ -56,7 +63,8 @@ export interface ReceiverOptions {
   progressWindowSec?: number;
   minProgressKiB?: number;
   maxSessionSec?: number;
-  log?: (obj: object, msg: string) => void;
+  /** level defaults to info; take-overs and identity mismatches come at warn */
+  log?: (obj: object, msg: string, level?: 'info' | 'warn') => void;
   /** Orphan sweep at most this often per replica (after a hello reply). Default 600; 0 = after every hello. */
   sweepIntervalSec?: number;
   /** Test hook passed to the publish functions (simulated crashes). */
@@ -118,7 +126,15 @@ export function sessionLimitsOf(opts: ReceiverOptions): SessionLimits {
   };
 }
 
-export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
+export async function runReceiver(input: Readable, output: Writable, options: ReceiverOptions): Promise<number> {
+  // Every line this session logs names the authenticated writer.
+  const baseLog = options.log;
+  const who = { writer: options.identity, ...(options.keyFingerprint && options.keyFingerprint !== options.identity ? { key: options.keyFingerprint } : {}) };
+  // `who` last: no field of a log call can override the writer.
+  const opts: ReceiverOptions = baseLog ? { ...options, log: (obj, msg, level) => baseLog({ ...obj, ...who }, msg, level) } : options;
+  if (identityKind(opts.identity) === 'unidentified') {
+    opts.log?.({}, 'writer not identified: bind the host with receive --host NAME (ownership cannot tell unidentified keys apart)', 'warn');
+  }
   const limits = sessionLimitsOf(opts);
   const watch = new SessionWatch(limits, (err) => {
     opts.log?.({ identity: opts.identity, err: describeError(err) }, 'session limit reached');
@@ -163,6 +179,27 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
     await session.cleanup();
   }
   return exitCode;
+}
+
+/**
+ * A session the receiver cannot serve at all (no identity): answers the client's first message with the
+ * error, so the agent logs the reason and its code instead of "channel closed", then ends. Bounded in time.
+ */
+export async function refuseSession(input: Readable, output: Writable, err: OnestorError, log?: ReceiverOptions['log'], waitMs = 30_000): Promise<number> {
+  log?.({ err: describeError(err) }, 'session refused', 'warn');
+  const decoder = new FrameDecoder();
+  const timer = setTimeout(() => input.destroy(), waitMs);
+  try {
+    for await (const chunk of input) {
+      if (decoder.push(chunk as Buffer).some((f) => f.type === 'control')) break;
+    }
+  } catch {
+    // garbage or a timeout: the answer below is all the peer gets
+  } finally {
+    clearTimeout(timer);
+  }
+  if (!output.destroyed && output.writable) output.write(encodeReply(errorReply(err.code, err.message)));
+  return EXIT_FAILED;
 }
 
 class ReceiverSession {
@@ -338,14 +375,17 @@ class ReceiverSession {
     }
     if (msg.type === 'hello') {
       this.watch.markGreeted();
-      return this.onHello(msg.protocol);
+      return this.onHello(msg);
     }
     if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
     switch (msg.type) {
       case 'status': {
         // an interrupted merge is finished first: the client plans its next increment from this answer
         if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
-        const page = await statusPage(this.opts.snapsDir, { ...(msg.vm !== undefined ? { vm: msg.vm } : {}), after: msg.after ?? null });
+        // `status VM` is open to any authorized host (the one now running the VM must learn where the
+        // lineage stands); the replica-wide list only shows the caller's own disks.
+        const own = (m: { owner?: string }) => m.owner === this.opts.identity;
+        const page = await statusPage(this.opts.snapsDir, { ...(msg.vm !== undefined ? { vm: msg.vm } : { include: own }), after: msg.after ?? null });
         if (msg.after === undefined && page.next) {
           // an agent from before paging: it cannot follow a cursor, and a partial list would mislead it
           throw new OnestorError(ErrorCodes.INTERNAL, `status holds more manifests than one reply carries; this agent must be upgraded to page through them`, msg.vm !== undefined ? { vm: msg.vm } : {});
@@ -366,8 +406,15 @@ class ReceiverSession {
     }
   }
 
-  private async onHello(protocol: number): Promise<void> {
+  private async onHello(hello: Extract<ClientMessage, { type: 'hello' }>): Promise<void> {
+    const protocol = hello.protocol;
     if (this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, 'second hello');
+    // hello.host is the client's word: it is only compared, never used. A mismatch is worth a warning (a key
+    // copied to another host, or a host named differently in the agent and in authorized_keys) but not a
+    // refusal: the name grants nothing, and refusing over a naming nit would stop protection.
+    if (identityKind(this.opts.identity) === 'host' && !claimMatches(hello.host, this.opts.identity)) {
+      this.opts.log?.({ claimed: hello.host.slice(0, 255) }, 'hello names another host than the key is bound to; the authenticated name is used', 'warn');
+    }
     if (protocol !== PROTOCOL_VERSION) {
       await this.send(errorReply(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
       throw new SessionEnd(EXIT_PROTOCOL);
@@ -383,6 +430,7 @@ class ReceiverSession {
       maxChunk: MAX_DATA_BYTES,
       snapsDirFree: fs.avail,
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
+      identity: this.opts.identity,
     });
     this.startSweep();
   }
@@ -426,7 +474,7 @@ class ReceiverSession {
         identity: this.opts.identity,
         maxSessions: this.opts.maxSessions,
         maxPerHost:
-          this.opts.identity === UNNAMED_IDENTITY ? this.opts.maxSessions : (this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions)),
+          this.opts.identity === UNNAMED_IDENTITY || identityKind(this.opts.identity) === 'unidentified' ? this.opts.maxSessions : (this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions)),
         busyWaitSec: this.opts.busyWaitSec,
         ...(this.opts.log ? { log: this.opts.log } : {}),
       });
@@ -465,7 +513,7 @@ class ReceiverSession {
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
-    const { file, offset } = await prepareUpload(d.paths, put.key, put.size, new Set([...d.uploads.values()].map((u) => u.file)));
+    const { file, offset } = await prepareUpload(d.paths, uploadKeyFor(this.opts.identity, put.key), put.size, new Set([...d.uploads.values()].map((u) => u.file)));
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
     await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
@@ -537,7 +585,12 @@ class ReceiverSession {
       ...(this.opts.log ? { log: this.opts.log } : {}),
       ...(this.opts.onStep ? { onStep: this.opts.onStep } : {}),
     };
-    const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: msg.sourceHost };
+    // Under the session's disk lock: the manifest cannot change between this read and the publish.
+    const prev = await readValidManifest(d.paths);
+    if (msg.mode === 'incremental') assertMayIncrement(prev, this.opts.identity, d.paths);
+    const own = ownershipForPublish(prev, this.opts.identity, msg.checkpoint, Math.floor(Date.now() / 1000));
+    // msg.sourceHost is the client's word: the manifest names the authenticated writer instead.
+    const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: this.opts.identity, ownership: own.fields };
     let manifest;
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
@@ -556,7 +609,22 @@ class ReceiverSession {
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
+    await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover);
     await this.send({ type: 'ok', manifest: toWireManifest(manifest) });
+  }
+
+  /** After a publish: the take-over warning and ledger entry, the writer's record. Never fails the publish. */
+  private async recordOwnership(p: ReplicaPaths, mode: 'full' | 'incremental', checkpoint: string | null, takeover: { from: string; to: string } | null): Promise<void> {
+    const at = Math.floor(Date.now() / 1000);
+    if (takeover) {
+      this.opts.log?.({ vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }, `lineage taken over: ${takeover.from} -> ${takeover.to} (full publish)`, 'warn');
+      await appendTakeover(this.opts.snapsDir, { at, vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }).catch((e: unknown) =>
+        this.opts.log?.({ vm: p.vm, disk: p.disk, err: describeError(e) }, 'could not append the take-over to the ledger', 'warn'),
+      );
+    }
+    await recordWriter(this.opts.snapsDir, { identity: this.opts.identity, lastPublishAt: at, lastVm: p.vm, lastDisk: p.disk, lastMode: mode }).catch((e: unknown) =>
+      this.opts.log?.({ err: describeError(e) }, 'could not record the writer in the ledger', 'warn'),
+    );
   }
 
   private async closeDisk(): Promise<void> {

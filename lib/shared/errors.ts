@@ -25,6 +25,8 @@ export const ErrorCodes = {
   DIGEST: 'E_DIGEST', // sha256 mismatch
   PARENT: 'E_PARENT', // incremental parent is not what the replica holds
   VANISHED: 'E_VANISHED', // replica VM dir removed during the session
+  OWNER: 'E_OWNER', // incremental on a lineage another host published last (or with no recorded owner): send a full
+  IDENTITY: 'E_IDENTITY', // the replica cannot tell which host a key belongs to (no --host, no ExposeAuthInfo)
   STATE: 'E_STATE', // agent state file unreadable / corrupt
   ABORTED: 'E_ABORTED', // cancelled (SIGTERM, timeout)
   YIELDED: 'E_YIELDED', // gave way to a live migration of the VM (yield marker or migration seen); retried

@@ -64,6 +64,12 @@ export interface ReplicaManifest {
   mode: CycleMode;
   base: { size: number; sha256: string };
   base1: { size: number; sha256?: string; virtualSize?: number };
-  /** Host that published it (for lineage after migration). */
+  /** Host that published it (for lineage after migration). Since issue 11 the authenticated writer. */
   sourceHost?: string;
+  /** Authenticated writer of the last publish; absent on manifests written before ownership was tracked. */
+  owner?: string;
+  /** Random value the receiver chose for the last publish (tamper evidence for the publishing host). */
+  token?: string;
+  /** Last owner changes, oldest first (bounded). */
+  history?: Array<{ at: number; from: string | null; to: string; checkpoint: string | null }>;
 }

@@ -458,6 +458,11 @@ export class ReplicaClient {
     return this.connection.receiverInfo;
   }
 
+  /** This host as the replica authenticated it (never what we claim in hello); null from older receivers. */
+  get writer(): string | null {
+    return this.connection.receiverInfo?.identity ?? null;
+  }
+
   status(vm?: number): Promise<ReplicaManifest[]> {
     return this.connection.status(vm);
   }

@@ -5,6 +5,7 @@
  */
 import { existsSync, mkdirSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawn } from 'node:child_process';
@@ -22,6 +23,12 @@ export function projectRoot(): string {
     dir = up;
   }
   return dir;
+}
+
+/** The host name test receivers are bound to: this machine's, when it is a valid host name. */
+export function testHostName(): string {
+  const h = os.hostname();
+  return /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(h) ? h : 'hv-test';
 }
 
 export const agentMain = (): string => path.join(projectRoot(), 'dist', 'agent', 'main.js');
@@ -57,7 +64,10 @@ export async function startAgentEnv(opts: { name?: string; receiverArgs?: string
     // the ssh driver's settings file, as OpenNebula ships it, pointing SNAPS at the replica dir
     const sshrc = path.join(root, 'sshrc');
     await writeFile(sshrc, `# ssh TM driver settings (test copy)\nREPLICA_COPY_LOCK_TIMEOUT=600\nREPLICA_RECOVERY_SNAPS_DIR=${sshd.replicaDir}\nREPLICA_SSH_OPTS="-c aes128-gcm@openssh.com -m umac-64@openssh.com"\nREPLICA_MAX_USED_PERC=90\n`);
-    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', ...(opts.receiverArgs ?? [])];
+    // The key is bound to a host name as install.sh binds it (the receiver refuses unidentified keys);
+    // the name the agent gives in hello (os.hostname()) when it is one, so no mismatch warning is logged.
+    const bound = opts.receiverArgs?.includes('--host') ? [] : ['--host', testHostName()];
+    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', ...bound, ...(opts.receiverArgs ?? [])];
     await sshd.setAuthorizedKeys([`command="${receiver.join(' ')}",restrict ${sshd.clientPublicKey}`]);
     const flags = [
       '--datastores', dsRoot,

@@ -183,7 +183,7 @@ export async function runPublish(sc: Scenario, snaps: string, opts: RunOptions):
     const { syscall, when } = opts.strace;
     cmd = 'strace';
     args = ['-f', '-qq', '-o', '/dev/null', '-e', `trace=${syscall}`, '-e', `inject=${syscall}:signal=KILL:when=${when}`];
-    args.push(process.execPath, RECEIVER_MAIN, '--snaps-dir', snaps, '--lock-timeout', '10', '--idle-timeout', '60', '--max-used-percent', '100');
+    args.push(process.execPath, RECEIVER_MAIN, '--snaps-dir', snaps, '--host', 'hv-crash', '--lock-timeout', '10', '--idle-timeout', '60', '--max-used-percent', '100');
   } else {
     cmd = process.execPath;
     args = [CRASH_RECEIVER, snaps];

@@ -23,6 +23,8 @@ export interface SshdOptions {
   authorizedKeyOptions?: string;
   /** How long to wait for the server to accept connections (default 10 s). */
   readyTimeoutMs?: number;
+  /** Extra sshd_config lines, e.g. `ExposeAuthInfo yes`. */
+  extraConfig?: string[];
   /** Host key types the server has, in its order of preference (default ['ed25519']). */
   hostKeyTypes?: HostKeyType[];
 }
@@ -84,7 +86,8 @@ function tcpConnects(port: number): Promise<boolean> {
   });
 }
 
-async function generateKey(file: string, comment: string, type: HostKeyType = 'ed25519'): Promise<string> {
+/** Key pair without passphrase (ed25519 by default); returns the public line "ssh-ed25519 AAAA... comment". */
+export async function generateKey(file: string, comment: string, type: HostKeyType = 'ed25519'): Promise<string> {
   await rm(file, { force: true });
   await rm(`${file}.pub`, { force: true });
   const bits = type === 'rsa' ? ['-b', '2048'] : [];
@@ -99,7 +102,7 @@ function keyWithoutComment(publicKeyLine: string): string {
   return publicKeyLine.split(/\s+/).slice(0, 2).join(' ');
 }
 
-function sshdConfig(p: { port: number; hostKeys: string[]; pidFile: string; authorizedKeys: string }): string {
+function sshdConfig(p: { port: number; hostKeys: string[]; pidFile: string; authorizedKeys: string; extra?: string[] }): string {
   return [
     `Port ${p.port}`,
     'ListenAddress 127.0.0.1',
@@ -122,6 +125,7 @@ function sshdConfig(p: { port: number; hostKeys: string[]; pidFile: string; auth
     'X11Forwarding no',
     'LogLevel VERBOSE',
     'Subsystem sftp internal-sftp',
+    ...(p.extra ?? []),
     '',
   ].join('\n');
 }
@@ -180,7 +184,7 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   };
 
   const launch = async (): Promise<void> => {
-    await writeFile(configPath, sshdConfig({ port, hostKeys: hostKeyTypes.map(hostKeyPathOf), pidFile, authorizedKeys: authorizedKeysPath }));
+    await writeFile(configPath, sshdConfig({ port, hostKeys: hostKeyTypes.map(hostKeyPathOf), pidFile, authorizedKeys: authorizedKeysPath, extra: opts.extraConfig }));
     const proc = spawn(SETPRIV, ['--pdeathsig', 'KILL', SSHD, '-D', '-e', '-f', configPath, '-E', logPath], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });

@@ -107,7 +107,10 @@ export async function startTwoHosts(opts: { name?: string } = {}): Promise<TwoHo
     sshd = await startSshd();
     const sshrc = path.join(root, 'sshrc');
     await writeFile(sshrc, `REPLICA_COPY_LOCK_TIMEOUT=600\nREPLICA_RECOVERY_SNAPS_DIR=${sshd.replicaDir}\nREPLICA_MAX_USED_PERC=90\n`);
-    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn'];
+    // One key for both hosts, bound to one name: the receiver refuses keys it cannot identify. Both hosts are
+    // therefore one writer to the replica (ownership cannot tell them apart; per-host keys would make every
+    // migration a take-over by a full).
+    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', '--host', 'hv-shared-key'];
     await sshd.setAuthorizedKeys([`command="${receiver.join(' ')}",restrict ${sshd.clientPublicKey}`]);
     const theSshd = sshd;
 

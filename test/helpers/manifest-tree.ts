@@ -5,9 +5,14 @@
 import * as fsp from 'node:fs/promises';
 import { replicaPaths } from '../../lib/replica/layout.js';
 import { identityOf } from '../../lib/replica/manifest.js';
+import { OWNER_HISTORY_MAX } from '../../lib/protocol/protocol.js';
 
-/** Writes vms x disks manifests (VM ids vm*7, disk ids d*3: sparse on purpose); returns [vm, disk] sorted. */
-export async function writeManifestTree(snaps: string, vms: number, disks: number): Promise<Array<[number, number]>> {
+/**
+ * Writes vms x disks manifests (VM ids vm*7, disk ids d*3: sparse on purpose); returns [vm, disk] sorted.
+ * Each is owned by `owner` (the identity the test's receiver runs as; `status` without a VM lists only the
+ * caller's own) with a full owner history, so pages are measured on manifests of the largest real size.
+ */
+export async function writeManifestTree(snaps: string, vms: number, disks: number, owner = 'hv-test'): Promise<Array<[number, number]>> {
   const out: Array<[number, number]> = [];
   for (let vm = 1; vm <= vms; vm++) {
     for (let disk = 0; disk < disks; disk++) {
@@ -29,7 +34,10 @@ export async function writeManifestTree(snaps: string, vms: number, disks: numbe
         mode: 'incremental',
         base: { size: 1, sha256: 'a'.repeat(64) },
         base1: { size: 2, sha256: 'b'.repeat(64), virtualSize: 1 << 30 },
-        sourceHost: `hypervisor-with-a-rather-long-name-${vm}.example.org`,
+        sourceHost: owner,
+        owner,
+        token: 'c'.repeat(32),
+        history: Array.from({ length: OWNER_HISTORY_MAX }, (_, i) => ({ at: 1700000000 + i, from: i ? `hypervisor-with-a-rather-long-name-${i}.example.org` : null, to: i === OWNER_HISTORY_MAX - 1 ? owner : `hypervisor-with-a-rather-long-name-${i + 1}.example.org`, checkpoint: null })),
         files: { base: identityOf(b), base1: identityOf(b1) },
       };
       await fsp.writeFile(p.manifest, JSON.stringify(m));

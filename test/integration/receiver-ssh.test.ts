@@ -35,7 +35,7 @@ let sshd: Sshd;
 let work: string;
 
 function forcedCommand(snaps: string): string {
-  return `command="${process.execPath} ${entry} --snaps-dir ${snaps} --lock-timeout 5 --max-sessions 2 --busy-wait 1",restrict`;
+  return `command="${process.execPath} ${entry} --snaps-dir ${snaps} --lock-timeout 5 --max-sessions 2 --busy-wait 1 --host hv-test",restrict`;
 }
 
 function connectOptions(extra: Partial<ReplicaConnectOptions> = {}): ReplicaConnectOptions {

@@ -48,7 +48,7 @@ afterAll(async () => {
 
 /** A receiver process and a peer speaking raw frames to it over its stdio. */
 function receiverProcess() {
-  const child = spawn(process.execPath, [entry, '--snaps-dir', snaps, '--max-used-percent', '90', '--max-sessions', '8', '--busy-wait', '0', '--lock-timeout', '5'], {
+  const child = spawn(process.execPath, [entry, '--snaps-dir', snaps, '--host', 'hv-test', '--max-used-percent', '90', '--max-sessions', '8', '--busy-wait', '0', '--lock-timeout', '5'], {
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   children.push(child);

@@ -31,7 +31,7 @@ beforeAll(async () => {
   await ensureBuilt();
   sshd = await startSshd();
   await sshd.setAuthorizedKeys([
-    `command="${process.execPath} ${entry} --snaps-dir ${sshd.replicaDir} --lock-timeout 5 --max-sessions 2 --busy-wait 5",restrict ${sshd.clientPublicKey}`,
+    `command="${process.execPath} ${entry} --snaps-dir ${sshd.replicaDir} --lock-timeout 5 --max-sessions 2 --busy-wait 5 --host hv-test",restrict ${sshd.clientPublicKey}`,
   ]);
   await fsp.mkdir(sshd.replicaDir, { recursive: true });
   expected = await writeManifestTree(sshd.replicaDir, 160, 2); // 320 manifests, ~190 KiB of JSON

@@ -39,7 +39,7 @@ const state: AgentState = {
   daemon: { pid: 1, startedAt: NOW - 100, heartbeatAt: NOW - 5 },
   disks: {
     '7.0': { vmId: 7, diskId: 0, checkpoint: null, base1Identity: null, failCount: 0, freqSeconds: 600, lastSuccess: { capturedAt: NOW - 60, finishedAt: NOW - 55, durationMs: 5000, bytes: 1024, mode: 'full', consistency: 'crash-consistent' } },
-    '7.1': { vmId: 7, diskId: 1, checkpoint: null, base1Identity: null, failCount: 2, freqSeconds: 600, lastError: { code: 'E_SSH', message: 'x', at: NOW } },
+    '7.1': { vmId: 7, diskId: 1, checkpoint: null, base1Identity: null, failCount: 2, freqSeconds: 600, lastError: { code: 'E_SSH', message: 'x', at: NOW }, lineageAlert: { at: NOW - 10, kind: 'token-mismatch', reason: 'token mismatch: ...' } },
   },
   baseDigests: {},
 };
@@ -58,6 +58,8 @@ describe('prometheus textfile', () => {
     expect(m.get('onestor_disk_snapshot_age_seconds')).toEqual([{ labels: `${host},vm="7",disk="0"`, value: 60 }]);
     expect(m.get('onestor_disk_fail_count')![1]!.value).toBe(2);
     expect(m.get('onestor_failing_disks')![0]!.value).toBe(1);
+    expect(m.get('onestor_disk_lineage_alert_timestamp_seconds')).toEqual([{ labels: `${host},vm="7",disk="1"`, value: NOW - 10 }]);
+    expect(s.lineageAlertsRecent).toBe(1);
   });
 
   it('escapes label values and refuses bad names', () => {

@@ -13,6 +13,7 @@ import { run } from '../../lib/shared/exec.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
+import { uploadKeyFor } from '../../lib/replica/ownership.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 
 const MiB = 1024 * 1024;
@@ -482,7 +483,7 @@ describe('receiver: hostile and broken input', () => {
     const t0 = Date.now();
     expect(await p.done).toBe(1);
     expect(Date.now() - t0).toBeLessThan(5000);
-    expect((await fsp.stat(path.join(snaps, '.onestor', 'tmp', '13-0', 'up.k'))).size).toBe(100);
+    expect((await fsp.stat(path.join(snaps, '.onestor', 'tmp', '13-0', `up.${uploadKeyFor('hv1', 'k')}`))).size).toBe(100);
     // The lock went with the session.
     const s = await session(snaps, { lockTimeoutSec: 0 });
     await (await s.conn.openDisk(13, 0)).close();

@@ -4,6 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { clientSession, rawPeer } from '../helpers/receiver-session.js';
+import { uploadKeyFor } from '../../lib/replica/ownership.js';
 
 let root: string;
 beforeAll(async () => {
@@ -81,7 +82,8 @@ describe('open of ids that never get data', () => {
     expect(await p2.ask({ type: 'put', kind: 'base1', size: 1 << 20, key: 'k2' })).toMatchObject({ type: 'ok', offset: 0 });
     p2.cut();
     await p2.done;
-    expect(await fsp.readdir(path.join(snaps, '.onestor', 'tmp', '8-0'))).toEqual(['up.k2']);
+    // upload temps are per writer (lib/replica/ownership.ts uploadKeyFor)
+    expect(await fsp.readdir(path.join(snaps, '.onestor', 'tmp', '8-0'))).toEqual([`up.${uploadKeyFor('hv-test', 'k2')}`]);
     expect(await fsp.readdir(path.join(snaps, '.onestor', 'locks'))).toEqual([]);
   });
 });

@@ -18,6 +18,7 @@ import { MAX_OTHER_UPLOADS } from '../../lib/replica/uploads.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 import { recoverDrill } from '../harness/recover.js';
+import { uploadKeyFor } from '../../lib/replica/ownership.js';
 
 let root: string;
 beforeAll(async () => {
@@ -332,7 +333,7 @@ describe('temp files and leftovers', () => {
       await d.close();
     });
     const ups = (await fsp.readdir(p.tmpDir)).filter((n) => n.startsWith('up.'));
-    expect(ups).toContain('up.cap9.base1');
+    expect(ups).toContain(`up.${uploadKeyFor('hv-test', 'cap9.base1')}`); // upload temps are per writer
     expect(ups.length).toBe(MAX_OTHER_UPLOADS + 1);
     expect(await recovered(snaps, 4)).toBe(await view(src.base1));
   });

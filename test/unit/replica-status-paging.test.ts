@@ -41,6 +41,14 @@ describe('status in pages', () => {
     expect(await s.done).toBe(0);
   });
 
+  it('another writer pages through the same tree and gets none of them (own disks only); status VM stays open', async () => {
+    const s = await clientSession(snaps, { identity: 'hvB' });
+    expect(await s.conn.status()).toEqual([]);
+    expect((await s.conn.status(14)).map((m) => [m.vmId, m.diskId, m.owner])).toEqual([[14, 0, 'hv-test'], [14, 3, 'hv-test']]);
+    await s.conn.bye();
+    expect(await s.done).toBe(0);
+  });
+
   it('every page is under the frame cap and pages neither overlap nor skip', async () => {
     let after = null;
     const seen: Array<[number, number]> = [];
