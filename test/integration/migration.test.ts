@@ -108,7 +108,7 @@ async function waitForJob(h: Host, dom: string): Promise<void> {
  * throttle races QEMU's copy; when the copy won, that cycle simply completed: start another.
  */
 async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agentSpawn']>> {
-  for (let i = 0; i < 5; i++) {
+  for (let i = 0; i < 15; i++) {
     const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
     // a cycle that ends before its job shows up failed early: say why instead of waiting for a job
     const early = cycle.done.then((r) => {
