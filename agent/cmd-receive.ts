@@ -35,5 +35,6 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log: (obj, msg) => log.info(obj, msg),
   });
   await new Promise<void>((resolve) => process.stdout.end(resolve));
-  return code === 0 ? Exit.OK : Exit.FAILED;
+  // the receiver's code is already one of the table's (OK, FAILED, PROTOCOL)
+  return code;
 }

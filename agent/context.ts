@@ -3,7 +3,8 @@
  * and a pool of replica connections kept open across cycles (a small cycle must not pay a handshake).
  */
 import os from 'node:os';
-import { readFile, access } from 'node:fs/promises';
+import { access } from 'node:fs/promises';
+import { AGENT_VERSION } from '../lib/shared/version.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config/config.js';
@@ -18,9 +19,8 @@ import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
-export const VERSION: string = await readFile(new URL('../../package.json', import.meta.url), 'utf8')
-  .then((t) => String((JSON.parse(t) as { version?: string }).version ?? '0.0.0'))
-  .catch(() => '0.0.0');
+/** package.json's version, read once in lib/shared/version.ts (the receiver reports the same). */
+export const VERSION: string = AGENT_VERSION;
 
 export interface AgentContext {
   config: Config;

@@ -49,7 +49,8 @@ Common options (each overrides the config file):
 
 Exit codes:
   0 ok   1 a cycle/session failed   2 usage or configuration error
-  3 status: a protected disk is overdue or failing   4 status: daemon not running   130 interrupted
+  3 status: a protected disk is overdue or failing   4 status: daemon not running
+  5 receive: the peer broke the protocol   130 interrupted   (error codes: docs/errors.md)
 `;
 
 async function main(argv: string[]): Promise<number> {

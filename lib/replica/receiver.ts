@@ -9,6 +9,8 @@ import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
+import { Exit } from '../shared/exit-codes.js';
+import { AGENT_VERSION } from '../shared/version.js';
 import {
   FrameDecoder,
   MAX_DATA_BYTES,
@@ -26,7 +28,6 @@ import { publishFull, type PublishContext } from './publish.js';
 import { sweepOrphans } from './sweep.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
-export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
@@ -44,10 +45,10 @@ export interface ReceiverOptions {
   onStep?: PublishContext['onStep'];
 }
 
-/** Exit codes: 0 clean end, 2 protocol violation, 1 anything else that ended the session. */
-export const EXIT_OK = 0;
-export const EXIT_FAILED = 1;
-export const EXIT_PROTOCOL = 2;
+/** Exit codes (lib/shared/exit-codes.ts): OK clean end, PROTOCOL violation, FAILED anything else that ended the session. */
+const EXIT_OK = Exit.OK;
+const EXIT_FAILED = Exit.FAILED;
+const EXIT_PROTOCOL = Exit.PROTOCOL;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
 
@@ -98,7 +99,7 @@ async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
 export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
   const session = new ReceiverSession(output, opts);
   const decoder = new FrameDecoder();
-  let exitCode = EXIT_OK;
+  let exitCode: number = EXIT_OK;
   const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
   let idleTimer: NodeJS.Timeout | null = null;
   const armIdle = () => {
@@ -317,7 +318,7 @@ class ReceiverSession {
     await this.send({
       type: 'ok',
       protocol: PROTOCOL_VERSION,
-      receiverVersion: RECEIVER_VERSION,
+      receiverVersion: AGENT_VERSION,
       maxChunk: MAX_DATA_BYTES,
       snapsDirFree: fs.avail,
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,

@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errorCodeOf } from '../../lib/shared/errors.js';
+import { Exit } from '../../lib/shared/exit-codes.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
@@ -153,7 +154,7 @@ describe('replica over ssh with a restricted key', () => {
       );
       expect(out.stdout).not.toMatch(/root:|uid=/);
       expect(out.stdout).toMatch(/E_PROTOCOL/);
-      expect(out.code).toBe(2);
+      expect(out.code).toBe(Exit.PROTOCOL);
 
       const sftpErr = await within(new Promise<unknown>((resolve) => ssh.sftp((err) => resolve(err ?? null))), 'sftp');
       expect(sftpErr).toBeInstanceOf(Error);
