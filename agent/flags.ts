@@ -29,6 +29,11 @@ const OPTIONS = {
   'max-sessions': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
+  'lock-timeout': { type: 'string' },
+  'busy-wait': { type: 'string' },
+  'max-used-percent': { type: 'string' },
+  'idle-timeout': { type: 'string' },
+  'qemu-img': { type: 'string' },
   'log-level': { type: 'string' },
 } as const;
 
@@ -63,6 +68,11 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
   if (f['no-space-check']) receiver.spaceCheck = false;
+  if (f['lock-timeout']) receiver.lockTimeoutSec = intFlag(f['lock-timeout'], 'lock-timeout');
+  if (f['busy-wait']) receiver.busyWaitSec = intFlag(f['busy-wait'], 'busy-wait');
+  if (f['max-used-percent']) receiver.maxUsedPercent = intFlag(f['max-used-percent'], 'max-used-percent');
+  if (f['idle-timeout']) receiver.idleTimeoutSec = intFlag(f['idle-timeout'], 'idle-timeout');
+  if (f['qemu-img']) o.qemuImg = f['qemu-img'];
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
   if (Object.keys(replica).length) o.replica = replica;

@@ -11,6 +11,7 @@ import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 import { Exit } from '../shared/exit-codes.js';
 import { AGENT_VERSION } from '../shared/version.js';
+import { RECEIVER_DEFAULTS } from '../shared/defaults.js';
 import {
   FrameDecoder,
   MAX_DATA_BYTES,
@@ -100,7 +101,7 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
   const session = new ReceiverSession(output, opts);
   const decoder = new FrameDecoder();
   let exitCode: number = EXIT_OK;
-  const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
+  const idleMs = (opts.idleTimeoutSec ?? RECEIVER_DEFAULTS.idleTimeoutSec) * 1000;
   let idleTimer: NodeJS.Timeout | null = null;
   const armIdle = () => {
     if (idleTimer) clearTimeout(idleTimer);

@@ -17,12 +17,11 @@ import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/re
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
 /** Compiles when dist is missing or older than the receiver sources (the forced command runs dist). */
 async function ensureBuilt(): Promise<void> {
-  const libDir = path.join(repoRoot, 'lib');
-  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
+  const sources = ['lib', 'agent'].flatMap((d) => (readdirSync(path.join(repoRoot, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(repoRoot, d, n)));
   const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
   if (!stale) return;
   // Type errors elsewhere in the tree must not block this test; tsc still emits.
