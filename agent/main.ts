@@ -45,6 +45,11 @@ Common options (each overrides the config file):
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
   --max-sessions N         receive: concurrent sessions on this replica (others wait, then E_BUSY)
   --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
+  --lock-timeout SEC       receive: REPLICA_COPY_LOCK_TIMEOUT override
+  --max-used-percent N     receive: REPLICA_MAX_USED_PERC override
+  --busy-wait SEC          receive: wait this long for a free session slot, then E_BUSY (default 300)
+  --idle-timeout SEC       receive: end a session whose peer sends nothing this long (default 900)
+  --qemu-img PROGRAM       qemu-img to run (default qemu-img in PATH)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
 
 Exit codes:
