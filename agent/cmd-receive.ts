@@ -65,6 +65,7 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
+  log.level = config.log.level;
   const sshrc = await readSshrc(config.sshrcPaths);
   const requested = process.env['SSH_ORIGINAL_COMMAND'] ?? '';
   if (isSftpRequest(requested)) {

@@ -127,6 +127,8 @@ export async function resolveReplicaLogin(r: Config['replica']): Promise<{ user:
 
 export async function buildContext(opts: { configFile?: string; overrides?: Record<string, unknown>; log: Logger; signal?: AbortSignal }): Promise<AgentContext> {
   const config = await loadConfig({ file: opts.configFile, overrides: opts.overrides as never });
+  // log.level from file or ONESTOR_AGENT_LOG_LEVEL (a --log-level flag is already in the config and wins)
+  opts.log.level = config.log.level;
   const sshrc = await readSshrc(config.sshrcPaths);
   for (const k of sshrc.unknownKeys) opts.log.debug({ key: k, file: sshrc.file }, 'sshrc key ignored');
   for (const w of sshrc.warnings) opts.log.warn({ file: sshrc.file }, w);
@@ -158,6 +160,7 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
       hostName,
       stagingDirName: config.stagingDirName,
       captureTimeoutMs: config.limits.captureTimeoutSec * 1000,
+      transferTimeoutMs: config.limits.transferTimeoutSec * 1000,
       stagingMinFreePercent: config.limits.stagingMinFreePercent,
       tryFreeze: true,
     }),

@@ -79,6 +79,7 @@ const limitsSchema = z.strictObject({
   bandwidthMBps: num(0, 100_000).default(0),
   stagingMinFreePercent: num(0, 99).default(5),
   captureTimeoutSec: int(1, 7 * 86400).default(3600),
+  /** one disk's uploads to the replica; past it the disk fails with E_TIMEOUT and the next cycle resumes */
   transferTimeoutSec: int(1, 7 * 86400).default(21600),
 });
 
@@ -149,7 +150,8 @@ export const ConfigSchema = z.strictObject({
   log: z
     .strictObject({ level: z.enum(LOG_LEVELS, { error: `expected one of ${LOG_LEVELS.join(', ')}` }).default('info') })
     .prefault({}),
-  probe: z.strictObject({ timeoutMs: int(100, 60_000).default(2000) }).prefault({}),
+  // No `probe` section: the probes read no config file (start-up time, and a broken config must not blind
+  // monitoring); their time budget is the probe command's own. A `probe.timeoutMs` here was never read.
   /** Where to write a Prometheus textfile-collector file; null = don't. */
   prometheusTextfile: nullable(absPath).default(null),
 });

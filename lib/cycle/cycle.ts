@@ -50,6 +50,8 @@ export interface CycleDeps {
   hostName: string;
   stagingDirName: string;
   captureTimeoutMs: number;
+  /** one disk's uploads (limits.transferTimeoutSec); past it the disk fails with E_TIMEOUT. Default: none. */
+  transferTimeoutMs?: number;
   stagingMinFreePercent: number;
   tryFreeze: boolean;
   /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
@@ -236,6 +238,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       const dt0 = now();
       let session: ReplicaDiskSession | null = null;
       let publishSent = false;
+      const deadline = transferDeadline(req.signal, deps.transferTimeoutMs);
       try {
         session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
@@ -246,10 +249,10 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           let baseKey: string | undefined;
           if (!baseOk) {
             baseKey = `base-${w.baseSha.slice(0, 32)}`;
-            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
+            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: deadline.signal, onProgress: progress });
             bytes += r.bytes - r.resumedFrom;
           }
-          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
+          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
           publishSent = true;
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
@@ -258,7 +261,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           if (!baseOk || (session.manifest?.checkpoint ?? null) !== parent) {
             throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (holds ${session.manifest?.checkpoint ?? 'nothing'}, base ${baseOk ? 'same' : 'different'}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
           }
-          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
+          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
           publishSent = true;
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
@@ -282,10 +285,12 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         });
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
-        fail(w.disk.diskId, e);
+        // our own deadline is a failure of this disk, not a shutdown (which E_ABORTED means)
+        fail(w.disk.diskId, deadline.expired() ? new OnestorError(ErrorCodes.TIMEOUT, `transfer not done within ${deps.transferTimeoutMs! / 1000} s (limits.transferTimeoutSec)`, { vm: vmId, disk: w.disk.diskId, cause: describeError(e) }) : e);
         // The replica may have published before the link died: keep this checkpoint until it tells us.
         if (publishSent) uncertain.set(w.disk.diskId, captured.checkpoint);
       } finally {
+        deadline.dispose();
         await session?.close().catch(() => {});
       }
     }
@@ -356,6 +361,32 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       log.debug({ checkpoint: name }, 'checkpoint retired');
     }
   }
+}
+
+/**
+ * The caller's signal plus a deadline (Node 18 has no AbortSignal.any). Uploads stop between chunks when
+ * it fires; expired() tells the deadline apart from a shutdown.
+ */
+function transferDeadline(outer: AbortSignal | undefined, ms: number | undefined): { signal: AbortSignal | undefined; expired(): boolean; dispose(): void } {
+  if (!ms) return { signal: outer, expired: () => false, dispose: () => {} };
+  const ac = new AbortController();
+  let fired = false;
+  const onOuter = () => ac.abort(outer?.reason);
+  if (outer?.aborted) ac.abort(outer.reason);
+  else outer?.addEventListener('abort', onOuter, { once: true });
+  const timer = setTimeout(() => {
+    fired = true;
+    ac.abort();
+  }, ms);
+  timer.unref?.();
+  return {
+    signal: ac.signal,
+    expired: () => fired && !outer?.aborted,
+    dispose: () => {
+      clearTimeout(timer);
+      outer?.removeEventListener('abort', onOuter);
+    },
+  };
 }
 
 /** Pure: drop `<parent>` from a checkpoint definition when libvirt no longer has that parent. */
