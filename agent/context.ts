@@ -17,6 +17,7 @@ import { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { StateStore } from '../lib/cycle/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
+import { localCyclePorts } from '../lib/cycle/ports.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
 /** package.json's version, read once in lib/shared/version.ts (the receiver reports the same). */
@@ -154,6 +155,7 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
     cycleDeps: () => ({
       libvirt,
       qemuImg,
+      ...localCyclePorts(libvirt, qemuImg),
       replicaFor: (h) => replicas.get(h),
       state,
       log: opts.log,

@@ -7,19 +7,18 @@
  * checkpoint in libvirt; other disks of the VM go on; staging is always cleaned.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
-import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
+import { findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
-import { cachedSha256, fileIdentity } from './digest.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf } from '../shared/errors.js';
 import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
-import type { DiskSession } from '../transfer/replica-client.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
-import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+import { getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+import type { CycleStatePort, DigestPort, LockPort, ReplicaDiskSession, ReplicaPort, StagingPort } from './ports.js';
+
+export type { ReplicaDiskSession, ReplicaPort } from './ports.js';
 
 /** Libvirt operations the cycle needs beyond capture. */
 export interface CycleLibvirt extends CaptureLibvirt {
@@ -30,22 +29,17 @@ export interface CycleLibvirt extends CaptureLibvirt {
   domainRunning(dom: string): Promise<boolean>;
 }
 
-/** What the cycle needs of a replica session: lib/replica-client.ts DiskSession. */
-export type ReplicaDiskSession = DiskSession;
-
-export interface ReplicaPort {
-  /** manifests the replica holds for a VM (no lock taken) */
-  status(vmId: number): Promise<ReplicaManifest[]>;
-  /** takes the per-disk lock until the session is closed */
-  openDisk(vmId: number, diskId: number): Promise<ReplicaDiskSession>;
-}
-
 export interface CycleDeps {
   libvirt: CycleLibvirt;
-  qemuImg: QemuImg;
+  /** virtual size of base.1 (the capture's qemu-img work goes through `staging`) */
+  qemuImg: Pick<QemuImg, 'info'>;
   /** a connected replica for a REPLICA_HOST (pooled by the caller) */
   replicaFor(replicaHost: string): Promise<ReplicaPort>;
-  state: StateStore;
+  state: CycleStatePort;
+  /** capture into staging, cleanup (production: localCyclePorts() in ports.ts) */
+  staging: StagingPort;
+  locks: LockPort;
+  digests: DigestPort;
   log: Logger;
   hostName: string;
   stagingDirName: string;
@@ -101,10 +95,9 @@ interface DiskWork {
  */
 export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
   const root = path.join(req.dsDir, deps.stagingDirName);
-  let lock: FileLock;
+  let lock: { release(): Promise<void> };
   try {
-    await mkdir(root, { recursive: true, mode: 0o750 });
-    lock = await acquireFileLock(path.join(root, `${req.vmId}.lock`), { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal, context: { vm: req.vmId } });
+    lock = await deps.locks.lockVm(root, req.vmId, { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal });
   } catch (e) {
     const error = { code: errorCodeOf(e), message: `another cycle of VM ${req.vmId} is running on this host: ${describeError(e)}` };
     return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
@@ -169,9 +162,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             log.warn({ disk: disk.diskId, checkpoint: replicaCk, err: describeError(e) }, 'could not redefine checkpoint; will take a full');
           }
         }
-        const base1 = await fileIdentity(disk.base1Path);
+        const base1 = await deps.digests.identity(disk.base1Path);
         const cached = state.baseDigests[disk.basePath];
-        const baseDigest = await cachedSha256(disk.basePath, cached, req.signal);
+        const baseDigest = await deps.digests.sha256(disk.basePath, cached, req.signal);
         if (!baseDigest.fromCache) {
           state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
         }
@@ -202,7 +195,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
     try {
-      captured = await capture(deps.libvirt, deps.qemuImg, {
+      captured = await deps.staging.capture({
         vmId,
         domainName: dom,
         stagingDir,
@@ -301,7 +294,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   }
 
   async function finish(): Promise<DiskOutcome[]> {
-    await cleanStagingDir(stagingDir).catch(() => {});
+    await deps.staging.clean(stagingDir).catch(() => {});
     if (captured) {
       // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then
       // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,
