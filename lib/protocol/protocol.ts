@@ -12,6 +12,10 @@
  */
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
+import { checkpointSchema, consistencySchema, epochSchema, idSchema, replicaManifestSchema, sha256Schema, shortText, sizeSchema } from '../shared/manifest-schema.js';
+
+// the manifest and its field schemas are shared with the model (one type): lib/shared/manifest-schema.ts
+export { checkpointSchema, consistencySchema, epochSchema, idSchema, replicaManifestSchema, sha256Schema, sizeSchema };
 
 export const PROTOCOL_VERSION = 1;
 export const FRAME_HEADER_BYTES = 5;
@@ -159,34 +163,12 @@ export function encodeData(chunk: Buffer): [Buffer, Buffer] {
 // ---------------------------------------------------------------------------------------------------------
 // Message schemas. Unknown extra keys are dropped (newer peers may add fields); known ones are strict.
 
-export const idSchema = z.number().int().min(0).max(2 ** 31 - 1);
-export const sizeSchema = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
-export const sha256Schema = z.string().regex(/^[0-9a-f]{64}$/, 'sha256 must be 64 lowercase hex digits');
 export const uploadKeySchema = z
   .string()
   .regex(/^[A-Za-z0-9._-]{1,128}$/, 'key must match [A-Za-z0-9._-]{1,128}')
   .refine((k) => !/^\.+$/.test(k), 'key must not be only dots');
-/** Checkpoint names are chosen by the agent; keep them to a boring alphabet (they end up in logs and JSON). */
-export const checkpointSchema = z.string().regex(/^[A-Za-z0-9._:@+-]{1,200}$/, 'checkpoint name has invalid characters');
-const shortText = (max: number) => z.string().max(max).regex(/^[^\u0000-\u001f\u007f]*$/, 'control characters are not allowed');
-export const epochSchema = z.number().min(0).max(1e11);
-export const consistencySchema = z.enum(['filesystem-frozen', 'crash-consistent']);
 export const uploadKindSchema = z.enum(['base', 'base1', 'inc']);
 export type UploadKind = z.infer<typeof uploadKindSchema>;
-
-export const replicaManifestSchema = z.object({
-  version: z.literal(1),
-  vmId: idSchema,
-  diskId: idSchema,
-  checkpoint: checkpointSchema.nullable(),
-  capturedAt: epochSchema,
-  publishedAt: epochSchema,
-  consistency: consistencySchema,
-  mode: z.enum(['full', 'incremental']),
-  base: z.object({ size: sizeSchema, sha256: sha256Schema }),
-  base1: z.object({ size: sizeSchema, sha256: sha256Schema.optional(), virtualSize: sizeSchema.optional() }),
-  sourceHost: shortText(255).optional(),
-});
 
 export const helloSchema = z.object({
   type: z.literal('hello'),

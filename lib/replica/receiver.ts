@@ -17,11 +17,11 @@ import {
   MAX_DATA_BYTES,
   PROTOCOL_VERSION,
   encodeControl,
-  errorReply,
   parseClientMessage,
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
+import { receiverReply, type Built, type ReceiverReply } from '../protocol/messages.js';
 import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
@@ -128,11 +128,11 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
         exitCode = e.exitCode;
       } else if (errorCodeOf(e) === ErrorCodes.PROTOCOL) {
         opts.log?.({ err: describeError(e) }, 'protocol violation; ending session');
-        await session.sendSafe(errorReply(ErrorCodes.PROTOCOL, (e as Error).message));
+        await session.sendSafe(receiverReply.error(ErrorCodes.PROTOCOL, (e as Error).message));
         exitCode = EXIT_PROTOCOL;
       } else {
         opts.log?.({ err: describeError(e) }, 'receiver failed');
-        await session.sendSafe(errorReply(errorCodeOf(e), (e as Error).message));
+        await session.sendSafe(receiverReply.error(errorCodeOf(e), (e as Error).message));
         exitCode = EXIT_FAILED;
       }
     }
@@ -159,7 +159,7 @@ class ReceiverSession {
     this.qemuImg = opts.qemuImg ?? 'qemu-img';
   }
 
-  private async send(msg: object): Promise<void> {
+  private async send(msg: Built<ReceiverReply>): Promise<void> {
     const out = this.output;
     // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
     if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
@@ -182,7 +182,7 @@ class ReceiverSession {
     }
   }
 
-  async sendSafe(msg: object): Promise<void> {
+  async sendSafe(msg: Built<ReceiverReply>): Promise<void> {
     try {
       await this.send(msg);
     } catch {
@@ -249,7 +249,7 @@ class ReceiverSession {
       await fsp.rm(up.file, { force: true });
     }
     this.opts.log?.({ err: describeError(err) }, 'upload failed');
-    await this.send(errorReply(err.code, err.message));
+    await this.send(receiverReply.error(err.code, err.message));
   }
 
   async onControl(raw: unknown): Promise<void> {
@@ -267,13 +267,13 @@ class ReceiverSession {
       if (e instanceof SessionEnd || errorCodeOf(e) === ErrorCodes.PROTOCOL) throw e;
       // Every other failure is the answer to this request; the session goes on.
       this.opts.log?.({ err: describeError(e), request: msg.type }, 'request failed');
-      await this.send(errorReply(errorCodeOf(e), e instanceof Error ? e.message : String(e)));
+      await this.send(receiverReply.error(errorCodeOf(e), e instanceof Error ? e.message : String(e)));
     }
   }
 
   private async dispatch(msg: ClientMessage): Promise<void> {
     if (msg.type === 'bye') {
-      await this.send({ type: 'ok' });
+      await this.send(receiverReply.ok());
       throw new SessionEnd(EXIT_OK);
     }
     if (msg.type === 'hello') return this.onHello(msg.protocol);
@@ -283,13 +283,13 @@ class ReceiverSession {
         // an interrupted merge is finished first: the client plans its next increment from this answer
         if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
         const manifests = await listManifests(this.opts.snapsDir, msg.vm);
-        return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
+        return this.send(receiverReply.status(manifests.map(toWireManifest)));
       }
       case 'open':
         return this.onOpen(msg.vm, msg.disk);
       case 'close':
         await this.closeDisk();
-        return this.send({ type: 'ok' });
+        return this.send(receiverReply.ok());
       case 'put':
         return this.onPut(msg);
       case 'end':
@@ -302,28 +302,28 @@ class ReceiverSession {
   private async onHello(protocol: number): Promise<void> {
     if (this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, 'second hello');
     if (protocol !== PROTOCOL_VERSION) {
-      await this.send(errorReply(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
+      await this.send(receiverReply.error(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
       throw new SessionEnd(EXIT_PROTOCOL);
     }
     await fsp.mkdir(this.opts.snapsDir, { recursive: true });
     try {
       this.slot = await acquireSlot(this.opts);
     } catch (e) {
-      await this.send(errorReply(errorCodeOf(e), (e as Error).message));
+      await this.send(receiverReply.error(errorCodeOf(e), (e as Error).message));
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
     // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
     await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
     const fs = await spaceOf(this.opts.snapsDir);
-    await this.send({
-      type: 'ok',
-      protocol: PROTOCOL_VERSION,
-      receiverVersion: AGENT_VERSION,
-      maxChunk: MAX_DATA_BYTES,
-      snapsDirFree: fs.avail,
-      snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
-    });
+    await this.send(
+      receiverReply.hello({
+        receiverVersion: AGENT_VERSION,
+        maxChunk: MAX_DATA_BYTES,
+        snapsDirFree: fs.avail,
+        snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
+      }),
+    );
   }
 
   private async onOpen(vm: number, disk: number): Promise<void> {
@@ -340,11 +340,7 @@ class ReceiverSession {
       const base = await baseOnReplica(paths, manifest);
       this.disk = { paths, lock, vmDirId, baseAtOpen: base, uploads: new Map() };
       this.opts.log?.({ vm, disk, checkpoint: manifest?.checkpoint ?? null }, 'disk opened');
-      await this.send({
-        type: 'ok',
-        manifest: manifest ? toWireManifest(manifest) : null,
-        baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
-      });
+      await this.send(receiverReply.open(manifest ? toWireManifest(manifest) : null, base));
     } catch (e) {
       if (!this.disk) await lock.release();
       throw e;
@@ -383,7 +379,7 @@ class ReceiverSession {
     d.uploads.delete(put.key);
     this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
-    await this.send({ type: 'ok', offset });
+    await this.send(receiverReply.put(offset));
   }
 
   private async onEnd(sha256: string): Promise<void> {
@@ -411,7 +407,7 @@ class ReceiverSession {
       throw failure;
     }
     d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
-    await this.send({ type: 'ok', bytes: up.position, sha256: digest });
+    await this.send(receiverReply.end(up.position, digest));
   }
 
   private takeUpload(d: DiskSession, key: string, kind: PutMessage['kind'], field: string): UploadedFile {
@@ -450,7 +446,7 @@ class ReceiverSession {
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
-    await this.send({ type: 'ok', manifest: toWireManifest(manifest) });
+    await this.send(receiverReply.publish(toWireManifest(manifest)));
   }
 
   private async closeDisk(): Promise<void> {

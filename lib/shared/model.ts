@@ -1,6 +1,8 @@
 /**
  * Shared domain types. Pure data: no I/O, no classes. Every module speaks these.
  */
+import type { z } from 'zod';
+import type { replicaManifestSchema } from './manifest-schema.js';
 
 /** Driver settings from the ssh TM `sshrc` (upstream names and defaults, see DESIGN §2). */
 export interface DriverSettings {
@@ -50,20 +52,5 @@ export interface IneligibleDisk {
 export type Consistency = 'filesystem-frozen' | 'crash-consistent';
 export type CycleMode = 'full' | 'incremental';
 
-/** What the replica holds for one disk (the receiver's manifest, beside disk.N.snap/). */
-export interface ReplicaManifest {
-  version: 1;
-  vmId: number;
-  diskId: number;
-  /** libvirt checkpoint name base.1 corresponds to (null when unknown). */
-  checkpoint: string | null;
-  /** epoch seconds the published base.1 was captured (point in time). */
-  capturedAt: number;
-  publishedAt: number;
-  consistency: Consistency;
-  mode: CycleMode;
-  base: { size: number; sha256: string };
-  base1: { size: number; sha256?: string; virtualSize?: number };
-  /** Host that published it (for lineage after migration). */
-  sourceHost?: string;
-}
+/** What the replica holds for one disk: the wire schema's type (lib/shared/manifest-schema.ts), not a twin. */
+export type ReplicaManifest = z.infer<typeof replicaManifestSchema>;

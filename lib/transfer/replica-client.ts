@@ -28,6 +28,8 @@ import {
   type HelloOk,
   type UploadKind,
 } from '../protocol/protocol.js';
+import { clientMessage, type Built } from '../protocol/messages.js';
+import type { ClientMessage } from '../protocol/protocol.js';
 import type { TokenBucket } from './throttle.js';
 import { DEFAULT_CIPHERS } from '../shared/defaults.js';
 
@@ -179,7 +181,7 @@ export class ReceiverConnection {
     }
   }
 
-  async request<T>(msg: { type: string; [k: string]: unknown }, schema: z.ZodType<T>): Promise<T> {
+  async request<T>(msg: Built<ClientMessage>, schema: z.ZodType<T>): Promise<T> {
     return this.exclusive(async () => {
       const reply = this.nextReply();
       reply.catch(() => {});
@@ -189,39 +191,39 @@ export class ReceiverConnection {
   }
 
   async hello(host: string, agentVersion: string): Promise<HelloOk> {
-    this.helloInfo = await this.request({ type: 'hello', protocol: PROTOCOL_VERSION, agentVersion, host }, helloOkSchema);
+    this.helloInfo = await this.request(clientMessage.hello(agentVersion, host), helloOkSchema);
     return this.helloInfo;
   }
 
   async status(vm?: number): Promise<ReplicaManifest[]> {
-    const r = await this.request({ type: 'status', ...(vm !== undefined ? { vm } : {}) }, statusOkSchema);
-    return r.manifests as ReplicaManifest[];
+    const r = await this.request(clientMessage.status(vm), statusOkSchema);
+    return r.manifests;
   }
 
   async openDisk(vm: number, disk: number): Promise<DiskSession> {
-    const r = await this.request({ type: 'open', vm, disk }, openOkSchema);
+    const r = await this.request(clientMessage.open(vm, disk), openOkSchema);
     const conn = this;
     let open = true;
     return {
       vm,
       disk,
-      manifest: r.manifest as ReplicaManifest | null,
+      manifest: r.manifest,
       baseOnReplica: r.baseOnReplica,
       upload: (kind, localPath, opts) => conn.upload(kind, localPath, opts),
-      publishFull: async (a) => (await conn.request({ type: 'publish', mode: 'full', ...a }, publishOkSchema)).manifest as ReplicaManifest,
+      publishFull: async (a) => (await conn.request(clientMessage.publishFull(a), publishOkSchema)).manifest,
       publishIncremental: async (a) =>
-        (await conn.request({ type: 'publish', mode: 'incremental', ...a }, publishOkSchema)).manifest as ReplicaManifest,
+        (await conn.request(clientMessage.publishIncremental(a), publishOkSchema)).manifest,
       close: async () => {
         if (!open) return;
         open = false;
-        if (conn.connected) await conn.request({ type: 'close' }, plainOkSchema);
+        if (conn.connected) await conn.request(clientMessage.close(), plainOkSchema);
       },
     };
   }
 
   async bye(): Promise<void> {
     if (!this.connected) return;
-    await this.request({ type: 'bye' }, plainOkSchema).catch(() => {});
+    await this.request(clientMessage.bye(), plainOkSchema).catch(() => {});
   }
 
   /**
@@ -233,7 +235,7 @@ export class ReceiverConnection {
       const size = (await fsp.stat(localPath)).size;
       const putReply = this.nextReply();
       putReply.catch(() => {});
-      await this.write(encodeControl({ type: 'put', kind, size, key: opts.key, ...(opts.sha256 ? { sha256: opts.sha256 } : {}) }));
+      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key, sha256: opts.sha256 })));
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond file size ${size}`);
       // A digest known in advance (computed while capturing) saves reading the file twice on this host;
@@ -294,7 +296,7 @@ export class ReceiverConnection {
       }
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
       const sha256 = hash ? hash.digest('hex') : opts.sha256!;
-      await this.write(encodeControl({ type: 'end', sha256 }));
+      await this.write(encodeControl(clientMessage.end(sha256)));
       const r = parseReply(endOkSchema, await verdict, 'end');
       if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
       return { bytes: size, sha256, resumedFrom: offset };
