@@ -80,7 +80,7 @@ export const ERROR_CATALOGUE: Readonly<Record<ErrorCode, ErrorInfo>> = Object.fr
   E_AGENT_DOWN: { meaning: 'probe: protected disks exist but the daemon is not running (no fresh heartbeat, or not installed)', action: 'systemctl start onestor-agent; install it on the host', scope: ['probe'] },
   E_NO_SNAPSHOT: { meaning: 'probe: a protected disk has no snapshot yet', action: 'wait one cycle; if it persists, run `onestor-agent status`', scope: ['probe'] },
   E_OVERDUE: { meaning: 'probe: the last snapshot is older than RECOVERY_SNAPSHOT_FREQ plus grace', action: 'run `onestor-agent status` and read the disk\'s last error', scope: ['probe'] },
-  E_INTERNAL: { meaning: 'a bug: an unexpected exception', action: 'report it with the log line', scope: ['agent', 'replica', 'probe'] },
+  E_INTERNAL: { meaning: 'an unexpected failure: a bug, or a part of the environment the agent does not handle (e.g. the sd_notify transport)', action: 'report it with the log line', scope: ['agent', 'replica', 'probe'] },
 });
 
 export function isErrorCode(s: string): s is ErrorCode {
