@@ -11,7 +11,7 @@ import path from 'node:path';
 import type { Logger } from 'pino';
 import { findDiskBySource, type CaptureLibvirt, type CaptureResult } from './capture.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
-import { OnestorError, ErrorCodes, describeError, errorCodeOf } from '../shared/errors.js';
+import { OnestorError, ErrorCodes, describeError, errorCodeOf, type ErrorCode } from '../shared/errors.js';
 import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
@@ -74,7 +74,7 @@ export interface DiskOutcome {
   consistency?: Consistency;
   checkpoint?: string;
   capturedAt?: number;
-  error?: { code: string; message: string };
+  error?: { code: ErrorCode; message: string };
 }
 
 interface DiskWork {

@@ -2,6 +2,7 @@
  * Shared domain types. Pure data: no I/O, no classes. Every module speaks these.
  */
 import type { z } from 'zod';
+import type { ErrorCode } from './errors.js';
 import type { replicaManifestSchema } from './manifest-schema.js';
 
 /** Driver settings from the ssh TM `sshrc` (upstream names and defaults, see DESIGN §2). */
@@ -43,7 +44,7 @@ export interface IneligibleDisk {
   vmId: number;
   diskId?: number;
   dsId: number;
-  code: string; // an ErrorCode
+  code: ErrorCode;
   reason: string; // names the file and field
   file?: string;
   field?: string;
