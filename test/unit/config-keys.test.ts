@@ -80,3 +80,22 @@ describe('every config key is read somewhere', () => {
     expect(accessed, `config key ${name} is validated but never read (wire it, or remove it from the schema)`).toBe(true);
   });
 });
+
+describe('wired keys', () => {
+  it('log.level from the config file reaches the logger (it was validated and ignored)', async () => {
+    const { mkdtemp, writeFile, rm } = await import('node:fs/promises');
+    const os = await import('node:os');
+    const { buildContext } = await import('../../agent/context.js');
+    const { createLogger } = await import('../../lib/shared/log.js');
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'cfg-keys-'));
+    try {
+      const file = path.join(dir, 'config.json');
+      await writeFile(file, JSON.stringify({ log: { level: 'debug' }, sshrcPaths: [path.join(dir, 'no-sshrc')], stateDir: dir }));
+      const log = createLogger({ level: 'info', stream: { write: () => true } as never });
+      await buildContext({ configFile: file, log });
+      expect(log.level).toBe('debug');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
