@@ -279,7 +279,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
         // our own deadline is a failure of this disk, not a shutdown (which E_ABORTED means)
-        fail(w.disk.diskId, deadline.expired() ? new OnestorError(ErrorCodes.TIMEOUT, `transfer not done within ${deps.transferTimeoutMs! / 1000} s (limits.transferTimeoutSec)`, { vm: vmId, disk: w.disk.diskId, cause: describeError(e) }) : e);
+        fail(w.disk.diskId, deadline.expired() && errorCodeOf(e) === ErrorCodes.ABORTED ? new OnestorError(ErrorCodes.TIMEOUT, `transfer not done within ${deps.transferTimeoutMs! / 1000} s (limits.transferTimeoutSec)`, { vm: vmId, disk: w.disk.diskId, cause: describeError(e) }) : e);
         // The replica may have published before the link died: keep this checkpoint until it tells us.
         if (publishSent) uncertain.set(w.disk.diskId, captured.checkpoint);
       } finally {
