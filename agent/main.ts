@@ -3,7 +3,7 @@
  * onestor-agent command line. Wiring only: parse flags, build the context, call into lib/, map the
  * outcome to a documented exit code (agent/exit-codes.ts, README "Exit codes").
  */
-import { Exit } from './exit-codes.js';
+import { Exit, EXIT_TABLE } from './exit-codes.js';
 import { parseFlags, type Flags } from './flags.js';
 import { createLogger } from '../lib/shared/log.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
@@ -52,10 +52,8 @@ Common options (each overrides the config file):
   --qemu-img PROGRAM       qemu-img to run (default qemu-img in PATH)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
 
-Exit codes:
-  0 ok   1 a cycle/session failed   2 usage or configuration error
-  3 status: a protected disk is overdue or failing   4 status: daemon not running
-  5 receive: the peer broke the protocol   130 interrupted   (error codes: docs/errors.md)
+Exit codes (the one table, lib/shared/exit-codes.ts; error codes: docs/errors.md):
+${EXIT_TABLE.map(([code, meaning]) => `  ${String(code).padEnd(4)} ${meaning.replace(/`/g, '')}`).join('\n')}
 `;
 
 async function main(argv: string[]): Promise<number> {
