@@ -26,6 +26,7 @@ import {
   type StatusOk,
   type ClientMessage,
   type plainOkSchema,
+  type StatusCursor,
 } from './protocol.js';
 
 declare const built: unique symbol;
@@ -39,7 +40,8 @@ export type ReceiverReply = ErrorReply | HelloOk | OpenOk | PutOk | EndOk | Publ
 /** agent -> receiver */
 export const clientMessage = {
   hello: (agentVersion: string, host: string) => mark<HelloMessage>({ type: 'hello', protocol: PROTOCOL_VERSION, agentVersion, host }),
-  status: (vm?: number) => mark<StatusMessage>({ type: 'status', ...(vm !== undefined ? { vm } : {}) }),
+  /** `after` is the paging cursor: null asks for the first page (and tells the receiver this agent pages) */
+  status: (vm?: number, after: StatusCursor | null = null) => mark<StatusMessage>({ type: 'status', ...(vm !== undefined ? { vm } : {}), after }),
   open: (vm: number, disk: number) => mark<OpenMessage>({ type: 'open', vm, disk }),
   put: (a: Omit<PutMessage, 'type'>) => mark<PutMessage>({ type: 'put', kind: a.kind, size: a.size, key: a.key, ...(a.sha256 ? { sha256: a.sha256 } : {}) }),
   end: (sha256: string) => mark<EndMessage>({ type: 'end', sha256 }),
@@ -59,5 +61,6 @@ export const receiverReply = {
   put: (offset: number) => mark<PutOk>({ type: 'ok', offset }),
   end: (bytes: number, sha256: string) => mark<EndOk>({ type: 'ok', bytes, sha256 }),
   publish: (manifest: ReplicaManifest) => mark<PublishOk>({ type: 'ok', manifest }),
-  status: (manifests: ReplicaManifest[]) => mark<StatusOk>({ type: 'ok', manifests }),
+  /** next: undefined for an agent that does not page (no key on the wire), null on the last page */
+  status: (manifests: ReplicaManifest[], next?: StatusCursor | null) => mark<StatusOk>({ type: 'ok', manifests, ...(next !== undefined ? { next } : {}) }),
 };

@@ -34,6 +34,7 @@ describe('client builders pass the receiver\'s schemas', () => {
     clientMessage.hello('0.1.0', 'host-a'),
     clientMessage.status(),
     clientMessage.status(7),
+    clientMessage.status(7, { vm: 7, disk: 2 }),
     clientMessage.open(7, 0),
     clientMessage.put({ kind: 'base1', size: 10, key: 'k.base1' }),
     clientMessage.put({ kind: 'base', size: 10, key: 'base-x', sha256: sha }),
@@ -48,7 +49,9 @@ describe('client builders pass the receiver\'s schemas', () => {
   });
   it('an optional field left out is absent on the wire, not undefined', () => {
     expect(Object.keys(clientMessage.put({ kind: 'inc', size: 1, key: 'k', sha256: undefined }))).not.toContain('sha256');
-    expect(Object.keys(clientMessage.status())).toEqual(['type']);
+    // first page: `after: null` says this agent follows the receiver's cursor
+    expect(clientMessage.status()).toEqual({ type: 'status', after: null });
+    expect(Object.keys(receiverReply.status([]))).toEqual(['type', 'manifests']);
   });
 });
 
@@ -61,6 +64,8 @@ describe('receiver builders pass the client\'s schemas', () => {
     ['end', endOkSchema, receiverReply.end(10, sha)],
     ['publish', publishOkSchema, receiverReply.publish(manifest)],
     ['status', statusOkSchema, receiverReply.status([manifest])],
+    ['status page', statusOkSchema, receiverReply.status([manifest], { vm: 7, disk: 0 })],
+    ['status last page', statusOkSchema, receiverReply.status([], null)],
     ['ok', plainOkSchema, receiverReply.ok()],
   ] as const)('%s', (what, schema, m) => {
     expect(parseReply(schema as z.ZodType<unknown>, wire(m), what)).toEqual(wire(m));
