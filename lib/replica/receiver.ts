@@ -371,7 +371,7 @@ class ReceiverSession {
   /** Housekeeping after the reply, in the background, while we hold a slot; cleanup() waits for it. */
   private startSweep(): void {
     const log = this.opts.log;
-    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? 600) * 1000, log ? { log } : {})
+    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? RECEIVER_DEFAULTS.sweepIntervalSec) * 1000, log ? { log } : {})
       .then((r) => {
         if (r && r.candidates > 0) log?.({ ...r }, 'orphan sweep');
       })

@@ -47,4 +47,6 @@ export const RECEIVER_DEFAULTS = Object.freeze({
   busyWaitSec: 300,
   /** a peer that sends nothing for this long ends its session (stuck or half-dead agent) */
   idleTimeoutSec: 900,
+  /** at most one orphan sweep per this many seconds per replica */
+  sweepIntervalSec: 600,
 });
