@@ -8,27 +8,44 @@ import type { Logger } from 'pino';
 import { Exit } from './exit-codes.js';
 import { overridesFrom, parseFlags, type Flags } from './flags.js';
 import { loadConfig, parseConfig, type Config } from '../lib/config/config.js';
+import { readSshrc } from '../lib/config/sshrc.js';
 import { DEFAULT_DRIVER_SETTINGS } from '../lib/shared/defaults.js';
 import { ErrorCodes, OnestorError } from '../lib/shared/errors.js';
-import { readSshrc } from '../lib/config/sshrc.js';
 import type { DriverSettings } from '../lib/shared/model.js';
 import { runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
+import { nonBlockingFd } from '../lib/replica/stdio.js';
+import { HOST_NAME_RE, UNNAMED_IDENTITY } from '../lib/replica/slots.js';
+
+/** The writer's identity comes from the forced command of its key (`receive --host NAME`), never from the client. */
+function identityOf(host: string | undefined): string {
+  if (host !== undefined && !HOST_NAME_RE.test(host)) {
+    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(host)}`, { field: '--host' });
+  }
+  return host ?? UNNAMED_IDENTITY;
+}
 
 /**
  * The receiver's settings from the validated config (flags included: they went through the same schema)
  * and the replica's driver settings: a null config value means "what sshrc says". Shared by both entries
  * (this command and agent/receiver-main.ts) so they cannot disagree on a default.
  */
-export function receiverOptionsFrom(config: Config, settings: Readonly<DriverSettings>, log: ReceiverOptions['log']): ReceiverOptions {
+export function receiverOptionsFrom(config: Config, settings: Readonly<DriverSettings>, identity: string, log: ReceiverOptions['log']): ReceiverOptions {
   const r = config.receiver;
   return {
     snapsDir: r.snapsDir ?? settings.REPLICA_RECOVERY_SNAPS_DIR,
+    identity,
     lockTimeoutSec: r.lockTimeoutSec ?? settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: r.maxSessions,
     busyWaitSec: r.busyWaitSec,
+    ...(r.maxSessionsPerHost !== null ? { maxSessionsPerHost: r.maxSessionsPerHost } : {}),
+    helloTimeoutSec: r.helloTimeoutSec,
+    idleTimeoutSec: r.idleTimeoutSec,
+    drainTimeoutSec: r.drainTimeoutSec,
+    progressWindowSec: r.progressWindowSec,
+    minProgressKiB: r.minProgressKiB,
+    maxSessionSec: r.maxSessionSec,
     maxUsedPercent: r.maxUsedPercent ?? settings.REPLICA_MAX_USED_PERC,
     spaceCheck: r.spaceCheck,
-    idleTimeoutSec: r.idleTimeoutSec,
     qemuImg: config.qemuImg,
     ...(log ? { log } : {}),
   };
@@ -40,13 +57,29 @@ export function isSftpRequest(requested: string): boolean {
 }
 
 /** The flags the stand-alone entry takes: the receiver's part of the CLI flags. */
-const RECEIVER_MAIN_FLAGS = new Set(['snaps-dir', 'lock-timeout', 'max-sessions', 'busy-wait', 'max-used-percent', 'idle-timeout', 'qemu-img', 'no-space-check']);
+const RECEIVER_MAIN_FLAGS = new Set([
+  'snaps-dir',
+  'host',
+  'lock-timeout',
+  'max-sessions',
+  'max-sessions-per-host',
+  'busy-wait',
+  'max-used-percent',
+  'hello-timeout',
+  'idle-timeout',
+  'drain-timeout',
+  'progress-window',
+  'min-progress-kib',
+  'max-session-time',
+  'qemu-img',
+  'no-space-check',
+]);
 
 /**
  * For agent/receiver-main.ts (pure: argv -> receiver options; throws E_CONFIG naming the flag). Same flags as
  * `receive`, through the same config schema; no config file and no sshrc are read, so upstream's sshrc defaults apply.
  */
-export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
+export function parseReceiverArgs(argv: readonly string[], log?: ReceiverOptions['log']): ReceiverOptions {
   let parsed: ReturnType<typeof parseFlags>;
   try {
     parsed = parseFlags([...argv]);
@@ -59,11 +92,13 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   if (stray.length) throw new OnestorError(ErrorCodes.CONFIG, `not a receiver flag: --${stray[0]}`, { field: `--${stray[0]}` });
   // SNAPS must be explicit here: this entry reads no sshrc that could name it
   if (!values['snaps-dir']) throw new OnestorError(ErrorCodes.CONFIG, '--snaps-dir is required', { field: '--snaps-dir' });
+  const identity = identityOf(values.host);
   const config = parseConfig(overridesFrom(values), 'command line');
-  return receiverOptionsFrom(config, DEFAULT_DRIVER_SETTINGS, (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'));
+  return receiverOptionsFrom(config, DEFAULT_DRIVER_SETTINGS, identity, log);
 }
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
+  const identity = identityOf(f.host);
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   log.level = config.log.level;
   const sshrc = await readSshrc(config.sshrcPaths);
@@ -72,10 +107,13 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     return Exit.FAILED;
   }
-  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, receiverOptionsFrom(config, sshrc.settings, (obj, msg) => log.info(obj, msg)));
-  await new Promise<void>((resolve) => process.stdout.end(resolve));
+  // non-blocking stdout: a full pipe (agent not reading) must not freeze the session timers; a write to
+  // the closed pipe ends the session, not the process
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, receiverOptionsFrom(config, sshrc.settings, identity, (obj, msg) => log.info(obj, msg)));
+  // a stdout destroyed because the agent stopped reading would never call back
+  if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
   // the receiver's code is already one of the table's (OK, FAILED, PROTOCOL)
   return code;
 }

@@ -27,12 +27,19 @@ const OPTIONS = {
   'receiver-command': { type: 'string' },
   'snaps-dir': { type: 'string' },
   'max-sessions': { type: 'string' },
+  host: { type: 'string' },
+  'max-sessions-per-host': { type: 'string' },
+  'hello-timeout': { type: 'string' },
+  'idle-timeout': { type: 'string' },
+  'drain-timeout': { type: 'string' },
+  'progress-window': { type: 'string' },
+  'min-progress-kib': { type: 'string' },
+  'max-session-time': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
   'lock-timeout': { type: 'string' },
   'busy-wait': { type: 'string' },
   'max-used-percent': { type: 'string' },
-  'idle-timeout': { type: 'string' },
   'qemu-img': { type: 'string' },
   'log-level': { type: 'string' },
 } as const;
@@ -67,11 +74,20 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
+  const receiverInts = [
+    ['max-sessions-per-host', 'maxSessionsPerHost'],
+    ['hello-timeout', 'helloTimeoutSec'],
+    ['idle-timeout', 'idleTimeoutSec'],
+    ['drain-timeout', 'drainTimeoutSec'],
+    ['progress-window', 'progressWindowSec'],
+    ['min-progress-kib', 'minProgressKiB'],
+    ['max-session-time', 'maxSessionSec'],
+  ] as const;
+  for (const [flag, key] of receiverInts) if (f[flag] !== undefined) receiver[key] = intFlag(f[flag], flag);
   if (f['no-space-check']) receiver.spaceCheck = false;
   if (f['lock-timeout']) receiver.lockTimeoutSec = intFlag(f['lock-timeout'], 'lock-timeout');
   if (f['busy-wait']) receiver.busyWaitSec = intFlag(f['busy-wait'], 'busy-wait');
   if (f['max-used-percent']) receiver.maxUsedPercent = intFlag(f['max-used-percent'], 'max-used-percent');
-  if (f['idle-timeout']) receiver.idleTimeoutSec = intFlag(f['idle-timeout'], 'idle-timeout');
   if (f['qemu-img']) o.qemuImg = f['qemu-img'];
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };

@@ -3,17 +3,21 @@
  * authorized_keys forced command and for tests. Unlike `onestor-agent receive` it reads no config file
  * and no sshrc (upstream's defaults apply), but its flags are the same flags, validated by the same
  * config schema, with the same defaults (lib/shared/defaults.ts). stdout is the protocol, logs are JSON
- * lines on stderr.
+ * lines on stderr (dropped rather than blocking when nobody reads them).
  */
 import { Exit } from './exit-codes.js';
 import { isSftpRequest, parseReceiverArgs } from './cmd-receive.js';
 import { describeError } from '../lib/shared/errors.js';
 import { runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
+import { droppingLogSink, nonBlockingFd } from '../lib/replica/stdio.js';
+
+let sink: { write(line: string): boolean } | null = null;
+const logSink = () => (sink ??= droppingLogSink());
 
 async function main(): Promise<void> {
   let opts: ReceiverOptions;
   try {
-    opts = parseReceiverArgs(process.argv.slice(2));
+    opts = parseReceiverArgs(process.argv.slice(2), (obj, msg) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'));
   } catch (e) {
     process.stderr.write(describeError(e) + '\n');
     process.exit(Exit.USAGE);
@@ -26,12 +30,15 @@ async function main(): Promise<void> {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     process.exit(Exit.FAILED);
   }
-  // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
-  // before partial uploads are flushed for resume.
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, opts);
-  // Let the last reply reach the pipe before exiting.
-  process.stdout.end(() => process.exit(code));
+  // Non-blocking stdout (a full pipe must not freeze the timers); errors when the agent vanishes are
+  // handled by the session (partial uploads are flushed for resume), never a crash.
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, opts);
+  // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
+  // reading would never call back.
+  if (out.destroyed) process.exit(code);
+  out.end(() => process.exit(code));
 }
 
 main().catch((e) => {

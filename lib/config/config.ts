@@ -112,8 +112,15 @@ const receiverSchema = z.strictObject({
   busyWaitSec: int(0, 86400).default(D.RECEIVER_DEFAULTS.busyWaitSec),
   /** null = REPLICA_MAX_USED_PERC from sshrc */
   maxUsedPercent: nullable(int(1, 100)).default(null),
-  /** a peer that sends nothing for this long ends its session */
+  /** most sessions one host (identity) may hold at once; null = half of maxSessions, rounded up */
+  maxSessionsPerHost: nullable(int(1, D.RECEIVER_DEFAULTS.maxSessionsLimit)).default(null),
+  /** session time limits (README "Receiver limits"; lib/replica/session-watch.ts) */
+  helloTimeoutSec: int(1, 3600).default(D.RECEIVER_DEFAULTS.helloTimeoutSec),
   idleTimeoutSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.idleTimeoutSec),
+  drainTimeoutSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.drainTimeoutSec),
+  progressWindowSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.progressWindowSec),
+  minProgressKiB: int(0, 1024 * 1024).default(D.RECEIVER_DEFAULTS.minProgressKiB),
+  maxSessionSec: int(1, 30 * 86400).default(D.RECEIVER_DEFAULTS.maxSessionSec),
   /**
    * Refuse an upload up front when it would take the filesystem past REPLICA_MAX_USED_PERC. Off only where
    * statfs cannot tell (compressing or deduplicating filesystems); a real ENOSPC is handled either way.

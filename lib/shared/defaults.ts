@@ -45,8 +45,14 @@ export const RECEIVER_DEFAULTS = Object.freeze({
   maxSessionsLimit: 256,
   /** how long a session waits for a free slot before E_BUSY: longer than one typical publish */
   busyWaitSec: 300,
+  /** session time limits (README "Receiver limits"; lib/replica/session-watch.ts) */
+  helloTimeoutSec: 30,
   /** a peer that sends nothing for this long ends its session (stuck or half-dead agent) */
   idleTimeoutSec: 900,
+  drainTimeoutSec: 120,
+  progressWindowSec: 60,
+  minProgressKiB: 1024,
+  maxSessionSec: 86_400,
   /** at most one orphan sweep per this many seconds per replica */
   sweepIntervalSec: 600,
 });

@@ -26,7 +26,7 @@ export const SCENARIOS: readonly ScenarioKind[] = ['full-new-base', 'full-same-b
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** dist/ root whichever way this module runs (vitest from test/harness, node from dist/test/harness). */
 const distRoot = here.includes(`${path.sep}dist${path.sep}`) ? path.resolve(here, '..', '..') : path.resolve(here, '..', '..', 'dist');
-export const RECEIVER_MAIN = path.join(distRoot, 'lib', 'replica', 'receiver-main.js');
+export const RECEIVER_MAIN = path.join(distRoot, 'agent', 'receiver-main.js');
 export const CRASH_RECEIVER = path.join(distRoot, 'test', 'harness', 'crash-receiver.js');
 
 export const VM = 31;
@@ -122,7 +122,7 @@ export async function makeScenario(root: string, kind: ScenarioKind, sizeMiB = 8
 async function inProcess<T>(snaps: string, fn: (conn: ReceiverConnection) => Promise<T>): Promise<T> {
   const toReceiver = new PassThrough();
   const fromReceiver = new PassThrough();
-  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
+  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, identity: 'hv-crash', lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
     fromReceiver.end(),
   );
   const conn = new ReceiverConnection(fromReceiver, toReceiver);

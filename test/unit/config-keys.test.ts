@@ -35,6 +35,12 @@ const READ_VIA: Record<string, [file: string, text: string]> = {
   'receiver.maxUsedPercent': ['agent/cmd-receive.ts', 'r.maxUsedPercent'],
   'receiver.idleTimeoutSec': ['agent/cmd-receive.ts', 'r.idleTimeoutSec'],
   'receiver.spaceCheck': ['agent/cmd-receive.ts', 'r.spaceCheck'],
+  'receiver.maxSessionsPerHost': ['agent/cmd-receive.ts', 'r.maxSessionsPerHost'],
+  'receiver.helloTimeoutSec': ['agent/cmd-receive.ts', 'r.helloTimeoutSec'],
+  'receiver.drainTimeoutSec': ['agent/cmd-receive.ts', 'r.drainTimeoutSec'],
+  'receiver.progressWindowSec': ['agent/cmd-receive.ts', 'r.progressWindowSec'],
+  'receiver.minProgressKiB': ['agent/cmd-receive.ts', 'r.minProgressKiB'],
+  'receiver.maxSessionSec': ['agent/cmd-receive.ts', 'r.maxSessionSec'],
 };
 
 function unwrap(s: z.ZodType): z.ZodType {
