@@ -16,7 +16,8 @@
 #                             --from ADDR  sshd from= patterns (e.g. 10.0.0.5 or 10.0.1.0/24,hv2.lan)
 #   ./install.sh --replica --authorize-only --authorize KEY --host NAME [--from ADDR]
 #                             only (re)authorize a key on a replica already set up (no build)
-#   ./install.sh --frontend   front-end: the monitoring probes into remotes/ (then `onehost sync -f`)
+#   ./install.sh --frontend   front-end: the monitoring probes into remotes/ (then `onehost sync -f`) and
+#                             the live-migration hook (remotes/hooks/onestor/, registered with onehook)
 #   ./install.sh --uninstall  removes everything install.sh added (listed in $PREFIX/installed-files)
 #
 # The agent goes to $PREFIX (default /usr/local/lib/onestor-agent), the launcher to /usr/local/bin.
@@ -181,7 +182,20 @@ if [ "$ROLE" = frontend ]; then
     install -D -m 0755 "$HERE/probes/$f" "$t"
     record "$t"
   done
-  say "probes installed under $dest; distribute them with: onehost sync -f" 
+  say "probes installed under $dest; distribute them with: onehost sync -f"
+  # Live migration: a state hook for ACTIVE/MIGRATE asks the agent on the source host to yield (README).
+  hook=$REMOTES/hooks/onestor/yield-on-migrate
+  install -D -m 0755 "$HERE/hooks/yield-on-migrate" "$hook"
+  record "$hook"
+  if command -v onehook >/dev/null 2>&1; then
+    if onehook list --no-header 2>/dev/null | grep -q 'onestor-yield-on-migrate'; then
+      say "hook onestor-yield-on-migrate already registered"
+    else
+      onehook create "$HERE/hooks/onestor-yield-on-migrate.tmpl" && say "hook onestor-yield-on-migrate registered"
+    fi
+  else
+    say "onehook not found: register the hook as oneadmin with: onehook create $HERE/hooks/onestor-yield-on-migrate.tmpl"
+  fi
   exit 0
 fi
 

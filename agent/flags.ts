@@ -42,6 +42,8 @@ const OPTIONS = {
   'max-used-percent': { type: 'string' },
   'qemu-img': { type: 'string' },
   'log-level': { type: 'string' },
+  'host-name': { type: 'string' },
+  seconds: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];
@@ -64,6 +66,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f.datastores) o.datastoreLocation = f.datastores;
   if (f['state-dir']) o.stateDir = f['state-dir'];
   if (f['libvirt-uri']) o.libvirtUri = f['libvirt-uri'];
+  if (f['host-name']) o.hostName = f['host-name'];
   if (f.sshrc) o.sshrcPaths = [f.sshrc];
   if (f['replica-host']) replica.hostOverride = f['replica-host'];
   if (f['replica-port']) replica.port = intFlag(f['replica-port'], 'replica-port');

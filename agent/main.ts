@@ -19,6 +19,10 @@ Commands:
   list [--json]            discovery only: which disks are protected, which are not and why
   snapshot --vm ID [--disk N] [--full] [--json]
                            take one snapshot cycle now and print what it did
+  yield --vm ID [--seconds N]
+                           let a live migration of the VM through: no backup job of ours holds
+                           it (a running one is aborted), new cycles wait until the VM has left
+                           this host or N s pass (default 600); run by the migration hook
   receive                  replica side: the receiver run by sshd (authorized_keys forced command)
   probe <vm-snapshot|host-monitor|replica-ds>
                            OpenNebula monitoring probe output (reads state, never snapshots)
@@ -58,6 +62,7 @@ Common options (each overrides the config file):
   --busy-wait SEC          receive: wait this long for a free session slot, then E_BUSY (default 300)
   --qemu-img PROGRAM       qemu-img to run (default qemu-img in PATH)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
+  --host-name NAME         this host's name as recorded on the replica (default: the system's)
 
 Exit codes (the one table, lib/shared/exit-codes.ts; error codes: docs/errors.md):
 ${EXIT_TABLE.map(([code, meaning]) => `  ${String(code).padEnd(4)} ${meaning.replace(/`/g, '')}`).join('\n')}
@@ -96,6 +101,7 @@ async function main(argv: string[]): Promise<number> {
     run: () => import('./cmd-run.js'),
     probe: () => import('./cmd-probe.js'),
     demo: () => import('./demo.js'),
+    yield: () => import('./cmd-yield.js'),
   };
   const load = commands[cmd];
   if (!load) {

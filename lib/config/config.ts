@@ -137,6 +137,8 @@ export const ConfigSchema = z.strictObject({
     .min(1, { error: 'expected at least one path' })
     .default(() => [...D.DEFAULT_SSHRC_PATHS]),
   stateDir: absPath.default(D.DEFAULT_STATE_DIR),
+  /** this host's name as recorded on the replica (sourceHost); null = the system host name */
+  hostName: nullable(z.string().regex(/^[A-Za-z0-9._-]{1,253}$/, { error: 'expected a host name' })).default(null),
   libvirtUri: z
     .string({ error: 'expected a libvirt URI' })
     .regex(/^[a-z][a-z0-9+.-]*:\/\/[^\s]*$/, { error: 'expected a libvirt URI such as qemu:///system' })

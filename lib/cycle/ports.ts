@@ -54,6 +54,8 @@ export interface DigestPort {
 
 /** What the cycle needs of lib/cycle/state.ts's StateStore. */
 export interface CycleStatePort {
+  /** the state dir (live-migration yield markers live beside the state file: lib/cycle/migration.ts) */
+  readonly dir: string;
   loadOrReset(): Promise<{ state: AgentState }>;
   update(fn: (cur: AgentState) => AgentState | void): Promise<AgentState>;
 }

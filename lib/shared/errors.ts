@@ -35,6 +35,8 @@ export const ErrorCodes = {
   AGENT_DOWN: 'E_AGENT_DOWN',
   NO_SNAPSHOT: 'E_NO_SNAPSHOT',
   OVERDUE: 'E_OVERDUE',
+  YIELDED: 'E_YIELDED',
+  SOURCE_DAMAGED: 'E_SOURCE_DAMAGED',
   INTERNAL: 'E_INTERNAL',
 } as const;
 
@@ -80,6 +82,8 @@ export const ERROR_CATALOGUE: Readonly<Record<ErrorCode, ErrorInfo>> = Object.fr
   E_AGENT_DOWN: { meaning: 'probe: protected disks exist but the daemon is not running (no fresh heartbeat, or not installed)', action: 'systemctl start onestor-agent; install it on the host', scope: ['probe'] },
   E_NO_SNAPSHOT: { meaning: 'probe: a protected disk has no snapshot yet', action: 'wait one cycle; if it persists, run `onestor-agent status`', scope: ['probe'] },
   E_OVERDUE: { meaning: 'probe: the last snapshot is older than RECOVERY_SNAPSHOT_FREQ plus grace', action: 'run `onestor-agent status` and read the disk\'s last error', scope: ['probe'] },
+  E_YIELDED: { meaning: 'the cycle gave way to a live migration of the VM (yield marker or migration seen)', action: 'none: retried after the migration', scope: ['agent'] },
+  E_SOURCE_DAMAGED: { meaning: "qemu-img check found errors in the host's base.1: nothing published, the replica's snapshot is kept", action: "check the VM's disk on the host (qemu-img check); the next clean cycle publishes", scope: ['agent'] },
   E_INTERNAL: { meaning: 'an unexpected failure: a bug, or a part of the environment the agent does not handle (e.g. the sd_notify transport)', action: 'report it with the log line', scope: ['agent', 'replica', 'probe'] },
 });
 

@@ -17,6 +17,7 @@ describe('parseConfig (pure)', () => {
     const c = parseConfig({}, 'cfg.json');
     expect(c).toEqual({
       datastoreLocation: '/var/lib/one/datastores',
+      hostName: null,
       sshrcPaths: ['/var/lib/one/remotes/etc/tm/ssh/sshrc', '/var/tmp/one/etc/tm/ssh/sshrc'],
       stateDir: '/var/lib/one/onestor-agent',
       libvirtUri: 'qemu:///system',

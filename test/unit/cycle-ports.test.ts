@@ -53,6 +53,9 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
   let checkpoints = [...(opts.libvirtCheckpoints ?? [])];
   const libvirt = {
     domainRunning: async () => true,
+    domainId: async () => 1,
+    diskBitmaps: async () => null,
+    removeBitmap: async () => 'removed',
     domainView: async () => ({ disks: [{ target: 'vda', source: disk.base1Path }], hasGuestAgentChannel: false }),
     checkpointNames: async () => [...checkpoints],
     checkpointBitmapHealthy: async () => true,
@@ -86,9 +89,11 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
   const replica: ReplicaPort = { status: async () => (onReplica ? [onReplica] : []), openDisk: async () => session };
   w.deps = {
     libvirt,
-    qemuImg: { info: async () => ({ virtualSize: 1 << 20 }) as never },
+    qemuImg: { info: async () => ({ virtualSize: 1 << 20 }) as never, checkLive: async () => ({ corruptions: 0, leaks: 0, errors: [], ms: 1 }) },
     replicaFor: async () => replica,
     state: {
+      // no yield marker can exist there: the migration watch finds none
+      dir: '/nonexistent/onestor-state',
       loadOrReset: async () => ({ state: structuredClone(w.state) }),
       update: async (fn) => {
         const cur = structuredClone(w.state);
