@@ -3,7 +3,8 @@
  * and a pool of replica connections kept open across cycles (a small cycle must not pay a handshake).
  */
 import os from 'node:os';
-import { readFile, access } from 'node:fs/promises';
+import { access } from 'node:fs/promises';
+import { AGENT_VERSION } from '../lib/shared/version.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config/config.js';
@@ -16,11 +17,11 @@ import { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { StateStore } from '../lib/cycle/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
+import { localCyclePorts } from '../lib/cycle/ports.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
-export const VERSION: string = await readFile(new URL('../../package.json', import.meta.url), 'utf8')
-  .then((t) => String((JSON.parse(t) as { version?: string }).version ?? '0.0.0'))
-  .catch(() => '0.0.0');
+/** package.json's version, read once in lib/shared/version.ts (the receiver reports the same). */
+export const VERSION: string = AGENT_VERSION;
 
 export interface AgentContext {
   config: Config;
@@ -130,6 +131,8 @@ export async function resolveReplicaLogin(r: Config['replica']): Promise<{ user:
 
 export async function buildContext(opts: { configFile?: string; overrides?: Record<string, unknown>; log: Logger; signal?: AbortSignal }): Promise<AgentContext> {
   const config = await loadConfig({ file: opts.configFile, overrides: opts.overrides as never });
+  // log.level from file or ONESTOR_AGENT_LOG_LEVEL (a --log-level flag is already in the config and wins)
+  opts.log.level = config.log.level;
   const sshrc = await readSshrc(config.sshrcPaths);
   for (const k of sshrc.unknownKeys) opts.log.debug({ key: k, file: sshrc.file }, 'sshrc key ignored');
   for (const w of sshrc.warnings) opts.log.warn({ file: sshrc.file }, w);
@@ -155,12 +158,14 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
     cycleDeps: () => ({
       libvirt,
       qemuImg,
+      ...localCyclePorts(libvirt, qemuImg),
       replicaFor: (h) => replicas.get(h),
       state,
       log: opts.log,
       hostName,
       stagingDirName: config.stagingDirName,
       captureTimeoutMs: config.limits.captureTimeoutSec * 1000,
+      transferTimeoutMs: config.limits.transferTimeoutSec * 1000,
       stagingMinFreePercent: config.limits.stagingMinFreePercent,
       tryFreeze: true,
     }),

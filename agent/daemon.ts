@@ -443,7 +443,11 @@ export async function runDaemonCommand(f: { config?: string } & Record<string, u
         version: VERSION,
         discover: async () => discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) }),
         runCycle: (req, signal) => runVmCycle(ctx.cycleDeps(), { ...req, signal }),
-        reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
+        reloadConfig: () =>
+          loadConfig({ file: f.config, overrides: overrides as never }).then((c) => {
+            log.level = c.log.level; // SIGHUP applies a changed log.level too
+            return c;
+          }),
         rebuildState: async () => {
           const { rebuildFromReplicas } = await import('../lib/cycle/rebuild.js');
           const found = await discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) });

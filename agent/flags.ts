@@ -39,6 +39,10 @@ const OPTIONS = {
   'no-space-check': { type: 'boolean' },
   // receive: serve keys with neither --host nor an exposed key fingerprint (see lib/replica/identity.ts)
   'allow-unidentified': { type: 'boolean' },
+  'lock-timeout': { type: 'string' },
+  'busy-wait': { type: 'string' },
+  'max-used-percent': { type: 'string' },
+  'qemu-img': { type: 'string' },
   'log-level': { type: 'string' },
   'host-name': { type: 'string' },
   seconds: { type: 'string' },
@@ -86,6 +90,10 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   ] as const;
   for (const [flag, key] of receiverInts) if (f[flag] !== undefined) receiver[key] = intFlag(f[flag], flag);
   if (f['no-space-check']) receiver.spaceCheck = false;
+  if (f['lock-timeout']) receiver.lockTimeoutSec = intFlag(f['lock-timeout'], 'lock-timeout');
+  if (f['busy-wait']) receiver.busyWaitSec = intFlag(f['busy-wait'], 'busy-wait');
+  if (f['max-used-percent']) receiver.maxUsedPercent = intFlag(f['max-used-percent'], 'max-used-percent');
+  if (f['qemu-img']) o.qemuImg = f['qemu-img'];
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };
   if (Object.keys(replica).length) o.replica = replica;

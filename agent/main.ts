@@ -3,7 +3,7 @@
  * onestor-agent command line. Wiring only: parse flags, build the context, call into lib/, map the
  * outcome to a documented exit code (agent/exit-codes.ts, README "Exit codes").
  */
-import { Exit } from './exit-codes.js';
+import { Exit, EXIT_TABLE } from './exit-codes.js';
 import { parseFlags, type Flags } from './flags.js';
 import { createLogger } from '../lib/shared/log.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
@@ -59,12 +59,15 @@ Common options (each overrides the config file):
   --max-session-time S     receive: most agent time one disk session may hold its slot (86400)
   --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
   --allow-unidentified     receive: serve keys with neither (all count as one writer, warned every session)
+  --lock-timeout SEC       receive: REPLICA_COPY_LOCK_TIMEOUT override
+  --max-used-percent N     receive: REPLICA_MAX_USED_PERC override
+  --busy-wait SEC          receive: wait this long for a free session slot, then E_BUSY (default 300)
+  --qemu-img PROGRAM       qemu-img to run (default qemu-img in PATH)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
   --host-name NAME         this host's name as recorded on the replica (default: the system's)
 
-Exit codes:
-  0 ok   1 a cycle/session failed   2 usage or configuration error
-  3 status: a protected disk is overdue or failing   4 status: daemon not running   130 interrupted
+Exit codes (the one table, lib/shared/exit-codes.ts; error codes: docs/errors.md):
+${EXIT_TABLE.map(([code, meaning]) => `  ${String(code).padEnd(4)} ${meaning.replace(/`/g, '')}`).join('\n')}
 `;
 
 async function main(argv: string[]): Promise<number> {

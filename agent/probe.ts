@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { describeError } from '../lib/shared/errors.js';
+import { AGENT_VERSION } from '../lib/shared/version.js';
 import { agentMetrics, formatMetrics, writeTextfile } from '../lib/monitor/prometheus.js';
 import {
   DEFAULT_DATASTORE_LOCATION,
@@ -67,16 +68,9 @@ export interface ProbeResult {
 const DEFAULT_CACHE_FILE = '/var/tmp/onestor-agent/probe-walk-cache.json';
 const SELF = fileURLToPath(import.meta.url);
 
+/** one version source: lib/shared/version.ts */
 function probeVersion(): string {
-  for (const rel of ['../package.json', '../../package.json']) {
-    try {
-      const pkg = JSON.parse(readFileSync(path.join(path.dirname(SELF), rel), 'utf8')) as { name?: string; version?: string };
-      if (pkg.name === 'onestor-agent' && pkg.version) return pkg.version;
-    } catch {
-      /* try the next layout (source tree vs dist/) */
-    }
-  }
-  return 'unknown';
+  return AGENT_VERSION;
 }
 
 class Budget {

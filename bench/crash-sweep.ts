@@ -1,6 +1,6 @@
 /**
  * Issue 10: the exhaustive crash sweep. For each scenario (full publish with a new base, full without one,
- * incremental merge) and each syscall family, the real receiver process (dist/lib/replica/receiver-main.js,
+ * incremental merge) and each syscall family, the real receiver process (dist/agent/receiver-main.js,
  * UV_THREADPOOL_SIZE=1) runs under `strace -f -e inject=SYSCALL:signal=KILL:when=N` for N = 1, 2, ... until a
  * run completes. After every kill: the recover drill (previous or new, never neither), then a next session
  * that finishes or rolls back by itself, then no leftovers (test/harness/replica-crash.ts).

@@ -9,8 +9,10 @@ import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { isSafeHost } from '../discover/one-xml.js';
+import * as D from '../shared/defaults.js';
 
-export const DEFAULT_CONFIG_FILE = '/etc/onestor-agent/config.json';
+export { DEFAULT_CONFIG_FILE, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE } from '../shared/defaults.js';
+
 /** Environment: ONESTOR_AGENT_CONFIG picks the file (explicit: must exist); ONESTOR_AGENT_LOG_LEVEL sets log.level. */
 export const ENV_CONFIG_FILE = 'ONESTOR_AGENT_CONFIG';
 export const ENV_LOG_LEVEL = 'ONESTOR_AGENT_LOG_LEVEL';
@@ -42,8 +44,6 @@ const host = z.string({ error: 'expected a host name or IP address' }).refine(is
 
 const nullable = <T extends z.ZodType>(schema: T) => z.union([z.null(), schema]);
 
-export const DEFAULT_IDENTITY_FILE = '/var/lib/one/.ssh/onestor_replica_ed25519';
-export const DEFAULT_KNOWN_HOSTS_FILE = '/var/lib/one/.ssh/known_hosts';
 
 const replicaSchema = z.strictObject({
   /** null = the user the agent runs as (oneadmin under systemd), as upstream's ssh does */
@@ -52,9 +52,9 @@ const replicaSchema = z.strictObject({
   ).default(null),
   port: int(1, 65535).default(22),
   /** when this default is absent, the running user's ~/.ssh/id_ed25519, id_ecdsa or id_rsa (upstream's keys) */
-  identityFile: absPath.default(DEFAULT_IDENTITY_FILE),
+  identityFile: absPath.default(D.DEFAULT_IDENTITY_FILE),
   /** when this default is absent, the running user's ~/.ssh/known_hosts */
-  knownHostsFile: absPath.default(DEFAULT_KNOWN_HOSTS_FILE),
+  knownHostsFile: absPath.default(D.DEFAULT_KNOWN_HOSTS_FILE),
   acceptNewHostKey: z.boolean({ error: 'expected true or false' }).default(false),
   /** REPLICA_STORAGE_IP: in OpenNebula a host attribute only the front-end sees; here configuration. */
   storageIp: nullable(host).default(null),
@@ -64,13 +64,13 @@ const replicaSchema = z.strictObject({
     .string({ error: 'expected a command line' })
     .min(1, { error: 'expected a command line' })
     .refine((s) => !/[\n\0]/.test(s), { error: 'expected a single-line command' })
-    .default('onestor-agent receive'),
+    .default(D.DEFAULT_RECEIVER_COMMAND),
   connectTimeoutSec: int(1, 600).default(20),
   keepaliveSec: int(0, 3600).default(15),
   ciphers: z
     .array(z.string().regex(/^[a-z0-9@.-]{1,64}$/, { error: 'expected an SSH cipher name' }), { error: 'expected a list of cipher names' })
     .min(1, { error: 'expected at least one cipher' })
-    .default(['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'aes128-ctr', 'chacha20-poly1305@openssh.com']),
+    .default(() => [...D.DEFAULT_CIPHERS]),
 });
 
 const limitsSchema = z.strictObject({
@@ -79,6 +79,7 @@ const limitsSchema = z.strictObject({
   bandwidthMBps: num(0, 100_000).default(0),
   stagingMinFreePercent: num(0, 99).default(5),
   captureTimeoutSec: int(1, 7 * 86400).default(3600),
+  /** one disk's uploads to the replica; past it the disk fails with E_TIMEOUT and the next cycle resumes */
   transferTimeoutSec: int(1, 7 * 86400).default(21600),
 });
 
@@ -105,19 +106,21 @@ const scheduleSchema = z
 const receiverSchema = z.strictObject({
   /** null = REPLICA_RECOVERY_SNAPS_DIR from sshrc */
   snapsDir: nullable(absPath).default(null),
-  maxSessions: int(1, 256).default(4),
+  maxSessions: int(1, D.RECEIVER_DEFAULTS.maxSessionsLimit).default(D.RECEIVER_DEFAULTS.maxSessions),
   /** null = REPLICA_COPY_LOCK_TIMEOUT from sshrc */
   lockTimeoutSec: nullable(int(0, 7 * 86400)).default(null),
-  busyWaitSec: int(0, 86400).default(300),
+  busyWaitSec: int(0, 86400).default(D.RECEIVER_DEFAULTS.busyWaitSec),
+  /** null = REPLICA_MAX_USED_PERC from sshrc */
+  maxUsedPercent: nullable(int(1, 100)).default(null),
   /** most sessions one host (identity) may hold at once; null = half of maxSessions, rounded up */
-  maxSessionsPerHost: nullable(int(1, 256)).default(null),
+  maxSessionsPerHost: nullable(int(1, D.RECEIVER_DEFAULTS.maxSessionsLimit)).default(null),
   /** session time limits (README "Receiver limits"; lib/replica/session-watch.ts) */
-  helloTimeoutSec: int(1, 3600).default(30),
-  idleTimeoutSec: int(1, 86400).default(900),
-  drainTimeoutSec: int(1, 86400).default(120),
-  progressWindowSec: int(1, 86400).default(60),
-  minProgressKiB: int(0, 1024 * 1024).default(1024),
-  maxSessionSec: int(1, 30 * 86400).default(86_400),
+  helloTimeoutSec: int(1, 3600).default(D.RECEIVER_DEFAULTS.helloTimeoutSec),
+  idleTimeoutSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.idleTimeoutSec),
+  drainTimeoutSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.drainTimeoutSec),
+  progressWindowSec: int(1, 86400).default(D.RECEIVER_DEFAULTS.progressWindowSec),
+  minProgressKiB: int(0, 1024 * 1024).default(D.RECEIVER_DEFAULTS.minProgressKiB),
+  maxSessionSec: int(1, 30 * 86400).default(D.RECEIVER_DEFAULTS.maxSessionSec),
   /**
    * Refuse an upload up front when it would take the filesystem past REPLICA_MAX_USED_PERC. Off only where
    * statfs cannot tell (compressing or deduplicating filesystems); a real ENOSPC is handled either way.
@@ -128,18 +131,18 @@ const receiverSchema = z.strictObject({
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 export const ConfigSchema = z.strictObject({
-  datastoreLocation: absPath.default('/var/lib/one/datastores'),
+  datastoreLocation: absPath.default(D.DEFAULT_DATASTORE_LOCATION),
   sshrcPaths: z
     .array(absPath, { error: 'expected a list of absolute paths' })
     .min(1, { error: 'expected at least one path' })
-    .default(['/var/lib/one/remotes/etc/tm/ssh/sshrc', '/var/tmp/one/etc/tm/ssh/sshrc']),
-  stateDir: absPath.default('/var/lib/one/onestor-agent'),
+    .default(() => [...D.DEFAULT_SSHRC_PATHS]),
+  stateDir: absPath.default(D.DEFAULT_STATE_DIR),
   /** this host's name as recorded on the replica (sourceHost); null = the system host name */
   hostName: nullable(z.string().regex(/^[A-Za-z0-9._-]{1,253}$/, { error: 'expected a host name' })).default(null),
   libvirtUri: z
     .string({ error: 'expected a libvirt URI' })
     .regex(/^[a-z][a-z0-9+.-]*:\/\/[^\s]*$/, { error: 'expected a libvirt URI such as qemu:///system' })
-    .default('qemu:///system'),
+    .default(D.DEFAULT_LIBVIRT_URI),
   virsh: program.default('virsh'),
   qemuImg: program.default('qemu-img'),
   /** DS/<stagingDirName>/VMID: same filesystem as the disks, outside every VM dir (must not be numeric). */
@@ -148,7 +151,7 @@ export const ConfigSchema = z.strictObject({
     .refine((s) => /^[A-Za-z0-9._-]{1,64}$/.test(s) && s !== '.' && s !== '..' && !/^[0-9]+$/.test(s), {
       error: 'expected a plain non-numeric directory name (a numeric name would collide with VM dirs)',
     })
-    .default('.onestor'),
+    .default(D.DEFAULT_STAGING_DIR_NAME),
   replica: replicaSchema.prefault({}),
   limits: limitsSchema.prefault({}),
   schedule: scheduleSchema.prefault({}),
@@ -156,7 +159,8 @@ export const ConfigSchema = z.strictObject({
   log: z
     .strictObject({ level: z.enum(LOG_LEVELS, { error: `expected one of ${LOG_LEVELS.join(', ')}` }).default('info') })
     .prefault({}),
-  probe: z.strictObject({ timeoutMs: int(100, 60_000).default(2000) }).prefault({}),
+  // No `probe` section: the probes read no config file (start-up time, and a broken config must not blind
+  // monitoring); their time budget is the probe command's own. A `probe.timeoutMs` here was never read.
   /** Where to write a Prometheus textfile-collector file; null = don't. */
   prometheusTextfile: nullable(absPath).default(null),
 });
@@ -262,7 +266,7 @@ export interface LoadConfigOptions {
 export async function loadConfig(opts: LoadConfigOptions = {}): Promise<Config> {
   const env = opts.env ?? process.env;
   const explicit = opts.file ?? env[ENV_CONFIG_FILE];
-  const file = explicit ?? DEFAULT_CONFIG_FILE;
+  const file = explicit ?? D.DEFAULT_CONFIG_FILE;
 
   let fromFile: unknown = {};
   let text: string | null = null;

@@ -12,21 +12,10 @@ import { readFile } from 'node:fs/promises';
 import { isAbsolute } from 'node:path';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import type { DriverSettings } from '../shared/model.js';
+import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS } from '../shared/defaults.js';
 
-export const DEFAULT_SSHRC_PATHS: readonly string[] = Object.freeze([
-  '/var/lib/one/remotes/etc/tm/ssh/sshrc',
-  '/var/tmp/one/etc/tm/ssh/sshrc',
-]);
-
-/** Upstream defaults (DESIGN §2), used for every key the file does not set. */
-export const DEFAULT_DRIVER_SETTINGS: Readonly<DriverSettings> = Object.freeze({
-  REPLICA_COPY_LOCK_TIMEOUT: 600,
-  REPLICA_RECOVERY_SNAPS_DIR: '/var/lib/one/datastores/replica_snaps',
-  REPLICA_SSH_OPTS: '-c aes128-gcm@openssh.com -m umac-64@openssh.com',
-  REPLICA_SSH_FE_OPTS: '',
-  REPLICA_MAX_SIZE_MB: null,
-  REPLICA_MAX_USED_PERC: 90,
-});
+// the paths and upstream's values live in lib/shared/defaults.ts
+export { DEFAULT_SSHRC_PATHS, DEFAULT_DRIVER_SETTINGS } from '../shared/defaults.js';
 
 const KNOWN_KEYS = new Set<string>(Object.keys(DEFAULT_DRIVER_SETTINGS));
 

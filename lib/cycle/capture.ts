@@ -110,7 +110,7 @@ export function stagingPaths(stagingDir: string, diskId: number) {
 
 /** Removes a staging dir; refuses anything that is not a plain dir named by a numeric VM id. */
 export async function cleanStagingDir(stagingDir: string): Promise<void> {
-  if (!/^\d+$/.test(path.basename(stagingDir))) throw new Error(`refusing to clean ${stagingDir}`);
+  if (!/^\d+$/.test(path.basename(stagingDir))) throw new OnestorError(ErrorCodes.PATH, `refusing to clean ${stagingDir}`);
   await rm(stagingDir, { recursive: true, force: true });
 }
 

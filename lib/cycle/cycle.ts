@@ -7,22 +7,21 @@
  * checkpoint in libvirt; other disks of the VM go on; staging is always cleaned.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
-import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureResult, type DomainView } from './capture.js';
+import { findDiskBySource, type CaptureLibvirt, type CaptureResult, type DomainView } from './capture.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
-import { cachedSha256, fileIdentity } from './digest.js';
-import { OnestorError, ErrorCodes, describeError, errorCodeOf } from '../shared/errors.js';
+import { OnestorError, ErrorCodes, describeError, errorCodeOf, type ErrorCode } from '../shared/errors.js';
 import { decideMode, checkpointsToDelete, lineageCheck, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
-import type { DiskSession } from '../transfer/replica-client.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
 import type { NodeBitmaps } from '../libvirt/bitmaps.js';
 import { clearYieldMarker, migrationWatch, readYieldMarker, redefineCheckpointXml, yieldHolds } from './migration.js';
 import { strayBitmaps } from '../libvirt/bitmaps.js';
-import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+import { getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
+import type { CycleStatePort, DigestPort, LockPort, ReplicaDiskSession, ReplicaPort, StagingPort } from './ports.js';
+
+export type { ReplicaDiskSession, ReplicaPort } from './ports.js';
 
 /** Libvirt operations the cycle needs beyond capture. */
 export interface CycleLibvirt extends CaptureLibvirt {
@@ -39,28 +38,23 @@ export interface CycleLibvirt extends CaptureLibvirt {
   removeBitmap(dom: string, target: string, node: string, name: string): Promise<string>;
 }
 
-/** What the cycle needs of a replica session: lib/replica-client.ts DiskSession. */
-export type ReplicaDiskSession = DiskSession;
-
-export interface ReplicaPort {
-  /** this host as the replica authenticated it (null/undefined: the receiver predates ownership) */
-  readonly writer?: string | null;
-  /** manifests the replica holds for a VM (no lock taken) */
-  status(vmId: number): Promise<ReplicaManifest[]>;
-  /** takes the per-disk lock until the session is closed */
-  openDisk(vmId: number, diskId: number): Promise<ReplicaDiskSession>;
-}
-
 export interface CycleDeps {
   libvirt: CycleLibvirt;
-  qemuImg: QemuImg;
+  /** virtual size of base.1 (the capture's qemu-img work goes through `staging`) */
+  qemuImg: Pick<QemuImg, 'info' | 'checkLive'>;
   /** a connected replica for a REPLICA_HOST (pooled by the caller) */
   replicaFor(replicaHost: string): Promise<ReplicaPort>;
-  state: StateStore;
+  state: CycleStatePort;
+  /** capture into staging, cleanup (production: localCyclePorts() in ports.ts) */
+  staging: StagingPort;
+  locks: LockPort;
+  digests: DigestPort;
   log: Logger;
   hostName: string;
   stagingDirName: string;
   captureTimeoutMs: number;
+  /** one disk's uploads (limits.transferTimeoutSec); past it the disk fails with E_TIMEOUT. Default: none. */
+  transferTimeoutMs?: number;
   stagingMinFreePercent: number;
   tryFreeze: boolean;
   /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
@@ -89,7 +83,7 @@ export interface DiskOutcome {
   consistency?: Consistency;
   checkpoint?: string;
   capturedAt?: number;
-  error?: { code: string; message: string };
+  error?: { code: ErrorCode; message: string };
 }
 
 interface DiskWork {
@@ -110,10 +104,9 @@ interface DiskWork {
  */
 export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {
   const root = path.join(req.dsDir, deps.stagingDirName);
-  let lock: FileLock;
+  let lock: { release(): Promise<void> };
   try {
-    await mkdir(root, { recursive: true, mode: 0o750 });
-    lock = await acquireFileLock(path.join(root, `${req.vmId}.lock`), { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal, context: { vm: req.vmId } });
+    lock = await deps.locks.lockVm(root, req.vmId, { timeoutSec: deps.vmLockWaitSec ?? 600, signal: req.signal });
   } catch (e) {
     const error = { code: errorCodeOf(e), message: `another cycle of VM ${req.vmId} is running on this host: ${describeError(e)}` };
     return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
@@ -200,9 +193,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             log.warn({ disk: disk.diskId, checkpoint: replicaCk, err: describeError(e) }, 'could not redefine checkpoint; will take a full');
           }
         }
-        const base1 = await fileIdentity(disk.base1Path);
+        const base1 = await deps.digests.identity(disk.base1Path);
         const cached = state.baseDigests[disk.basePath];
-        const baseDigest = await cachedSha256(disk.basePath, cached, req.signal);
+        const baseDigest = await deps.digests.sha256(disk.basePath, cached, req.signal);
         if (!baseDigest.fromCache) {
           state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
         }
@@ -251,7 +244,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
     try {
-      captured = await capture(deps.libvirt, deps.qemuImg, {
+      captured = await deps.staging.capture({
         vmId,
         domainName: dom,
         stagingDir,
@@ -288,6 +281,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       const dt0 = now();
       let session: ReplicaDiskSession | null = null;
       let publishSent = false;
+      const deadline = transferDeadline(req.signal, deps.transferTimeoutMs);
       try {
         session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
@@ -298,10 +292,10 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           let baseKey: string | undefined;
           if (!baseOk) {
             baseKey = `base-${w.baseSha.slice(0, 32)}`;
-            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: req.signal, onProgress: progress });
+            const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: deadline.signal, onProgress: progress });
             bytes += r.bytes - r.resumedFrom;
           }
-          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: req.signal, onProgress: progress });
+          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
           publishSent = true;
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
@@ -319,7 +313,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             stateToken: ds.replicaToken ?? null, uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
           });
           if (again) throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (${again.reason}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
-          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: req.signal, onProgress: progress });
+          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
           publishSent = true;
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
@@ -344,10 +338,12 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         });
         log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
-        fail(w.disk.diskId, e);
+        // our own deadline is a failure of this disk, not a shutdown (which E_ABORTED means)
+        fail(w.disk.diskId, deadline.expired() && errorCodeOf(e) === ErrorCodes.ABORTED ? new OnestorError(ErrorCodes.TIMEOUT, `transfer not done within ${deps.transferTimeoutMs! / 1000} s (limits.transferTimeoutSec)`, { vm: vmId, disk: w.disk.diskId, cause: describeError(e) }) : e);
         // The replica may have published before the link died: keep this checkpoint until it tells us.
         if (publishSent) uncertain.set(w.disk.diskId, captured.checkpoint);
       } finally {
+        deadline.dispose();
         await session?.close().catch(() => {});
       }
     }
@@ -358,7 +354,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   }
 
   async function finish(): Promise<DiskOutcome[]> {
-    await cleanStagingDir(stagingDir).catch(() => {});
+    await deps.staging.clean(stagingDir).catch(() => {});
     if (captured) {
       // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then
       // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,
@@ -499,6 +495,32 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       log.debug({ checkpoint: name }, 'checkpoint retired');
     }
   }
+}
+
+/**
+ * The caller's signal plus a deadline (Node 18 has no AbortSignal.any). Uploads stop between chunks when
+ * it fires; expired() tells the deadline apart from a shutdown.
+ */
+function transferDeadline(outer: AbortSignal | undefined, ms: number | undefined): { signal: AbortSignal | undefined; expired(): boolean; dispose(): void } {
+  if (!ms) return { signal: outer, expired: () => false, dispose: () => {} };
+  const ac = new AbortController();
+  let fired = false;
+  const onOuter = () => ac.abort(outer?.reason);
+  if (outer?.aborted) ac.abort(outer.reason);
+  else outer?.addEventListener('abort', onOuter, { once: true });
+  const timer = setTimeout(() => {
+    fired = true;
+    ac.abort();
+  }, ms);
+  timer.unref?.();
+  return {
+    signal: ac.signal,
+    expired: () => fired && !outer?.aborted,
+    dispose: () => {
+      clearTimeout(timer);
+      outer?.removeEventListener('abort', onOuter);
+    },
+  };
 }
 
 /** Pure: drop `<parent>` from a checkpoint definition when libvirt no longer has that parent. */

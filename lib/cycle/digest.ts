@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { stat } from 'node:fs/promises';
+import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
 export async function fileIdentity(file: string): Promise<{ identity: string; size: number; devIno: string }> {
   const st = await stat(file, { bigint: true });
@@ -17,7 +18,7 @@ export async function sha256File(file: string, signal?: AbortSignal): Promise<st
   for await (const chunk of rs) {
     if (signal?.aborted) {
       rs.destroy();
-      throw new Error(`hashing ${file} aborted`);
+      throw new OnestorError(ErrorCodes.ABORTED, `hashing ${file} aborted`, { file });
     }
     h.update(chunk as Buffer);
   }
@@ -37,6 +38,6 @@ export async function cachedSha256(file: string, cache: DigestCacheEntry | undef
   const sha256 = await sha256File(file, signal);
   const after = await fileIdentity(file);
   // a file that changed while we read it has no trustworthy digest
-  if (after.identity !== id.identity) throw new Error(`${file} changed while hashing`);
+  if (after.identity !== id.identity) throw new OnestorError(ErrorCodes.CHANGED, 'changed while hashing', { file });
   return { sha256, size: id.size, identity: id.identity, fromCache: false };
 }

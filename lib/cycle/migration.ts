@@ -14,6 +14,7 @@
  */
 import { readdir, readFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
 export interface YieldMarker {
   vmId: number;
@@ -146,9 +147,9 @@ export function migrationWatch(opts: {
  * (`checkpoint-dumpxml --size`); the definition itself proves nothing.
  */
 export function redefineCheckpointXml(name: string, creationTime: number, bitmapTargets: readonly string[], allTargets: readonly string[]): string {
-  if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new Error(`invalid checkpoint name ${JSON.stringify(name)}`);
+  if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new OnestorError(ErrorCodes.CHECKPOINT, `invalid checkpoint name ${JSON.stringify(name)}`);
   const disks = allTargets.map((t) => {
-    if (!/^[a-z]{1,8}[a-z0-9]{0,8}$/.test(t)) throw new Error(`invalid disk target ${JSON.stringify(t)}`);
+    if (!/^[a-z]{1,8}[a-z0-9]{0,8}$/.test(t)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(t)}`);
     return bitmapTargets.includes(t) ? `    <disk name='${t}' checkpoint='bitmap' bitmap='${name}'/>` : `    <disk name='${t}' checkpoint='no'/>`;
   });
   return ['<domaincheckpoint>', `  <name>${name}</name>`, `  <creationTime>${Math.floor(creationTime)}</creationTime>`, '  <disks>', ...disks, '  </disks>', '</domaincheckpoint>', ''].join('\n');

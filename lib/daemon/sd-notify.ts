@@ -19,6 +19,7 @@
  */
 import { createRequire } from 'node:module';
 import { run } from '../shared/exec.js';
+import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
 export interface NotifyTransport {
   readonly name: string;
@@ -47,7 +48,7 @@ export function addonTransport(): NotifyTransport | null {
   return {
     name: 'node-unix-socket',
     send(socketPath, message) {
-      if (socketPath.startsWith('@')) return Promise.reject(new Error('abstract NOTIFY_SOCKET is not supported by node-unix-socket'));
+      if (socketPath.startsWith('@')) return Promise.reject(new OnestorError(ErrorCodes.INTERNAL, 'abstract NOTIFY_SOCKET is not supported by node-unix-socket'));
       if (!sock) {
         sock = new DgramSocket();
         sock.on('error', () => {}); // send errors arrive through the callback
@@ -69,7 +70,7 @@ export function systemdNotifyTransport(bin = 'systemd-notify', timeoutMs = 5000)
     name: 'systemd-notify',
     async send(socketPath, message) {
       const r = await run(bin, message.split('\n'), { env: { NOTIFY_SOCKET: socketPath }, timeoutMs });
-      if (r.code !== 0) throw new Error(`${bin} exited ${r.code}: ${r.stderr.trim()}`);
+      if (r.code !== 0) throw new OnestorError(ErrorCodes.INTERNAL, `${bin} exited ${r.code}: ${r.stderr.trim()}`);
     },
     close() {},
   };

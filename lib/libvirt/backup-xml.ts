@@ -3,6 +3,7 @@
  * explicitly: libvirt's default for an unlisted disk is to include it, which would back up (and
  * checkpoint) disks nobody asked for.
  */
+import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
 export interface BackupDiskPlan {
   /** libvirt target dev (vda). */
@@ -23,22 +24,22 @@ function esc(s: string): string {
 }
 
 function checkName(kind: string, name: string): void {
-  if (!NAME_RE.test(name)) throw new Error(`invalid ${kind} name ${JSON.stringify(name)}`);
+  if (!NAME_RE.test(name)) throw new OnestorError(ErrorCodes.CHECKPOINT, `invalid ${kind} name ${JSON.stringify(name)}`);
 }
 
 export function buildBackupXml(disks: readonly BackupDiskPlan[]): string {
-  if (!disks.some((d) => d.mode)) throw new Error('backup job without any disk');
+  if (!disks.some((d) => d.mode)) throw new OnestorError(ErrorCodes.INTERNAL, 'backup job without any disk');
   const lines = ["<domainbackup mode='push'>", '  <disks>'];
   for (const d of disks) {
-    if (!TARGET_RE.test(d.target)) throw new Error(`invalid disk target ${JSON.stringify(d.target)}`);
+    if (!TARGET_RE.test(d.target)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(d.target)}`);
     if (!d.mode) {
       lines.push(`    <disk name='${esc(d.target)}' backup='no'/>`);
       continue;
     }
-    if (!d.targetFile || !d.targetFile.startsWith('/')) throw new Error(`disk ${d.target}: target file must be absolute`);
+    if (!d.targetFile || !d.targetFile.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: target file must be absolute`);
     let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
     if (d.mode === 'incremental') {
-      if (!d.incrementalFrom) throw new Error(`disk ${d.target}: incremental without parent checkpoint`);
+      if (!d.incrementalFrom) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: incremental without parent checkpoint`);
       checkName('checkpoint', d.incrementalFrom);
       attrs += ` incremental='${esc(d.incrementalFrom)}'`;
     }
@@ -55,7 +56,7 @@ export function buildCheckpointXml(name: string, bitmapTargets: readonly string[
   checkName('checkpoint', name);
   const lines = ['<domaincheckpoint>', `  <name>${esc(name)}</name>`, `  <description>${esc(description)}</description>`, '  <disks>'];
   for (const t of allTargets) {
-    if (!TARGET_RE.test(t)) throw new Error(`invalid disk target ${JSON.stringify(t)}`);
+    if (!TARGET_RE.test(t)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(t)}`);
     lines.push(`    <disk name='${esc(t)}' checkpoint='${bitmapTargets.includes(t) ? 'bitmap' : 'no'}'/>`);
   }
   lines.push('  </disks>', '</domaincheckpoint>', '');

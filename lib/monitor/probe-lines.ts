@@ -12,8 +12,7 @@ import type { AgentState, DiskState } from '../cycle/state.js';
 import { effectiveCacheLimitMb, type BookkeepingSummary, type CacheSummary, type FsFigures, type SnapsSummary } from './usage.js';
 import type { TakeoverSummary, WriterRecord } from '../shared/ledger.js';
 
-export const DEFAULT_STATE_FILE = '/var/lib/one/onestor-agent/state.json';
-export const DEFAULT_DATASTORE_LOCATION = '/var/lib/one/datastores';
+export { DEFAULT_STATE_FILE, DEFAULT_DATASTORE_LOCATION } from '../shared/defaults.js';
 /** The daemon is taken for dead when its heartbeat is older than this (seconds). */
 export const DEFAULT_HEARTBEAT_MAX_AGE_S = 180;
 

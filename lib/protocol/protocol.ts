@@ -12,6 +12,10 @@
  */
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
+import { checkpointSchema, consistencySchema, epochSchema, idSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, replicaManifestSchema, sha256Schema, shortText, sizeSchema, type OwnerChange } from '../shared/manifest-schema.js';
+
+// the manifest and its field schemas are shared with the model (one type): lib/shared/manifest-schema.ts
+export { checkpointSchema, consistencySchema, epochSchema, idSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, replicaManifestSchema, sha256Schema, sizeSchema, type OwnerChange };
 
 /**
  * Still 1 after ownership (issue 11), on purpose: the receiver refuses any other version, so a bump would cut
@@ -179,55 +183,12 @@ export function encodeData(chunk: Buffer): [Buffer, Buffer] {
 // ---------------------------------------------------------------------------------------------------------
 // Message schemas. Unknown extra keys are dropped (newer peers may add fields); known ones are strict.
 
-export const idSchema = z.number().int().min(0).max(2 ** 31 - 1);
-export const sizeSchema = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
-export const sha256Schema = z.string().regex(/^[0-9a-f]{64}$/, 'sha256 must be 64 lowercase hex digits');
 export const uploadKeySchema = z
   .string()
   .regex(/^[A-Za-z0-9._-]{1,128}$/, 'key must match [A-Za-z0-9._-]{1,128}')
   .refine((k) => !/^\.+$/.test(k), 'key must not be only dots');
-/** Checkpoint names are chosen by the agent; keep them to a boring alphabet (they end up in logs and JSON). */
-export const checkpointSchema = z.string().regex(/^[A-Za-z0-9._:@+-]{1,200}$/, 'checkpoint name has invalid characters');
-const shortText = (max: number) => z.string().max(max).regex(/^[^\u0000-\u001f\u007f]*$/, 'control characters are not allowed');
-export const epochSchema = z.number().min(0).max(1e11);
-export const consistencySchema = z.enum(['filesystem-frozen', 'crash-consistent']);
 export const uploadKindSchema = z.enum(['base', 'base1', 'inc']);
 export type UploadKind = z.infer<typeof uploadKindSchema>;
-
-/** Not a secret (status shows it to any host): it names one publish event, which only the receiver creates. */
-export const publishTokenSchema = z.string().regex(/^[0-9a-f]{32}$/, 'token must be 32 lowercase hex digits');
-/** How many owner changes a manifest keeps. */
-export const OWNER_HISTORY_MAX = 8;
-export const ownerChangeSchema = z.object({
-  at: epochSchema,
-  /** null: first claim (no previous owner recorded) */
-  from: shortText(255).nullable(),
-  to: shortText(255),
-  checkpoint: checkpointSchema.nullable(),
-});
-export type OwnerChange = z.infer<typeof ownerChangeSchema>;
-
-export const replicaManifestSchema = z.object({
-  version: z.literal(1),
-  vmId: idSchema,
-  diskId: idSchema,
-  checkpoint: checkpointSchema.nullable(),
-  capturedAt: epochSchema,
-  publishedAt: epochSchema,
-  consistency: consistencySchema,
-  mode: z.enum(['full', 'incremental']),
-  base: z.object({ size: sizeSchema, sha256: sha256Schema }),
-  base1: z.object({ size: sizeSchema, sha256: sha256Schema.optional(), virtualSize: sizeSchema.optional() }),
-  sourceHost: shortText(255).optional(),
-  // Ownership and tamper evidence (issue 11). Optional so manifests written before them stay readable and
-  // older agents (which strip unknown keys) keep working. All three are set by the receiver only.
-  /** the authenticated writer of the last publish (host name, key fingerprint or "(unidentified)") */
-  owner: shortText(255).optional(),
-  /** random value the receiver chose for the last publish; the publishing host keeps it to detect tampering */
-  token: publishTokenSchema.optional(),
-  /** the last owner changes (first claim and take-overs), oldest first */
-  history: z.array(ownerChangeSchema).max(OWNER_HISTORY_MAX).optional(),
-});
 
 export const helloSchema = z.object({
   type: z.literal('hello'),

@@ -32,7 +32,7 @@ export const storedManifestSchema = replicaManifestSchema.extend({
 export type StoredManifest = z.infer<typeof storedManifestSchema>;
 
 export function toWireManifest(m: StoredManifest): ReplicaManifest {
-  return replicaManifestSchema.parse(m) as ReplicaManifest;
+  return replicaManifestSchema.parse(m);
 }
 
 

@@ -9,16 +9,19 @@ import * as path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
+import { Exit } from '../shared/exit-codes.js';
+import { AGENT_VERSION } from '../shared/version.js';
+import { RECEIVER_DEFAULTS } from '../shared/defaults.js';
 import {
   FrameDecoder,
   MAX_DATA_BYTES,
   PROTOCOL_VERSION,
   encodeReply,
-  errorReply,
   parseClientMessage,
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
+import { receiverReply, type Built, type ReceiverReply } from '../protocol/messages.js';
 import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
 import { claimMatches, identityKind } from './identity.js';
 import { appendTakeover, assertMayIncrement, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
@@ -34,7 +37,6 @@ import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './sess
 import { acquireFairSlot, defaultMaxPerHost, UNNAMED_IDENTITY, type Slot } from './slots.js';
 import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
 
-export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
@@ -71,10 +73,10 @@ export interface ReceiverOptions {
   onStep?: PublishContext['onStep'];
 }
 
-/** Exit codes: 0 clean end, 2 protocol violation, 1 anything else that ended the session. */
-export const EXIT_OK = 0;
-export const EXIT_FAILED = 1;
-export const EXIT_PROTOCOL = 2;
+/** Exit codes (lib/shared/exit-codes.ts): OK clean end, PROTOCOL violation, FAILED anything else that ended the session. */
+const EXIT_OK = Exit.OK;
+const EXIT_FAILED = Exit.FAILED;
+const EXIT_PROTOCOL = Exit.PROTOCOL;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
 const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
@@ -142,7 +144,7 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
   });
   const session = new ReceiverSession(output, opts, watch);
   const decoder = new FrameDecoder();
-  let exitCode = EXIT_OK;
+  let exitCode: number = EXIT_OK;
   // Only time spent waiting for the agent counts against it; a merge or a lock wait is the receiver's.
   const waitBegin = () => {
     const owedFrom = decoder.idle ? session.hashGraceUntil() : 0;
@@ -166,11 +168,11 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
         exitCode = e.exitCode;
       } else if (errorCodeOf(e) === ErrorCodes.PROTOCOL) {
         opts.log?.({ err: describeError(e) }, 'protocol violation; ending session');
-        await session.sendSafe(errorReply(ErrorCodes.PROTOCOL, (e as Error).message));
+        await session.sendSafe(receiverReply.error(ErrorCodes.PROTOCOL, (e as Error).message));
         exitCode = EXIT_PROTOCOL;
       } else {
         opts.log?.({ err: describeError(e) }, 'receiver failed');
-        await session.sendSafe(errorReply(errorCodeOf(e), (e as Error).message));
+        await session.sendSafe(receiverReply.error(errorCodeOf(e), (e as Error).message));
         exitCode = EXIT_FAILED;
       }
     }
@@ -198,7 +200,7 @@ export async function refuseSession(input: Readable, output: Writable, err: Ones
   } finally {
     clearTimeout(timer);
   }
-  if (!output.destroyed && output.writable) output.write(encodeReply(errorReply(err.code, err.message)));
+  if (!output.destroyed && output.writable) output.write(encodeReply(receiverReply.error(err.code, err.message)));
   return EXIT_FAILED;
 }
 
@@ -236,7 +238,7 @@ class ReceiverSession {
     return up.completeAt + Math.ceil((up.put.size / HASH_RATE_FLOOR_BYTES_PER_SEC) * 1000);
   }
 
-  private async send(msg: object): Promise<void> {
+  private async send(msg: Built<ReceiverReply>): Promise<void> {
     const out = this.output;
     // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
     if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
@@ -266,7 +268,7 @@ class ReceiverSession {
     }
   }
 
-  async sendSafe(msg: object): Promise<void> {
+  async sendSafe(msg: Built<ReceiverReply>): Promise<void> {
     try {
       await this.send(msg);
     } catch {
@@ -346,7 +348,7 @@ class ReceiverSession {
       await this.ledger?.lower(this.resvKey(up.put.key), 0);
     }
     this.opts.log?.({ err: describeError(err) }, 'upload failed');
-    await this.send(errorReply(err.code, err.message));
+    await this.send(receiverReply.error(err.code, err.message));
   }
 
   async onControl(raw: unknown): Promise<void> {
@@ -364,13 +366,13 @@ class ReceiverSession {
       if (e instanceof SessionEnd || errorCodeOf(e) === ErrorCodes.PROTOCOL) throw e;
       // Every other failure is the answer to this request; the session goes on.
       this.opts.log?.({ err: describeError(e), request: msg.type }, 'request failed');
-      await this.send(errorReply(errorCodeOf(e), e instanceof Error ? e.message : String(e)));
+      await this.send(receiverReply.error(errorCodeOf(e), e instanceof Error ? e.message : String(e)));
     }
   }
 
   private async dispatch(msg: ClientMessage): Promise<void> {
     if (msg.type === 'bye') {
-      await this.send({ type: 'ok' });
+      await this.send(receiverReply.ok());
       throw new SessionEnd(EXIT_OK);
     }
     if (msg.type === 'hello') {
@@ -390,13 +392,14 @@ class ReceiverSession {
           // an agent from before paging: it cannot follow a cursor, and a partial list would mislead it
           throw new OnestorError(ErrorCodes.INTERNAL, `status holds more manifests than one reply carries; this agent must be upgraded to page through them`, msg.vm !== undefined ? { vm: msg.vm } : {});
         }
-        return this.send({ type: 'ok', manifests: page.manifests, ...(msg.after !== undefined ? { next: page.next } : {}) });
+        // a cursor only for an agent that pages (it sent `after`)
+        return this.send(receiverReply.status(page.manifests, msg.after !== undefined ? page.next : undefined));
       }
       case 'open':
         return this.onOpen(msg.vm, msg.disk);
       case 'close':
         await this.closeDisk();
-        return this.send({ type: 'ok' });
+        return this.send(receiverReply.ok());
       case 'put':
         return this.onPut(msg);
       case 'end':
@@ -416,22 +419,22 @@ class ReceiverSession {
       this.opts.log?.({ claimed: hello.host.slice(0, 255) }, 'hello names another host than the key is bound to; the authenticated name is used', 'warn');
     }
     if (protocol !== PROTOCOL_VERSION) {
-      await this.send(errorReply(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
+      await this.send(receiverReply.error(ErrorCodes.PROTOCOL, `protocol ${protocol} not supported; this receiver speaks ${PROTOCOL_VERSION}`));
       throw new SessionEnd(EXIT_PROTOCOL);
     }
     await fsp.mkdir(this.opts.snapsDir, { recursive: true });
     // No slot yet: a connection kept open between cycles holds nothing; the slot is taken at `open`.
     this.greeted = true;
     const fs = await spaceOf(this.opts.snapsDir);
-    await this.send({
-      type: 'ok',
-      protocol: PROTOCOL_VERSION,
-      receiverVersion: RECEIVER_VERSION,
-      maxChunk: MAX_DATA_BYTES,
-      snapsDirFree: fs.avail,
-      snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
-      identity: this.opts.identity,
-    });
+    await this.send(
+      receiverReply.hello({
+        receiverVersion: AGENT_VERSION,
+        maxChunk: MAX_DATA_BYTES,
+        snapsDirFree: fs.avail,
+        snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
+        identity: this.opts.identity,
+      }),
+    );
     this.startSweep();
   }
 
@@ -454,7 +457,7 @@ class ReceiverSession {
   /** Housekeeping after the reply, in the background, while we hold a slot; cleanup() waits for it. */
   private startSweep(): void {
     const log = this.opts.log;
-    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? 600) * 1000, log ? { log } : {})
+    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? RECEIVER_DEFAULTS.sweepIntervalSec) * 1000, log ? { log } : {})
       .then((r) => {
         if (r && r.candidates > 0) log?.({ ...r }, 'orphan sweep');
       })
@@ -490,11 +493,7 @@ class ReceiverSession {
       const base = await baseOnReplica(paths, manifest);
       this.disk = { paths, lock, vmDirId, baseAtOpen: base, uploads: new Map() };
       this.opts.log?.({ vm, disk, checkpoint: manifest?.checkpoint ?? null }, 'disk opened');
-      await this.send({
-        type: 'ok',
-        manifest: manifest ? toWireManifest(manifest) : null,
-        baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
-      });
+      await this.send(receiverReply.open(manifest ? toWireManifest(manifest) : null, base));
     } catch (e) {
       if (!this.disk) {
         await this.unbindLedger().catch(() => {});
@@ -533,7 +532,7 @@ class ReceiverSession {
     d.uploads.delete(put.key);
     this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset, completeAt: offset === put.size ? Date.now() : null };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
-    await this.send({ type: 'ok', offset });
+    await this.send(receiverReply.put(offset));
   }
 
   private async onEnd(sha256: string): Promise<void> {
@@ -564,7 +563,7 @@ class ReceiverSession {
     // the upload itself now shows in the filesystem's usage; only the spare's room stays reserved
     await this.ledger?.lower(this.resvKey(up.put.key), spareBytes(up.put));
     d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
-    await this.send({ type: 'ok', bytes: up.position, sha256: digest });
+    await this.send(receiverReply.end(up.position, digest));
   }
 
   private takeUpload(d: DiskSession, key: string, kind: PutMessage['kind'], field: string): UploadedFile {
@@ -610,7 +609,7 @@ class ReceiverSession {
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
     await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover);
-    await this.send({ type: 'ok', manifest: toWireManifest(manifest) });
+    await this.send(receiverReply.publish(toWireManifest(manifest)));
   }
 
   /** After a publish: the take-over warning and ledger entry, the writer's record. Never fails the publish. */

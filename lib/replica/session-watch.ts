@@ -11,6 +11,7 @@
  *  - drain (enforced in send()): a reply the agent does not read within drainTimeoutSec ends the session.
  * The clock is injectable for unit tests.
  */
+import { RECEIVER_DEFAULTS } from '../shared/defaults.js';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 
 export interface SessionLimits {
@@ -27,13 +28,14 @@ export interface SessionLimits {
  * seed sends the image and base.1 (each at most the disk size), so 24 h covers a 4 TB disk at 100 MB/s,
  * and is above twice the agent's own per-transfer timeout (limits.transferTimeoutSec, 6 h).
  */
+/** from lib/shared/defaults.ts, the one place the config schema also takes them from */
 export const DEFAULT_SESSION_LIMITS: SessionLimits = {
-  helloTimeoutSec: 30,
-  idleTimeoutSec: 900,
-  drainTimeoutSec: 120,
-  progressWindowSec: 60,
-  minProgressKiB: 1024,
-  maxSessionSec: 86_400,
+  helloTimeoutSec: RECEIVER_DEFAULTS.helloTimeoutSec,
+  idleTimeoutSec: RECEIVER_DEFAULTS.idleTimeoutSec,
+  drainTimeoutSec: RECEIVER_DEFAULTS.drainTimeoutSec,
+  progressWindowSec: RECEIVER_DEFAULTS.progressWindowSec,
+  minProgressKiB: RECEIVER_DEFAULTS.minProgressKiB,
+  maxSessionSec: RECEIVER_DEFAULTS.maxSessionSec,
 };
 
 export interface WaitState {

@@ -1,6 +1,9 @@
 /**
  * Shared domain types. Pure data: no I/O, no classes. Every module speaks these.
  */
+import type { z } from 'zod';
+import type { ErrorCode } from './errors.js';
+import type { replicaManifestSchema } from './manifest-schema.js';
 
 /** Driver settings from the ssh TM `sshrc` (upstream names and defaults, see DESIGN §2). */
 export interface DriverSettings {
@@ -41,7 +44,7 @@ export interface IneligibleDisk {
   vmId: number;
   diskId?: number;
   dsId: number;
-  code: string; // an ErrorCode
+  code: ErrorCode;
   reason: string; // names the file and field
   file?: string;
   field?: string;
@@ -50,26 +53,5 @@ export interface IneligibleDisk {
 export type Consistency = 'filesystem-frozen' | 'crash-consistent';
 export type CycleMode = 'full' | 'incremental';
 
-/** What the replica holds for one disk (the receiver's manifest, beside disk.N.snap/). */
-export interface ReplicaManifest {
-  version: 1;
-  vmId: number;
-  diskId: number;
-  /** libvirt checkpoint name base.1 corresponds to (null when unknown). */
-  checkpoint: string | null;
-  /** epoch seconds the published base.1 was captured (point in time). */
-  capturedAt: number;
-  publishedAt: number;
-  consistency: Consistency;
-  mode: CycleMode;
-  base: { size: number; sha256: string };
-  base1: { size: number; sha256?: string; virtualSize?: number };
-  /** Host that published it (for lineage after migration). Since issue 11 the authenticated writer. */
-  sourceHost?: string;
-  /** Authenticated writer of the last publish; absent on manifests written before ownership was tracked. */
-  owner?: string;
-  /** Random value the receiver chose for the last publish (tamper evidence for the publishing host). */
-  token?: string;
-  /** Last owner changes, oldest first (bounded). */
-  history?: Array<{ at: number; from: string | null; to: string; checkpoint: string | null }>;
-}
+/** What the replica holds for one disk: the wire schema's type (lib/shared/manifest-schema.ts), not a twin. */
+export type ReplicaManifest = z.infer<typeof replicaManifestSchema>;

@@ -26,7 +26,7 @@ export const SCENARIOS: readonly ScenarioKind[] = ['full-new-base', 'full-same-b
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** dist/ root whichever way this module runs (vitest from test/harness, node from dist/test/harness). */
 const distRoot = here.includes(`${path.sep}dist${path.sep}`) ? path.resolve(here, '..', '..') : path.resolve(here, '..', '..', 'dist');
-export const RECEIVER_MAIN = path.join(distRoot, 'lib', 'replica', 'receiver-main.js');
+export const RECEIVER_MAIN = path.join(distRoot, 'agent', 'receiver-main.js');
 export const CRASH_RECEIVER = path.join(distRoot, 'test', 'harness', 'crash-receiver.js');
 
 export const VM = 31;

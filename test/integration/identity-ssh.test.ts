@@ -140,7 +140,7 @@ beforeAll(async () => {
     `${forced(exposed.replicaDir, '')} ${pub.K}`,
   ]);
   // the stand-alone receiver entry (receiver-main) resolves identity the same way
-  const standalone = (extra: string) => `command="${process.execPath} ${path.join(projectRoot(), 'dist', 'lib', 'replica', 'receiver-main.js')} --snaps-dir ${plain.replicaDir}${extra}",restrict`;
+  const standalone = (extra: string) => `command="${process.execPath} ${path.join(projectRoot(), 'dist', 'agent', 'receiver-main.js')} --snaps-dir ${plain.replicaDir}${extra}",restrict`;
   await plain.setAuthorizedKeys([
     `${forced(plain.replicaDir, '')} ${pub.U}`,
     `${forced(plain.replicaDir, '--allow-unidentified')} ${pub.U2}`,

@@ -18,7 +18,7 @@ import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/re
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
 /** The forced command runs dist: compile when it is missing or older than the sources. */
 async function ensureBuilt(): Promise<void> {

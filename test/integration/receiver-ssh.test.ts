@@ -11,17 +11,17 @@ import { fileURLToPath } from 'node:url';
 import { Client } from 'ssh2';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errorCodeOf } from '../../lib/shared/errors.js';
+import { Exit } from '../../lib/shared/exit-codes.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
 /** Compiles when dist is missing or older than the receiver sources (the forced command runs dist). */
 async function ensureBuilt(): Promise<void> {
-  const libDir = path.join(repoRoot, 'lib');
-  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
+  const sources = ['lib', 'agent'].flatMap((d) => (readdirSync(path.join(repoRoot, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(repoRoot, d, n)));
   const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
   if (!stale) return;
   // Type errors elsewhere in the tree must not block this test; tsc still emits.
@@ -153,7 +153,7 @@ describe('replica over ssh with a restricted key', () => {
       );
       expect(out.stdout).not.toMatch(/root:|uid=/);
       expect(out.stdout).toMatch(/E_PROTOCOL/);
-      expect(out.code).toBe(2);
+      expect(out.code).toBe(Exit.PROTOCOL);
 
       const sftpErr = await within(new Promise<unknown>((resolve) => ssh.sftp((err) => resolve(err ?? null))), 'sftp');
       expect(sftpErr).toBeInstanceOf(Error);

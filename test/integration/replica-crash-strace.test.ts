@@ -1,5 +1,5 @@
 /**
- * Issue 10, from outside: the real receiver process (dist/lib/replica/receiver-main.js, UV_THREADPOOL_SIZE=1)
+ * Issue 10, from outside: the real receiver process (dist/agent/receiver-main.js, UV_THREADPOOL_SIZE=1)
  * under `strace -f -e inject=SYSCALL:signal=KILL:when=N`, N = 1, 2, ... until a run completes, one syscall
  * at a time (strace counts per syscall and per thread/process). After each kill: the recover drill (previous
  * or new, never neither), the next session completes, no leftovers. Here (CI time): the full publish with a

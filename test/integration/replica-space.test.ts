@@ -15,7 +15,7 @@ import { run } from '../../lib/shared/exec.js';
 import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 const MiB = 1024 * 1024;
 
 async function ensureBuilt(): Promise<void> {

@@ -13,7 +13,7 @@ import { writeManifestTree } from '../helpers/manifest-tree.js';
 import { startSshd, type Sshd } from '../harness/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entry = path.join(repoRoot, 'dist', 'lib', 'replica', 'receiver-main.js');
+const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
 async function ensureBuilt(): Promise<void> {
   const libDir = path.join(repoRoot, 'lib');

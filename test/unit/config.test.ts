@@ -35,7 +35,8 @@ describe('parseConfig (pure)', () => {
         receiverCommand: 'onestor-agent receive',
         connectTimeoutSec: 20,
         keepaliveSec: 15,
-        ciphers: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'aes128-ctr', 'chacha20-poly1305@openssh.com'],
+        // unified with the client's list (lib/shared/defaults.ts): AEAD first, then CTR
+        ciphers: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'],
       },
       limits: { concurrency: 2, bandwidthMBps: 0, stagingMinFreePercent: 5, captureTimeoutSec: 3600, transferTimeoutSec: 21600 },
       schedule: { rescanSec: 60, graceMinSec: 60, gracePercent: 10, backoffBaseSec: 30, backoffMaxSec: 1800, spreadSec: 0 },
@@ -44,6 +45,7 @@ describe('parseConfig (pure)', () => {
         maxSessions: 4,
         lockTimeoutSec: null,
         busyWaitSec: 300,
+        maxUsedPercent: null,
         spaceCheck: true,
         maxSessionsPerHost: null,
         helloTimeoutSec: 30,
@@ -54,7 +56,6 @@ describe('parseConfig (pure)', () => {
         maxSessionSec: 86400,
       },
       log: { level: 'info' },
-      probe: { timeoutMs: 2000 },
       prometheusTextfile: null,
     });
   });
@@ -145,7 +146,6 @@ describe('parseConfig (pure)', () => {
         schedule: { spreadSec: 30 },
         receiver: { snapsDir: '/srv/snaps', lockTimeoutSec: 0 },
         log: { level: 'debug' },
-        probe: { timeoutMs: 500 },
         prometheusTextfile: '/var/lib/node_exporter/onestor.prom',
       },
       'c.json',
@@ -153,6 +153,10 @@ describe('parseConfig (pure)', () => {
     expect(c.replica.hostOverride).toBe('127.0.0.1');
     expect(c.receiver.lockTimeoutSec).toBe(0);
     expect(c.limits.bandwidthMBps).toBe(12.5);
+  });
+
+  it('probe.timeoutMs is gone (the probes never read the config): setting it is an unknown key', () => {
+    expect(() => parseConfig({ probe: { timeoutMs: 500 } }, 'c.json')).toThrow(/c\.json: probe: unknown key/);
   });
 
   it('describeConfigErrors formats raw zod issues', () => {
@@ -221,8 +225,8 @@ describe('loadConfig (real files)', () => {
 
   it('ONESTOR_AGENT_CONFIG picks the file when no argument is given', async () => {
     const f = join(dir, 'env.json');
-    await writeFile(f, JSON.stringify({ probe: { timeoutMs: 900 } }));
-    expect((await loadConfig({ env: { ONESTOR_AGENT_CONFIG: f } })).probe.timeoutMs).toBe(900);
+    await writeFile(f, JSON.stringify({ limits: { transferTimeoutSec: 900 } }));
+    expect((await loadConfig({ env: { ONESTOR_AGENT_CONFIG: f } })).limits.transferTimeoutSec).toBe(900);
   });
 
   it('invalid JSON and non-object JSON name the file', async () => {

@@ -35,3 +35,36 @@ describe('CLI flags -> config overrides', () => {
     expect(() => parseFlags(['--frobnicate'])).toThrow(/frobnicate/);
   });
 });
+
+describe('receiver flags: both entries, one schema, one set of defaults', () => {
+  it('receiver-main takes the receive flags and validates them as config', async () => {
+    const { parseReceiverArgs } = await import('../../agent/cmd-receive.js');
+    const o = parseReceiverArgs(['--snaps-dir', '/snaps', '--lock-timeout', '5', '--max-sessions', '2', '--busy-wait', '1', '--idle-timeout', '30', '--max-used-percent', '80']);
+    expect(o).toMatchObject({ snapsDir: '/snaps', lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 1, idleTimeoutSec: 30, maxUsedPercent: 80, spaceCheck: true });
+  });
+
+  it('unset flags take the same defaults as `onestor-agent receive` (config schema, upstream sshrc)', async () => {
+    const { parseReceiverArgs, receiverOptionsFrom } = await import('../../agent/cmd-receive.js');
+    const { DEFAULT_DRIVER_SETTINGS, RECEIVER_DEFAULTS } = await import('../../lib/shared/defaults.js');
+    const viaMain = parseReceiverArgs(['--snaps-dir', '/snaps']);
+    // the stand-alone entry resolves the identity itself (--host, else sshd's key fingerprint, else refused)
+    const viaReceive = receiverOptionsFrom(parseConfig({ receiver: { snapsDir: '/snaps' } }, 'test'), DEFAULT_DRIVER_SETTINGS, '', undefined);
+    const { log: _l, allowUnidentified, ...main } = viaMain;
+    expect(allowUnidentified).toBe(false);
+    expect(main).toEqual(viaReceive);
+    // the unified values: the config's busy wait (300 s) and session cap (256), upstream's lock timeout and fill limit
+    expect(viaMain).toMatchObject({ busyWaitSec: RECEIVER_DEFAULTS.busyWaitSec, maxSessions: 4, lockTimeoutSec: 600, maxUsedPercent: 90, idleTimeoutSec: 900 });
+    expect(RECEIVER_DEFAULTS.busyWaitSec).toBe(300);
+  });
+
+  it('refuses what the schema refuses, a missing SNAPS and flags of other commands', async () => {
+    const { parseReceiverArgs } = await import('../../agent/cmd-receive.js');
+    const field = (argv: string[]) => thrownOnestorError(() => parseReceiverArgs(argv));
+    expect(field(['--snaps-dir', '/s', '--max-sessions', '300']).context.field).toBe('receiver.maxSessions');
+    expect(field(['--snaps-dir', 'relative']).context.field).toBe('receiver.snapsDir');
+    expect(field(['--lock-timeout', '5']).context.field).toBe('--snaps-dir');
+    expect(field(['--snaps-dir', '/s', '--vm', '3']).context.field).toBe('--vm');
+    expect(field(['--snaps-dir', '/s', '--busy-wait', 'x']).code).toBe('E_CONFIG');
+    expect(field(['--snaps-dir', '/s', 'extra']).code).toBe('E_CONFIG');
+  });
+});

@@ -22,7 +22,8 @@ const ALLOWED: Record<string, readonly string[]> = {
   config: ['shared', 'discover'],
   libvirt: ['shared'],
   transfer: ['shared', 'protocol'],
-  cycle: ['shared', 'protocol', 'libvirt', 'transfer', 'discover'],
+  // the replica is a port (cycle/ports.ts): agent/ wires lib/transfer's client into it
+  cycle: ['shared', 'protocol', 'libvirt'],
   daemon: ['shared'],
   // monitoring probes read the agent's state file (cycle/state.ts) and nothing else of the cycle
   monitor: ['shared', 'cycle'],

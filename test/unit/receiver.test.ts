@@ -11,6 +11,7 @@ import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../lib/shared/exec.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
+import { Exit } from '../../lib/shared/exit-codes.js';
 import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { uploadKeyFor } from '../../lib/replica/ownership.js';
@@ -276,7 +277,7 @@ describe('receiver: hostile and broken input', () => {
       expect((await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' })).type).toBe('ok');
       const r = await p.ask(msg);
       expect(r).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
-      expect(await p.done).toBe(2);
+      expect(await p.done).toBe(Exit.PROTOCOL);
     }
     for (const key of ['../../1/disk.0.snap/base.1', '..', '/etc/passwd', 'a'.repeat(129), '']) {
       const p = rawPeer(snaps);
@@ -284,18 +285,18 @@ describe('receiver: hostile and broken input', () => {
       expect((await p.ask({ type: 'open', vm: 1, disk: 0 })).type).toBe('ok');
       const r = await p.ask({ type: 'put', kind: 'base1', size: 10, key });
       expect(r).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
-      expect(await p.done).toBe(2);
+      expect(await p.done).toBe(Exit.PROTOCOL);
     }
     // Wrong protocol version, messages before hello, garbage frames
     const v = rawPeer(snaps);
     expect(await v.ask({ type: 'hello', protocol: 2, agentVersion: 't', host: 'h' })).toMatchObject({ code: 'E_PROTOCOL' });
-    expect(await v.done).toBe(2);
+    expect(await v.done).toBe(Exit.PROTOCOL);
     const early = rawPeer(snaps);
     expect(await early.ask({ type: 'open', vm: 1, disk: 0 })).toMatchObject({ code: 'E_PROTOCOL' });
     const junk = rawPeer(snaps);
     junk.raw(Buffer.from([0, 0, 0, 1, 9, 0]));
     expect(await junk.next()).toMatchObject({ code: 'E_PROTOCOL' });
-    expect(await junk.done).toBe(2);
+    expect(await junk.done).toBe(Exit.PROTOCOL);
     // the replica-wide sweep stamp a hello may write is housekeeping, not something the input changed
     const noSweep = (t: Record<string, string>) => Object.fromEntries(Object.entries(t).filter(([k]) => !k.includes('/.onestor/sweep.')));
     expect(noSweep(await treeSnapshot(snaps))).toEqual(noSweep(before));
@@ -339,7 +340,7 @@ describe('receiver: hostile and broken input', () => {
     expect(
       await p.ask({ type: 'publish', mode: 'full', checkpoint: 'z', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base1: 'k1' }),
     ).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
-    expect(await p.done).toBe(2);
+    expect(await p.done).toBe(Exit.PROTOCOL);
 
     const p2 = rawPeer(snaps);
     await p2.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
@@ -372,7 +373,7 @@ describe('receiver: hostile and broken input', () => {
     // The link dies mid-frame: a header announcing more than arrives.
     p.raw(Buffer.concat([encodeData(data.subarray(half, half + 1000))[0], data.subarray(half, half + 10)]));
     p.cut();
-    expect(await p.done).toBe(2);
+    expect(await p.done).toBe(Exit.PROTOCOL);
 
     const s = await session(snaps);
     const d = await s.conn.openDisk(3, 0);

@@ -1,0 +1,223 @@
+/**
+ * runVmCycle's logic with fake ports (no libvirt, no qemu-img, no replica, no state file): what it
+ * captures and sends, what it records, and how it tells a shutdown (E_ABORTED: the previous snapshot
+ * stands, no failure counted) from a failure. The real adapters are tested against real daemons in
+ * test/integration/.
+ */
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runVmCycle, type CycleDeps, type CycleLibvirt } from '../../lib/cycle/cycle.js';
+import { cachedSha256 } from '../../lib/cycle/digest.js';
+import type { CaptureRequest, CaptureResult } from '../../lib/cycle/capture.js';
+import type { ReplicaDiskSession, ReplicaPort } from '../../lib/cycle/ports.js';
+import { diskKey, emptyState, type AgentState } from '../../lib/cycle/state.js';
+import { ErrorCodes, OnestorError } from '../../lib/shared/errors.js';
+import type { EligibleDisk, ReplicaManifest } from '../../lib/shared/model.js';
+
+const DS = '/ds/100';
+const disk: EligibleDisk = {
+  vmId: 42,
+  diskId: 0,
+  dsId: 100,
+  dsDir: DS,
+  vmDir: `${DS}/42`,
+  domainName: 'one-42',
+  freqSeconds: 600,
+  replicaHost: 'replica',
+  snapDir: `${DS}/42/disk.0.snap`,
+  basePath: `${DS}/42/disk.0.snap/base`,
+  base1Path: `${DS}/42/disk.0.snap/base.1`,
+};
+const BASE_SHA = 'b'.repeat(64);
+
+function manifest(checkpoint: string, over: Partial<ReplicaManifest> = {}): ReplicaManifest {
+  return { version: 1, vmId: 42, diskId: 0, checkpoint, capturedAt: 1000, publishedAt: 1001, consistency: 'crash-consistent', mode: 'full', base: { size: 100, sha256: BASE_SHA }, base1: { size: 10 }, ...over };
+}
+
+interface World {
+  deps: CycleDeps;
+  state: AgentState;
+  calls: string[];
+  captures: CaptureRequest[];
+  uploads: Array<{ kind: string; file: string }>;
+  published: unknown[];
+  deleted: string[];
+  lockHeld: boolean;
+}
+
+function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: string[]; state?: AgentState; sha256?: CycleDeps['digests']['sha256']; upload?: ReplicaDiskSession['upload']; lockVm?: CycleDeps['locks']['lockVm']; transferTimeoutMs?: number } = {}): World {
+  const w: World = { deps: undefined as never, state: opts.state ?? emptyState(0), calls: [], captures: [], uploads: [], published: [], deleted: [], lockHeld: false };
+  let checkpoints = [...(opts.libvirtCheckpoints ?? [])];
+  const libvirt = {
+    domainRunning: async () => true,
+    domainId: async () => 1,
+    diskBitmaps: async () => null,
+    removeBitmap: async () => 'removed',
+    domainView: async () => ({ disks: [{ target: 'vda', source: disk.base1Path }], hasGuestAgentChannel: false }),
+    checkpointNames: async () => [...checkpoints],
+    checkpointBitmapHealthy: async () => true,
+    checkpointXml: async (_d: string, name: string) => `<domaincheckpoint><name>${name}</name></domaincheckpoint>`,
+    checkpointRedefine: async () => {},
+    checkpointDelete: async (_d: string, name: string) => {
+      w.deleted.push(name);
+      checkpoints = checkpoints.filter((c) => c !== name);
+    },
+  } as unknown as CycleLibvirt;
+  const onReplica = opts.onReplica ?? null;
+  const session: ReplicaDiskSession = {
+    manifest: onReplica,
+    baseOnReplica: onReplica ? onReplica.base : null,
+    upload:
+      opts.upload ??
+      (async (kind, file) => {
+        w.uploads.push({ kind, file });
+        return { bytes: 10, resumedFrom: 0 };
+      }),
+    publishFull: async (a) => {
+      w.published.push({ mode: 'full', ...a });
+      return manifest(a.checkpoint!);
+    },
+    publishIncremental: async (a) => {
+      w.published.push({ mode: 'incremental', ...a });
+      return manifest(a.checkpoint, { mode: 'incremental' });
+    },
+    close: async () => void w.calls.push('close'),
+  };
+  const replica: ReplicaPort = { status: async () => (onReplica ? [onReplica] : []), openDisk: async () => session };
+  w.deps = {
+    libvirt,
+    qemuImg: { info: async () => ({ virtualSize: 1 << 20 }) as never, checkLive: async () => ({ corruptions: 0, leaks: 0, errors: [], ms: 1 }) },
+    replicaFor: async () => replica,
+    state: {
+      // no yield marker can exist there: the migration watch finds none
+      dir: '/nonexistent/onestor-state',
+      loadOrReset: async () => ({ state: structuredClone(w.state) }),
+      update: async (fn) => {
+        const cur = structuredClone(w.state);
+        w.state = fn(cur) ?? cur;
+        return w.state;
+      },
+    },
+    staging: {
+      capture: async (req): Promise<CaptureResult> => {
+        w.captures.push(req);
+        checkpoints.push(req.checkpointName);
+        return { checkpoint: req.checkpointName, consistency: 'crash-consistent', capturedAtMs: 5_000_000, jobMs: 1, thinMs: 1, disks: req.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, file: `${req.stagingDir}/disk.${d.diskId}.out`, virtualSize: d.virtualSize })) };
+      },
+      clean: async (dir) => void w.calls.push(`clean ${dir}`),
+    },
+    locks: {
+      lockVm:
+        opts.lockVm ??
+        (async (root, vmId) => {
+          w.calls.push(`lock ${root} ${vmId}`);
+          w.lockHeld = true;
+          return { release: async () => void (w.lockHeld = false) };
+        }),
+    },
+    digests: {
+      identity: async () => ({ identity: 'id', size: 100, devIno: '1:2' }),
+      sha256: opts.sha256 ?? (async () => ({ sha256: BASE_SHA, size: 100, identity: 'id', fromCache: false })),
+    },
+    log: pino({ level: 'silent' }),
+    hostName: 'host-a',
+    stagingDirName: '.onestor',
+    captureTimeoutMs: 60_000,
+    ...(opts.transferTimeoutMs ? { transferTimeoutMs: opts.transferTimeoutMs } : {}),
+    stagingMinFreePercent: 5,
+    tryFreeze: false,
+    now: () => 5_000_000,
+  };
+  return w;
+}
+
+const req = (signal?: AbortSignal) => ({ vmId: 42, domainName: 'one-42', dsDir: DS, disks: [disk], ...(signal ? { signal } : {}) });
+
+describe('runVmCycle with fake ports', () => {
+  it('seed: a replica without lineage gets base and a full base.1, under the VM lock, staging cleaned', async () => {
+    const w = world();
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: true, mode: 'full', bytes: 20 });
+    expect(w.calls[0]).toBe(`lock ${DS}/.onestor 42`);
+    expect(w.lockHeld).toBe(false);
+    expect(w.captures[0]!.stagingDir).toBe(`${DS}/.onestor/42`);
+    expect(w.captures[0]!.disks[0]).toMatchObject({ mode: 'full', virtualSize: 1 << 20, target: 'vda' });
+    expect(w.uploads.map((u) => u.kind)).toEqual(['base', 'base1']);
+    expect(w.published[0]).toMatchObject({ mode: 'full', sourceHost: 'host-a', base: `base-${BASE_SHA.slice(0, 32)}` });
+    expect(w.calls).toContain(`clean ${DS}/.onestor/42`);
+    const d = w.state.disks[diskKey(42, 0)]!;
+    expect(d).toMatchObject({ checkpoint: o!.checkpoint, failCount: 0, base1Identity: '1:2' });
+    expect(d.checkpointXml).toContain(o!.checkpoint!);
+    expect(w.state.baseDigests[disk.basePath]).toMatchObject({ sha256: BASE_SHA });
+  });
+
+  it('steady state: incremental from the confirmed checkpoint, which is retired after the publish', async () => {
+    const state = emptyState(0);
+    state.disks[diskKey(42, 0)] = { vmId: 42, diskId: 0, checkpoint: 'onestor-42-1-aaaaaa', base1Identity: '1:2', failCount: 0 };
+    const w = world({ onReplica: manifest('onestor-42-1-aaaaaa'), libvirtCheckpoints: ['onestor-42-1-aaaaaa'], state });
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: true, mode: 'incremental' });
+    expect(w.captures[0]!.disks[0]).toMatchObject({ mode: 'incremental', parentCheckpoint: 'onestor-42-1-aaaaaa' });
+    expect(w.uploads.map((u) => u.kind)).toEqual(['inc']);
+    expect(w.published[0]).toMatchObject({ mode: 'incremental', parentCheckpoint: 'onestor-42-1-aaaaaa' });
+    expect(w.deleted).toEqual(['onestor-42-1-aaaaaa']);
+  });
+
+  describe('abort while hashing the base image', () => {
+    let dir: string;
+    beforeAll(async () => {
+      dir = await mkdtemp(path.join(os.tmpdir(), 'cycle-ports-'));
+      await writeFile(path.join(dir, 'base'), Buffer.alloc(8 << 20, 7));
+    });
+    afterAll(() => rm(dir, { recursive: true, force: true }));
+
+    it('is an abort (E_ABORTED, no failure recorded), not E_INTERNAL', async () => {
+      const ac = new AbortController();
+      // the real hashing adapter, aborted once it has started reading
+      const w = world({
+        sha256: (_f, cached, signal) => {
+          const p = cachedSha256(path.join(dir, 'base'), cached, signal);
+          ac.abort();
+          return p;
+        },
+      });
+      const [o] = await runVmCycle(w.deps, req(ac.signal));
+      expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.ABORTED } });
+      expect(w.captures).toEqual([]);
+      const d = w.state.disks[diskKey(42, 0)];
+      expect(d?.failCount ?? 0).toBe(0);
+      expect(d?.lastError).toBeUndefined();
+      expect(w.lockHeld).toBe(false);
+    });
+  });
+
+  it('a transfer past limits.transferTimeoutSec fails the disk with E_TIMEOUT (counted), unlike an abort', async () => {
+    const w = world({
+      transferTimeoutMs: 30,
+      // like the real client: stops between chunks when its signal fires
+      upload: (_k, _f, o) =>
+        new Promise((_resolve, reject) => {
+          o.signal?.addEventListener('abort', () => reject(new OnestorError(ErrorCodes.ABORTED, 'upload aborted')));
+        }),
+    });
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.TIMEOUT } });
+    expect(w.state.disks[diskKey(42, 0)]).toMatchObject({ failCount: 1, lastError: { code: ErrorCodes.TIMEOUT } });
+    expect(w.calls).toContain('close');
+  });
+
+  it('the VM lock not acquired: every disk fails with the lock error, nothing captured', async () => {
+    const w = world({
+      lockVm: async () => {
+        throw new OnestorError(ErrorCodes.LOCK_TIMEOUT, 'held');
+      },
+    });
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.LOCK_TIMEOUT } });
+    expect(o!.error!.message).toMatch(/another cycle of VM 42/);
+    expect(w.captures).toEqual([]);
+  });
+});
