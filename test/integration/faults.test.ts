@@ -12,6 +12,7 @@ import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
 import { startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
 import type { OneVm } from '../harness/one-layout.js';
 import { guestWrite } from '../harness/guest.js';
+import { devKey, heldFlocks } from '../../lib/replica/reservations.js';
 import { run } from '../../lib/shared/exec.js';
 import {
   chainFacts,
@@ -440,20 +441,21 @@ describe('load: more hosts than receiver sessions', () => {
   }, 300_000);
 });
 
-/** Slot locks held right now: `flock` holder processes on SNAPS/.onestor/slots/slot.N (waiters use -n and exit at once). */
+/** Slot locks held right now: slot files whose inode the kernel lists as a held flock in /proc/locks (a waiter is not). */
 function heldSlots(slotsDir: string): number {
-  const flocks: string[] = [];
-  const parents = new Set<string>();
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue;
-    try {
-      parents.add(readFileSync(`/proc/${d}/stat`, 'utf8').replace(/^.*\) /, '').split(' ')[1]!);
-      const cmd = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
-      if (cmd[0] === 'flock' && cmd.some((a) => a.startsWith(path.join(slotsDir, 'slot.')))) flocks.push(d);
-    } catch {
-      // gone meanwhile
-    }
+  let names: string[];
+  try {
+    names = readdirSync(slotsDir).filter((n) => /^slot\.\d+$/.test(n));
+  } catch {
+    return 0;
   }
-  // a failed `flock -n` attempt exits without starting its command: only holders have a child
-  return flocks.filter((pid) => parents.has(pid)).length;
+  const held = heldFlocks(readFileSync('/proc/locks', 'utf8'));
+  return names.filter((n) => {
+    try {
+      const st = statSync(path.join(slotsDir, n));
+      return held.has(devKey(st.dev, st.ino));
+    } catch {
+      return false; // gone meanwhile
+    }
+  }).length;
 }
