@@ -3,7 +3,7 @@
  * and a pool of replica connections kept open across cycles (a small cycle must not pay a handshake).
  */
 import os from 'node:os';
-import { readFile, access } from 'node:fs/promises';
+import { access } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { loadConfig, DEFAULT_IDENTITY_FILE, DEFAULT_KNOWN_HOSTS_FILE, type Config } from '../lib/config/config.js';
@@ -12,15 +12,14 @@ import type { DriverSettings } from '../lib/shared/model.js';
 import { Virsh } from '../lib/libvirt/virsh.js';
 import { VirshPort } from '../lib/cycle/libvirt-port.js';
 import { QemuImg } from '../lib/libvirt/qemu-img.js';
-import { ReplicaClient } from '../lib/transfer/replica-client.js';
+import type { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { StateStore } from '../lib/cycle/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
-export const VERSION: string = await readFile(new URL('../../package.json', import.meta.url), 'utf8')
-  .then((t) => String((JSON.parse(t) as { version?: string }).version ?? '0.0.0'))
-  .catch(() => '0.0.0');
+import { VERSION } from './version.js';
+export { VERSION };
 
 export interface AgentContext {
   config: Config;
@@ -57,6 +56,8 @@ export class ReplicaPool {
     const r = this.config.replica;
     const login = await resolveReplicaLogin(r);
     if (login.notes.length) this.log.info({ replica: addr, user: login.user, identity: login.identityFile, knownHosts: login.knownHostsFile }, login.notes.join('; '));
+    // ssh2 (and its crypto) loads with the first connection, not at start: an idle daemon never needs it
+    const { ReplicaClient } = await import('../lib/transfer/replica-client.js');
     const p = ReplicaClient.connect({
       host: addr,
       port: r.port,

@@ -30,6 +30,10 @@ const OPTIONS = {
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
   'log-level': { type: 'string' },
+  // probe
+  state: { type: 'string' },
+  'deadline-ms': { type: 'string' },
+  prometheus: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];

@@ -10,8 +10,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseOneTemplate } from '../../lib/monitor/one-template.js';
-import { renderDsXml, renderVmXml } from '../harness/one-layout.js';
-import { makeTempDir } from '../harness/tmp.js';
+import { renderDsXml, renderVmXml } from '../../dev/one-layout.js';
+import { makeTempDir } from '../../dev/tmp.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 let work: string;

@@ -2,8 +2,8 @@ import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { summarizeAgent } from '../../lib/monitor/probe-lines.js';
-import { agentMetrics, escapeLabelValue, formatMetrics, writeTextfile } from '../../lib/monitor/prometheus.js';
+import { assess } from '../../lib/monitor/assessment.js';
+import { escapeLabelValue, formatMetrics, metricsText, writeTextfile } from '../../lib/monitor/prometheus.js';
 import type { AgentState } from '../../lib/cycle/state.js';
 
 const NOW = 1_732_440_000;
@@ -46,8 +46,7 @@ const state: AgentState = {
 
 describe('prometheus textfile', () => {
   it('same figures as the probe, labelled by vm and disk, with a timestamp metric', () => {
-    const s = summarizeAgent({ now: NOW, stateFile: '/s', state, probeVersion: '0' });
-    const m = parseExposition(formatMetrics(agentMetrics(s, s.reports, NOW, state.host)));
+    const m = parseExposition(metricsText(assess({ now: NOW, stateFile: '/s', state }), NOW, state.host));
     const host = `host="${escapeLabelValue(state.host!)}"`;
     expect(m.get('onestor_probe_timestamp_seconds')).toEqual([{ labels: host, value: NOW }]);
     expect(m.get('onestor_agent_up')![0]!.value).toBe(1);

@@ -5,11 +5,11 @@
  * never from the client.
  */
 import type { Logger } from 'pino';
-import { Exit } from './exit-codes.js';
-import { overridesFrom, type Flags } from './flags.js';
-import { loadConfig } from '../lib/config/config.js';
-import { readSshrc } from '../lib/config/sshrc.js';
-import { runReceiver } from '../lib/replica/receiver.js';
+import { Exit } from '../exit-codes.js';
+import { overridesFrom, type Flags } from '../flags.js';
+import { loadConfig } from '../../lib/config/config.js';
+import { readSshrc } from '../../lib/config/sshrc.js';
+import { runReceiver } from '../../lib/replica/receiver.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });

@@ -1,0 +1,177 @@
+/**
+ * What each command is, for `--help`: usage, options and exit codes per command. Pure data and string
+ * formatting, so the entry can print help without loading any command (and a test can check it).
+ */
+import { Exit } from '../exit-codes.js';
+
+export interface CommandSpec {
+  name: string;
+  summary: string;
+  usage: string;
+  /** [flag, meaning] specific to this command */
+  options: ReadonlyArray<readonly [string, string]>;
+  /** takes the common config options (config file, paths, replica login, log level) */
+  common: boolean;
+  exits: ReadonlyArray<readonly [number, string]>;
+  /** where pino logs go; false = the command builds no logger (probe: start-up time matters) */
+  logs: 'stdout' | 'stderr' | false;
+}
+
+const USAGE_EXIT = [Exit.USAGE, 'usage or configuration error'] as const;
+
+/** Common options (each overrides the config file); `receive`-only ones are listed with receive. */
+export const COMMON_OPTIONS: ReadonlyArray<readonly [string, string]> = [
+  ['--config FILE', 'agent config (JSON; default /etc/onestor-agent/config.json)'],
+  ['--datastores DIR', 'DATASTORE_LOCATION (default /var/lib/one/datastores)'],
+  ['--state-dir DIR', 'agent state (default /var/lib/one/onestor-agent)'],
+  ['--libvirt-uri URI', 'libvirt connection (default qemu:///system)'],
+  ['--sshrc FILE', 'ssh TM driver settings (default remotes/etc/tm/ssh/sshrc)'],
+  ['--replica-host HOST', 'connect here instead of REPLICA_HOST / REPLICA_STORAGE_IP'],
+  ['--replica-port N', 'SSH port of the replica (default 22)'],
+  ['--replica-user USER', 'SSH user on the replica (default: the user running the agent, oneadmin under systemd, as upstream\'s ssh does)'],
+  ['--identity FILE', 'private key for the replica (default: the dedicated key install.sh makes, /var/lib/one/.ssh/onestor_replica_ed25519, else ~/.ssh/id_*)'],
+  ['--known-hosts FILE', 'known_hosts for the replica\'s host key (default: /var/lib/one/.ssh/known_hosts, else ~/.ssh/known_hosts)'],
+  ['--accept-new-host-key', 'record an unknown replica host key (a changed key is always refused)'],
+  ['--receiver-command CMD', 'command run on the replica (default "onestor-agent receive")'],
+  ['--bandwidth-mbps N', 'cap on what this host sends, all transfers together (MB/s; 0 = none)'],
+  ['--log-level LEVEL', 'trace|debug|info|warn|error (default info)'],
+];
+
+export const COMMANDS: readonly CommandSpec[] = [
+  {
+    name: 'run',
+    summary: 'the daemon (systemd): snapshot every protected disk on its schedule',
+    usage: 'onestor-agent run [options]',
+    options: [],
+    common: true,
+    exits: [
+      [Exit.OK, 'stopped on SIGTERM/SIGINT after winding down its cycles'],
+      [Exit.FAILED, 'could not start (state dir, libvirt, ...)'],
+      USAGE_EXIT,
+    ],
+    logs: 'stdout',
+  },
+  {
+    name: 'status',
+    summary: 'am I protected? one line per disk, the verdict shared with the probes and Prometheus',
+    usage: 'onestor-agent status [--json] [options]',
+    options: [['--json', 'the report as JSON']],
+    common: true,
+    exits: [
+      [Exit.OK, 'every protected disk has a current snapshot (or is still getting its first one)'],
+      [Exit.FAILED, 'unexpected error'],
+      USAGE_EXIT,
+      [Exit.NOT_PROTECTED, 'a protected disk is overdue or failing'],
+      [Exit.DAEMON_DOWN, 'protected disks exist but the daemon is not running (heartbeat older than 180 s)'],
+    ],
+    logs: 'stderr',
+  },
+  {
+    name: 'list',
+    summary: 'discovery only: which disks are protected, which are not and why',
+    usage: 'onestor-agent list [--json] [options]',
+    options: [['--json', 'eligible and ineligible disks as JSON']],
+    common: true,
+    exits: [[Exit.OK, 'listed'], [Exit.FAILED, 'unexpected error'], USAGE_EXIT],
+    logs: 'stderr',
+  },
+  {
+    name: 'snapshot',
+    summary: 'take one snapshot cycle now and print what it did',
+    usage: 'onestor-agent snapshot --vm ID [--disk N] [--full] [--json] [options]',
+    options: [
+      ['--vm ID', 'the VM (required)'],
+      ['--disk N', 'only this disk (default: every protected disk of the VM, in one backup job)'],
+      ['--full', 'send a full snapshot even when an incremental is possible'],
+      ['--json', 'the outcome of each disk as JSON'],
+    ],
+    common: true,
+    exits: [
+      [Exit.OK, 'every disk published'],
+      [Exit.FAILED, 'a disk failed, or nothing to snapshot for that VM/disk'],
+      USAGE_EXIT,
+      [Exit.INTERRUPTED, 'interrupted (SIGINT/SIGTERM); the replica keeps its previous snapshot'],
+    ],
+    logs: 'stderr',
+  },
+  {
+    name: 'receive',
+    summary: 'replica side: the receiver run by sshd (authorized_keys forced command)',
+    usage: 'onestor-agent receive [--snaps-dir DIR] [--max-sessions N] [--no-space-check] [options]',
+    options: [
+      ['--snaps-dir DIR', 'REPLICA_RECOVERY_SNAPS_DIR override'],
+      ['--max-sessions N', 'concurrent sessions on this replica (others wait, then E_BUSY)'],
+      ['--no-space-check', 'no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)'],
+    ],
+    common: true,
+    exits: [[Exit.OK, 'session ended cleanly'], [Exit.FAILED, 'session ended in error (or SFTP refused)'], USAGE_EXIT],
+    logs: 'stderr',
+  },
+  {
+    name: 'probe',
+    summary: 'OpenNebula monitoring probe output (reads state, never snapshots)',
+    usage: 'onestor-agent probe <vm-snapshot|host-monitor|replica-ds> [options]',
+    options: [
+      ['--state-dir DIR', 'agent state dir (default /var/lib/one/onestor-agent)'],
+      ['--state FILE', 'the state file itself (overrides --state-dir; env ONESTOR_STATE_FILE)'],
+      ['--datastores DIR', 'DATASTORE_LOCATION (default: from monitord\'s XML on stdin)'],
+      ['--deadline-ms N', 'answer within this many ms whatever hangs (default 5000)'],
+      ['--prometheus FILE', 'also write a Prometheus textfile (env ONESTOR_PROMETHEUS_FILE)'],
+    ],
+    common: false,
+    exits: [[Exit.OK, 'always, even on errors (they are printed as ERROR lines): monitord drops every probe of a directory when one exits non-zero']],
+    logs: false,
+  },
+  {
+    name: 'demo',
+    summary: 'throwaway libvirtd + tiny VM + loopback replica, then real cycles (needs install.sh --dev)',
+    usage: 'onestor-agent demo [--keep]',
+    options: [['--keep', 'leave libvirtd, sshd and the files in place at the end']],
+    common: false,
+    exits: [[Exit.OK, 'the VM ended up protected and the recover drill matched'], [Exit.FAILED, 'a step failed'], [Exit.USAGE, 'not run as root']],
+    logs: 'stderr',
+  },
+];
+
+export function commandSpec(name: string): CommandSpec | undefined {
+  return COMMANDS.find((c) => c.name === name);
+}
+
+function table(rows: ReadonlyArray<readonly [string, string]>, indent = 2): string {
+  const w = Math.min(24, Math.max(...rows.map(([a]) => a.length)));
+  return rows.map(([a, b]) => `${' '.repeat(indent)}${a.length > w ? `${a}\n${' '.repeat(indent + w + 2)}` : a.padEnd(w + 2)}${b}`).join('\n');
+}
+
+/** `onestor-agent CMD --help`. */
+export function commandHelp(spec: CommandSpec): string {
+  const parts = [`onestor-agent ${spec.name} — ${spec.summary}`, '', `Usage: ${spec.usage}`];
+  if (spec.options.length) parts.push('', 'Options:', table(spec.options));
+  if (spec.common) parts.push('', 'Common options (each overrides the config file):', table(COMMON_OPTIONS));
+  parts.push('', 'Exit codes:', table(spec.exits.map(([c, m]) => [String(c), m] as const)));
+  return `${parts.join('\n')}\n`;
+}
+
+/** `onestor-agent --help`. */
+export function generalHelp(): string {
+  return [
+    'onestor-agent — point-in-time recovery snapshots of running OpenNebula KVM disks',
+    '',
+    'Usage: onestor-agent <command> [options]',
+    '',
+    'Commands:',
+    table([...COMMANDS.map((c) => [c.name, c.summary] as const), ['help [COMMAND]', 'this text, or one command\'s usage, options and exit codes'], ['--version', 'version of the agent and of Node']]),
+    '',
+    "Run 'onestor-agent COMMAND --help' for a command's options and exit codes.",
+    '',
+    'Exit codes (all commands):',
+    table([
+      [String(Exit.OK), 'ok'],
+      [String(Exit.FAILED), 'a cycle/session failed'],
+      [String(Exit.USAGE), 'usage or configuration error'],
+      [String(Exit.NOT_PROTECTED), 'status: a protected disk is overdue or failing'],
+      [String(Exit.DAEMON_DOWN), 'status: daemon not running'],
+      [String(Exit.INTERRUPTED), 'interrupted'],
+    ]),
+    '',
+  ].join('\n');
+}
