@@ -8,8 +8,7 @@ import { describeError } from '../shared/errors.js';
 import { assess } from './assessment.js';
 import { agentInputs, Budget, probeVersion, type AgentProbeOptions } from './gather.js';
 import { commentLine, hostAgentLines, replicaDsLines, vmSnapshotLines } from './probe-lines.js';
-import { metricsText, writeTextfile } from './prometheus.js';
-import { replicaInputs, type ReplicaProbeOptions } from './replica-gather.js';
+import type { ReplicaProbeOptions } from './replica-gather.js';
 
 export type ProbeKind = 'vm-snapshot' | 'host-monitor' | 'replica-ds';
 export const PROBE_KINDS: readonly ProbeKind[] = ['vm-snapshot', 'host-monitor', 'replica-ds'];
@@ -33,7 +32,9 @@ export async function runProbe(kind: ProbeKind, opts: ProbeOptions = {}): Promis
   const errors: string[] = [];
   const timings: Record<string, number> = {};
   try {
+    // each kind loads only its own gathering (start-up time is most of a probe run)
     if (kind === 'replica-ds') {
+      const { replicaInputs } = await import('./replica-gather.js');
       const input = await replicaInputs(opts, budget, errors, timings);
       return { lines: replicaDsLines(input), errors, timings };
     }
@@ -41,6 +42,7 @@ export async function runProbe(kind: ProbeKind, opts: ProbeOptions = {}): Promis
     const a = assess(input);
     const lines = kind === 'vm-snapshot' ? vmSnapshotLines(input, a) : hostAgentLines({ ...input, probeVersion: probeVersion() }, a);
     if (opts.prometheusFile) {
+      const { metricsText, writeTextfile } = await import('./prometheus.js');
       const w = await writeTextfile(opts.prometheusFile, metricsText(a, input.now, input.state?.host), budget.left());
       if (!w.ok) errors.push(`prometheus textfile: ${w.error}`);
     }
