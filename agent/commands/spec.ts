@@ -53,7 +53,7 @@ export const COMMANDS: readonly CommandSpec[] = [
   },
   {
     name: 'status',
-    summary: 'am I protected? one line per disk, the verdict shared with the probes and Prometheus',
+    summary: 'am I protected? one line per disk, same verdict as the probes',
     usage: 'onestor-agent status [--json] [options]',
     options: [['--json', 'the report as JSON']],
     common: true,
@@ -137,14 +137,36 @@ export function commandSpec(name: string): CommandSpec | undefined {
   return COMMANDS.find((c) => c.name === name);
 }
 
+const WIDTH = 100;
+
+/** Words of `text` in lines of at most `width` characters. */
+function wrap(text: string, width: number): string[] {
+  const lines: string[] = [];
+  let cur = '';
+  for (const word of text.split(' ')) {
+    if (cur && cur.length + 1 + word.length > width) {
+      lines.push(cur);
+      cur = word;
+    } else cur = cur ? `${cur} ${word}` : word;
+  }
+  return [...lines, cur];
+}
+
+/** Two columns; a long first column gets its own line, the second wraps under itself. */
 function table(rows: ReadonlyArray<readonly [string, string]>, indent = 2): string {
   const w = Math.min(24, Math.max(...rows.map(([a]) => a.length)));
-  return rows.map(([a, b]) => `${' '.repeat(indent)}${a.length > w ? `${a}\n${' '.repeat(indent + w + 2)}` : a.padEnd(w + 2)}${b}`).join('\n');
+  const pad = ' '.repeat(indent + w + 2);
+  return rows
+    .map(([a, b]) => {
+      const text = wrap(b, Math.max(30, WIDTH - pad.length)).join(`\n${pad}`);
+      return `${' '.repeat(indent)}${a.length > w ? `${a}\n${pad}` : a.padEnd(w + 2)}${text}`;
+    })
+    .join('\n');
 }
 
 /** `onestor-agent CMD --help`. */
 export function commandHelp(spec: CommandSpec): string {
-  const parts = [`onestor-agent ${spec.name} — ${spec.summary}`, '', `Usage: ${spec.usage}`];
+  const parts = [wrap(`onestor-agent ${spec.name} — ${spec.summary}`, WIDTH).join('\n  '), '', `Usage: ${spec.usage}`];
   if (spec.options.length) parts.push('', 'Options:', table(spec.options));
   if (spec.common) parts.push('', 'Common options (each overrides the config file):', table(COMMON_OPTIONS));
   parts.push('', 'Exit codes:', table(spec.exits.map(([c, m]) => [String(c), m] as const)));
