@@ -86,7 +86,6 @@ try {
   samples.sort((a, b) => a - b);
   console.log(`entry: ${mainJs}`);
   console.log(`real daemon idle, 200 disks / 50 VMs known, ${idleSec} s: RSS max ${(max / 1024).toFixed(1)} MiB, median ${(samples[Math.floor(samples.length / 2)]! / 1024).toFixed(1)} MiB (goal <= 60 MB)`);
-  if (process.env.BENCH_SHOW_STDERR) console.log(stderr.split("\n").filter((l) => l.startsWith("MEM")).slice(-3).join("\n"));
   if (/"level":(50|60)/.test(stderr)) console.log(`daemon errors:\n${stderr.split('\n').filter((l) => /"level":(50|60)/.test(l)).slice(0, 5).join('\n')}`);
 } finally {
   rmSync(root, { recursive: true, force: true });
