@@ -1,34 +1,16 @@
 /**
  * `onestor-agent run`: the daemon. Wiring only — the loop is lib/daemon/loop.ts; this file gives it the
- * real adapters (discovery, the cycle, the state file, staging cleanup, the Prometheus textfile, config
- * reload). The cycle's modules (and ssh2 with them) load at the first cycle, not at start: an idle
- * daemon does not carry them.
+ * real adapters (discovery, the cycle, the state file, the Prometheus textfile, config reload). The
+ * cycle's modules (and ssh2 with them) load at the first cycle, not at start: an idle daemon does not
+ * carry them.
  */
-import path from 'node:path';
-import { readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { rename, rm, writeFile } from 'node:fs/promises';
 import type { Logger } from 'pino';
 import { overridesFrom, type Flags } from '../flags.js';
 import { buildContext, runningDomains, VERSION } from '../context.js';
 import { startDaemon } from '../../lib/daemon/loop.js';
 import { discover } from '../../lib/discover/discover.js';
-import { loadConfig, type Config } from '../../lib/config/config.js';
-
-/** Leftover staging from a crashed run, in every numeric (system datastore) dir. */
-async function cleanAllStaging(config: Config): Promise<number[]> {
-  let names: string[];
-  try {
-    names = await readdir(config.datastoreLocation);
-  } catch {
-    return [];
-  }
-  const { cleanStaleStaging } = await import('../../lib/cycle/capture.js');
-  const removed: number[] = [];
-  for (const n of names) {
-    if (!/^\d+$/.test(n)) continue;
-    removed.push(...(await cleanStaleStaging(path.join(config.datastoreLocation, n, config.stagingDirName))));
-  }
-  return removed;
-}
+import { loadConfig } from '../../lib/config/config.js';
 
 /** Atomic replace (temp in the same dir + rename): a scrape never sees a half-written file. */
 async function writeTextfile(file: string, text: string): Promise<void> {
@@ -61,7 +43,6 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
           const { runVmCycle } = await import('../../lib/cycle/cycle.js');
           return runVmCycle(ctx.cycleDeps(), { ...req, signal });
         },
-        cleanStaleStaging: () => cleanAllStaging(ctx.config),
         reloadConfig: () => loadConfig({ file: f.config, overrides: overrides as never }),
         rebuildState: async () => {
           const { rebuildFromReplicas } = await import('../../lib/cycle/rebuild.js');

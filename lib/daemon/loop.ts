@@ -12,6 +12,7 @@ import type { Logger } from 'pino';
 import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from './schedule.js';
 import { SdNotify } from './sd-notify.js';
 import { applyMarks } from './marks.js';
+import { cleanAllStaging } from './staging.js';
 import { describeError, ErrorCodes } from '../shared/errors.js';
 import { getDisk, diskKey, type AgentState } from '../cycle/state.js';
 import type { EligibleDisk } from '../shared/model.js';
@@ -54,7 +55,7 @@ export interface DaemonDeps {
   /** production: (req, signal) => runVmCycle(cycleDeps, { ...req, signal }) */
   runCycle(req: VmCycleRequest, signal: AbortSignal): Promise<DiskOutcome[]>;
   state: DaemonStatePort;
-  /** remove staging left by a crashed run; returns the VM ids cleaned */
+  /** remove staging left by a crashed run; returns the VM ids cleaned (default: cleanAllStaging) */
   cleanStaleStaging?(): Promise<number[]>;
   /** replace the Prometheus textfile with this text (atomically); absent = no textfile */
   writeMetrics?(text: string): Promise<void>;
@@ -360,7 +361,7 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
         });
         if (n > 0) log.info({ disks: n }, 'state rebuilt from the replica manifests');
       }
-      const cleaned = await (deps.cleanStaleStaging ?? (async () => []))().catch((e: unknown) => {
+      const cleaned = await (deps.cleanStaleStaging ?? (() => cleanAllStaging(config.datastoreLocation, config.stagingDirName)))().catch((e: unknown) => {
         log.warn({ err: describeError(e) }, 'stale staging cleanup failed');
         return [] as number[];
       });
