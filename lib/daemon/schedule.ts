@@ -370,6 +370,12 @@ export class Scheduler {
     return [...this.running.keys()];
   }
 
+  /**
+   * The scheduler's own view on the monotonic clock (same limit as monitor/assessment.ts; a disk that
+   * never succeeded counts from when it became known). Nothing reports it: status, probes, Prometheus
+   * and the daemon's STATUS= line use the assessment of the state file. Tests use it to check that a
+   * wall-clock step makes nothing overdue.
+   */
   overdue(mono: number): OverdueDisk[] {
     const out: OverdueDisk[] = [];
     for (const e of this.entries.values()) {
