@@ -74,7 +74,8 @@ export function parseProbeState(text: string, file: string): AgentState {
   return raw as unknown as AgentState;
 }
 
-export interface VmProbeInput extends AssessInput {}
+/** What the vm/snapshot and host lines are built from (gather.ts fills it). */
+export type VmProbeInput = AssessInput;
 
 // ---------------------------------------------------------------------------------------------
 // vm/snapshot probe
