@@ -20,8 +20,6 @@ export interface AgentProbeOptions {
   /** overrides what stdin says */
   datastoreLocation?: string;
   now?: number;
-  /** false: never look for disks on disk (tests of the state-only path) */
-  discovery?: boolean;
 }
 
 /** The version of the installed probe code (package.json beside dist/ or the source tree). */
@@ -53,7 +51,6 @@ export class Budget {
   }
 }
 
-
 export async function loadState(file: string, budget: Budget, errors: string[]): Promise<{ state: AgentState | null; stateError?: string }> {
   // a blocked state read must leave time for discovery, which then names the disks
   const r = await readFileBounded(file, budget.share(0.4));
@@ -69,7 +66,6 @@ export async function loadState(file: string, budget: Budget, errors: string[]):
     return { state: null, stateError: describeError(e) };
   }
 }
-
 
 /** Which disks asked for protection, by the shell reader in a bounded child (no second Node process). */
 export async function discoverBounded(dsLocation: string, budget: Budget): Promise<Measured<ProtectedDisk[]>> {
@@ -93,7 +89,7 @@ export async function agentInputs(opts: AgentProbeOptions, budget: Budget, error
   let discovered: ProtectedDisk[] | undefined;
   let discoveryError: string | undefined;
   // Only a dead daemon needs discovery: a live one keeps the list of protected disks in its state.
-  if (!assessDaemon(state, stateError, now, stateFile).alive && opts.discovery !== false) {
+  if (!assessDaemon(state, stateError, now, stateFile).alive) {
     t = performance.now();
     const d = await discoverBounded(dsLocationOf(opts), budget);
     timings.discovery = performance.now() - t;
