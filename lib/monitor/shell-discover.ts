@@ -17,7 +17,10 @@
 /** The shell function, byte for byte as in probes/lib-onestor.sh (between the ONESTOR-DISCOVER markers). */
 // String.raw keeps the backslashes as they are; `$\{` stands for `${`, which a template literal cannot hold as text.
 export const PROTECTED_DISKS_SH = String.raw`onestor_protected_disks() {
-    for ds in "$1"/*/; do
+    loc=$1
+    laid=''
+    set --
+    for ds in "$loc"/*/; do
         ds=$\{ds%/}
         case "$\{ds##*/}" in *[!0-9]*|'') continue ;; esac
         [ "$(cat "$ds/.monitor" 2>/dev/null)" = ssh ] || continue
@@ -25,49 +28,54 @@ export const PROTECTED_DISKS_SH = String.raw`onestor_protected_disks() {
             vm=$\{vm%/}
             id=$\{vm##*/}
             case "$id" in *[!0-9]*|'') continue ;; esac
-            laid=''
+            [ -f "$vm/vm.xml" ] && [ -r "$vm/vm.xml" ] || continue
+            found=''
             for base1 in "$vm"/disk.*.snap/base.1; do
                 [ -f "$base1" ] || continue
                 n=$\{base1%.snap/base.1}; n=$\{n##*/disk.}
                 case "$n" in *[!0-9]*|'') continue ;; esac
-                laid="$laid $n"
+                laid="$laid $id:$n"
+                found=1
             done
-            [ -n "$laid" ] && [ -f "$vm/vm.xml" ] || continue
-            awk -v id="$id" -v laid="$laid" '
-                function trim(s) { gsub(/^[ \t\r\n]+|[ \t\r\n]+$/, "", s); return s }
-                BEGIN { RS = "<"; depth = 0; n = split(laid, a, " "); for (i = 1; i <= n; i++) has[a[i]] = 1 }
-                {
-                    rec = $0
-                    if (incdata) {
-                        j = index(rec, "]]>")
-                        if (j) { text = text "<" substr(rec, 1, j - 1); incdata = 0 } else text = text "<" rec
-                        next
-                    }
-                    if (substr(rec, 1, 8) == "![CDATA[") {
-                        body = substr(rec, 9); j = index(body, "]]>")
-                        if (j) text = text substr(body, 1, j - 1); else { text = text body; incdata = 1 }
-                        next
-                    }
-                    c = substr(rec, 1, 1)
-                    if (rec == "" || c == "?" || c == "!") next
-                    gt = index(rec, ">"); if (!gt) next
-                    tag = substr(rec, 1, gt - 1)
-                    if (c == "/") {
-                        if (depth == 4 && path[1] == "VM" && path[2] == "TEMPLATE" && path[3] == "DISK") {
-                            if (path[4] == "DISK_ID") did = trim(text)
-                            else if (path[4] == "RECOVERY_SNAPSHOT_FREQ") freq = trim(text)
-                        }
-                        if (depth == 3 && path[1] == "VM" && path[2] == "TEMPLATE" && path[3] == "DISK" && did != "" && freq != "" && (did in has)) print id, did, freq
-                        depth--
-                        next
-                    }
-                    if (substr(tag, length(tag), 1) == "/") next
-                    sub(/[ \t\r\n].*/, "", tag)
-                    depth++; path[depth] = tag; text = substr(rec, gt + 1)
-                    if (depth == 3) { did = ""; freq = "" }
-                }' "$vm/vm.xml" 2>/dev/null
+            [ -z "$found" ] || set -- "$@" "$vm/vm.xml"
         done
     done
+    [ $# -gt 0 ] || return 0
+    # one awk for every vm.xml (a process per VM would cost a fork each)
+    awk -v laid="$laid" '
+        function trim(s) { gsub(/^[ \t\r\n]+|[ \t\r\n]+$/, "", s); return s }
+        BEGIN { RS = "<"; n = split(laid, a, " "); for (i = 1; i <= n; i++) has[a[i]] = 1 }
+        FNR == 1 { depth = 0; incdata = 0; text = ""; id = FILENAME; sub(/\/vm\.xml$/, "", id); sub(/.*\//, "", id) }
+        {
+            rec = $0
+            if (incdata) {
+                j = index(rec, "]]>")
+                if (j) { text = text "<" substr(rec, 1, j - 1); incdata = 0 } else text = text "<" rec
+                next
+            }
+            if (substr(rec, 1, 8) == "![CDATA[") {
+                body = substr(rec, 9); j = index(body, "]]>")
+                if (j) text = text substr(body, 1, j - 1); else { text = text body; incdata = 1 }
+                next
+            }
+            c = substr(rec, 1, 1)
+            if (rec == "" || c == "?" || c == "!") next
+            gt = index(rec, ">"); if (!gt) next
+            tag = substr(rec, 1, gt - 1)
+            if (c == "/") {
+                if (depth == 4 && path[1] == "VM" && path[2] == "TEMPLATE" && path[3] == "DISK") {
+                    if (path[4] == "DISK_ID") did = trim(text)
+                    else if (path[4] == "RECOVERY_SNAPSHOT_FREQ") freq = trim(text)
+                }
+                if (depth == 3 && path[1] == "VM" && path[2] == "TEMPLATE" && path[3] == "DISK" && did != "" && freq != "" && ((id ":" did) in has)) print id, did, freq
+                depth--
+                next
+            }
+            if (substr(tag, length(tag), 1) == "/") next
+            sub(/[ \t\r\n].*/, "", tag)
+            depth++; path[depth] = tag; text = substr(rec, gt + 1)
+            if (depth == 3) { did = ""; freq = "" }
+        }' "$@" 2>/dev/null
 }`.replaceAll('$\\{', '${');
 
 /** The script a bounded child runs: `sh -c SCRIPT sh DATASTORE_LOCATION`. */
