@@ -8,7 +8,7 @@ import { describeError } from '../shared/errors.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../config/sshrc.js';
 import type { DsFigures, Measured, ReplicaDsInput } from './probe-lines.js';
 import { dsLocationOf, type Budget } from './gather.js';
-import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBounded, writeFileAtomicBounded, type FsFigures } from './usage.js';
+import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary, type FsFigures } from './usage.js';
 
 export const DEFAULT_WALK_CACHE_FILE = '/var/tmp/onestor-agent/probe-walk-cache.json';
 
@@ -27,6 +27,8 @@ export interface ReplicaProbeOptions {
 interface WalkCache {
   version: 1;
   walks: Record<string, { at: number; result: { entries: Array<{ type: string; allocated: number; depth: number; rel: string }>; truncated: boolean; missing: boolean } }>;
+  /** SNAPS/.onestor summaries by snaps dir (only the figures are kept: the walk may hold many temps) */
+  bookkeeping?: Record<string, { at: number; value: BookkeepingSummary & { missing: boolean } }>;
 }
 
 export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<ReplicaDsInput> {
@@ -95,6 +97,15 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
     cacheDirty = true;
     return { ok: true, value: { at: now, result: w.value } };
   };
+  const bookkeepingOf = async (snaps: string): Promise<Measured<BookkeepingSummary & { missing: boolean; measuredAt: number }>> => {
+    const hit = cache.bookkeeping?.[snaps];
+    if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: { ...hit.value, measuredAt: hit.at } };
+    const w = await walkBookkeepingBounded(snaps, maxEntries, budget.left());
+    if (!w.ok) return { ok: false, error: w.error };
+    (cache.bookkeeping ??= {})[snaps] = { at: now, value: w.value };
+    cacheDirty = true;
+    return { ok: true, value: { ...w.value, measuredAt: now } };
+  };
   const fsOf = (p: string): Measured<FsFigures> => {
     const f = figures.get(p);
     return f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' };
@@ -120,6 +131,8 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
       fs: snapsFs?.ok ? { ok: true, value: snapsFs.value } : { ok: false, error: snapsFs && !snapsFs.ok ? snapsFs.error : 'not measured' },
       usage: snapsWalk.ok ? { ok: true, value: { ...summarizeSnaps(snapsWalk.value.result), measuredAt: snapsWalk.value.at } } : snapsWalk,
     };
+    const bk = await bookkeepingOf(snapsDir);
+    if (!(bk.ok && bk.value.missing)) snaps.bookkeeping = bk;
   }
   timings.walks = performance.now() - t;
   if (cacheDirty) {
