@@ -23,6 +23,7 @@ const LOADERS: Record<string, () => Promise<CommandModule>> = {
   receive: () => import('./commands/receive.js'),
   probe: () => import('./commands/probe.js'),
   demo: () => import('./commands/demo.js'),
+  yield: () => import('./commands/yield.js'),
 };
 
 export interface CliIo {
@@ -69,7 +70,8 @@ export async function runCli(argv: string[], io: CliIo = process): Promise<numbe
     if (spec.logs) {
       const { createLogger } = await import('../lib/shared/log.js');
       const toStdout = spec.logs === 'stdout' && !f.json;
-      log = createLogger({ level: f['log-level'] ?? 'info', stream: toStdout ? process.stdout : process.stderr });
+      const sink = spec.logs === 'stderr-dropping' ? ((await import('../lib/replica/stdio.js')).droppingLogSink() as unknown as NodeJS.WritableStream) : null;
+      log = createLogger({ level: f['log-level'] ?? 'info', stream: sink ?? (toStdout ? process.stdout : process.stderr) });
     }
     const mod = await load();
     return await mod.run(f, positionals.slice(1), log as Logger);

@@ -14,7 +14,8 @@ export interface CommandSpec {
   common: boolean;
   exits: ReadonlyArray<readonly [number, string]>;
   /** where pino logs go; false = the command builds no logger (probe: start-up time matters) */
-  logs: 'stdout' | 'stderr' | false;
+  /** receive: stderr through a sink that drops lines the agent does not read (a blocked pipe would freeze the receiver's timers) */
+  logs: 'stdout' | 'stderr' | 'stderr-dropping' | false;
 }
 
 const USAGE_EXIT = [Exit.USAGE, 'usage or configuration error'] as const;
@@ -35,6 +36,7 @@ export const COMMON_OPTIONS: ReadonlyArray<readonly [string, string]> = [
   ['--receiver-command CMD', 'command run on the replica (default "onestor-agent receive")'],
   ['--bandwidth-mbps N', 'cap on what this host sends, all transfers together (MB/s; 0 = none)'],
   ['--log-level LEVEL', 'trace|debug|info|warn|error (default info)'],
+  ['--host-name NAME', "this host's name as recorded on the replica (default: the system's)"],
 ];
 
 export const COMMANDS: readonly CommandSpec[] = [
@@ -95,17 +97,41 @@ export const COMMANDS: readonly CommandSpec[] = [
     logs: 'stderr',
   },
   {
+    name: 'yield',
+    summary: 'let a live migration of the VM through (run by the migration hook)',
+    usage: 'onestor-agent yield --vm ID [--seconds N] [options]',
+    options: [
+      ['--vm ID', 'the VM (required)'],
+      ['--seconds N', 'new cycles of the VM wait until it has left this host or N s pass (default 600); a running backup job of ours is aborted'],
+    ],
+    common: true,
+    exits: [
+      [Exit.OK, 'no backup job of ours holds the domain (or it does not run here)'],
+      [Exit.FAILED, 'a job still runs on the domain after 15 s'],
+      USAGE_EXIT,
+    ],
+    logs: 'stderr',
+  },
+  {
     name: 'receive',
     summary: 'replica side: the receiver run by sshd (authorized_keys forced command)',
-    usage: 'onestor-agent receive [--snaps-dir DIR] [--max-sessions N] [--no-space-check] [options]',
+    usage: 'onestor-agent receive [--host NAME] [--snaps-dir DIR] [--max-sessions N] [options]',
     options: [
+      ['--host NAME', "the writer's name, bound into its key's forced command"],
       ['--snaps-dir DIR', 'REPLICA_RECOVERY_SNAPS_DIR override'],
-      ['--max-sessions N', 'concurrent sessions on this replica (others wait, then E_BUSY)'],
+      ['--max-sessions N', 'concurrent disk sessions on this replica (others wait, then E_BUSY)'],
+      ['--max-sessions-per-host N', 'most sessions one host holds (default half, rounded up)'],
+      ['--hello-timeout S', 'end a session without hello after S seconds (default 30)'],
+      ['--idle-timeout S', 'end a session silent for S seconds (default 900)'],
+      ['--drain-timeout S', 'end a session that does not read a reply for S seconds (default 120)'],
+      ['--progress-window S', 'with a disk open, each S seconds of waiting must bring at least --min-progress-kib (default 60)'],
+      ['--min-progress-kib K', 'see --progress-window (default 1024)'],
+      ['--max-session-time S', 'most agent time one disk session may hold its slot (default 86400)'],
       ['--no-space-check', 'no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)'],
     ],
     common: true,
     exits: [[Exit.OK, 'session ended cleanly'], [Exit.FAILED, 'session ended in error (or SFTP refused)'], USAGE_EXIT],
-    logs: 'stderr',
+    logs: 'stderr-dropping',
   },
   {
     name: 'probe',

@@ -27,6 +27,8 @@ export const ErrorCodes = {
   VANISHED: 'E_VANISHED', // replica VM dir removed during the session
   STATE: 'E_STATE', // agent state file unreadable / corrupt
   ABORTED: 'E_ABORTED', // cancelled (SIGTERM, timeout)
+  YIELDED: 'E_YIELDED', // gave way to a live migration of the VM (yield marker or migration seen); retried
+  SOURCE_DAMAGED: 'E_SOURCE_DAMAGED', // qemu-img check found errors in the host's base.1: replica snapshot kept
   INTERNAL: 'E_INTERNAL',
 } as const;
 
