@@ -13,7 +13,7 @@ import type { DriverSettings } from '../lib/shared/model.js';
 import { Virsh } from '../lib/libvirt/virsh.js';
 import { VirshPort } from '../lib/cycle/libvirt-port.js';
 import { QemuImg } from '../lib/libvirt/qemu-img.js';
-import { ReplicaClient } from '../lib/transfer/replica-client.js';
+import type { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { StateStore } from '../lib/cycle/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
@@ -58,6 +58,8 @@ export class ReplicaPool {
     const r = this.config.replica;
     const login = await resolveReplicaLogin(r);
     if (login.notes.length) this.log.info({ replica: addr, user: login.user, identity: login.identityFile, knownHosts: login.knownHostsFile }, login.notes.join('; '));
+    // ssh2 (and its crypto) loads with the first connection, not at start: an idle daemon never needs it
+    const { ReplicaClient } = await import('../lib/transfer/replica-client.js');
     const p = ReplicaClient.connect({
       host: addr,
       port: r.port,

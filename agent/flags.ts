@@ -46,6 +46,10 @@ const OPTIONS = {
   'log-level': { type: 'string' },
   'host-name': { type: 'string' },
   seconds: { type: 'string' },
+  // probe
+  state: { type: 'string' },
+  'deadline-ms': { type: 'string' },
+  prometheus: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];

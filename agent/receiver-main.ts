@@ -6,7 +6,7 @@
  * lines on stderr (dropped rather than blocking when nobody reads them).
  */
 import { Exit } from './exit-codes.js';
-import { isSftpRequest, parseReceiverArgs } from './cmd-receive.js';
+import { isSftpRequest, parseReceiverArgs } from './commands/receive.js';
 import { ErrorCodes, describeError, isOnestorError } from '../lib/shared/errors.js';
 import { identityFromEnvironment } from '../lib/replica/identity-env.js';
 import { refuseSession, runReceiver } from '../lib/replica/receiver.js';

@@ -3,7 +3,7 @@
  * incremental merge) and each syscall family, the real receiver process (dist/agent/receiver-main.js,
  * UV_THREADPOOL_SIZE=1) runs under `strace -f -e inject=SYSCALL:signal=KILL:when=N` for N = 1, 2, ... until a
  * run completes. After every kill: the recover drill (previous or new, never neither), then a next session
- * that finishes or rolls back by itself, then no leftovers (test/harness/replica-crash.ts).
+ * that finishes or rolls back by itself, then no leftovers (dev/replica-crash.ts).
  * strace counts per syscall AND per tracee: the Nth call in the receiver's fs thread, and the Nth call in any
  * child (qemu-img, cp) — a killed child is a failed request ("failed"), a killed receiver is a crash.
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/crash-sweep.js [scenarios=all] [syscalls=rename,unlink,link,fsync,fdatasync,rmdir] [stride=1]
@@ -11,7 +11,7 @@
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { SCENARIOS, makeScenario, sweepSyscall, type ScenarioKind } from '../test/harness/replica-crash.js';
+import { SCENARIOS, makeScenario, sweepSyscall, type ScenarioKind } from '../dev/replica-crash.js';
 
 const [scArg, sysArg, strideArg] = process.argv.slice(2);
 const scenarios = (scArg && scArg !== 'all' ? scArg.split(',') : [...SCENARIOS]) as ScenarioKind[];

@@ -14,9 +14,9 @@
  */
 import { rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { agentMain, runNode, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
-import { guestWrite } from '../test/harness/guest.js';
-import type { OneVm } from '../test/harness/one-layout.js';
+import { agentMain, runNode, startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
+import { guestWrite } from '../dev/guest.js';
+import type { OneVm } from '../dev/one-layout.js';
 import { fileSize, fillDisk, fsType, plainSshAccess, reflinkWorks, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
 import { median, medianSpread, mib, MiB, table } from './lib/stats.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';

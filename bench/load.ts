@@ -6,9 +6,9 @@
  */
 import { readdirSync, readFileSync, statfsSync } from 'node:fs';
 import path from 'node:path';
-import { startAgentEnv } from '../test/harness/agent-env.js';
-import type { OneVm } from '../test/harness/one-layout.js';
-import { guestWrite } from '../test/harness/guest.js';
+import { startAgentEnv } from '../dev/agent-env.js';
+import type { OneVm } from '../dev/one-layout.js';
+import { guestWrite } from '../dev/guest.js';
 import { drillSum, liveReference, spawnAgent, throttleConfig, withFlag } from './soak.js';
 
 const hosts = Number(process.argv[2] ?? 16);

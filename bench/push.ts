@@ -15,7 +15,7 @@ import { copyFile, mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { Client } from 'ssh2';
 import { ReplicaClient } from '../lib/transfer/replica-client.js';
-import { agentMain, startAgentEnv, testHostName, type AgentEnv } from '../test/harness/agent-env.js';
+import { agentMain, startAgentEnv, testHostName, type AgentEnv } from '../dev/agent-env.js';
 import { formatSelfTimes, profileInProcess, selfTimes, type CpuProfile } from './lib/profile.js';
 import { descendants, fileSize, fillDisk, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
 import { mbps, median, medianSpread, mib, table } from './lib/stats.js';

@@ -10,10 +10,10 @@
  */
 import { lstat, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { runProbe } from '../agent/probe.js';
+import { runProbe } from '../lib/monitor/run-probe.js';
 import { parseOneTemplate } from '../lib/monitor/one-template.js';
-import { agentMain, runNode, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
-import { guestWrite } from '../test/harness/guest.js';
+import { agentMain, runNode, startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
+import { guestWrite } from '../dev/guest.js';
 import { fillDisk, fsType, plainSshAccess, sh, q } from './lib/cluster.js';
 import { mib, table } from './lib/stats.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';

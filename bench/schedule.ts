@@ -12,7 +12,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
-import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../agent/daemon.js';
+import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../lib/daemon/loop.js';
 import { StateStore, emptyState, diskKey, recordSuccess, getDisk } from '../lib/cycle/state.js';
 import { SdNotify } from '../lib/daemon/sd-notify.js';
 import { createLogger } from '../lib/shared/log.js';

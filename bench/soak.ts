@@ -18,10 +18,10 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { readdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { agentMain, agentProcessEnv, startAgentEnv, type AgentEnv } from '../test/harness/agent-env.js';
-import type { OneVm } from '../test/harness/one-layout.js';
-import { guestWrite, guestViewSha256, sha256File } from '../test/harness/guest.js';
-import { recoverDrill } from '../test/harness/recover.js';
+import { agentMain, agentProcessEnv, startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
+import type { OneVm } from '../dev/one-layout.js';
+import { guestWrite, guestViewSha256, sha256File } from '../dev/guest.js';
+import { recoverDrill } from '../dev/recover.js';
 import { run } from '../lib/shared/exec.js';
 
 export type KillPhase = 'capture' | 'thin' | 'transfer' | 'publish' | 'random';

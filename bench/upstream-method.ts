@@ -7,8 +7,8 @@
  */
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import { startAgentEnv } from '../test/harness/agent-env.js';
-import { guestWrite, readGuestView, sha256File } from '../test/harness/guest.js';
+import { startAgentEnv } from '../dev/agent-env.js';
+import { guestWrite, readGuestView, sha256File } from '../dev/guest.js';
 import { fillDisk, plainSshAccess } from './lib/cluster.js';
 import { medianSpread, mib, table } from './lib/stats.js';
 import { upstreamCycle, type UpstreamCycleResult, type UpstreamDisk } from './lib/upstream.js';

@@ -8,8 +8,8 @@ import { readFile, rename, rm, readdir } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { run } from '../../lib/shared/exec.js';
-import type { AgentEnv } from '../../test/harness/agent-env.js';
-import type { OneVmDisk } from '../../test/harness/one-layout.js';
+import type { AgentEnv } from '../../dev/agent-env.js';
+import type { OneVmDisk } from '../../dev/one-layout.js';
 
 async function sh(script: string, timeoutMs = 600_000): Promise<string> {
   const r = await run('bash', ['-c', script], { timeoutMs });

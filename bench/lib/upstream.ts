@@ -11,8 +11,8 @@
  */
 import { rm } from 'node:fs/promises';
 import path from 'node:path';
-import type { Libvirtd } from '../../test/harness/libvirtd.js';
-import { domainDiskSources } from '../../test/harness/one-layout.js';
+import type { Libvirtd } from '../../dev/libvirtd.js';
+import { domainDiskSources } from '../../dev/one-layout.js';
 import { sh, q, type PlainSsh } from './cluster.js';
 
 export interface UpstreamDisk {

@@ -47,7 +47,16 @@ export const AgentStateSchema = z.object({
   version: z.literal(1),
   host: z.string().optional(),
   updatedAt: z.number(),
-  daemon: z.object({ pid: z.number(), startedAt: z.number(), heartbeatAt: z.number(), version: z.string().optional() }).optional(),
+  daemon: z
+    .object({
+      pid: z.number(),
+      startedAt: z.number(),
+      heartbeatAt: z.number(),
+      version: z.string().optional(),
+      /** the overdue grace the daemon runs with: the probe reads it here instead of loading the config */
+      grace: z.object({ minSec: z.number(), percent: z.number() }).optional(),
+    })
+    .optional(),
   disks: z.record(z.string(), DiskStateSchema),
   /** digests of host-side base images, keyed by path, valid while identity (dev:ino:size:mtime) holds */
   baseDigests: z.record(z.string(), BaseDigest).default({}),

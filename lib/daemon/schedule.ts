@@ -27,6 +27,7 @@
  */
 import { createHash } from 'node:crypto';
 import { OnestorError, ErrorCodes } from '../shared/errors.js';
+import { overdueLimitSec as assessedLimitSec } from '../monitor/assessment.js';
 
 export interface ScheduleSettings {
   graceMinSec: number;
@@ -51,6 +52,8 @@ export interface KnownDisk {
   freqSeconds: number;
   /** epoch seconds the last successful snapshot was captured (state.lastSuccess.capturedAt) */
   lastSuccessAt?: number | null;
+  /** how long the cycle that made that snapshot took (state.lastSuccess.durationMs) */
+  lastCycleMs?: number;
   failCount?: number;
 }
 
@@ -103,6 +106,7 @@ interface Entry {
   diskId: number;
   freqMs: number;
   lastSuccessMono: number | null;
+  lastCycleMs: number;
   /** epochs of successes this scheduler already knows (its own and adopted ones): a persisted epoch
    *  not among them was recorded by another process. A set, not a comparison: after a backward wall
    *  step a newer success has a smaller epoch, and a state read that raced a finish shows an older one. */
@@ -133,9 +137,9 @@ export function backoffMs(failCount: number, freqMs: number, s: Pick<ScheduleSet
   return Math.min(grown, s.backoffMaxSec * 1000, freqMs);
 }
 
-/** Pure: the age beyond which a disk is overdue, in seconds. */
-export function overdueLimitSec(freqSeconds: number, s: Pick<ScheduleSettings, 'graceMinSec' | 'gracePercent'>): number {
-  return freqSeconds + Math.max(s.graceMinSec, (freqSeconds * s.gracePercent) / 100);
+/** Pure: the age beyond which a disk is overdue, in seconds (the rule of monitor/assessment.ts). */
+export function overdueLimitSec(freqSeconds: number, s: Pick<ScheduleSettings, 'graceMinSec' | 'gracePercent'>, lastCycleMs = 0): number {
+  return assessedLimitSec(freqSeconds, lastCycleMs, s);
 }
 
 /** Pure: how early a disk may join a capture of its VM that is starting anyway. */
@@ -204,6 +208,7 @@ export class Scheduler {
           diskId: d.diskId,
           freqMs,
           lastSuccessMono: at === null ? null : mapEpochToMono(at, mono, wallMs),
+          lastCycleMs: d.lastCycleMs ?? 0,
           seenWalls: at === null ? [] : [at],
           knownSinceMono: mono,
           failCount: d.failCount ?? 0,
@@ -226,6 +231,7 @@ export class Scheduler {
       const running = this.running.get(d.vmId)?.has(d.diskId) ?? false;
       if (!running && at !== null && !existing.seenWalls.includes(at)) {
         existing.lastSuccessMono = mapEpochToMono(at, mono, wallMs);
+        existing.lastCycleMs = d.lastCycleMs ?? existing.lastCycleMs;
         remember(existing, at);
         existing.retryAtMono = null;
         existing.failCount = 0;
@@ -324,6 +330,7 @@ export class Scheduler {
         const capturedAt = r.capturedAt ?? t.startedWallMs / 1000;
         const mapped = t.startedMono + (capturedAt * 1000 - t.startedWallMs);
         e.lastSuccessMono = clamp(mapped, t.startedMono, t.finishedMono);
+        e.lastCycleMs = t.finishedMono - t.startedMono;
         remember(e, capturedAt);
         e.failCount = 0;
         e.retryAtMono = null;
@@ -363,11 +370,17 @@ export class Scheduler {
     return [...this.running.keys()];
   }
 
+  /**
+   * The scheduler's own view on the monotonic clock (same limit as monitor/assessment.ts; a disk that
+   * never succeeded counts from when it became known). Nothing reports it: status, probes, Prometheus
+   * and the daemon's STATUS= line use the assessment of the state file. Tests use it to check that a
+   * wall-clock step makes nothing overdue.
+   */
   overdue(mono: number): OverdueDisk[] {
     const out: OverdueDisk[] = [];
     for (const e of this.entries.values()) {
       const age = this.ageMs(e, mono);
-      const limitSec = overdueLimitSec(e.freqMs / 1000, this.opts);
+      const limitSec = overdueLimitSec(e.freqMs / 1000, this.opts, e.lastCycleMs);
       if (age / 1000 > limitSec) out.push({ vmId: e.vmId, diskId: e.diskId, ageSec: age / 1000, limitSec, neverSucceeded: e.lastSuccessMono === null });
     }
     return out.sort((a, b) => a.vmId - b.vmId || a.diskId - b.diskId);
@@ -391,7 +404,7 @@ export class Scheduler {
         nextDueAt: Math.round((wallMs + (dueMono - mono)) / 1000),
         queuedSince: q !== undefined && dueMono <= mono && !running ? Math.floor((wallMs - (mono - q)) / 1000) : undefined,
         ageSec: age,
-        overdue: this.ageMs(e, mono) / 1000 > overdueLimitSec(e.freqMs / 1000, this.opts),
+        overdue: this.ageMs(e, mono) / 1000 > overdueLimitSec(e.freqMs / 1000, this.opts, e.lastCycleMs),
         failCount: e.failCount,
       });
     }

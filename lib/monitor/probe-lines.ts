@@ -1,6 +1,7 @@
 /**
  * Pure cores of the monitoring probes: agent state (+ discovery, + filesystem figures) in, OpenNebula
- * template lines out. No I/O here; agent/probe.ts gathers the inputs under a deadline.
+ * template lines out. No I/O here; lib/monitor/gather.ts gathers the inputs under a deadline, and what
+ * to say about each disk comes from assessment.ts (shared with `status` and Prometheus).
  *
  * State is read with a small hand-written check instead of the zod schema in state.ts: loading zod
  * costs ~65 ms on a 2-core host and the probe runs every minute on every host. Only the fields the
@@ -8,13 +9,12 @@
  */
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { singleAttribute, vectorAttribute, type TemplateScalar } from './one-template.js';
-import type { AgentState, DiskState } from '../cycle/state.js';
+import type { AgentState } from '../cycle/state.js';
+import { assess, summarize, type AssessInput, type Assessment, type DiskAssessment } from './assessment.js';
 import { effectiveCacheLimitMb, type BookkeepingSummary, type CacheSummary, type FsFigures, type SnapsSummary } from './usage.js';
 import type { TakeoverSummary, WriterRecord } from '../shared/ledger.js';
 
 export { DEFAULT_STATE_FILE, DEFAULT_DATASTORE_LOCATION } from '../shared/defaults.js';
-/** The daemon is taken for dead when its heartbeat is older than this (seconds). */
-export const DEFAULT_HEARTBEAT_MAX_AGE_S = 180;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -49,6 +49,8 @@ export function parseProbeState(text: string, file: string): AgentState {
   if (raw.daemon !== undefined) {
     if (!isObj(raw.daemon) || !isNum(raw.daemon.heartbeatAt)) fail(file, 'daemon.heartbeatAt', 'expected a number');
     if (raw.daemon.version !== undefined && typeof raw.daemon.version !== 'string') fail(file, 'daemon.version', 'expected a string');
+    const g = raw.daemon.grace;
+    if (g !== undefined && (!isObj(g) || !isNum(g.minSec) || !isNum(g.percent))) fail(file, 'daemon.grace', 'expected {minSec, percent}');
   }
   if (!isObj(raw.disks)) fail(file, 'disks', 'expected an object');
   for (const [key, d] of Object.entries(raw.disks)) {
@@ -76,102 +78,15 @@ export function parseProbeState(text: string, file: string): AgentState {
   return raw as unknown as AgentState;
 }
 
-/** A disk that discovery (vm.xml/ds.xml on this host) says should be protected. */
-export interface ProtectedDisk {
-  vmId: number;
-  diskId: number;
-  freqSeconds?: number;
-}
-
-export interface VmProbeInput {
-  now: number; // epoch seconds
-  stateFile: string;
-  /** null when the state could not be read; stateError says why */
-  state: AgentState | null;
-  stateError?: string;
-  heartbeatMaxAgeS?: number;
-  /** consulted when the daemon is not running (or state is unreadable); undefined = not consulted */
-  discovered?: ProtectedDisk[];
-  discoveryError?: string;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Per-disk verdict (shared by the VM probe, the host lines and Prometheus)
-// ---------------------------------------------------------------------------------------------
-
-export type DiskVerdict =
-  | { kind: 'ok'; capturedAt: number }
-  | { kind: 'error'; message: string; code: string };
-
-export interface DiskReport {
-  vmId: number;
-  diskId: number;
-  verdict: DiskVerdict;
-  disk?: DiskState;
-  ageS?: number;
-  overdue: boolean;
-}
-
-export function agentDownReason(state: AgentState | null, stateError: string | undefined, now: number, maxAge: number, stateFile: string): string | null {
-  if (!state) return `onestor-agent state unreadable: ${stateError ?? 'unknown error'}`;
-  if (!state.daemon) return `onestor-agent is not running (no daemon record in ${stateFile})`;
-  const age = Math.round(now - state.daemon.heartbeatAt);
-  if (age > maxAge) return `onestor-agent is not running (last heartbeat ${age} s ago, limit ${maxAge} s; state ${stateFile})`;
-  return null;
-}
-
-/** How late a snapshot may be before it counts as overdue: its frequency plus a cycle's worth. */
-export function overdueAfterS(d: DiskState): number | null {
-  if (d.freqSeconds === undefined) return null;
-  const cycle = d.lastSuccess ? d.lastSuccess.durationMs / 1000 : 0;
-  return d.freqSeconds + Math.max(60, 2 * cycle);
-}
-
-export function assessDisk(d: DiskState, now: number, downReason: string | null): DiskReport {
-  const base = { vmId: d.vmId, diskId: d.diskId, disk: d };
-  const s = d.lastSuccess;
-  const ageS = s ? Math.max(0, Math.round(now - s.capturedAt)) : undefined;
-  const limit = overdueAfterS(d);
-  const overdue = ageS !== undefined && limit !== null && ageS > limit;
-  if (downReason) return { ...base, ageS, overdue, verdict: { kind: 'error', code: 'E_AGENT_DOWN', message: downReason } };
-  const e = d.lastError;
-  if (e && (!s || e.at >= s.finishedAt)) {
-    return { ...base, ageS, overdue, verdict: { kind: 'error', code: e.code, message: `${e.code}: ${e.message}` } };
-  }
-  if (!s) {
-    const what = d.progress && d.progress.total > 0 ? `first snapshot in progress (${Math.floor((100 * d.progress.sent) / d.progress.total)}% sent)` : `no recovery snapshot yet${d.phase ? ` (phase ${d.phase})` : ''}`;
-    return { ...base, overdue: false, verdict: { kind: 'error', code: 'E_NO_SNAPSHOT', message: what } };
-  }
-  if (overdue) {
-    return { ...base, ageS, overdue, verdict: { kind: 'error', code: 'E_OVERDUE', message: `snapshot overdue: last one ${ageS} s old, frequency ${d.freqSeconds} s` } };
-  }
-  return { ...base, ageS, overdue, verdict: { kind: 'ok', capturedAt: s.capturedAt } };
-}
-
-/** The disks to report and what to say about each. Sorted by VM then disk. */
-export function assessAll(input: VmProbeInput): { reports: DiskReport[]; downReason: string | null } {
-  const maxAge = input.heartbeatMaxAgeS ?? DEFAULT_HEARTBEAT_MAX_AGE_S;
-  let downReason = agentDownReason(input.state, input.stateError, input.now, maxAge, input.stateFile);
-  const known = new Map<string, DiskState>();
-  for (const d of Object.values(input.state?.disks ?? {})) known.set(`${d.vmId}.${d.diskId}`, d);
-  let list: DiskState[];
-  if (downReason && input.discovered) {
-    // the daemon cannot prune state, so discovery decides which disks exist; state adds the history
-    list = input.discovered.map((p) => known.get(`${p.vmId}.${p.diskId}`) ?? { vmId: p.vmId, diskId: p.diskId, freqSeconds: p.freqSeconds, checkpoint: null, base1Identity: null, failCount: 0 });
-  } else {
-    list = [...known.values()];
-  }
-  if (downReason && input.discoveryError) downReason = `${downReason}; discovery: ${input.discoveryError}`;
-  const reports = list.map((d) => assessDisk(d, input.now, downReason)).sort((a, b) => a.vmId - b.vmId || a.diskId - b.diskId);
-  return { reports, downReason };
-}
+/** What the vm/snapshot and host lines are built from (gather.ts fills it). */
+export type VmProbeInput = AssessInput;
 
 // ---------------------------------------------------------------------------------------------
 // vm/snapshot probe
 // ---------------------------------------------------------------------------------------------
 
 /** The lines inside one VM's MONITOR (before base64). */
-export function diskRecoveryLine(r: DiskReport): string {
+export function diskRecoveryLine(r: DiskAssessment): string {
   const d = r.disk;
   const s = d?.lastSuccess;
   const extra: Array<[string, TemplateScalar | undefined]> = [];
@@ -189,20 +104,19 @@ export function diskRecoveryLine(r: DiskReport): string {
   if (d?.phase) extra.push(['PHASE', d.phase]);
   // Someone else's publish (take-over, tampering) forced a full: keep it visible (state keeps the last one).
   if (d?.lineageAlert) extra.push(['LINEAGE_ALERT', d.lineageAlert.kind], ['LINEAGE_ALERT_AT', String(Math.round(d.lineageAlert.at))], ['LINEAGE_ALERT_REASON', d.lineageAlert.reason]);
-  if (r.verdict.kind === 'ok') {
-    return vectorAttribute('DISK_RECOVERY_SNAPSHOT', [['ID', r.diskId], ['TIMESTAMP', String(Math.round(r.verdict.capturedAt))], ...extra]);
+  if (r.kind === 'ok') {
+    return vectorAttribute('DISK_RECOVERY_SNAPSHOT', [['ID', r.diskId], ['TIMESTAMP', String(Math.round(s!.capturedAt))], ...extra]);
   }
-  const errExtra: Array<[string, TemplateScalar | undefined]> = [['ERROR_CODE', r.verdict.code]];
+  const errExtra: Array<[string, TemplateScalar | undefined]> = [['ERROR_CODE', r.code]];
   if (s) errExtra.push(['LAST_TIMESTAMP', String(Math.round(s.capturedAt))]);
   if (d && d.failCount > 0) errExtra.push(['FAIL_COUNT', d.failCount]);
-  return vectorAttribute('DISK_RECOVERY_SNAPSHOT', [['ID', r.diskId], ['MSG', `ERROR ${r.verdict.message}`], ...errExtra, ...extra]);
+  return vectorAttribute('DISK_RECOVERY_SNAPSHOT', [['ID', r.diskId], ['MSG', `ERROR ${r.message}`], ...errExtra, ...extra]);
 }
 
 /** `VM = [ ID="n", MONITOR="<base64>" ]` for every VM with protected disks. */
-export function vmSnapshotLines(input: VmProbeInput): string[] {
-  const { reports, downReason } = assessAll(input);
+export function vmSnapshotLines(input: VmProbeInput, a: Assessment = assess(input)): string[] {
   const byVm = new Map<number, string[]>();
-  for (const r of reports) {
+  for (const r of a.disks) {
     const lines = byVm.get(r.vmId) ?? [];
     lines.push(diskRecoveryLine(r));
     byVm.set(r.vmId, lines);
@@ -213,11 +127,10 @@ export function vmSnapshotLines(input: VmProbeInput): string[] {
     out.push(vectorAttribute('VM', [['ID', String(vmId)], ['MONITOR', b64]]));
   }
   // Nothing names a VM (no state, no discovery): say why in a comment, which the lexer skips.
-  if (out.length === 0 && downReason && !input.state) out.push(commentLine(`onestor-agent probe: ERROR ${downReason}`));
+  if (out.length === 0 && a.daemon.downReason && !input.state) out.push(commentLine(`onestor-agent probe: ERROR ${a.daemon.downReason}`));
   return out;
 }
 
-/** A `#` comment line: ignored by OpenNebula's parser, visible to whoever runs the probe by hand. */
 /**
  * A `#` comment line. Line breaks become spaces and other control characters `\xNN`: OpenNebula reads the
  * probe output as a C string, so a raw NUL (a zero-filled state file puts them in the error text) would cut
@@ -241,47 +154,9 @@ export interface HostProbeInput extends VmProbeInput {
   recentWindowS?: number;
 }
 
-export interface AgentSummary {
-  up: boolean;
-  heartbeatAgeS?: number;
-  protectedDisks: number;
-  failingDisks: number;
-  overdueDisks: number;
-  oldestSnapshotAgeS?: number;
-  /** bytes of the last cycle of each disk that finished within the window (state keeps one cycle per disk) */
-  bytesSentRecent: number;
-  /** disks where someone else's publish forced a full within the last day */
-  lineageAlertsRecent: number;
-  downReason: string | null;
-}
-
-export function summarizeAgent(input: HostProbeInput): AgentSummary & { reports: DiskReport[] } {
-  const { reports, downReason } = assessAll(input);
-  const window = input.recentWindowS ?? 3600;
-  let oldest: number | undefined;
-  let bytes = 0;
-  for (const r of reports) {
-    if (r.ageS !== undefined) oldest = oldest === undefined ? r.ageS : Math.max(oldest, r.ageS);
-    const s = r.disk?.lastSuccess;
-    if (s && input.now - s.finishedAt <= window) bytes += s.bytes;
-  }
-  return {
-    reports,
-    up: downReason === null,
-    heartbeatAgeS: input.state?.daemon ? Math.max(0, Math.round(input.now - input.state.daemon.heartbeatAt)) : undefined,
-    protectedDisks: reports.length,
-    failingDisks: reports.filter((r) => r.verdict.kind === 'error').length,
-    overdueDisks: reports.filter((r) => r.overdue).length,
-    oldestSnapshotAgeS: oldest,
-    bytesSentRecent: bytes,
-    lineageAlertsRecent: reports.filter((r) => r.disk?.lineageAlert && input.now - r.disk.lineageAlert.at <= 86_400).length,
-    downReason,
-  };
-}
-
 /** `ONESTOR_AGENT = [ ... ]` for the host template (host/system: the only probe dir whose custom keys OpenNebula keeps). */
-export function hostAgentLines(input: HostProbeInput): string[] {
-  const s = summarizeAgent(input);
+export function hostAgentLines(input: HostProbeInput, a: Assessment = assess(input)): string[] {
+  const s = summarize(a, input.now, input.recentWindowS);
   return [
     vectorAttribute('ONESTOR_AGENT', [
       ['STATUS', s.up ? 'RUNNING' : 'DOWN'],

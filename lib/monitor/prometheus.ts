@@ -1,9 +1,10 @@
 /**
- * Prometheus textfile (node_exporter's textfile collector) with the probe's figures, labelled by vm
- * and disk. Pure formatting plus one adapter that replaces the file atomically (a scrape never sees a
- * half-written file) through a bounded child, like every other probe write.
+ * Prometheus textfile (node_exporter's textfile collector) with the figures of assessment.ts (the same
+ * verdicts as `status` and the probes), labelled by vm and disk. Pure formatting plus one adapter that
+ * replaces the file atomically (a scrape never sees a half-written file) through a bounded child, like
+ * every other probe write.
  */
-import type { AgentSummary, DiskReport } from './probe-lines.js';
+import { summarize, type AgentSummary, type Assessment, type DiskAssessment } from './assessment.js';
 import { writeFileAtomicBounded, type Bounded } from './usage.js';
 
 export interface Sample {
@@ -55,9 +56,9 @@ export function formatMetrics(metrics: readonly Metric[]): string {
 }
 
 /** The agent figures as metrics. `now` becomes onestor_probe_timestamp_seconds (alert on its age). */
-export function agentMetrics(summary: AgentSummary, reports: readonly DiskReport[], now: number, host?: string): Metric[] {
+export function agentMetrics(summary: AgentSummary, reports: readonly DiskAssessment[], now: number, host?: string): Metric[] {
   const hostLabel: Record<string, string> = host ? { host } : {};
-  const per = (fn: (r: DiskReport) => number | undefined): Sample[] =>
+  const per = (fn: (r: DiskAssessment) => number | undefined): Sample[] =>
     reports.flatMap((r) => {
       const v = fn(r);
       return v === undefined ? [] : [{ labels: { ...hostLabel, vm: r.vmId, disk: r.diskId }, value: v }];
@@ -70,7 +71,7 @@ export function agentMetrics(summary: AgentSummary, reports: readonly DiskReport
       : []),
     { name: 'onestor_protected_disks', help: 'Disks set up for recovery snapshots.', type: 'gauge', samples: [{ labels: hostLabel, value: summary.protectedDisks }] },
     { name: 'onestor_failing_disks', help: 'Protected disks whose snapshot is failing, missing or overdue.', type: 'gauge', samples: [{ labels: hostLabel, value: summary.failingDisks }] },
-    { name: 'onestor_disk_ok', help: '1 when the disk has a current recovery snapshot.', type: 'gauge', samples: per((r) => (r.verdict.kind === 'ok' ? 1 : 0)) },
+    { name: 'onestor_disk_ok', help: '1 when the disk has a current recovery snapshot.', type: 'gauge', samples: per((r) => (r.kind === 'ok' ? 1 : 0)) },
     { name: 'onestor_disk_snapshot_timestamp_seconds', help: 'Point in time of the last published snapshot.', type: 'gauge', samples: per((r) => r.disk?.lastSuccess?.capturedAt) },
     { name: 'onestor_disk_snapshot_age_seconds', help: 'Age of the last published snapshot.', type: 'gauge', samples: per((r) => r.ageS) },
     { name: 'onestor_disk_snapshot_frequency_seconds', help: 'RECOVERY_SNAPSHOT_FREQ of the disk.', type: 'gauge', samples: per((r) => r.disk?.freqSeconds) },
@@ -84,6 +85,11 @@ export function agentMetrics(summary: AgentSummary, reports: readonly DiskReport
       samples: per((r) => r.disk?.lineageAlert?.at),
     },
   ];
+}
+
+/** The textfile's text for one assessment (probe and daemon both call this). */
+export function metricsText(a: Assessment, now: number, host?: string): string {
+  return formatMetrics(agentMetrics(summarize(a, now), a.disks, now, host));
 }
 
 /** Writes the textfile atomically (temp in the same dir + rename); bounded in time. */

@@ -3,9 +3,11 @@
  * the agent did) at a given wall time; no I/O.
  */
 import type { EligibleDisk } from '../shared/model.js';
-import type { AgentState, DiskState } from '../cycle/state.js';
+import type { AgentState } from '../cycle/state.js';
+import { assess, LINEAGE_ALERT_WINDOW_SEC, type VerdictKind } from './assessment.js';
 
-export type DiskHealth = 'ok' | 'running' | 'failing' | 'overdue' | 'never' | 'not-eligible';
+/** The disk's verdict (assessment.ts, the same as the probes and Prometheus), or why it is not eligible. */
+export type DiskHealth = VerdictKind | 'not-eligible';
 
 export interface StatusRow {
   vm: number;
@@ -20,6 +22,8 @@ export interface StatusRow {
   lastMs: number | null;
   consistency: string | null;
   health: DiskHealth;
+  /** cycle in progress (queued, running, ...), shown beside the verdict */
+  phase: string | null;
   detail: string;
   failCount: number;
 }
@@ -31,73 +35,62 @@ export interface StatusReport {
   problems: number;
 }
 
-export function graceSeconds(freq: number, graceMinSec: number, gracePercent: number): number {
-  return Math.max(graceMinSec, (freq * gracePercent) / 100);
-}
-
 export function buildStatus(input: {
   now: number; // epoch s
   state: AgentState;
+  /** why the state file could not be read (the daemon then counts as down, as in the probe) */
+  stateError?: string;
+  stateFile?: string;
   eligible: readonly EligibleDisk[];
   ineligible: ReadonlyArray<{ vmId: number; diskId?: number; reason: string; protectionRequested?: boolean }>;
-  graceMinSec: number;
-  gracePercent: number;
-  heartbeatMaxAgeSec: number;
 }): StatusReport {
+  const a = assess({
+    now: input.now,
+    state: input.stateError ? null : input.state,
+    stateError: input.stateError,
+    stateFile: input.stateFile ?? 'state.json',
+    discovered: input.eligible.map((d) => ({ vmId: d.vmId, diskId: d.diskId, freqSeconds: d.freqSeconds })),
+  });
   const rows: StatusRow[] = [];
-  for (const d of input.eligible) {
-    const s: DiskState | undefined = input.state.disks[`${d.vmId}.${d.diskId}`];
+  for (const v of a.disks) {
+    const s = input.state.disks[`${v.vmId}.${v.diskId}`];
     const last = s?.lastSuccess;
-    const age = last ? Math.max(0, input.now - last.capturedAt) : null;
-    const overdue = age === null ? false : age > d.freqSeconds + graceSeconds(d.freqSeconds, input.graceMinSec, input.gracePercent);
-    let health: DiskHealth;
-    let detail = '';
-    if (s?.phase) {
-      health = 'running';
-      detail = s.progress ? `${s.phase} ${pct(s.progress.sent, s.progress.total)}` : s.phase;
-    } else if (s && s.failCount > 0) {
-      health = 'failing';
-      detail = `${s.failCount}x ${s.lastError?.message ?? s.lastError?.code ?? ''}`;
-    } else if (!last) {
-      health = 'never';
-      detail = 'no snapshot yet';
-    } else if (overdue) {
-      health = 'overdue';
-      detail = `older than ${d.freqSeconds}s + grace`;
-    } else {
-      health = 'ok';
-      detail = last.consistency;
-    }
-    if (overdue && health === 'running') detail += ' (overdue)';
+    const phase = s?.phase ?? null;
+    let detail: string;
+    if (v.kind === 'failing') detail = `${s?.failCount ?? 0}x ${s?.lastError?.message ?? s?.lastError?.code ?? ''}`;
+    else if (v.kind === 'overdue') detail = `older than ${v.freqSeconds}s + last cycle + grace`;
+    else if (v.kind === 'never') detail = 'no snapshot yet';
+    else if (v.kind === 'daemon-down') detail = 'daemon not running';
+    else detail = last?.consistency ?? '';
+    if (phase) detail = `${s?.progress ? `${phase} ${pct(s.progress.sent, s.progress.total)}` : phase}; ${detail}`;
     // someone else's publish forced a full within the last day: say so beside whatever else is shown
-    if (s?.lineageAlert && input.now - s.lineageAlert.at <= 86_400) detail += `; lineage alert (${s.lineageAlert.kind}): ${s.lineageAlert.reason}`;
+    if (s?.lineageAlert && input.now - s.lineageAlert.at <= LINEAGE_ALERT_WINDOW_SEC) detail += `; lineage alert (${s.lineageAlert.kind}): ${s.lineageAlert.reason}`;
     rows.push({
-      vm: d.vmId,
-      disk: d.diskId,
-      freq: d.freqSeconds,
-      age,
-      overdue,
+      vm: v.vmId,
+      disk: v.diskId,
+      freq: v.freqSeconds ?? null,
+      age: last ? Math.max(0, input.now - last.capturedAt) : null,
+      overdue: v.overdue,
       nextDue: s?.nextDueAt ?? null,
       lastMode: last?.mode ?? null,
       lastBytes: last?.bytes ?? null,
       lastMs: last?.durationMs ?? null,
       consistency: last?.consistency ?? null,
-      health,
+      health: v.kind,
+      phase,
       detail,
       failCount: s?.failCount ?? 0,
     });
   }
   for (const i of input.ineligible) {
     if (i.protectionRequested === false) continue;
-    rows.push({ vm: i.vmId, disk: i.diskId ?? -1, freq: null, age: null, overdue: false, nextDue: null, lastMode: null, lastBytes: null, lastMs: null, consistency: null, health: 'not-eligible', detail: i.reason, failCount: 0 });
+    rows.push({ vm: i.vmId, disk: i.diskId ?? -1, freq: null, age: null, overdue: false, nextDue: null, lastMode: null, lastBytes: null, lastMs: null, consistency: null, health: 'not-eligible', phase: null, detail: i.reason, failCount: 0 });
   }
   rows.sort((a, b) => a.vm - b.vm || a.disk - b.disk);
-  const hb = input.state.daemon?.heartbeatAt;
-  const heartbeatAge = hb === undefined ? null : Math.max(0, input.now - hb);
   const problems = rows.filter((r) => r.overdue || r.health === 'failing' || r.health === 'not-eligible').length;
   return {
     rows,
-    daemon: { alive: heartbeatAge !== null && heartbeatAge <= input.heartbeatMaxAgeSec, heartbeatAge, pid: input.state.daemon?.pid ?? null },
+    daemon: { alive: a.daemon.alive, heartbeatAge: a.daemon.heartbeatAgeS ?? null, pid: input.state.daemon?.pid ?? null },
     protectedDisks: input.eligible.length,
     problems,
   };

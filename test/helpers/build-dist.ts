@@ -7,7 +7,7 @@ import { run } from '../../lib/shared/exec.js';
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
 export async function ensureDistBuilt(entries: string[]): Promise<void> {
-  const sources = ['lib', 'test/harness'].flatMap((d) =>
+  const sources = ['lib', 'dev'].flatMap((d) =>
     (readdirSync(path.join(repoRoot, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(repoRoot, d, n)),
   );
   const newest = Math.max(...sources.map((s) => statSync(s).mtimeMs));

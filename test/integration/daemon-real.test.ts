@@ -8,10 +8,10 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readFile, writeFile, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { startAgentEnv, agentMain, agentProcessEnv, type AgentEnv } from '../harness/agent-env.js';
-import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
-import { recoverDrill } from '../harness/recover.js';
+import { startAgentEnv, agentMain, agentProcessEnv, type AgentEnv } from '../../dev/agent-env.js';
+import type { OneVm } from '../../dev/one-layout.js';
+import { guestWrite, guestViewSha256, sha256File } from '../../dev/guest.js';
+import { recoverDrill } from '../../dev/recover.js';
 
 let env: AgentEnv;
 let vm: OneVm;

@@ -10,7 +10,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../../agent/daemon.js';
+import { startDaemon, type DaemonConfig, type CycleStartInfo } from '../../lib/daemon/loop.js';
 import { StateStore, getDisk, recordSuccess, diskKey } from '../../lib/cycle/state.js';
 import { SdNotify } from '../../lib/daemon/sd-notify.js';
 import { createLogger } from '../../lib/shared/log.js';

@@ -8,10 +8,10 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, readdir, statfs } from 'node:fs/promises';
 import path from 'node:path';
-import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
-import { startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
-import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite } from '../harness/guest.js';
+import { startAgentEnv, type AgentEnv } from '../../dev/agent-env.js';
+import { startLibvirtd, type Libvirtd } from '../../dev/libvirtd.js';
+import type { OneVm } from '../../dev/one-layout.js';
+import { guestWrite } from '../../dev/guest.js';
 import { devKey, heldFlocks } from '../../lib/replica/reservations.js';
 import { run } from '../../lib/shared/exec.js';
 import {

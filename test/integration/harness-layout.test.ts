@@ -11,14 +11,14 @@ import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../lib/shared/exec.js';
-import { guestDiscard, guestFlush, guestWrite, guestZero, isFilledWith, readGuestView, readRegion, sha256File } from '../harness/guest.js';
-import { processesInNamespace, startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
-import { createOneVm, createSystemDatastore, domainDisks, domainDiskSources, type OneVm } from '../harness/one-layout.js';
-import { LIBVIRTD_ROOT_TAG, reapStaleLibvirtdRoots, reapStaleTempDirs } from '../harness/reaper.js';
-import { makeTempDir, removeTree, TEMP_DIR_TAG, uniqueName } from '../harness/tmp.js';
+import { guestDiscard, guestFlush, guestWrite, guestZero, isFilledWith, readGuestView, readRegion, sha256File } from '../../dev/guest.js';
+import { processesInNamespace, startLibvirtd, type Libvirtd } from '../../dev/libvirtd.js';
+import { createOneVm, createSystemDatastore, domainDisks, domainDiskSources, type OneVm } from '../../dev/one-layout.js';
+import { LIBVIRTD_ROOT_TAG, reapStaleLibvirtdRoots, reapStaleTempDirs } from '../../dev/reaper.js';
+import { makeTempDir, removeTree, TEMP_DIR_TAG, uniqueName } from '../../dev/tmp.js';
 
 const REPO_ROOT = resolve(fileURLToPath(new URL('.', import.meta.url)), '../..');
-const HARNESS_DIR = resolve(REPO_ROOT, 'test/harness');
+const HARNESS_DIR = resolve(REPO_ROOT, 'dev');
 
 let lv: Libvirtd;
 let dsRoot: string;

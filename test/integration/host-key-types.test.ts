@@ -11,7 +11,7 @@ import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { formatKnownHostsLine } from '../../lib/transfer/known-hosts.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
-import { startSshd, type Sshd } from '../harness/sshd.js';
+import { startSshd, type Sshd } from '../../dev/sshd.js';
 
 let all: Sshd;
 let edOnly: Sshd;

@@ -14,9 +14,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
-import { runProbe } from '../../agent/probe.js';
-import { generateKey, startSshd, type Sshd } from '../harness/sshd.js';
-import { agentMain, projectRoot } from '../harness/agent-env.js';
+import { runProbe } from '../../lib/monitor/run-probe.js';
+import { generateKey, startSshd, type Sshd } from '../../dev/sshd.js';
+import { agentMain, projectRoot } from '../../dev/agent-env.js';
 
 const SIZE = 16 * 1024 * 1024;
 let work: string;

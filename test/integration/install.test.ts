@@ -7,7 +7,7 @@ import { mkdtemp, mkdir, writeFile, readFile, readdir, stat, rm } from 'node:fs/
 import os from 'node:os';
 import path from 'node:path';
 import { run } from '../../lib/shared/exec.js';
-import { projectRoot } from '../harness/agent-env.js';
+import { projectRoot } from '../../dev/agent-env.js';
 
 const dirs: string[] = [];
 afterAll(async () => {

@@ -7,12 +7,12 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFile, rm, stat, open, mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { startTwoHosts, migrateVm, onHost, type Host, type TwoHosts } from '../harness/two-hosts.js';
-import { renderVmXml, type OneVm } from '../harness/one-layout.js';
-import { agentMain, projectRoot } from '../harness/agent-env.js';
+import { startTwoHosts, migrateVm, onHost, type Host, type TwoHosts } from '../../dev/two-hosts.js';
+import { renderVmXml, type OneVm } from '../../dev/one-layout.js';
+import { agentMain, projectRoot } from '../../dev/agent-env.js';
 import { run } from '../../lib/shared/exec.js';
-import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
-import { recoverDrill } from '../harness/recover.js';
+import { guestWrite, guestViewSha256, sha256File } from '../../dev/guest.js';
+import { recoverDrill } from '../../dev/recover.js';
 import { parseNodeBitmaps } from '../../lib/libvirt/bitmaps.js';
 
 let t: TwoHosts;

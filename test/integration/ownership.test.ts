@@ -15,11 +15,11 @@ import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import type { ReplicaManifest } from '../../lib/shared/model.js';
-import { agentMain, startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
-import type { OneVm } from '../harness/one-layout.js';
-import { guestViewSha256, guestWrite, sha256File } from '../harness/guest.js';
-import { recoverDrill } from '../harness/recover.js';
-import { generateKey } from '../harness/sshd.js';
+import { agentMain, startAgentEnv, type AgentEnv } from '../../dev/agent-env.js';
+import type { OneVm } from '../../dev/one-layout.js';
+import { guestViewSha256, guestWrite, sha256File } from '../../dev/guest.js';
+import { recoverDrill } from '../../dev/recover.js';
+import { generateKey } from '../../dev/sshd.js';
 
 const VM = 61;
 const SIZE_MIB = 64;

@@ -10,12 +10,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseOneTemplate } from '../../lib/monitor/one-template.js';
-import { renderDsXml, renderVmXml } from '../harness/one-layout.js';
-import { makeTempDir } from '../harness/tmp.js';
+import { renderDsXml, renderVmXml } from '../../dev/one-layout.js';
+import { makeTempDir } from '../../dev/tmp.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 let work: string;
-let probeJs: string;
+let mainJs: string;
 
 function build(outDir: string): Promise<void> {
   return new Promise((resolve) => {
@@ -34,7 +34,8 @@ interface Run {
 function runProbe(args: string[], stdin: string, env: Record<string, string> = {}): Promise<Run> {
   const t0 = performance.now();
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [probeJs, ...args], { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
+    // the real entry, as the probe wrappers run it: `onestor-agent probe KIND ...`
+    const child = spawn(process.execPath, [mainJs, 'probe', ...args], { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (b) => (stdout += b));
@@ -73,7 +74,7 @@ async function makeLayout(dsRoot: string): Promise<void> {
 beforeAll(async () => {
   work = await makeTempDir('probe-timeout');
   await build(path.join(work, 'build'));
-  probeJs = path.join(work, 'build', 'agent', 'probe.js');
+  mainJs = path.join(work, 'build', 'agent', 'main.js');
   await writeFile(path.join(work, 'build', 'package.json'), JSON.stringify({ name: 'onestor-agent', version: '0.0.0-test', type: 'module' }));
   await symlink(path.join(ROOT, 'node_modules'), path.join(work, 'build', 'node_modules'));
   await makeLayout(path.join(work, 'ds'));
@@ -85,7 +86,7 @@ afterAll(async () => {
 
 describe('probe time bound', () => {
   it('built entry exists', () => {
-    expect(existsSync(probeJs)).toBe(true);
+    expect(existsSync(mainJs)).toBe(true);
   });
 
   it('state file blocks (FIFO): exits 0 within the deadline, with ERROR lines naming the discovered disk', async () => {
@@ -131,7 +132,7 @@ describe('probe time bound', () => {
     await writeFile(path.join(dsLoc, '101', '0123abcd'), Buffer.alloc(3 * 1024 * 1024, 1));
     // the probe takes sshrc paths from its options only; drive it through a tiny module
     const driver = path.join(work, 'build', 'drive-replica.mjs');
-    await writeFile(driver, `import { runProbe } from './agent/probe.js';\nconst r = await runProbe('replica-ds', { datastoreLocation: ${JSON.stringify(dsLoc)}, sshrcPaths: [${JSON.stringify(fifo)}], deadlineMs: 2000, cacheFile: ${JSON.stringify(path.join(work, 'walk-cache.json'))} });\nprocess.stdout.write(r.lines.join('\\n') + '\\n');\nprocess.exit(0);\n`);
+    await writeFile(driver, `import { runProbe } from './lib/monitor/run-probe.js';\nconst r = await runProbe('replica-ds', { datastoreLocation: ${JSON.stringify(dsLoc)}, sshrcPaths: [${JSON.stringify(fifo)}], deadlineMs: 2000, cacheFile: ${JSON.stringify(path.join(work, 'walk-cache.json'))} });\nprocess.stdout.write(r.lines.join('\\n') + '\\n');\nprocess.exit(0);\n`);
     const t0 = performance.now();
     const out = await new Promise<{ stdout: string; code: number | null }>((resolve) => {
       const c = spawn(process.execPath, [driver], { stdio: ['ignore', 'pipe', 'inherit'] });

@@ -15,7 +15,7 @@ import { encodeControl, encodeData, FrameDecoder, PROTOCOL_VERSION } from '../..
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
-import { startSshd, type Sshd } from '../harness/sshd.js';
+import { startSshd, type Sshd } from '../../dev/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');

@@ -3,7 +3,7 @@
  * as the publish reports them through its hooks) during a full publish with a new base, a full publish
  * without one, and an incremental merge. After each: the recover drill reads the previous or the new
  * snapshot (never neither), the next session finishes the journal or stays on the previous one by itself,
- * the client's retry completes, and nothing of the dead session is left (test/harness/replica-crash.ts).
+ * the client's retry completes, and nothing of the dead session is left (dev/replica-crash.ts).
  */
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
@@ -11,7 +11,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { INC_STEPS } from '../../lib/replica/merge.js';
 import { FULL_STEPS } from '../../lib/replica/publish.js';
-import { CRASH_RECEIVER, RECEIVER_MAIN, SCENARIOS, freshSnaps, makeScenario, runPublish, verifyAfterRun } from '../harness/replica-crash.js';
+import { CRASH_RECEIVER, RECEIVER_MAIN, SCENARIOS, freshSnaps, makeScenario, runPublish, verifyAfterRun } from '../../dev/replica-crash.js';
 import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 let root: string;

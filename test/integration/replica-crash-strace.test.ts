@@ -10,7 +10,7 @@ import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CRASH_RECEIVER, RECEIVER_MAIN, makeScenario, sweepSyscall, type ScenarioKind } from '../harness/replica-crash.js';
+import { CRASH_RECEIVER, RECEIVER_MAIN, makeScenario, sweepSyscall, type ScenarioKind } from '../../dev/replica-crash.js';
 import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 let root: string;

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient } from '../../lib/transfer/replica-client.js';
 import { writeManifestTree } from '../helpers/manifest-tree.js';
-import { startSshd, type Sshd } from '../harness/sshd.js';
+import { startSshd, type Sshd } from '../../dev/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');

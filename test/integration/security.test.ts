@@ -9,8 +9,8 @@ import { existsSync } from 'node:fs';
 import { lstat, readdir, readFile, readlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Client, type ClientChannel } from 'ssh2';
-import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
-import type { OneVm } from '../harness/one-layout.js';
+import { startAgentEnv, type AgentEnv } from '../../dev/agent-env.js';
+import type { OneVm } from '../../dev/one-layout.js';
 import { encodeControl, FrameDecoder, PROTOCOL_VERSION } from '../../lib/protocol/protocol.js';
 import { spawnAgent, withFlag } from '../../bench/soak.js';
 

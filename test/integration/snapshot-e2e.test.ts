@@ -6,10 +6,10 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { startAgentEnv, type AgentEnv } from '../harness/agent-env.js';
-import type { OneVm } from '../harness/one-layout.js';
-import { guestWrite, guestFlush, guestViewSha256, sha256File } from '../harness/guest.js';
-import { recoverDrill } from '../harness/recover.js';
+import { startAgentEnv, type AgentEnv } from '../../dev/agent-env.js';
+import type { OneVm } from '../../dev/one-layout.js';
+import { guestWrite, guestFlush, guestViewSha256, sha256File } from '../../dev/guest.js';
+import { recoverDrill } from '../../dev/recover.js';
 import { run } from '../../lib/shared/exec.js';
 
 let env: AgentEnv;

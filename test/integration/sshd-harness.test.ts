@@ -10,7 +10,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { run } from '../../lib/shared/exec.js';
-import { startSshd, type Sshd } from '../harness/sshd.js';
+import { startSshd, type Sshd } from '../../dev/sshd.js';
 
 function sshArgs(sshd: Sshd, command: string[]): string[] {
   return [
@@ -103,7 +103,7 @@ describe('sshd harness', () => {
   it('the server dies with a test runner that is SIGKILLed (no cleanup runs)', async () => {
     // A separate runner process starts an sshd through the harness, reports its pid, and is then killed.
     const scratch = await mkdtemp(path.join(os.tmpdir(), 'onestor-sshd-runner-'));
-    const harnessUrl = new URL('../harness/sshd.ts', import.meta.url).href;
+    const harnessUrl = new URL('../../dev/sshd.ts', import.meta.url).href;
     const script = path.join(scratch, 'runner.ts');
     await writeFile(
       script,

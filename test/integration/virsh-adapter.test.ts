@@ -11,10 +11,10 @@ import { OnestorError } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { Virsh, virshErrorKind } from '../../lib/libvirt/virsh.js';
 import type { JobInfo } from '../../lib/libvirt/virsh-parse.js';
-import { startLibvirtd, type Libvirtd } from '../harness/libvirtd.js';
-import { createOneVm, createSystemDatastore, type OneVm } from '../harness/one-layout.js';
-import { guestWrite } from '../harness/guest.js';
-import { makeTempDir, removeTree } from '../harness/tmp.js';
+import { startLibvirtd, type Libvirtd } from '../../dev/libvirtd.js';
+import { createOneVm, createSystemDatastore, type OneVm } from '../../dev/one-layout.js';
+import { guestWrite } from '../../dev/guest.js';
+import { makeTempDir, removeTree } from '../../dev/tmp.js';
 
 const MiB = 1024 * 1024;
 

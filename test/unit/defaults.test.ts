@@ -5,6 +5,7 @@
 import { readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { COMMANDS, commandHelp, commandSpec } from '../../agent/commands/spec.js';
 import { describe, expect, it } from 'vitest';
 import * as D from '../../lib/shared/defaults.js';
 
@@ -22,11 +23,11 @@ describe('default paths outside TypeScript agree with lib/shared/defaults.ts', (
   });
 
   it('the CLI help names the defaults it documents', () => {
-    // wherever the help text lives under agent/
-    const help = (readdirSync(path.join(repo, 'agent'), { recursive: true }) as string[]).filter((f) => f.endsWith('.ts')).map((f) => read(path.join('agent', f))).join('\n');
+    // the help as users see it: every command's page
+    const help = COMMANDS.map((c) => commandHelp(c)).join('\n');
     for (const p of [D.DEFAULT_CONFIG_FILE, D.DEFAULT_DATASTORE_LOCATION, D.DEFAULT_STATE_DIR, D.DEFAULT_IDENTITY_FILE, D.DEFAULT_KNOWN_HOSTS_FILE, D.DEFAULT_LIBVIRT_URI]) expect(help).toContain(p);
-    expect(help).toContain(`(default ${D.RECEIVER_DEFAULTS.busyWaitSec})`);
-    expect(help).toContain(`(default ${D.RECEIVER_DEFAULTS.idleTimeoutSec})`);
+    const receive = commandHelp(commandSpec('receive')!).replace(/\s+/g, ' ');
+    for (const v of [D.RECEIVER_DEFAULTS.busyWaitSec, D.RECEIVER_DEFAULTS.idleTimeoutSec, D.RECEIVER_DEFAULTS.helloTimeoutSec, D.RECEIVER_DEFAULTS.maxSessions]) expect(receive).toContain(`(default ${v}`);
   });
 
   it('the state file is under the state dir and SNAPS under the datastores (upstream layout)', () => {

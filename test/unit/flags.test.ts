@@ -38,13 +38,13 @@ describe('CLI flags -> config overrides', () => {
 
 describe('receiver flags: both entries, one schema, one set of defaults', () => {
   it('receiver-main takes the receive flags and validates them as config', async () => {
-    const { parseReceiverArgs } = await import('../../agent/cmd-receive.js');
+    const { parseReceiverArgs } = await import('../../agent/commands/receive.js');
     const o = parseReceiverArgs(['--snaps-dir', '/snaps', '--lock-timeout', '5', '--max-sessions', '2', '--busy-wait', '1', '--idle-timeout', '30', '--max-used-percent', '80']);
     expect(o).toMatchObject({ snapsDir: '/snaps', lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 1, idleTimeoutSec: 30, maxUsedPercent: 80, spaceCheck: true });
   });
 
   it('unset flags take the same defaults as `onestor-agent receive` (config schema, upstream sshrc)', async () => {
-    const { parseReceiverArgs, receiverOptionsFrom } = await import('../../agent/cmd-receive.js');
+    const { parseReceiverArgs, receiverOptionsFrom } = await import('../../agent/commands/receive.js');
     const { DEFAULT_DRIVER_SETTINGS, RECEIVER_DEFAULTS } = await import('../../lib/shared/defaults.js');
     const viaMain = parseReceiverArgs(['--snaps-dir', '/snaps']);
     // the stand-alone entry resolves the identity itself (--host, else sshd's key fingerprint, else refused)
@@ -58,7 +58,7 @@ describe('receiver flags: both entries, one schema, one set of defaults', () => 
   });
 
   it('refuses what the schema refuses, a missing SNAPS and flags of other commands', async () => {
-    const { parseReceiverArgs } = await import('../../agent/cmd-receive.js');
+    const { parseReceiverArgs } = await import('../../agent/commands/receive.js');
     const field = (argv: string[]) => thrownOnestorError(() => parseReceiverArgs(argv));
     expect(field(['--snaps-dir', '/s', '--max-sessions', '300']).context.field).toBe('receiver.maxSessions');
     expect(field(['--snaps-dir', 'relative']).context.field).toBe('receiver.snapsDir');

@@ -1,7 +1,8 @@
 /**
  * The layout is a contract: lib/<role>/ says on which host and in which part of the job a file runs.
- * This test reads every import under lib/ and agent/ and fails on an import that crosses roles outside
- * the table below, on lib/ importing agent/ or test/, and on any import cycle.
+ * This test reads every import under lib/, agent/ and dev/ and fails on an import that crosses roles
+ * outside the table below, on lib/ importing agent/, dev/ or test/, on production code importing test/
+ * (dev/, the throwaway cluster of the demo, is used by the demo command only), and on any import cycle.
  *
  * The two hosts meet only through shared/ and protocol/: nothing on the hypervisor side imports replica/,
  * and replica/ imports nothing of the hypervisor.
@@ -23,10 +24,12 @@ const ALLOWED: Record<string, readonly string[]> = {
   libvirt: ['shared'],
   transfer: ['shared', 'protocol'],
   // the replica is a port (cycle/ports.ts): agent/ wires lib/transfer's client into it
-  cycle: ['shared', 'protocol', 'libvirt'],
-  daemon: ['shared'],
-  // monitoring probes read the agent's state file (cycle/state.ts) and nothing else of the cycle
-  monitor: ['shared', 'cycle'],
+  cycle: ['shared', 'protocol', 'libvirt', 'discover'],
+  // the loop drives cycles through ports, and reports through the shared assessment (monitor/)
+  daemon: ['shared', 'cycle', 'monitor'],
+  // monitoring reads the agent's state file (cycle/state.ts) and the driver settings (config/sshrc.ts),
+  // nothing else of the hypervisor side
+  monitor: ['shared', 'cycle', 'config'],
   // replica side
   replica: ['shared', 'protocol'],
 };
@@ -55,7 +58,7 @@ function roleOf(file: string): string | null {
   return m ? m[1]! : null;
 }
 
-const files = [...listTs('lib'), ...listTs('agent')];
+const files = [...listTs('lib'), ...listTs('agent'), ...listTs('dev')];
 const graph = new Map(files.map((f) => [f, importsOf(f)] as const));
 
 describe('layout of the code', () => {
@@ -69,7 +72,7 @@ describe('layout of the code', () => {
     for (const [from, targets] of graph) {
       const fromRole = roleOf(from);
       for (const to of targets) {
-        if (fromRole === null) continue; // agent/ wires everything
+        if (fromRole === null) continue; // agent/ wires everything; dev/ is checked below
         if (!to.startsWith('lib/')) {
           bad.push(`${from} -> ${to} (lib/ may not import agent/ or test/)`);
           continue;
@@ -78,14 +81,53 @@ describe('layout of the code', () => {
         if (toRole === fromRole) continue;
         if (!(ALLOWED[fromRole] ?? []).includes(toRole)) bad.push(`${from} -> ${to} (${fromRole} may not use ${toRole})`);
         if (fromRole === 'monitor' && toRole === 'cycle' && to !== 'lib/cycle/state.ts') bad.push(`${from} -> ${to} (monitor reads only cycle/state.ts)`);
+        if (fromRole === 'monitor' && toRole === 'config' && to !== 'lib/config/sshrc.ts') bad.push(`${from} -> ${to} (monitor reads only config/sshrc.ts)`);
       }
     }
     expect(bad).toEqual([]);
   });
 
+  it('production code does not depend on tests: agent/, lib/ and dev/ never import test/', () => {
+    const bad = [...graph].flatMap(([from, ts]) => ts.filter((t) => t.startsWith('test/')).map((t) => `${from} -> ${t}`));
+    expect(bad).toEqual([]);
+  });
+
+  it('dev/ (the demo cluster and test harness) is used only by the demo command, and uses only lib/ and dev/', () => {
+    const bad: string[] = [];
+    for (const [from, ts] of graph) {
+      for (const t of ts) {
+        if (t.startsWith('dev/') && !from.startsWith('dev/') && from !== 'agent/commands/demo.ts') bad.push(`${from} -> ${t}`);
+        if (from.startsWith('dev/') && !t.startsWith('dev/') && !t.startsWith('lib/')) bad.push(`${from} -> ${t}`);
+      }
+    }
+    expect(bad).toEqual([]);
+  });
+
+  it('the probe path loads no heavy dependency (pino, zod, ssh2, fast-xml-parser)', () => {
+    // `import type` is erased at build time and loads nothing
+    const heavy = /(?:^|\n)\s*import\s(?!type\b)[^'"]*?from\s*['"](pino|zod|ssh2|fast-xml-parser)['"]/;
+    // static imports only: what `onestor-agent probe` loads before it answers
+    const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"](\.{1,2}\/[^'"]+)['"]/g;
+    const seen = new Set<string>();
+    const offenders: string[] = [];
+    const walk = (f: string, via: string[]) => {
+      if (seen.has(f)) return;
+      seen.add(f);
+      const text = readFileSync(path.join(repo, f), 'utf8');
+      const m = heavy.exec(text);
+      if (m) offenders.push(`${[...via, f].join(' -> ')} imports ${m[1]}`);
+      for (const s of text.matchAll(staticRe)) walk(path.normalize(path.join(path.dirname(f), s[1]!)).replace(/\.js$/, '.ts'), [...via, f]);
+    };
+    for (const entry of ['agent/main.ts', 'agent/commands/probe.ts']) walk(entry, []);
+    expect(offenders).toEqual([]);
+    // and the entry reaches commands only through import(): nothing of `run` or `snapshot` loads for a probe
+    expect(seen.has('agent/commands/run.ts')).toBe(false);
+    expect(seen.has('agent/context.ts')).toBe(false);
+  });
+
   it('imports resolve to files that exist', () => {
     const known = new Set(files);
-    const missing = [...graph].flatMap(([from, ts]) => ts.filter((t) => (t.startsWith('lib/') || t.startsWith('agent/')) && !known.has(t)).map((t) => `${from} -> ${t}`));
+    const missing = [...graph].flatMap(([from, ts]) => ts.filter((t) => (t.startsWith('lib/') || t.startsWith('agent/') || t.startsWith('dev/')) && !known.has(t)).map((t) => `${from} -> ${t}`));
     expect(missing).toEqual([]);
   });
 

@@ -261,6 +261,7 @@ describe('onestor-agent status', () => {
     const state = (alertAt: number) => ({
       version: 1 as const,
       updatedAt: NOW,
+      daemon: { pid: 1, startedAt: NOW - 1000, heartbeatAt: NOW - 5, version: '0.1.0' },
       baseDigests: {},
       disks: {
         '7.0': {
@@ -270,7 +271,7 @@ describe('onestor-agent status', () => {
         },
       },
     });
-    const detail = (at: number) => buildStatus({ now: NOW, state: state(at), eligible: [disk], ineligible: [], graceMinSec: 60, gracePercent: 10, heartbeatMaxAgeSec: 180 }).rows[0]!.detail;
+    const detail = (at: number) => buildStatus({ now: NOW, state: state(at), eligible: [disk], ineligible: [] }).rows[0]!.detail;
     expect(detail(NOW - 100)).toBe('crash-consistent; lineage alert (foreign-owner): replica lineage was last published by hvB');
     expect(detail(NOW - 90_000)).toBe('crash-consistent');
   });

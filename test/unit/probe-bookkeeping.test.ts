@@ -6,7 +6,7 @@ import { link, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runProbe } from '../../agent/probe.js';
+import { runProbe } from '../../lib/monitor/run-probe.js';
 import { parseOneTemplate } from '../../lib/monitor/one-template.js';
 import { parseBookkeepingFind, summarizeBookkeeping } from '../../lib/monitor/usage.js';
 

@@ -2,8 +2,8 @@ import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { summarizeAgent } from '../../lib/monitor/probe-lines.js';
-import { agentMetrics, escapeLabelValue, formatMetrics, writeTextfile } from '../../lib/monitor/prometheus.js';
+import { assess, summarize } from '../../lib/monitor/assessment.js';
+import { escapeLabelValue, formatMetrics, metricsText, writeTextfile } from '../../lib/monitor/prometheus.js';
 import type { AgentState } from '../../lib/cycle/state.js';
 
 const NOW = 1_732_440_000;
@@ -46,8 +46,7 @@ const state: AgentState = {
 
 describe('prometheus textfile', () => {
   it('same figures as the probe, labelled by vm and disk, with a timestamp metric', () => {
-    const s = summarizeAgent({ now: NOW, stateFile: '/s', state, probeVersion: '0' });
-    const m = parseExposition(formatMetrics(agentMetrics(s, s.reports, NOW, state.host)));
+    const m = parseExposition(metricsText(assess({ now: NOW, stateFile: '/s', state }), NOW, state.host));
     const host = `host="${escapeLabelValue(state.host!)}"`;
     expect(m.get('onestor_probe_timestamp_seconds')).toEqual([{ labels: host, value: NOW }]);
     expect(m.get('onestor_agent_up')![0]!.value).toBe(1);
@@ -59,7 +58,7 @@ describe('prometheus textfile', () => {
     expect(m.get('onestor_disk_fail_count')![1]!.value).toBe(2);
     expect(m.get('onestor_failing_disks')![0]!.value).toBe(1);
     expect(m.get('onestor_disk_lineage_alert_timestamp_seconds')).toEqual([{ labels: `${host},vm="7",disk="1"`, value: NOW - 10 }]);
-    expect(s.lineageAlertsRecent).toBe(1);
+    expect(summarize(assess({ now: NOW, stateFile: '/s', state }), NOW).lineageAlertsRecent).toBe(1);
   });
 
   it('escapes label values and refuses bad names', () => {

@@ -17,7 +17,7 @@ import { FULL_STEPS } from '../../lib/replica/publish.js';
 import { MAX_OTHER_UPLOADS } from '../../lib/replica/uploads.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
-import { recoverDrill } from '../harness/recover.js';
+import { recoverDrill } from '../../dev/recover.js';
 import { uploadKeyFor } from '../../lib/replica/ownership.js';
 
 let root: string;

@@ -5,17 +5,17 @@
  * never from the client.
  */
 import type { Logger } from 'pino';
-import { Exit } from './exit-codes.js';
-import { overridesFrom, parseFlags, type Flags } from './flags.js';
-import { loadConfig, parseConfig, type Config } from '../lib/config/config.js';
-import { readSshrc } from '../lib/config/sshrc.js';
-import { DEFAULT_DRIVER_SETTINGS } from '../lib/shared/defaults.js';
-import { ErrorCodes, OnestorError, isOnestorError } from '../lib/shared/errors.js';
-import type { DriverSettings } from '../lib/shared/model.js';
-import { refuseSession, runReceiver, type ReceiverOptions } from '../lib/replica/receiver.js';
-import { identityFromEnvironment } from '../lib/replica/identity-env.js';
-import { parseHostFlag } from '../lib/replica/identity.js';
-import { nonBlockingFd } from '../lib/replica/stdio.js';
+import { Exit } from '../exit-codes.js';
+import { overridesFrom, parseFlags, type Flags } from '../flags.js';
+import { loadConfig, parseConfig, type Config } from '../../lib/config/config.js';
+import { readSshrc } from '../../lib/config/sshrc.js';
+import { DEFAULT_DRIVER_SETTINGS } from '../../lib/shared/defaults.js';
+import { ErrorCodes, OnestorError, isOnestorError } from '../../lib/shared/errors.js';
+import type { DriverSettings } from '../../lib/shared/model.js';
+import { refuseSession, runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
+import { identityFromEnvironment } from '../../lib/replica/identity-env.js';
+import { parseHostFlag } from '../../lib/replica/identity.js';
+import { nonBlockingFd } from '../../lib/replica/stdio.js';
 
 /**
  * The receiver's settings from the validated config (flags included: they went through the same schema)

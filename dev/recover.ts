@@ -5,7 +5,7 @@
  */
 import { mkdir, stat, lstat, readlink } from 'node:fs/promises';
 import path from 'node:path';
-import { run } from '../../lib/shared/exec.js';
+import { run } from '../lib/shared/exec.js';
 import { readGuestView } from './guest.js';
 
 export interface DrillResult {

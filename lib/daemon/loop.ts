@@ -1,22 +1,32 @@
 /**
- * The daemon loop (`onestor-agent run`): wiring only. Decisions live in lib/schedule.ts; this file
- * turns them into timers, cycles, state writes, sd_notify messages and signal handling.
+ * The daemon loop (`onestor-agent run`). Decisions live in schedule.ts (what is due) and
+ * monitor/assessment.ts (what to report); this file turns them into timers, cycles, state writes,
+ * sd_notify messages, the Prometheus textfile and signal handling. Every side effect goes through
+ * DaemonDeps, so tests drive it with fakes; agent/commands/run.ts wires the real adapters.
  *
  * Timers: one setTimeout to the next thing to do (a due disk, the next rescan, the next heartbeat).
  * Node timers run on the monotonic clock, and every duration here is measured with performance.now(),
  * so a wall-clock step changes nothing but the epochs written for display.
  */
-import path from 'node:path';
-import { readdir } from 'node:fs/promises';
 import type { Logger } from 'pino';
-import { overridesFrom } from './flags.js';
-import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from '../lib/daemon/schedule.js';
-import { SdNotify } from '../lib/daemon/sd-notify.js';
-import { cleanStaleStaging } from '../lib/cycle/capture.js';
-import { describeError, ErrorCodes } from '../lib/shared/errors.js';
-import { getDisk, diskKey, type StateStore, type AgentState } from '../lib/cycle/state.js';
-import type { EligibleDisk } from '../lib/shared/model.js';
-import type { VmCycleRequest, DiskOutcome } from '../lib/cycle/cycle.js';
+import { Scheduler, type ScheduleSettings, type KnownDisk, type VmStart, type DiskResult } from './schedule.js';
+import { SdNotify } from './sd-notify.js';
+import { applyMarks } from './marks.js';
+import { cleanAllStaging } from './staging.js';
+import { describeError, ErrorCodes } from '../shared/errors.js';
+import { getDisk, diskKey, type AgentState } from '../cycle/state.js';
+import type { EligibleDisk } from '../shared/model.js';
+import type { VmCycleRequest, DiskOutcome } from '../cycle/cycle.js';
+import { assess } from '../monitor/assessment.js';
+import { metricsText } from '../monitor/prometheus.js';
+
+/** The state file as the loop uses it (StateStore implements it). */
+export interface DaemonStatePort {
+  readonly file: string;
+  loadOrReset(): Promise<{ state: AgentState; reset?: string }>;
+  /** read-modify-write; resolves with the state written */
+  update(fn: (s: AgentState) => AgentState | void): Promise<AgentState>;
+}
 
 /** The parts of lib/config.ts's Config the loop reads (Config is assignable to it). */
 export interface DaemonConfig {
@@ -44,9 +54,11 @@ export interface DaemonDeps {
   discover(): Promise<DiscoveryView>;
   /** production: (req, signal) => runVmCycle(cycleDeps, { ...req, signal }) */
   runCycle(req: VmCycleRequest, signal: AbortSignal): Promise<DiskOutcome[]>;
-  state: StateStore;
-  /** default: remove DS/<stagingDirName>/<vmid> leftovers in every numeric datastore dir */
+  state: DaemonStatePort;
+  /** remove staging left by a crashed run; returns the VM ids cleaned (default: cleanAllStaging) */
   cleanStaleStaging?(): Promise<number[]>;
+  /** replace the Prometheus textfile with this text (atomically); absent = no textfile */
+  writeMetrics?(text: string): Promise<void>;
   /** SIGHUP: re-read the configuration (the loop keeps the old one when this throws) */
   reloadConfig?(): Promise<DaemonConfig>;
   notifier?: SdNotify;
@@ -129,6 +141,8 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
 
   // ---- state -------------------------------------------------------------------------------------
   const progress = new Map<string, { sent: number; total: number; at: number }>();
+  /** the state as last written: status text and metrics are computed from it, not re-read */
+  let held: AgentState | null = null;
   /** Serialized: the heartbeat, next-due, queued and running marks of every known disk. */
   function persist(): Promise<void> {
     // coalesce: one queued write already picks up everything that changed until it starts
@@ -140,24 +154,20 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
       const w = wall();
       const view = scheduler.view(m, w);
       try {
-        await deps.state.update((s: AgentState) => {
-          s.host = deps.hostName ?? s.host;
-          s.daemon = { pid: process.pid, startedAt, heartbeatAt: Math.floor(w / 1000), ...(deps.version ? { version: deps.version } : {}) };
-          for (const v of view) {
-            const e = eligible.get(diskKey(v.vmId, v.diskId));
-            const cur = getDisk(s, v.vmId, v.diskId);
-            const phase = v.running ? 'running' : v.queuedSince !== undefined ? 'queued' : cur.phase === 'running' || cur.phase === 'queued' ? undefined : cur.phase;
-            const k = diskKey(v.vmId, v.diskId);
-            s.disks[k] = {
-              ...cur,
-              progress: v.running ? progress.get(k) : undefined,
-              ...(e ? { domainName: e.domainName, freqSeconds: e.freqSeconds, replicaHost: e.replicaHost } : {}),
-              nextDueAt: v.nextDueAt,
-              queuedSince: v.queuedSince,
-              phase,
-            };
-          }
-        });
+        held = await deps.state.update((s: AgentState) =>
+          applyMarks(s, {
+            host: deps.hostName,
+            daemon: { pid: process.pid, startedAt, heartbeatAt: Math.floor(w / 1000), ...(deps.version ? { version: deps.version } : {}), grace: { minSec: config.schedule.graceMinSec, percent: config.schedule.gracePercent } },
+            view,
+            eligible,
+            progress,
+          }),
+        );
+        // from memory: the state just written, through the same assessment as the probe and `status`
+        if (deps.writeMetrics) {
+          const text = metricsText(assess({ now: w / 1000, state: held, stateFile: deps.state.file }), w / 1000, held.host);
+          await deps.writeMetrics(text).catch((e: unknown) => log.warn({ err: describeError(e) }, 'prometheus textfile not written'));
+        }
       } catch (e) {
         log.error({ err: describeError(e) }, 'state write failed');
       }
@@ -165,11 +175,18 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
     return writeChain;
   }
 
+  /** Failing/overdue counts of the disks the scheduler knows, by the shared assessment. */
+  function verdictCounts(): { failing: number; overdue: number; overdueFirst?: string } {
+    if (!held) return { failing: 0, overdue: 0 };
+    const known = new Set(scheduler.view(mono(), wall()).map((v) => diskKey(v.vmId, v.diskId)));
+    const a = assess({ now: wall() / 1000, state: held, stateFile: deps.state.file }).disks.filter((d) => known.has(diskKey(d.vmId, d.diskId)));
+    const overdue = a.filter((d) => d.overdue);
+    return { failing: a.filter((d) => d.kind === 'failing').length, overdue: overdue.length, overdueFirst: overdue[0] ? `${overdue[0].vmId}/${overdue[0].diskId}` : undefined };
+  }
+
   function statusText(): string {
-    const view = scheduler.view(mono(), wall());
-    const failing = view.filter((v) => v.failCount > 0).length;
-    const overdue = view.filter((v) => v.overdue).length;
-    const parts = [`${view.length} disks protected`, `${failing} failing`];
+    const { failing, overdue } = verdictCounts();
+    const parts = [`${scheduler.size()} disks protected`, `${failing} failing`];
     if (overdue) parts.push(`${overdue} overdue`);
     if (running.size) parts.push(`${running.size} VM cycles running`);
     if (ineligibleCount) parts.push(`${ineligibleCount} not eligible`);
@@ -192,7 +209,7 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
     for (const d of found.eligible) {
       next.set(diskKey(d.vmId, d.diskId), d);
       const ds = state ? getDisk(state, d.vmId, d.diskId) : null;
-      known.push({ vmId: d.vmId, diskId: d.diskId, freqSeconds: d.freqSeconds, lastSuccessAt: ds?.lastSuccess?.capturedAt ?? null, failCount: ds?.failCount ?? 0 });
+      known.push({ vmId: d.vmId, diskId: d.diskId, freqSeconds: d.freqSeconds, lastSuccessAt: ds?.lastSuccess?.capturedAt ?? null, lastCycleMs: ds?.lastSuccess?.durationMs, failCount: ds?.failCount ?? 0 });
     }
     const r = scheduler.sync(known, mono(), wall());
     for (const e of r.rejected) log.error({ vm: e.context.vm, disk: e.context.disk, code: e.code }, e.message);
@@ -280,8 +297,8 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
       nextHeartbeatMono = m + heartbeatMs();
       void persist();
       void notifier.status(statusText());
-      const overdue = scheduler.overdue(m);
-      if (overdue.length && starts.length === 0) log.warn({ overdue: overdue.length, first: `${overdue[0]!.vmId}/${overdue[0]!.diskId}` }, 'disks overdue');
+      const v = verdictCounts();
+      if (v.overdue && starts.length === 0) log.warn({ overdue: v.overdue, first: v.overdueFirst }, 'disks overdue');
     }
     const wake = Math.min(scheduler.nextWake(m) ?? Infinity, nextRescanMono, nextHeartbeatMono);
     const delay = Math.min(MAX_TIMER_MS, Math.max(0, Math.ceil(wake - m)));
@@ -344,7 +361,7 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
         });
         if (n > 0) log.info({ disks: n }, 'state rebuilt from the replica manifests');
       }
-      const cleaned = await (deps.cleanStaleStaging ?? (() => cleanAllStaging(config)))().catch((e: unknown) => {
+      const cleaned = await (deps.cleanStaleStaging ?? (() => cleanAllStaging(config.datastoreLocation, config.stagingDirName)))().catch((e: unknown) => {
         log.warn({ err: describeError(e) }, 'stale staging cleanup failed');
         return [] as number[];
       });
@@ -407,73 +424,3 @@ export function startDaemon(opts: DaemonOptions): DaemonHandle {
   };
 }
 
-
-/** Leftover staging from a crashed run, in every numeric (system datastore) dir. */
-async function cleanAllStaging(config: DaemonConfig): Promise<number[]> {
-  let names: string[];
-  try {
-    names = await readdir(config.datastoreLocation);
-  } catch {
-    return [];
-  }
-  const removed: number[] = [];
-  for (const n of names) {
-    if (!/^\d+$/.test(n)) continue;
-    removed.push(...(await cleanStaleStaging(path.join(config.datastoreLocation, n, config.stagingDirName))));
-  }
-  return removed;
-}
-
-/** `onestor-agent run`: production wiring. */
-export async function runDaemonCommand(f: { config?: string } & Record<string, unknown>, _pos: string[], log: Logger): Promise<number> {
-  const { buildContext, runningDomains, VERSION } = await import('./context.js');
-  const { discover } = await import('../lib/discover/discover.js');
-  const { runVmCycle } = await import('../lib/cycle/cycle.js');
-  const { loadConfig } = await import('../lib/config/config.js');
-  const overrides = overridesFrom(f as never);
-  const ctx = await buildContext({ configFile: f.config, overrides, log });
-  try {
-    const handle = startDaemon({
-      config: ctx.config,
-      log,
-      handleSignals: true,
-      deps: {
-        state: ctx.state,
-        hostName: ctx.hostName,
-        version: VERSION,
-        discover: async () => discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) }),
-        runCycle: (req, signal) => runVmCycle(ctx.cycleDeps(), { ...req, signal }),
-        reloadConfig: () =>
-          loadConfig({ file: f.config, overrides: overrides as never }).then((c) => {
-            log.level = c.log.level; // SIGHUP applies a changed log.level too
-            return c;
-          }),
-        rebuildState: async () => {
-          const { rebuildFromReplicas } = await import('../lib/cycle/rebuild.js');
-          const found = await discover({ datastoreLocation: ctx.config.datastoreLocation, runningDomains: await runningDomains(ctx.virsh) });
-          return rebuildFromReplicas({ eligible: found.eligible, replicaFor: (h) => ctx.replicas.get(h), state: ctx.state, log });
-        },
-      },
-    });
-    // Prometheus textfile (node_exporter textfile collector): the probe's figures, refreshed with the
-    // heartbeat. Built by the same code as the probe so both always agree.
-    let prom: NodeJS.Timeout | undefined;
-    const textfile = ctx.config.prometheusTextfile;
-    if (textfile) {
-      const { runProbe } = await import('./probe.js');
-      const stateFile = path.join(ctx.config.stateDir, 'state.json');
-      const write = () =>
-        runProbe('vm-snapshot', { stateFile, prometheusFile: textfile, datastoreLocation: ctx.config.datastoreLocation, discoverCommand: null })
-          .then((r) => r.errors.length && log.warn({ file: textfile, err: r.errors.join('; ') }, 'prometheus textfile'))
-          .catch(() => {});
-      prom = setInterval(write, Math.min(30_000, ctx.config.schedule.rescanSec * 1000));
-      prom.unref();
-      void write();
-    }
-    await handle.done;
-    if (prom) clearInterval(prom);
-    return 0;
-  } finally {
-    await ctx.replicas.closeAll();
-  }
-}

@@ -16,7 +16,7 @@ import { closeSync, openSync, readFileSync, readdirSync, readlinkSync } from 'no
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { run, type ExecResult } from '../../lib/shared/exec.js';
+import { run, type ExecResult } from '../lib/shared/exec.js';
 import { reapStaleLibvirtdRoots, reapStaleTempDirs, LIBVIRTD_ROOT_TAG, OWNER_FILE, type RootOwner } from './reaper.js';
 import { removeTree, uniqueName } from './tmp.js';
 

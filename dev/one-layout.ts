@@ -15,7 +15,7 @@ import { mkdir, symlink, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { XMLParser } from 'fast-xml-parser';
-import { run } from '../../lib/shared/exec.js';
+import { run } from '../lib/shared/exec.js';
 import type { Libvirtd } from './libvirtd.js';
 
 export interface DataRegion {

@@ -7,9 +7,9 @@
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
-import type { Flags } from './flags.js';
-import { Exit } from './exit-codes.js';
-import { run as exec } from '../lib/shared/exec.js';
+import type { Flags } from '../flags.js';
+import { Exit } from '../exit-codes.js';
+import { run as exec } from '../../lib/shared/exec.js';
 
 const FREQ = 10;
 const DAEMON_SECONDS = 25;
@@ -23,9 +23,9 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
     process.stderr.write('demo: run as root (it starts a private libvirtd and sshd)\n');
     return Exit.USAGE;
   }
-  const { startAgentEnv } = await import('../test/harness/agent-env.js');
-  const { guestWrite, guestFlush, readGuestView, sha256File } = await import('../test/harness/guest.js');
-  const { recoverDrill } = await import('../test/harness/recover.js');
+  const { startAgentEnv } = await import('../../dev/agent-env.js');
+  const { guestWrite, guestFlush, readGuestView, sha256File } = await import('../../dev/guest.js');
+  const { recoverDrill } = await import('../../dev/recover.js');
   say('starting a private libvirtd, a loopback sshd replica, and VM 7 in the OpenNebula layout');
   const env = await startAgentEnv({ name: 'demo' });
   let ok = true;
@@ -49,7 +49,7 @@ export async function run(f: Flags, _pos: string[], _log: Logger): Promise<numbe
 
     say(`the daemon (onestor-agent run) for ${DAEMON_SECONDS} s: RECOVERY_SNAPSHOT_FREQ=${FREQ}, the guest keeps writing`);
     const { spawn } = await import('node:child_process');
-    const { agentMain, agentProcessEnv } = await import('../test/harness/agent-env.js');
+    const { agentMain, agentProcessEnv } = await import('../../dev/agent-env.js');
     const daemon = spawn(process.execPath, [agentMain(), 'run', ...env.flags], { stdio: ['ignore', 'pipe', 'pipe'], env: agentProcessEnv(env.flags, { JOURNAL_STREAM: '' }) });
     const relay = (d: Buffer) => {
       for (const line of d.toString().split('\n')) {

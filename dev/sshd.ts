@@ -12,7 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { run } from '../../lib/shared/exec.js';
+import { run } from '../lib/shared/exec.js';
 
 const SSHD = '/usr/sbin/sshd'; // sshd re-executes itself per connection and refuses a relative path
 const SSH_KEYGEN = 'ssh-keygen';

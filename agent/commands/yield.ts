@@ -10,12 +10,12 @@
 import type { Logger } from 'pino';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { buildContext, runningDomains } from './context.js';
-import { Exit } from './exit-codes.js';
-import { overridesFrom, type Flags } from './flags.js';
-import { discover } from '../lib/discover/discover.js';
-import { writeYieldMarker } from '../lib/cycle/migration.js';
-import { OnestorError, ErrorCodes, describeError } from '../lib/shared/errors.js';
+import { buildContext, runningDomains } from '../context.js';
+import { Exit } from '../exit-codes.js';
+import { overridesFrom, type Flags } from '../flags.js';
+import { discover } from '../../lib/discover/discover.js';
+import { writeYieldMarker } from '../../lib/cycle/migration.js';
+import { OnestorError, ErrorCodes, describeError } from '../../lib/shared/errors.js';
 
 const DEFAULT_SECONDS = 600;
 

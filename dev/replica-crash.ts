@@ -2,7 +2,7 @@
  * Crash scenarios for the replica: a seeded SNAPS, then one publish (full with a new base, full without one,
  * incremental) driven against a receiver PROCESS that gets killed — at one of its own named steps
  * (crash-receiver.js) or from outside by strace at the Nth call of one syscall. After each run:
- *   1. the recover drill (harness/recover.ts): previous or new guest view, never neither;
+ *   1. the recover drill (dev/recover.ts): previous or new guest view, never neither;
  *   2. the next session (the real receiver, in-process) opens the disk and finishes or rolls back by itself;
  *      if the publish did not survive, the client's retry completes it; the drill then shows the new view;
  *   3. nothing of the dead session is left in the disk's tmp and work dirs.
@@ -15,19 +15,19 @@ import * as fsp from 'node:fs/promises';
 import path from 'node:path';
 import { PassThrough, type Readable, type Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
-import { run } from '../../lib/shared/exec.js';
-import { runReceiver } from '../../lib/replica/receiver.js';
-import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
+import { run } from '../lib/shared/exec.js';
+import { runReceiver } from '../lib/replica/receiver.js';
+import { ReceiverConnection } from '../lib/transfer/replica-client.js';
 import { recoverDrill } from './recover.js';
 
 export type ScenarioKind = 'full-new-base' | 'full-same-base' | 'incremental';
 export const SCENARIOS: readonly ScenarioKind[] = ['full-new-base', 'full-same-base', 'incremental'];
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-/** dist/ root whichever way this module runs (vitest from test/harness, node from dist/test/harness). */
-const distRoot = here.includes(`${path.sep}dist${path.sep}`) ? path.resolve(here, '..', '..') : path.resolve(here, '..', '..', 'dist');
+/** dist/ root whichever way this module runs (vitest from dev/, node from dist/dev/). */
+const distRoot = here.includes(`${path.sep}dist${path.sep}`) ? path.resolve(here, '..') : path.resolve(here, '..', 'dist');
 export const RECEIVER_MAIN = path.join(distRoot, 'agent', 'receiver-main.js');
-export const CRASH_RECEIVER = path.join(distRoot, 'test', 'harness', 'crash-receiver.js');
+export const CRASH_RECEIVER = path.join(distRoot, 'dev', 'crash-receiver.js');
 
 export const VM = 31;
 export const DISK = 0;

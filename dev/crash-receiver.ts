@@ -2,10 +2,10 @@
  * The real receiver (runReceiver, as receiver-main runs it) with its publish step hooks wired for crash
  * tests: every step it passes is appended to $ONESTOR_STEP_LOG, and at the step named $ONESTOR_CRASH_AT the
  * process kills itself with SIGKILL (no finally, no cleanup: a crash). Test use only.
- * Usage: node dist/test/harness/crash-receiver.js SNAPS_DIR
+ * Usage: node dist/dev/crash-receiver.js SNAPS_DIR
  */
 import { appendFileSync } from 'node:fs';
-import { runReceiver } from '../../lib/replica/receiver.js';
+import { runReceiver } from '../lib/replica/receiver.js';
 
 const snapsDir = process.argv[2];
 if (!snapsDir?.startsWith('/')) {

@@ -1,12 +1,12 @@
 /** `onestor-agent snapshot --vm ID [--disk N] [--full]`: one cycle now, outcome printed, exit code. */
 import type { Logger } from 'pino';
-import { buildContext, runningDomains } from './context.js';
-import { Exit } from './exit-codes.js';
-import { overridesFrom, type Flags } from './flags.js';
-import { discover } from '../lib/discover/discover.js';
-import { runVmCycle, type DiskOutcome } from '../lib/cycle/cycle.js';
-import { OnestorError, ErrorCodes } from '../lib/shared/errors.js';
-import { humanBytes } from '../lib/monitor/status.js';
+import { buildContext, runningDomains } from '../context.js';
+import { Exit } from '../exit-codes.js';
+import { overridesFrom, type Flags } from '../flags.js';
+import { discover } from '../../lib/discover/discover.js';
+import { runVmCycle, type DiskOutcome } from '../../lib/cycle/cycle.js';
+import { OnestorError, ErrorCodes } from '../../lib/shared/errors.js';
+import { humanBytes } from '../../lib/monitor/status.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
   if (f.vm === undefined || !/^\d+$/.test(f.vm)) throw new OnestorError(ErrorCodes.CONFIG, '--vm ID (numeric) is required', { field: '--vm' });

@@ -3,7 +3,7 @@
  * the way its drivers do it for an ssh system datastore with replica (vmm/kvm/migrate `local_migration`,
  * KvmDomain#live_migrate_disks, tm/ssh premigrate/postmigrate).
  *
- * Each host is a private libvirtd (test/harness/libvirtd.ts) in its own mount namespace, with its OWN
+ * Each host is a private libvirtd (dev/libvirtd.ts) in its own mount namespace, with its OWN
  * datastore directory bound at the SAME path (`dsRoot`), as two hypervisors see /var/lib/one/datastores.
  * The test process (host namespace) sees neither at dsRoot (an empty mount point there): it reaches each
  * host's files through `hostDsRoot`, so a helper that forgets which host it works on fails loudly instead
@@ -15,7 +15,7 @@ import { spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { mkdir, readFile, rm, symlink, writeFile, lstat } from 'node:fs/promises';
 import path from 'node:path';
-import { run } from '../../lib/shared/exec.js';
+import { run } from '../lib/shared/exec.js';
 import { agentMain, agentProcessEnv } from './agent-env.js';
 import { startLibvirtd, type Libvirtd } from './libvirtd.js';
 import { createOneVm, createSystemDatastore, type CreateOneVmOptions, type OneVm } from './one-layout.js';

@@ -10,7 +10,7 @@
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { open, rm, stat } from 'node:fs/promises';
-import { run } from '../../lib/shared/exec.js';
+import { run } from '../lib/shared/exec.js';
 import type { Libvirtd } from './libvirtd.js';
 import { assertRegion, domainDisks } from './one-layout.js';
 

@@ -1,0 +1,172 @@
+/**
+ * Gathering for the replica-ds probe (system datastore lines, replica cache and snaps area): driver
+ * settings, statfs figures and directory walks, each through a bounded child (usage.ts). Walks are
+ * slow on a big cache, so their results are kept in a small cache file and redone after a TTL.
+ */
+import path from 'node:path';
+import { describeError } from '../shared/errors.js';
+import { LEDGER_DIR, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../shared/ledger.js';
+import { parseSshrc } from '../config/sshrc.js';
+import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS } from '../shared/defaults.js';
+import type { DsFigures, Measured, ReplicaDsInput } from './probe-lines.js';
+import { dsLocationOf, type Budget } from './gather.js';
+import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary, type FsFigures } from './usage.js';
+
+export const DEFAULT_WALK_CACHE_FILE = '/var/tmp/onestor-agent/probe-walk-cache.json';
+
+export interface ReplicaProbeOptions {
+  stdinXml?: string;
+  datastoreLocation?: string;
+  now?: number;
+  sshrcPaths?: readonly string[];
+  /** where walk results are kept between runs */
+  cacheFile?: string;
+  /** walks of the cache and snaps dirs are redone after this many seconds (default 300) */
+  walkTtlS?: number;
+  maxWalkEntries?: number;
+}
+
+interface WalkCache {
+  version: 1;
+  walks: Record<string, { at: number; result: { entries: Array<{ type: string; allocated: number; depth: number; rel: string }>; truncated: boolean; missing: boolean } }>;
+  /** SNAPS/.onestor summaries by snaps dir (only the figures are kept: the walk may hold many temps) */
+  bookkeeping?: Record<string, { at: number; value: BookkeepingSummary & { missing: boolean } }>;
+}
+
+export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<ReplicaDsInput> {
+  const now = opts.now ?? Date.now() / 1000;
+  const loc = dsLocationOf(opts);
+  const ttl = opts.walkTtlS ?? 300;
+  const maxEntries = opts.maxWalkEntries ?? 100_000;
+  const cacheFile = opts.cacheFile ?? DEFAULT_WALK_CACHE_FILE;
+
+  let t = performance.now();
+  // driver settings: first existing sshrc (upstream keeps it in two places)
+  let settings = { ...DEFAULT_DRIVER_SETTINGS };
+  let settingsError: string | undefined;
+  for (const p of opts.sshrcPaths ?? DEFAULT_SSHRC_PATHS) {
+    const r = await readFileBounded(p, budget.left(), 1024 * 1024);
+    if (!r.ok) {
+      settingsError = r.error;
+      break;
+    }
+    if (r.value === null) continue;
+    try {
+      settings = parseSshrc(r.value, p).settings;
+    } catch (e) {
+      settingsError = describeError(e);
+    }
+    break;
+  }
+  timings.sshrc = performance.now() - t;
+
+  // which datastores are monitored locally: numeric dirs with a .monitor file (as upstream)
+  t = performance.now();
+  const list = await runBounded('find', [loc, '-mindepth', '2', '-maxdepth', '2', '-name', '.monitor', '-type', 'f', '-printf', '%h\\0'], { deadlineMs: budget.left(), maxBytes: 1024 * 1024 });
+  const dsIds: number[] = [];
+  if (list.ok) {
+    for (const dir of list.value.stdout.toString('utf8').split('\0')) {
+      const id = path.basename(dir);
+      if (/^\d+$/.test(id) && path.dirname(dir) === loc.replace(/\/+$/, '')) dsIds.push(Number(id));
+    }
+  } else errors.push(list.error);
+  const marks = await Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096)));
+  const snapsDir = settings.REPLICA_RECOVERY_SNAPS_DIR;
+  const fsPaths = [loc, ...dsIds.map((id) => path.join(loc, String(id))), snapsDir];
+  const figures = await statfsBounded(fsPaths, budget.left());
+  timings.statfs = performance.now() - t;
+
+  // walks: cached, redone after ttl; a failed refresh keeps reporting the error (not an old figure)
+  t = performance.now();
+  const cacheRead = await readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024);
+  let cache: WalkCache = { version: 1, walks: {} };
+  if (cacheRead.ok && cacheRead.value) {
+    try {
+      const c = JSON.parse(cacheRead.value) as WalkCache;
+      if (c.version === 1 && c.walks && typeof c.walks === 'object') cache = c;
+    } catch {
+      /* a corrupt cache is just a cold cache */
+    }
+  }
+  let cacheDirty = false;
+  const walk = async (root: string, depth: number): Promise<Measured<{ result: WalkCache['walks'][string]['result']; at: number }>> => {
+    const key = `${depth}:${root}`;
+    const hit = cache.walks[key];
+    if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: hit };
+    const w = await walkBounded(root, depth, maxEntries, budget.left());
+    if (!w.ok) return { ok: false, error: w.error };
+    cache.walks[key] = { at: now, result: w.value };
+    cacheDirty = true;
+    return { ok: true, value: { at: now, result: w.value } };
+  };
+  const bookkeepingOf = async (snaps: string): Promise<Measured<BookkeepingSummary & { missing: boolean; measuredAt: number }>> => {
+    const hit = cache.bookkeeping?.[snaps];
+    if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: { ...hit.value, measuredAt: hit.at } };
+    const w = await walkBookkeepingBounded(snaps, maxEntries, budget.left());
+    if (!w.ok) return { ok: false, error: w.error };
+    (cache.bookkeeping ??= {})[snaps] = { at: now, value: w.value };
+    cacheDirty = true;
+    return { ok: true, value: { ...w.value, measuredAt: now } };
+  };
+  const fsOf = (p: string): Measured<FsFigures> => {
+    const f = figures.get(p);
+    return f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' };
+  };
+  const datastores: DsFigures[] = await Promise.all(
+    dsIds.map(async (id, i): Promise<DsFigures> => {
+      const m = marks[i]!;
+      const tm = m.ok && m.value !== null ? m.value.trim() : '';
+      const dir = path.join(loc, String(id));
+      const ds: DsFigures = { id, tm, fs: fsOf(dir) };
+      if (tm === 'replica') {
+        const w = await walk(dir, 1);
+        ds.cache = w.ok ? { ok: true, value: { ...summarizeCache(w.value.result), measuredAt: w.value.at } } : w;
+      }
+      return ds;
+    }),
+  );
+  let snaps: ReplicaDsInput['snaps'];
+  const snapsFs = figures.get(snapsDir);
+  const snapsWalk = await walk(snapsDir, 3);
+  if (!(snapsWalk.ok && snapsWalk.value.result.missing)) {
+    snaps = {
+      fs: snapsFs?.ok ? { ok: true, value: snapsFs.value } : { ok: false, error: snapsFs && !snapsFs.ok ? snapsFs.error : 'not measured' },
+      usage: snapsWalk.ok ? { ok: true, value: { ...summarizeSnaps(snapsWalk.value.result), measuredAt: snapsWalk.value.at } } : snapsWalk,
+    };
+    const bk = await bookkeepingOf(snapsDir);
+    if (!(bk.ok && bk.value.missing)) snaps.bookkeeping = bk;
+  }
+  timings.walks = performance.now() - t;
+  if (cacheDirty) {
+    const w = await writeFileAtomicBounded(cacheFile, JSON.stringify(cache), budget.left());
+    if (!w.ok) {
+      // the directory may simply not exist yet
+      await runBounded('mkdir', ['-p', '--', path.dirname(cacheFile)], { deadlineMs: budget.left() });
+      const again = await writeFileAtomicBounded(cacheFile, JSON.stringify(cache), budget.left());
+      if (!again.ok) errors.push(`walk cache: ${again.error}`);
+    }
+  }
+  t = performance.now();
+  const ledger = snaps ? await readLedger(snapsDir, now, budget) : undefined;
+  timings.ledger = performance.now() - t;
+  const location = fsOf(loc);
+  return { location, datastores, settings, settingsError, snaps, ...(ledger ? { ledger } : {}) };
+}
+
+/** The receiver's ownership ledger: one child per file group (each writer file is one JSON line). */
+async function readLedger(snapsDir: string, now: number, budget: Budget): Promise<NonNullable<ReplicaDsInput['ledger']>> {
+  const dir = path.join(snapsDir, LEDGER_DIR);
+  const catAll = async (where: string, name: string, maxBytes: number): Promise<Measured<string>> => {
+    const r = await runBounded('find', [where, '-maxdepth', '1', '-type', 'f', '-name', name, '-exec', 'cat', '--', '{}', '+'], { deadlineMs: budget.left(), maxBytes });
+    if (!r.ok) return { ok: false, error: r.error };
+    // find fails when the dir does not exist yet: nothing written, nothing to report
+    if (r.value.code !== 0 && !/No such file or directory/.test(r.value.stderr)) return { ok: false, error: r.value.stderr || `find exited ${r.value.code}` };
+    return { ok: true, value: r.value.stdout.toString('utf8') };
+  };
+  const [w, tk] = await Promise.all([catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024), catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES)]);
+  return {
+    writers: w.ok ? { ok: true, value: w.value.split('\n').map(parseWriterRecord).filter((x): x is NonNullable<typeof x> => x !== null) } : w,
+    takeovers: tk.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(tk.value), now) } : tk,
+  };
+}
+
