@@ -27,6 +27,7 @@ export const ErrorCodes = {
   VANISHED: 'E_VANISHED', // replica VM dir removed during the session
   STATE: 'E_STATE', // agent state file unreadable / corrupt
   ABORTED: 'E_ABORTED', // cancelled (SIGTERM, timeout)
+  NBD: 'E_NBD', // NBD export refused, malformed or cut
   INTERNAL: 'E_INTERNAL',
 } as const;
 
