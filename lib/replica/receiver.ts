@@ -23,6 +23,7 @@ import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths
 import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
+import { checkOverlayAlone } from './overlay-check.js';
 import { sweepOrphans } from './sweep.js';
 import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
 
@@ -435,6 +436,7 @@ class ReceiverSession {
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
       const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
+      await checkOverlayAlone(d.paths, this.qemuImg, base1.file);
       const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
       d.vmDirId = r.vmDirId;
       manifest = r.manifest;
