@@ -183,12 +183,12 @@ export class NbdClient {
     });
   }
 
-  /** Whole-export map of one context, walked in requests of at most 1 GiB. */
+  /** Whole-export map of one context, walked in requests of at most 2 GiB (the length field is 32-bit). */
   async map(contextName: string): Promise<Extent[]> {
     const out: Extent[] = [];
     let at = 0;
     while (at < this.size) {
-      const len = Math.min(this.size - at, 1 << 30);
+      const len = Math.min(this.size - at, 2 ** 31);
       const ex = await this.blockStatus(contextName, at, len);
       for (const e of ex) {
         const last = out[out.length - 1];
