@@ -13,6 +13,10 @@ import type { OneVm } from '../harness/one-layout.js';
 import { guestWrite, guestZero, guestViewSha256, sha256File } from '../harness/guest.js';
 import { recoverDrill } from '../harness/recover.js';
 import { run } from '../../lib/shared/exec.js';
+import { pino } from 'pino';
+import { buildContext } from '../../agent/context.js';
+import { discover } from '../../lib/discover/discover.js';
+import { runVmCycle } from '../../lib/cycle/cycle.js';
 
 let env: AgentEnv;
 const MiB = 1 << 20;
@@ -179,6 +183,54 @@ describe('seed from the pull-mode export', () => {
     // one rolling checkpoint: the killed run's is retired
     const cks = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim().split('\n').filter(Boolean);
     expect(cks).toHaveLength(1);
+  });
+});
+
+describe('yielding to a migration', () => {
+  it('an AbortSignal mid-stream ends the seed cleanly: E_ABORTED, export and scratch gone, no checkpoint left, previous snapshot stands', async () => {
+    const vm = await env.createVm({ vmId: 62, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x71 }], overlayData: [{ offsetMiB: 8, lengthMiB: 96, pattern: 0x72 }] }] });
+    const ctx = await buildContext({
+      log: pino({ level: 'silent' }),
+      overrides: {
+        datastoreLocation: env.dsRoot,
+        stateDir: env.stateDir,
+        libvirtUri: env.lv.uri,
+        sshrcPaths: [path.join(env.root, 'sshrc')],
+        replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
+        limits: { bandwidthMBps: 8 },
+      },
+    });
+    try {
+      const found = await discover({ datastoreLocation: env.dsRoot });
+      const disks = found.eligible.filter((d) => d.vmId === 62);
+      const req = { vmId: 62, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
+      const [first] = await runVmCycle(ctx.cycleDeps(), req);
+      expect(first?.ok, first?.error?.message).toBe(true);
+      const published = await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'));
+      const checkpointsBefore = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim();
+
+      await guestWrite(env.lv, vm.domainName, { offsetMiB: 150, lengthMiB: 4, pattern: 0x73 });
+      const ac = new AbortController();
+      const cycle = runVmCycle(ctx.cycleDeps(), { ...req, forceFull: true, signal: ac.signal });
+      await waitFor('the NBD socket', () => exists(path.join(stagingOf(62), 'nbd.sock')));
+      await sleep(1000); // bytes are flowing (8 MB/s for ~100 MiB)
+      expect(await jobType(vm.domainName)).toBe('Unbounded');
+      const t0 = Date.now();
+      ac.abort();
+      const [o] = await cycle;
+      const yieldMs = Date.now() - t0;
+      expect(o?.ok).toBe(false);
+      expect(o?.error?.code).toBe('E_ABORTED');
+      // a migration waits at most 30 s for the domain's job: it must be gone well before
+      expect(yieldMs).toBeLessThan(30_000);
+      expect(await jobType(vm.domainName)).toBe('None');
+      expect(await readdir(stagingOf(62)).catch(() => [])).toEqual([]);
+      expect((await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim()).toBe(checkpointsBefore);
+      expect(await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'))).toBe(published);
+    } finally {
+      await ctx.replicas.closeAll();
+      await vm.destroy().catch(() => {});
+    }
   });
 });
 
