@@ -184,6 +184,31 @@ describe('seed from the pull-mode export', () => {
     const cks = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim().split('\n').filter(Boolean);
     expect(cks).toHaveLength(1);
   });
+  it('one job for a full and an incremental of the same VM: the incremental streams the exported dirty bitmap', async () => {
+    // disk 0 loses its base on the replica (a full is due), disk 1 only changed (an incremental is due)
+    await rm(path.join(env.snapsDir, '60', 'disk.0.snap', 'base'));
+    await guestWrite(env.lv, vm.domainName, { target: 'vdb', offsetMiB: 50, lengthMiB: 3, pattern: 0x5a });
+    await guestZero(env.lv, vm.domainName, { target: 'vdb', offsetMiB: 0, lengthMiB: 1 });
+    const ref0 = await guestViewSha256(vm.disks[0]!.base1Path, env.root);
+    const ref1 = await guestViewSha256(vm.disks[1]!.base1Path, env.root);
+    const r = await startSnapshot(60).done;
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/vm 60 disk 0: full snapshot published/);
+    expect(r.stdout).toMatch(/vm 60 disk 1: incremental snapshot published/);
+    const streamed = logRecords(r.stderr).filter((l) => l['msg'] === 'streaming from the pull-mode export');
+    const inc = streamed.find((l) => l['disk'] === 1)!;
+    expect(inc['mode']).toBe('incremental');
+    expect(inc['dataBytes']).toBe(3 * MiB); // the dirty clusters only; the zeroed MiB is a zero run
+    expect(inc['zeroBytes']).toBe(1 * MiB);
+    for (const [diskId, ref] of [[0, ref0], [1, ref1]] as const) {
+      const drill = await recoverDrill(env.snapsDir, 60, diskId, env.root);
+      expect(drill.check.ok, drill.check.raw).toBe(true);
+      expect(await sha256File(drill.rawPath)).toBe(ref);
+      await rm(drill.dir, { recursive: true, force: true });
+    }
+    expect(await jobType(vm.domainName)).toBe('None');
+    expect(await readdir(stagingOf(60)).catch(() => [])).toEqual([]);
+  });
 });
 
 describe('yielding to a migration', () => {
