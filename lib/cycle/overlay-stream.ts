@@ -9,7 +9,7 @@ import type { Qcow2StreamPlan } from '../libvirt/qcow2-writer.js';
 export type RangeReader = (offset: number, length: number) => Promise<Buffer>;
 
 export interface OverlayStreamOptions {
-  /** bytes per read (a multiple of the cluster size; <= the protocol's 4 MiB data frame) */
+  /** bytes per read (rounded down to whole clusters; <= the protocol's 4 MiB data frame) */
   readSize?: number;
   /** reads in flight */
   depth?: number;
@@ -18,8 +18,10 @@ export interface OverlayStreamOptions {
 
 export async function* overlayStream(plan: Qcow2StreamPlan, read: RangeReader, o: OverlayStreamOptions = {}): AsyncGenerator<Buffer> {
   const cs = plan.clusterSize;
-  const readSize = Math.max(cs, Math.floor((o.readSize ?? 2 * 1024 * 1024) / cs) * cs);
-  const depth = Math.max(1, o.depth ?? 4);
+  // 16 x 1 MiB in flight: QEMU serves up to 16 requests per NBD client at once; measured on a pull-mode
+  // export (1 GiB, loaded machine) 250-280 MB/s against 150-180 MB/s with 4 x 2 MiB
+  const readSize = Math.max(cs, Math.floor((o.readSize ?? 1024 * 1024) / cs) * cs);
+  const depth = Math.max(1, o.depth ?? 16);
   let produced = 0;
   for (const b of plan.metadata()) {
     produced += b.length;

@@ -103,6 +103,22 @@ export class ByteQueue {
     return out;
   }
 
+  /**
+   * Copies what is still buffered into memory of its own: call before the caller reuses the buffers it
+   * pushed (a socket reading into one fixed buffer).
+   */
+  detach(): void {
+    if (this.length === 0) {
+      this.chunks = [];
+      this.head = 0;
+      return;
+    }
+    const rest = this.take(this.length)!;
+    this.chunks = [Buffer.from(rest)];
+    this.head = 0;
+    this.length = rest.length;
+  }
+
   /** Up to n bytes that are already buffered, without copying (at least 1 when length > 0). */
   takeSome(n: number): Buffer {
     const first = this.chunks[0]!;
@@ -241,7 +257,7 @@ export class NbdHandshake {
     if (r.opt !== want) throw nbdError(`reply to option ${r.opt} while waiting for option ${want}`);
     if (r.type & NBD_REP_FLAG_ERROR) {
       const msg = r.data.toString('utf8').replace(/[^\x20-\x7e]/g, '?').slice(0, 200);
-      const what = this.phase === 'structured' ? 'structured replies' : this.phase === 'meta' ? 'meta contexts' : `export ${JSON.stringify(this.exportName)}`;
+      const what = this.phase === 'structured' ? 'structured replies' : this.phase === 'meta' ? `meta contexts of export ${JSON.stringify(this.exportName)}` : `export ${JSON.stringify(this.exportName)}`;
       throw nbdError(`server refused ${what} (error 0x${(r.type >>> 0).toString(16)}${msg ? `: ${msg}` : ''})`);
     }
     if (this.phase === 'structured') {
@@ -361,12 +377,17 @@ export class NbdReplyParser {
     return this.outstanding.size;
   }
 
+  /**
+   * Decodes what `chunk` completes. Data events point into `chunk`: consume them before pushing again.
+   * Nothing of `chunk` is kept after the call (partial headers are copied), so a caller may reuse it.
+   */
   push(chunk: Buffer): ReplyEvent[] {
     if (this.failed) throw this.failed;
     this.q.push(chunk);
     const out: ReplyEvent[] = [];
     try {
       this.decode(out);
+      this.q.detach();
     } catch (e) {
       this.failed = e instanceof OnestorError ? e : nbdError(String(e));
       throw this.failed;

@@ -180,6 +180,27 @@ describe('NBD transmission replies (captured from qemu-nbd)', () => {
     });
   }
 
+  it('keeps nothing of a pushed buffer: a socket may read every reply into one reused buffer', () => {
+    const p = new NbdReplyParser(SIZE, new Set([0, 1]));
+    expectCaptured(p);
+    const shared = Buffer.alloc(37); // odd size: headers and payloads straddle pushes
+    const read3 = Buffer.alloc(4096, 0xee);
+    const done: bigint[] = [];
+    for (let i = 0; i < replies.length; i += shared.length) {
+      const n = replies.copy(shared, 0, i, i + shared.length);
+      for (const e of p.push(shared.subarray(0, n))) {
+        if (e.kind === 'data' && e.cookie === 3n) e.data.copy(read3, e.offset - ((1 << 20) - 2048));
+        if (e.kind === 'hole' && e.cookie === 3n) read3.fill(0, e.offset - ((1 << 20) - 2048), e.offset - ((1 << 20) - 2048) + e.length);
+        if (e.kind === 'done') done.push(e.cookie);
+      }
+      shared.fill(0xa5); // the "socket" overwrites its buffer before the next read
+    }
+    p.end();
+    expect(done).toEqual([1n, 2n, 3n, 4n, 5n]);
+    expect(read3.subarray(0, 2048).every((b) => b === 0)).toBe(true);
+    expect(read3.subarray(2048).every((b) => b === 0x55)).toBe(true);
+  });
+
   it('a reply cut short is an error at end of stream (truncated)', () => {
     const p = new NbdReplyParser(SIZE, new Set([0, 1]));
     expectCaptured(p);
