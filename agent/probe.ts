@@ -29,7 +29,7 @@ import {
 } from '../lib/monitor/probe-lines.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../lib/config/sshrc.js';
 import type { AgentState } from '../lib/cycle/state.js';
-import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBounded, writeFileAtomicBounded } from '../lib/monitor/usage.js';
+import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary } from '../lib/monitor/usage.js';
 
 export type ProbeKind = 'vm-snapshot' | 'host-monitor' | 'replica-ds';
 export const PROBE_KINDS: readonly ProbeKind[] = ['vm-snapshot', 'host-monitor', 'replica-ds'];
@@ -174,6 +174,8 @@ async function agentInputs(opts: ProbeOptions, budget: Budget, errors: string[],
 interface WalkCache {
   version: 1;
   walks: Record<string, { at: number; result: { entries: Array<{ type: string; allocated: number; depth: number; rel: string }>; truncated: boolean; missing: boolean } }>;
+  /** SNAPS/.onestor summaries by snaps dir (only the figures are kept: the walk may hold many temps) */
+  bookkeeping?: Record<string, { at: number; value: BookkeepingSummary & { missing: boolean } }>;
 }
 
 async function replicaInputs(opts: ProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<ReplicaDsInput> {
@@ -242,6 +244,15 @@ async function replicaInputs(opts: ProbeOptions, budget: Budget, errors: string[
     cacheDirty = true;
     return { ok: true, value: { at: now, result: w.value } };
   };
+  const bookkeepingOf = async (snaps: string): Promise<Measured<BookkeepingSummary & { missing: boolean; measuredAt: number }>> => {
+    const hit = cache.bookkeeping?.[snaps];
+    if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: { ...hit.value, measuredAt: hit.at } };
+    const w = await walkBookkeepingBounded(snaps, maxEntries, budget.left());
+    if (!w.ok) return { ok: false, error: w.error };
+    (cache.bookkeeping ??= {})[snaps] = { at: now, value: w.value };
+    cacheDirty = true;
+    return { ok: true, value: { ...w.value, measuredAt: now } };
+  };
   const fsOf = (p: string): Measured<import('../lib/monitor/usage.js').FsFigures> => {
     const f = figures.get(p);
     return f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' };
@@ -267,6 +278,8 @@ async function replicaInputs(opts: ProbeOptions, budget: Budget, errors: string[
       fs: snapsFs?.ok ? { ok: true, value: snapsFs.value } : { ok: false, error: snapsFs && !snapsFs.ok ? snapsFs.error : 'not measured' },
       usage: snapsWalk.ok ? { ok: true, value: { ...summarizeSnaps(snapsWalk.value.result), measuredAt: snapsWalk.value.at } } : snapsWalk,
     };
+    const bk = await bookkeepingOf(snapsDir);
+    if (!(bk.ok && bk.value.missing)) snaps.bookkeeping = bk;
   }
   timings.walks = performance.now() - t;
   if (cacheDirty) {

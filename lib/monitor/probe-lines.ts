@@ -9,7 +9,7 @@
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { singleAttribute, vectorAttribute, type TemplateScalar } from './one-template.js';
 import type { AgentState, DiskState } from '../cycle/state.js';
-import { effectiveCacheLimitMb, type CacheSummary, type FsFigures, type SnapsSummary } from './usage.js';
+import { effectiveCacheLimitMb, type BookkeepingSummary, type CacheSummary, type FsFigures, type SnapsSummary } from './usage.js';
 
 export const DEFAULT_STATE_FILE = '/var/lib/one/onestor-agent/state.json';
 export const DEFAULT_DATASTORE_LOCATION = '/var/lib/one/datastores';
@@ -311,7 +311,12 @@ export interface ReplicaDsInput {
   settings: { REPLICA_MAX_SIZE_MB: number | null; REPLICA_MAX_USED_PERC: number; REPLICA_RECOVERY_SNAPS_DIR: string };
   settingsError?: string;
   /** undefined when the snaps dir does not exist on this host */
-  snaps?: { fs: Measured<FsFigures>; usage: Measured<SnapsSummary & { measuredAt: number }> };
+  snaps?: {
+    fs: Measured<FsFigures>;
+    usage: Measured<SnapsSummary & { measuredAt: number }>;
+    /** SNAPS/.onestor: what the receiver's bookkeeping holds beside the snapshots (absent: not measured) */
+    bookkeeping?: Measured<BookkeepingSummary & { measuredAt: number }>;
+  };
 }
 
 export function replicaDsLines(input: ReplicaDsInput): string[] {
@@ -356,6 +361,11 @@ export function replicaDsLines(input: ReplicaDsInput): string[] {
       pairs.push(['USED_MB', u.usedMb], ['VMS', u.vms], ['DISKS', u.completeDisks], ['INCOMPLETE_DISKS', u.incompleteDisks], ['MEASURED_AT', String(Math.round(u.measuredAt))]);
       if (u.truncated) pairs.push(['PARTIAL', 'YES']);
     } else msgs.push(`walk: ${input.snaps.usage.error}`);
+    const bk = input.snaps.bookkeeping;
+    if (bk?.ok) {
+      pairs.push(['BOOKKEEPING_MB', bk.value.totalMb], ['BOOKKEEPING_WORK_MB', bk.value.workMb], ['BOOKKEEPING_TMP_MB', bk.value.tmpMb]);
+      if (bk.value.truncated) pairs.push(['BOOKKEEPING_PARTIAL', 'YES']);
+    } else if (bk) msgs.push(`bookkeeping walk: ${bk.error}`);
     if (input.snaps.fs.ok) pairs.push(['FS_TOTAL_MB', input.snaps.fs.value.totalMb], ['FS_FREE_MB', input.snaps.fs.value.freeMb], ['FS_USED_MB', input.snaps.fs.value.usedMb]);
     else msgs.push(`statfs: ${input.snaps.fs.error}`);
     if (msgs.length) pairs.push(['MSG', `ERROR ${msgs.join('; ')}`]);

@@ -232,6 +232,8 @@ export function summarizeSnaps(w: WalkResult): SnapsSummary {
   const vms = new Set<string>();
   const snapDirs = new Map<string, { base: boolean; base1: boolean }>();
   for (const e of w.entries) {
+    // the receiver's own SNAPS/.onestor is reported apart (summarizeBookkeeping)
+    if (e.rel === '.onestor' || e.rel.startsWith('.onestor/')) continue;
     bytes += e.allocated;
     const parts = e.rel.split('/');
     if (e.depth === 1 && e.type === 'd' && /^\d+$/.test(parts[0]!)) vms.add(parts[0]!);
@@ -250,6 +252,94 @@ export function summarizeSnaps(w: WalkResult): SnapsSummary {
   let complete = 0;
   for (const s of snapDirs.values()) if (s.base && s.base1) complete++;
   return { usedMb: Math.ceil(bytes / MIB), vms: vms.size, completeDisks: complete, incompleteDisks: snapDirs.size - complete, truncated: w.truncated };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver's bookkeeping in SNAPS/.onestor: merge spares, journals and increments awaiting the next
+// merge (work/), uploads in flight and temps (tmp/), locks, slots, ledger (the rest).
+// ---------------------------------------------------------------------------------------------
+
+export interface BookkeepingEntry {
+  type: string;
+  allocated: number;
+  ino: number;
+  nlink: number;
+  rel: string;
+}
+
+/** Pure: NUL-separated `find -printf '%y %b %i %n %P\0'` records; a last partial record is dropped. */
+export function parseBookkeepingFind(buf: Buffer): BookkeepingEntry[] {
+  const recs = buf.toString('utf8').split('\0');
+  recs.pop();
+  const out: BookkeepingEntry[] = [];
+  for (const r of recs) {
+    const m = /^(\S) (\d+) (\d+) (\d+) ([\s\S]*)$/.exec(r);
+    if (m) out.push({ type: m[1]!, allocated: Number(m[2]) * 512, ino: Number(m[3]), nlink: Number(m[4]), rel: m[5]! });
+  }
+  return out;
+}
+
+export interface BookkeepingSummary {
+  /** everything the receiver holds beside the published snapshots, MiB */
+  totalMb: number;
+  /** work/: merge spares, journals, increments kept for the next merge */
+  workMb: number;
+  /** tmp/: uploads in flight or kept for a resume, temps of sessions */
+  tmpMb: number;
+  /** hard links to files also linked outside .onestor (the published base.1): not counted above */
+  sharedMb: number;
+  truncated: boolean;
+}
+
+/**
+ * Sums what only the bookkeeping holds. A file with more links than the walk saw is also linked outside
+ * .onestor — the published base.1 (work/copy.a is a hard link to it) — so it costs nothing extra; a link
+ * whose base.1 upstream deleted has nlink 1 and counts in full (that is an orphan for the sweep).
+ */
+export function summarizeBookkeeping(entries: readonly BookkeepingEntry[], truncated: boolean): BookkeepingSummary {
+  const seen = new Map<number, number>();
+  for (const e of entries) if (e.type === 'f' && e.nlink > 1) seen.set(e.ino, (seen.get(e.ino) ?? 0) + 1);
+  const counted = new Set<number>();
+  let work = 0;
+  let tmp = 0;
+  let other = 0;
+  let shared = 0;
+  for (const e of entries) {
+    if (e.type === 'f' && e.nlink > 1) {
+      if (counted.has(e.ino)) continue;
+      counted.add(e.ino);
+      if (e.nlink > (seen.get(e.ino) ?? 0)) {
+        shared += e.allocated;
+        continue;
+      }
+    }
+    const top = e.rel.split('/')[0];
+    if (top === 'work') work += e.allocated;
+    else if (top === 'tmp') tmp += e.allocated;
+    else other += e.allocated;
+  }
+  const mb = (b: number) => Math.ceil(b / MIB);
+  return { totalMb: mb(work + tmp + other), workMb: mb(work), tmpMb: mb(tmp), sharedMb: mb(shared), truncated };
+}
+
+/** Walk of SNAPS/.onestor (bounded like walkBounded); `missing` when there is none yet. */
+export async function walkBookkeepingBounded(snapsDir: string, maxEntries: number, deadlineMs: number): Promise<Bounded<BookkeepingSummary & { missing: boolean }>> {
+  const root = `${snapsDir.replace(/\/+$/, '')}/.onestor`;
+  const r = await runBounded('find', [root, '-mindepth', '1', '-maxdepth', '5', '-printf', '%y %b %i %n %P\\0'], { deadlineMs, maxBytes: maxEntries * 320 });
+  if (!r.ok) return r;
+  if (r.value.code !== 0 && !r.value.truncated) {
+    if (/No such file or directory/.test(r.value.stderr) && r.value.stdout.length === 0) {
+      return { ok: true, value: { ...summarizeBookkeeping([], false), missing: true }, ms: r.ms };
+    }
+    if (r.value.stdout.length === 0) return { ok: false, timedOut: false, error: `walk ${root}: ${r.value.stderr || `find exited ${r.value.code}`}`, ms: r.ms };
+  }
+  let entries = parseBookkeepingFind(r.value.stdout);
+  let truncated = r.value.truncated;
+  if (entries.length > maxEntries) {
+    entries = entries.slice(0, maxEntries);
+    truncated = true;
+  }
+  return { ok: true, value: { ...summarizeBookkeeping(entries, truncated), missing: false }, ms: r.ms };
 }
 
 /**

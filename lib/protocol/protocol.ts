@@ -150,6 +150,18 @@ export function encodeControl(message: object): Buffer {
   return Buffer.concat([encodeFrameHeader(FRAME_CONTROL, payload.length), payload]);
 }
 
+/**
+ * A reply of the receiver. Too big is the receiver's own bug, never the client's protocol violation:
+ * E_INTERNAL, so the session reports it and goes on.
+ */
+export function encodeReply(message: object): Buffer {
+  try {
+    return encodeControl(message);
+  } catch (e) {
+    throw new OnestorError(ErrorCodes.INTERNAL, `receiver bug: ${(e as Error).message} (reply to the agent)`);
+  }
+}
+
 /** Header and payload of one data frame (write both, in order). */
 export function encodeData(chunk: Buffer): [Buffer, Buffer] {
   if (chunk.length > MAX_DATA_BYTES) throw protocolError(`data chunk of ${chunk.length} bytes exceeds ${MAX_DATA_BYTES}`);
@@ -223,7 +235,15 @@ export const publishIncrementalSchema = z.object({
   parentCheckpoint: checkpointSchema,
   inc: uploadKeySchema,
 });
-export const statusSchema = z.object({ type: z.literal('status'), vm: idSchema.optional() });
+/** Position in the (vm, disk) order of `status`: the next page starts after it. */
+export const statusCursorSchema = z.object({ vm: idSchema, disk: idSchema });
+export type StatusCursor = z.infer<typeof statusCursorSchema>;
+/**
+ * `after` present (null for the first page) asks for one page that fits a control frame; the reply's
+ * `next` is where to continue (null: that was the last page). Without `after` (agents before paging) the
+ * whole list is sent when it fits, else the request fails with E_INTERNAL (never blamed on the client).
+ */
+export const statusSchema = z.object({ type: z.literal('status'), vm: idSchema.optional(), after: statusCursorSchema.nullable().optional() });
 export const closeSchema = z.object({ type: z.literal('close') });
 export const byeSchema = z.object({ type: z.literal('bye') });
 
@@ -313,7 +333,11 @@ export const openOkSchema = z.object({
 export const putOkSchema = z.object({ type: z.literal('ok'), offset: sizeSchema });
 export const endOkSchema = z.object({ type: z.literal('ok'), bytes: sizeSchema, sha256: sha256Schema });
 export const publishOkSchema = z.object({ type: z.literal('ok'), manifest: replicaManifestSchema });
-export const statusOkSchema = z.object({ type: z.literal('ok'), manifests: z.array(replicaManifestSchema).max(100_000) });
+export const statusOkSchema = z.object({
+  type: z.literal('ok'),
+  manifests: z.array(replicaManifestSchema).max(100_000),
+  next: statusCursorSchema.nullable().optional(),
+});
 export const plainOkSchema = z.object({ type: z.literal('ok') });
 
 export type ErrorReply = z.infer<typeof errorReplySchema>;

@@ -13,6 +13,7 @@
  *   SNAPS/.onestor/work/VMID/disk.N/                 A/B copies of base.1 for O(changed) merges
  */
 import { randomBytes } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { ErrorCodes, OnestorError, type ErrorContext } from '../shared/errors.js';
@@ -113,7 +114,7 @@ export function vmDirIdOf(st: { ino: number; birthtimeMs: number }): VmDirId {
 }
 
 export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirId: VmDirId | null }> {
-  const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${why}`, ctx(p, { file }));
+  const refuse = (file: string, why: string) => new OnestorError(ErrorCodes.PATH, `refusing ${file}: ${why}`, ctx(p, { file }));
   const internal = await lstatOrNull(p.internalDir);
   if (internal && !internal.isDirectory()) throw refuse(p.internalDir, 'receiver dir that is not a directory');
   const vmSt = await lstatOrNull(p.vmDir);
@@ -141,9 +142,88 @@ export async function checkLayout(p: ReplicaPaths): Promise<{ vmDirId: VmDirId |
 }
 
 
-export async function ensureDir(dir: string): Promise<void> {
-  await fsp.mkdir(dir, { recursive: true });
+/**
+ * The receiver's own directories under SNAPS/.onestor, walked one component at a time with lstat: a symlink
+ * or a non-directory anywhere on the way is refused (E_PATH naming it), never followed, never replaced.
+ * Missing components are created one level at a time when `create`, else the answer is null.
+ * Without openat(2) a swap between this check and the later use remains possible (see README).
+ */
+export async function privateDir(snapsDir: string, rel: readonly string[], opts: { create: boolean; context?: ErrorContext }): Promise<string | null> {
+  let dir = path.join(path.resolve(snapsDir), '.onestor');
+  for (let i = -1; i < rel.length; i++) {
+    if (i >= 0) dir = path.join(dir, rel[i]!);
+    let st = await lstatOrNull(dir);
+    if (!st) {
+      if (!opts.create) return null;
+      try {
+        await fsp.mkdir(dir, 0o755);
+      } catch (e) {
+        if (errno(e) !== 'EEXIST') throw e;
+      }
+      st = await fsp.lstat(dir);
+    }
+    if (!st.isDirectory()) {
+      throw new OnestorError(
+        ErrorCodes.PATH,
+        `refusing ${dir}: ${st.isSymbolicLink() ? 'a symlink' : 'a non-directory'} where the receiver's own directory belongs`,
+        { ...opts.context, file: dir },
+      );
+    }
+  }
+  return dir;
 }
+
+const tmpRel = (p: ReplicaPaths) => ['tmp', `${p.vm}-${p.disk}`];
+const workRel = (p: ReplicaPaths) => ['work', String(p.vm), `disk.${p.disk}`];
+
+export async function ensureTmpDir(p: ReplicaPaths): Promise<string> {
+  return (await privateDir(p.snapsDir, tmpRel(p), { create: true, context: ctx(p) }))!;
+}
+/** SNAPS/.onestor/tmp/VM-D when it exists (checked), else null. */
+export async function checkedTmpDir(p: ReplicaPaths): Promise<string | null> {
+  return privateDir(p.snapsDir, tmpRel(p), { create: false, context: ctx(p) });
+}
+export async function ensureWorkDir(p: ReplicaPaths): Promise<string> {
+  return (await privateDir(p.snapsDir, workRel(p), { create: true, context: ctx(p) }))!;
+}
+export async function checkedWorkDir(p: ReplicaPaths): Promise<string | null> {
+  return privateDir(p.snapsDir, workRel(p), { create: false, context: ctx(p) });
+}
+
+/** rm -rf of the disk's work dir, only once every component down to it is a real directory. */
+export async function removeWorkDir(p: ReplicaPaths): Promise<void> {
+  const dir = await checkedWorkDir(p);
+  // fs.rm does not follow symlinks inside the tree (the work dir's own disk.N.snap link is unlinked, not walked)
+  if (dir) await fsp.rm(dir, { recursive: true, force: true });
+}
+
+/** rm -rf of the disk's tmp dir (uploads included), only once every component down to it is a real directory. */
+export async function removeTmpDir(p: ReplicaPaths): Promise<void> {
+  const dir = await checkedTmpDir(p);
+  if (dir) await fsp.rm(dir, { recursive: true, force: true });
+}
+
+/**
+ * A lock or slot file we are about to hand to flock(1), which opens it following symlinks: its directory
+ * is checked (and created) component by component and the file itself must be absent or a regular file.
+ */
+export async function checkedLockFile(snapsDir: string, rel: readonly string[], name: string, context: ErrorContext = {}): Promise<string> {
+  const dir = (await privateDir(snapsDir, rel, { create: true, context }))!;
+  const file = path.join(dir, name);
+  const st = await lstatOrNull(file);
+  if (st && !st.isFile()) {
+    throw new OnestorError(ErrorCodes.PATH, `refusing lock file ${file}: ${st.isSymbolicLink() ? 'a symlink' : 'not a regular file'}`, { ...context, file });
+  }
+  return file;
+}
+
+export async function diskLockFile(p: ReplicaPaths): Promise<string> {
+  return checkedLockFile(p.snapsDir, ['locks'], path.basename(p.lockFile), ctx(p));
+}
+
+/** Open flags that refuse a symlink as the last component (Node exposes O_NOFOLLOW on Linux). */
+export const O_NOFOLLOW = fsConstants.O_NOFOLLOW ?? 0;
+export const O_DIRECTORY = fsConstants.O_DIRECTORY ?? 0;
 
 export function tmpName(p: ReplicaPaths, prefix: string): string {
   return path.join(p.tmpDir, `${prefix}.${randomBytes(6).toString('hex')}`);

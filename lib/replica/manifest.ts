@@ -3,14 +3,14 @@
  * identities that make it trustworthy. A manifest whose identities no longer match the files is ignored.
  */
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { z } from 'zod';
 import type { ReplicaManifest } from '../shared/model.js';
 import { replicaManifestSchema, sizeSchema } from '../protocol/protocol.js';
-import { errno, lstatOrNull, mapVanished, mkdirIn, replicaPaths, type ReplicaPaths } from './layout.js';
-import { writeFileAtomic } from './durable.js';
+import { O_NOFOLLOW, errno, lstatOrNull, mapVanished, mkdirIn, replicaPaths, type ReplicaPaths } from './layout.js';
+import { readFileNoFollow, writeFileAtomic } from './durable.js';
 
 /** Identity used to notice that a file was replaced or changed behind our back. */
 export interface FileIdentity {
@@ -42,9 +42,9 @@ export async function readValidManifest(p: ReplicaPaths): Promise<StoredManifest
   try {
     const st = await fsp.lstat(p.manifest);
     if (!st.isFile()) return null;
-    text = await fsp.readFile(p.manifest, 'utf8');
+    text = await readFileNoFollow(p.manifest);
   } catch (e) {
-    if (errno(e) === 'ENOENT' || errno(e) === 'ENOTDIR') return null;
+    if (errno(e) === 'ENOENT' || errno(e) === 'ENOTDIR' || errno(e) === 'ELOOP') return null;
     throw e;
   }
   let parsed: StoredManifest;
@@ -66,8 +66,13 @@ export async function readValidManifest(p: ReplicaPaths): Promise<StoredManifest
 export async function sha256File(file: string, length?: number): Promise<string> {
   const hash = createHash('sha256');
   if (length === 0) return hash.digest('hex');
-  const stream = createReadStream(file, { highWaterMark: 4 * 1024 * 1024, ...(length !== undefined ? { start: 0, end: length - 1 } : {}) });
-  for await (const chunk of stream) hash.update(chunk as Buffer);
+  const fh = await fsp.open(file, fsConstants.O_RDONLY | O_NOFOLLOW);
+  try {
+    const stream = fh.createReadStream({ autoClose: false, highWaterMark: 4 * 1024 * 1024, ...(length !== undefined ? { start: 0, end: length - 1 } : {}) });
+    for await (const chunk of stream) hash.update(chunk as Buffer);
+  } finally {
+    await fh.close();
+  }
   return hash.digest('hex');
 }
 

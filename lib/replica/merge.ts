@@ -12,12 +12,40 @@ import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { acquireFileLock } from '../shared/file-lock.js';
 import { checkpointSchema, consistencySchema, epochSchema, sha256Schema, sizeSchema } from '../protocol/protocol.js';
-import { fsyncPath, writeFileAtomic } from './durable.js';
+import { fsyncPath, readFileNoFollow, writeFileAtomic } from './durable.js';
+import { FULL_JOURNAL, readFullJournal, runFullJournal } from './full-journal.js';
 import { checkImage, checkIncrement, qemu } from './image-check.js';
-import { assertSameVmDir, ctx, ensureDir, lstatOrNull, mapVanished, replicaPaths, tmpName, type ReplicaPaths } from './layout.js';
+import {
+  assertSameVmDir,
+  checkLayout,
+  checkedWorkDir,
+  ctx,
+  diskLockFile,
+  ensureTmpDir,
+  ensureWorkDir,
+  lstatOrNull,
+  mapVanished,
+  privateDir,
+  removeWorkDir,
+  replicaPaths,
+  tmpName,
+  type ReplicaPaths,
+} from './layout.js';
 import { identityOf, readValidManifest, writeManifest, type StoredManifest } from './manifest.js';
 import { step, type PublishContext, type PublishMeta } from './publish-context.js';
 import type { UploadedFile } from './uploads.js';
+
+/** Every step an incremental merge can stop at (test hooks; crash tests enumerate this list). */
+export const INC_STEPS = [
+  'inc:spare-ready',
+  'inc:journal',
+  'inc:fresh-spare',
+  'inc:applied:inc.N',
+  'inc:checked',
+  'inc:published',
+  'inc:manifest',
+  'inc:done',
+] as const;
 
 export const workStateSchema = z.object({
   version: z.literal(1),
@@ -51,7 +79,7 @@ export function other(copy: 'copy.a' | 'copy.b'): 'copy.a' | 'copy.b' {
 
 export async function readJsonOrNull<T>(file: string, schema: z.ZodType<T>): Promise<T | null> {
   try {
-    const r = schema.safeParse(JSON.parse(await fsp.readFile(file, 'utf8')));
+    const r = schema.safeParse(JSON.parse(await readFileNoFollow(file)));
     return r.success ? r.data : null;
   } catch {
     return null;
@@ -68,23 +96,31 @@ export async function writeWorkJson(p: ReplicaPaths, name: string, value: object
  * name of the copies resolve to the replica's real base.
  */
 export async function setupWorkCopies(p: ReplicaPaths): Promise<void> {
-  await fsp.rm(p.workDir, { recursive: true, force: true });
-  await ensureDir(p.workDir);
+  await removeWorkDir(p);
+  await ensureWorkDir(p);
   await fsp.symlink(p.snapDir, path.join(p.workDir, p.snapDirName));
   await fsp.link(p.base1, path.join(p.workDir, 'copy.a'));
-  const partial = path.join(p.workDir, 'copy.b.partial');
-  const r = await run('cp', ['--sparse=always', '--', p.base1, partial], { timeoutMs: 3_600_000 });
-  if (r.code !== 0) {
-    throw new OnestorError(/No space/i.test(r.stderr) ? ErrorCodes.NOSPACE : ErrorCodes.INTERNAL, `copy of base.1 failed: ${r.stderr.trim()}`, ctx(p));
-  }
-  await fsyncPath(partial);
-  await fsp.rename(partial, path.join(p.workDir, 'copy.b'));
+  await freshCopyOfBase1(p, path.join(p.workDir, 'copy.b'));
   const state: WorkState = { version: 1, spare: 'copy.b', pending: [], seq: 0 };
   await writeWorkJson(p, 'state.json', state);
 }
 
+/** A sparse copy of the published base.1 at `dest` (via dest.partial): the one O(size) step of the A/B scheme. */
+export async function freshCopyOfBase1(p: ReplicaPaths, dest: string): Promise<void> {
+  const partial = `${dest}.partial`;
+  const r = await run('cp', ['--sparse=always', '--', p.base1, partial], { timeoutMs: 3_600_000 });
+  if (r.code !== 0) {
+    await fsp.rm(partial, { force: true }).catch(() => {});
+    throw new OnestorError(/No space/i.test(r.stderr) ? ErrorCodes.NOSPACE : ErrorCodes.INTERNAL, `copy of base.1 failed: ${r.stderr.trim()}`, ctx(p, { file: partial }));
+  }
+  await fsyncPath(partial);
+  await fsp.rename(partial, dest);
+  await fsyncPath(path.dirname(dest));
+}
+
 /** The work state when it is consistent with the published base.1, else null (caller rebuilds). */
 export async function readWorkState(p: ReplicaPaths): Promise<WorkState | null> {
+  if (!(await checkedWorkDir(p))) return null;
   const state = await readJsonOrNull(path.join(p.workDir, 'state.json'), workStateSchema);
   if (!state) return null;
   const [pub, spare, b1] = await Promise.all([
@@ -94,6 +130,9 @@ export async function readWorkState(p: ReplicaPaths): Promise<WorkState | null> 
   ]);
   if (!pub?.isFile() || !spare?.isFile() || !b1?.isFile()) return null;
   if (pub.ino !== b1.ino || spare.ino === b1.ino) return null;
+  // The copies' backing name resolves through this link: only the one we made is trusted.
+  const link = path.join(p.workDir, p.snapDirName);
+  if (!(await lstatOrNull(link))?.isSymbolicLink() || (await fsp.readlink(link)) !== p.snapDir) return null;
   for (const inc of state.pending) if (!(await lstatOrNull(path.join(p.workDir, inc)))?.isFile()) return null;
   return state;
 }
@@ -116,6 +155,14 @@ export async function runJournal(p: ReplicaPaths, qemuImg: string, j: Journal, c
   const [b1, spareSt] = await Promise.all([lstatOrNull(p.base1), lstatOrNull(sparePath)]);
   if (!b1?.isFile() || !spareSt?.isFile()) return null;
   if (b1.ino === j.parentBase1Ino) {
+    if (spareSt.nlink > 1) {
+      // Something besides our work dir links the spare (a once-published base.1: `cp -al` backup, rsync
+      // --link-dest): it must never change. Start from a fresh copy of the published base.1 instead; the
+      // pending incs it already holds are applied again harmlessly (commit writes whole clusters).
+      c?.log?.({ vm: p.vm, disk: p.disk, links: spareSt.nlink }, 'spare is linked elsewhere; merging into a fresh copy');
+      await freshCopyOfBase1(p, sparePath);
+      if (c) await step(c, 'inc:fresh-spare');
+    }
     for (const inc of j.apply) {
       await applyIncrement(p, qemuImg, sparePath, path.join(p.workDir, inc));
       if (c) await step(c, `inc:applied:${inc}`);
@@ -123,7 +170,7 @@ export async function runJournal(p: ReplicaPaths, qemuImg: string, j: Journal, c
     await checkImage(p, qemuImg, sparePath);
     await fsyncPath(sparePath);
     if (c) await step(c, 'inc:checked');
-    await ensureDir(p.tmpDir);
+    await ensureTmpDir(p);
     const staged = tmpName(p, 'pub');
     await fsp.link(sparePath, staged);
     try {
@@ -165,31 +212,48 @@ export async function runJournal(p: ReplicaPaths, qemuImg: string, j: Journal, c
 }
 
 /**
- * Redo after a crash: run at open, under the disk lock. A journal that cannot be completed is dropped
- * together with the work copies (the published files are untouched by that; the spare is rebuilt later).
+ * Redo after a crash: run at open (and before `status`), under the disk lock, and only after the layout
+ * check: a journal never renames anything through a path that is not what we made. A journal that cannot
+ * be completed is dropped together with the work dir (the published pair is complete either way; a lost
+ * spare is rebuilt later).
  */
 export async function recoverJournal(p: ReplicaPaths, qemuImg: string, log?: (obj: object, msg: string) => void): Promise<'none' | 'redone' | 'dropped'> {
-  const file = path.join(p.workDir, 'journal.json');
-  if (!(await lstatOrNull(file))) return 'none';
-  const j = await readJsonOrNull(file, journalSchema);
+  if (!(await checkedWorkDir(p))) return 'none';
+  const fullFile = path.join(p.workDir, FULL_JOURNAL);
+  const mergeFile = path.join(p.workDir, 'journal.json');
+  const [hasFull, hasMerge] = await Promise.all([lstatOrNull(fullFile), lstatOrNull(mergeFile)]);
+  if (!hasFull && !hasMerge) return 'none';
+  await checkLayout(p);
   try {
-    if (j && (await lstatOrNull(p.vmDir))) {
-      const m = await runJournal(p, qemuImg, j);
-      if (m) {
-        log?.({ vm: p.vm, disk: p.disk, checkpoint: m.checkpoint }, 'finished an interrupted incremental merge');
-        return 'redone';
+    if (await lstatOrNull(p.vmDir)) {
+      if (hasFull) {
+        const fj = await readFullJournal(p);
+        const m = fj ? await runFullJournal(p, fj) : null;
+        if (m) {
+          log?.({ vm: p.vm, disk: p.disk, checkpoint: m.checkpoint }, 'finished an interrupted full publish');
+          // The A/B pair went with the old base.1: the next incremental rebuilds it.
+          await removeWorkDir(p);
+          return 'redone';
+        }
+      } else {
+        const j = await readJsonOrNull(mergeFile, journalSchema);
+        const m = j ? await runJournal(p, qemuImg, j) : null;
+        if (m) {
+          log?.({ vm: p.vm, disk: p.disk, checkpoint: m.checkpoint }, 'finished an interrupted incremental merge');
+          return 'redone';
+        }
       }
     }
   } catch (e) {
-    log?.({ vm: p.vm, disk: p.disk, err: String(e) }, 'interrupted merge could not be redone; dropping work copies');
+    log?.({ vm: p.vm, disk: p.disk, err: String(e) }, 'interrupted publish could not be redone; dropping work copies');
   }
-  await fsp.rm(p.workDir, { recursive: true, force: true });
+  await removeWorkDir(p);
   return 'dropped';
 }
 
 /** Space held only by our work dir (hard links, spare) goes when upstream removed the VM. */
 export async function dropWorkIfVmGone(p: ReplicaPaths): Promise<void> {
-  if (!(await lstatOrNull(p.vmDir))) await fsp.rm(p.workDir, { recursive: true, force: true });
+  if (!(await lstatOrNull(p.vmDir))) await removeWorkDir(p);
 }
 
 export async function publishIncremental(
@@ -255,17 +319,18 @@ export async function publishIncremental(
  * what `open` would see. Only disks whose lock is free right now: a busy disk is someone's live session.
  */
 export async function recoverPendingJournals(snapsDir: string, vm: number, qemuImg: string, log?: (obj: object, msg: string) => void): Promise<number> {
-  const workVm = path.join(path.resolve(snapsDir), '.onestor', 'work', String(vm));
-  const names = await fsp.readdir(workVm).catch(() => [] as string[]);
+  const workVm = await privateDir(snapsDir, ['work', String(vm)], { create: false, context: { vm } });
+  const names = workVm ? await fsp.readdir(workVm).catch(() => [] as string[]) : [];
   let n = 0;
   for (const name of names) {
     const m = /^disk\.(0|[1-9][0-9]{0,9})$/.exec(name);
     if (!m) continue;
     const p = replicaPaths(snapsDir, vm, Number(m[1]));
-    if (!(await lstatOrNull(path.join(p.workDir, 'journal.json')))) continue;
+    const journals = await Promise.all([lstatOrNull(path.join(p.workDir, 'journal.json')), lstatOrNull(path.join(p.workDir, FULL_JOURNAL))]);
+    if (!journals.some(Boolean)) continue;
     let lock: { release(): Promise<void> } | null = null;
     try {
-      lock = await acquireFileLock(p.lockFile, { timeoutSec: 0 });
+      lock = await acquireFileLock(await diskLockFile(p), { timeoutSec: 0 });
     } catch {
       continue;
     }

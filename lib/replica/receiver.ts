@@ -4,7 +4,6 @@
  * Logs go to opts.log (stderr in production): stdout is the protocol.
  */
 import { createHash, type Hash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
@@ -13,19 +12,23 @@ import {
   FrameDecoder,
   MAX_DATA_BYTES,
   PROTOCOL_VERSION,
-  encodeControl,
+  encodeReply,
   errorReply,
   parseClientMessage,
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
-import { assertSameVmDir, checkLayout, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
-import { baseOnReplica, listManifests, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { assertSameVmDir, checkLayout, checkedLockFile, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { reclaimLeftovers } from './leftovers.js';
+import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { statusPage } from './status-page.js';
+import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
 import { checkOverlayAlone } from './overlay-check.js';
-import { sweepOrphans } from './sweep.js';
-import { dropStaleUploads, prepareUpload, type UploadedFile } from './uploads.js';
+import { maybeSweep } from './sweep.js';
+import { SpaceLedger } from './reservations.js';
+import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
 
@@ -41,6 +44,8 @@ export interface ReceiverOptions {
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
   log?: (obj: object, msg: string) => void;
+  /** Orphan sweep at most this often per replica (after a hello reply). Default 600; 0 = after every hello. */
+  sweepIntervalSec?: number;
   /** Test hook passed to the publish functions (simulated crashes). */
   onStep?: PublishContext['onStep'];
 }
@@ -51,6 +56,7 @@ export const EXIT_FAILED = 1;
 export const EXIT_PROTOCOL = 2;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
+const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
 
 interface Upload {
   put: PutMessage;
@@ -60,6 +66,8 @@ interface Upload {
   hash: Hash;
   pending: Buffer[];
   pendingBytes: number;
+  /** position at which the ledger last lowered this upload's reservation by what landed on disk */
+  ledgerAt: number;
 }
 
 interface DiskSession {
@@ -78,13 +86,11 @@ class SessionEnd extends Error {
 }
 
 async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
-  const dir = slotsDir(opts.snapsDir);
-  await fsp.mkdir(dir, { recursive: true });
   const deadline = Date.now() + opts.busyWaitSec * 1000;
   for (;;) {
     for (let i = 0; i < opts.maxSessions; i++) {
       try {
-        return await acquireFileLock(`${dir}/slot.${i}`, { timeoutSec: 0 });
+        return await acquireFileLock(await checkedLockFile(opts.snapsDir, ['slots'], `slot.${i}`), { timeoutSec: 0 });
       } catch (e) {
         if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
       }
@@ -144,6 +150,9 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
 
 class ReceiverSession {
   private slot: FileLock | null = null;
+  private sweep: Promise<void> | null = null;
+  /** accepted-but-unpublished bytes of this session, visible to every other session (null: no space check) */
+  private ledger: SpaceLedger | null = null;
   private greeted = false;
   private disk: DiskSession | null = null;
   private upload: Upload | null = null;
@@ -162,7 +171,7 @@ class ReceiverSession {
     const out = this.output;
     // A peer that hung up gets no more replies (and a destroyed stream never emits 'drain').
     if (out.destroyed || !out.writable) throw new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel');
-    if (!out.write(encodeControl(msg))) {
+    if (!out.write(encodeReply(msg))) {
       await new Promise<void>((resolve, reject) => {
         const done = (err?: Error) => {
           out.off('drain', onDrain);
@@ -223,6 +232,13 @@ class ReceiverSession {
       throw Object.assign(new Error('short write'), { code: 'ENOSPC' });
     }
     up.position += bytesWritten;
+    // What landed on disk now shows in the filesystem's usage: stop counting it twice (coarsely, so the
+    // ledger file is rewritten every 64 MiB at most).
+    if (this.ledger && up.position - up.ledgerAt >= LEDGER_STEP_BYTES) {
+      up.ledgerAt = up.position;
+      // an optimisation only: a failure to rewrite the ledger must not fail the upload
+      await this.ledger.lower(this.resvKey(up.put.key), up.put.size - up.position + spareBytes(up.put)).catch(() => {});
+    }
   }
 
   private mapWriteError(e: unknown, file: string): OnestorError {
@@ -232,6 +248,10 @@ class ReceiverSession {
     }
     if (e instanceof OnestorError) return e;
     return new OnestorError(ErrorCodes.INTERNAL, `writing ${file}: ${(e as Error).message}`, this.ctx({ file }));
+  }
+
+  private resvKey(key: string): string {
+    return this.disk ? `${this.disk.paths.vm}-${this.disk.paths.disk}/${key}` : key;
   }
 
   private ctx(extra: Record<string, unknown> = {}) {
@@ -246,6 +266,7 @@ class ReceiverSession {
     if (up) {
       await up.fh.close().catch(() => {});
       await fsp.rm(up.file, { force: true });
+      await this.ledger?.lower(this.resvKey(up.put.key), 0);
     }
     this.opts.log?.({ err: describeError(err) }, 'upload failed');
     await this.send(errorReply(err.code, err.message));
@@ -281,8 +302,12 @@ class ReceiverSession {
       case 'status': {
         // an interrupted merge is finished first: the client plans its next increment from this answer
         if (msg.vm !== undefined) await recoverPendingJournals(this.opts.snapsDir, msg.vm, this.qemuImg, this.opts.log).catch(() => 0);
-        const manifests = await listManifests(this.opts.snapsDir, msg.vm);
-        return this.send({ type: 'ok', manifests: manifests.map(toWireManifest) });
+        const page = await statusPage(this.opts.snapsDir, { ...(msg.vm !== undefined ? { vm: msg.vm } : {}), after: msg.after ?? null });
+        if (msg.after === undefined && page.next) {
+          // an agent from before paging: it cannot follow a cursor, and a partial list would mislead it
+          throw new OnestorError(ErrorCodes.INTERNAL, `status holds more manifests than one reply carries; this agent must be upgraded to page through them`, msg.vm !== undefined ? { vm: msg.vm } : {});
+        }
+        return this.send({ type: 'ok', manifests: page.manifests, ...(msg.after !== undefined ? { next: page.next } : {}) });
       }
       case 'open':
         return this.onOpen(msg.vm, msg.disk);
@@ -312,8 +337,7 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_FAILED);
     }
     this.greeted = true;
-    // cheap housekeeping while we hold a slot: spares of VMs upstream deleted
-    await sweepOrphans(this.opts.snapsDir, { maxDisks: 16, log: this.opts.log }).catch(() => 0);
+    await this.bindLedger(this.slot.path);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -323,17 +347,46 @@ class ReceiverSession {
       snapsDirFree: fs.avail,
       snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
     });
+    this.startSweep();
+  }
+
+  /**
+   * The reservation ledger lives beside the slot file and counts while that slot is held: bind it right
+   * after a slot is taken (dropping what a dead earlier holder left), unbind it when the slot goes.
+   */
+  private async bindLedger(slotFile: string): Promise<void> {
+    if (this.opts.spaceCheck === false) return;
+    this.ledger = new SpaceLedger(slotFile, () => spaceOf(this.opts.snapsDir), this.opts.maxUsedPercent);
+    await this.ledger.reset();
+  }
+
+  private async unbindLedger(): Promise<void> {
+    const l = this.ledger;
+    this.ledger = null;
+    await l?.releaseAll();
+  }
+
+  /** Housekeeping after the reply, in the background, while we hold a slot; cleanup() waits for it. */
+  private startSweep(): void {
+    const log = this.opts.log;
+    this.sweep = maybeSweep(this.opts.snapsDir, (this.opts.sweepIntervalSec ?? 600) * 1000, log ? { log } : {})
+      .then((r) => {
+        if (r && r.candidates > 0) log?.({ ...r }, 'orphan sweep');
+      })
+      .catch((e: unknown) => log?.({ err: describeError(e) }, 'orphan sweep failed'));
   }
 
   private async onOpen(vm: number, disk: number): Promise<void> {
     if (this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, 'open while another disk is open; close it first');
     const paths = replicaPaths(this.opts.snapsDir, vm, disk);
-    await fsp.mkdir(paths.tmpDir, { recursive: true });
-    await fsp.mkdir(`${paths.internalDir}/locks`, { recursive: true });
-    const lock = await acquireFileLock(paths.lockFile, { timeoutSec: this.opts.lockTimeoutSec, context: { vm, disk } });
+    // nothing but the (symlink-checked) lock until data arrives: the tmp dir is made by the first put (see unlockDisk)
+    const lock = await lockDisk(paths, this.opts.lockTimeoutSec);
     try {
+      // Layout first: no journal redo or cleanup ever acts through a path we did not make.
+      await checkLayout(paths);
       await dropWorkIfVmGone(paths);
       await recoverJournal(paths, this.qemuImg, this.opts.log);
+      await reclaimLeftovers(paths, this.opts.log);
       const { vmDirId } = await checkLayout(paths);
       const manifest = await readValidManifest(paths);
       const base = await baseOnReplica(paths, manifest);
@@ -345,7 +398,7 @@ class ReceiverSession {
         baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
       });
     } catch (e) {
-      if (!this.disk) await lock.release();
+      if (!this.disk) await unlockDisk(paths, lock);
       throw e;
     }
   }
@@ -358,29 +411,25 @@ class ReceiverSession {
   private async onPut(put: PutMessage): Promise<void> {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
-    const { file, offset } = await prepareUpload(d.paths, put.key, put.size);
+    const { file, offset } = await prepareUpload(d.paths, put.key, put.size, new Set([...d.uploads.values()].map((u) => u.file)));
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
-    const factor = put.kind === 'base' ? 1 : 2;
-    const need = (put.size - offset) * factor;
-    const fs = await spaceOf(this.opts.snapsDir);
-    const usedAfter = fs.total > 0 ? ((fs.used + need) / fs.total) * 100 : 100;
-    if (this.opts.spaceCheck !== false && usedAfter > this.opts.maxUsedPercent) {
-      throw new OnestorError(
-        ErrorCodes.NOSPACE,
-        `accepting ${need} bytes would bring the replica filesystem to ${usedAfter.toFixed(1)}% used (limit ${this.opts.maxUsedPercent}%)`,
-        this.ctx({ field: 'REPLICA_MAX_USED_PERC' }),
-      );
-    }
+    // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
+    await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
     const hash = createHash('sha256');
+    const fh = await openUpload(file, offset);
     if (offset > 0) {
-      // The digest covers the whole file: fold in what we already hold.
-      for await (const chunk of createReadStream(file, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) {
-        hash.update(chunk as Buffer);
+      try {
+        // The digest covers the whole file: fold in what we already hold.
+        for await (const chunk of fh.createReadStream({ start: 0, end: offset - 1, highWaterMark: 4 << 20, autoClose: false })) {
+          hash.update(chunk as Buffer);
+        }
+      } catch (e) {
+        await fh.close().catch(() => {});
+        throw e;
       }
     }
-    const fh = await fsp.open(file, offset > 0 ? 'r+' : 'w', 0o600);
     d.uploads.delete(put.key);
-    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0 };
+    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
     await this.send({ type: 'ok', offset });
   }
@@ -407,8 +456,11 @@ class ReceiverSession {
     await up.fh.close().catch(() => {});
     if (failure) {
       await fsp.rm(up.file, { force: true });
+      await this.ledger?.lower(this.resvKey(up.put.key), 0);
       throw failure;
     }
+    // the upload itself now shows in the filesystem's usage; only the spare's room stays reserved
+    await this.ledger?.lower(this.resvKey(up.put.key), spareBytes(up.put));
     d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
     await this.send({ type: 'ok', bytes: up.position, sha256: digest });
   }
@@ -447,6 +499,7 @@ class ReceiverSession {
       manifest = await publishIncremental(c, inc, { ...meta, checkpoint: msg.checkpoint, parentCheckpoint: msg.parentCheckpoint });
       d.uploads.delete(msg.inc);
     }
+    for (const k of msg.mode === 'full' ? [msg.base1, msg.base] : [msg.inc]) if (k !== undefined) await this.ledger?.lower(this.resvKey(k), 0);
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
@@ -456,7 +509,12 @@ class ReceiverSession {
   private async closeDisk(): Promise<void> {
     const d = this.disk;
     this.disk = null;
-    if (d) await d.lock.release();
+    // what this disk did not publish is dropped with it (one disk open at a time)
+    try {
+      await this.ledger?.releaseAll();
+    } finally {
+      if (d) await unlockDisk(d.paths, d.lock);
+    }
   }
 
   async cleanup(): Promise<void> {
@@ -467,9 +525,16 @@ class ReceiverSession {
       this.upload = null;
     }
     await this.closeDisk().catch(() => {});
+    if (this.sweep) await this.sweep;
+    await this.unbindLedger().catch(() => {});
     if (this.slot) await this.slot.release().catch(() => {});
     this.slot = null;
   }
+}
+
+/** Room a base.1 or an increment needs after its upload: the A/B spare (copy at seed, merge growth later). */
+function spareBytes(put: PutMessage): number {
+  return put.kind === 'base' ? 0 : put.size;
 }
 
 async function spaceOf(dir: string): Promise<{ total: number; used: number; avail: number; usedPercent: number }> {

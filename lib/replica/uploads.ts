@@ -1,39 +1,85 @@
 /** Resumable uploads: partial files under SNAPS/.onestor/tmp/VMID-N/, keyed by what the client sends. */
+import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
-import { ctx, ensureDir, lstatOrNull, type ReplicaPaths } from './layout.js';
+import { O_NOFOLLOW, checkedTmpDir, ctx, ensureTmpDir, lstatOrNull, type ReplicaPaths } from './layout.js';
+
+/**
+ * Partial uploads of other keys kept per disk besides the one being written and those verified in this
+ * session: enough for a full (base + base.1) cut and resumed, while keys of abandoned captures (the client
+ * names keys after the checkpoint, so a new capture never resumes them) cannot pile up.
+ */
+export const MAX_OTHER_UPLOADS = 2;
+/** Partial uploads untouched for this long are abandoned whatever their key. */
+export const UPLOAD_MAX_AGE_MS = 24 * 3600_000;
 
 export function uploadPath(p: ReplicaPaths, key: string): string {
   // The prefix keeps keys like "." or ".." from naming anything but a plain file.
   return path.join(p.tmpDir, `up.${key}`);
 }
 
-/** Bytes already held for a resumable upload; a file longer than announced is restarted from 0. */
-export async function prepareUpload(p: ReplicaPaths, key: string, size: number): Promise<{ file: string; offset: number }> {
-  await ensureDir(p.tmpDir);
+/**
+ * Bytes already held for a resumable upload; a file longer than announced is restarted from 0. Other
+ * partial uploads of this disk beyond MAX_OTHER_UPLOADS (oldest first) are removed: `keep` names the files
+ * this session still needs.
+ */
+export async function prepareUpload(p: ReplicaPaths, key: string, size: number, keep: ReadonlySet<string> = new Set()): Promise<{ file: string; offset: number }> {
+  await ensureTmpDir(p);
   const file = uploadPath(p, key);
-  const st = await lstatOrNull(file);
-  if (st && !st.isFile()) throw new OnestorError(ErrorCodes.PATH, 'refusing a non-regular upload temp file', ctx(p, { file }));
+  await boundUploads(p, new Set([...keep, file]), MAX_OTHER_UPLOADS);
+  let st = await lstatOrNull(file);
+  if (st && !st.isFile()) throw new OnestorError(ErrorCodes.PATH, `refusing ${file}: not a regular file`, ctx(p, { file }));
+  if (st && st.nlink > 1) {
+    // Linked elsewhere: staged or already published by a journal that did not finish its bookkeeping.
+    // Never written again; the upload starts over in a new inode.
+    await fsp.rm(file, { force: true });
+    st = null;
+  }
   if (!st) return { file, offset: 0 };
   if (st.size > size) {
-    await fsp.truncate(file, 0);
+    const fh = await openUpload(file, 0);
+    await fh.close();
     return { file, offset: 0 };
   }
   return { file, offset: st.size };
 }
 
+/** Opens an upload temp for writing without following a symlink; offset 0 truncates. */
+export async function openUpload(file: string, offset: number): Promise<fsp.FileHandle> {
+  const flags = fsConstants.O_RDWR | fsConstants.O_CREAT | O_NOFOLLOW | (offset === 0 ? fsConstants.O_TRUNC : 0);
+  return fsp.open(file, flags, 0o600);
+}
+
+async function uploadEntries(p: ReplicaPaths): Promise<Array<{ file: string; mtimeMs: number }>> {
+  const dir = await checkedTmpDir(p);
+  if (!dir) return [];
+  const out: Array<{ file: string; mtimeMs: number }> = [];
+  for (const n of await fsp.readdir(dir)) {
+    if (!n.startsWith('up.')) continue;
+    const st = await lstatOrNull(path.join(dir, n));
+    // linked elsewhere (published): not a partial upload, never resumed; sorts as oldest
+    if (st) out.push({ file: path.join(dir, n), mtimeMs: st.nlink > 1 ? 0 : st.mtimeMs });
+  }
+  return out;
+}
+
+/** Keeps at most `max` partial uploads outside `keep` (newest first); drops any older than UPLOAD_MAX_AGE_MS. */
+export async function boundUploads(p: ReplicaPaths, keep: ReadonlySet<string>, max: number, now = Date.now()): Promise<number> {
+  const others = (await uploadEntries(p)).filter((u) => !keep.has(u.file)).sort((a, b) => b.mtimeMs - a.mtimeMs);
+  let removed = 0;
+  for (const [i, u] of others.entries()) {
+    if (i >= max || now - u.mtimeMs > UPLOAD_MAX_AGE_MS) {
+      await fsp.rm(u.file, { recursive: true, force: true });
+      removed++;
+    }
+  }
+  return removed;
+}
+
 /** After a publish, leftovers of abandoned uploads for this disk only hold space. */
 export async function dropStaleUploads(p: ReplicaPaths, keep: ReadonlySet<string>): Promise<void> {
-  let names: string[];
-  try {
-    names = await fsp.readdir(p.tmpDir);
-  } catch {
-    return;
-  }
-  for (const n of names) {
-    if (n.startsWith('up.') && !keep.has(path.join(p.tmpDir, n))) await fsp.rm(path.join(p.tmpDir, n), { force: true });
-  }
+  await boundUploads(p, keep, 0);
 }
 
 export interface UploadedFile {
@@ -41,4 +87,3 @@ export interface UploadedFile {
   size: number;
   sha256: string;
 }
-

@@ -26,6 +26,7 @@ import {
   putOkSchema,
   statusOkSchema,
   type HelloOk,
+  type StatusOk,
   type UploadKind,
 } from '../protocol/protocol.js';
 import type { TokenBucket } from './throttle.js';
@@ -191,9 +192,20 @@ export class ReceiverConnection {
     return this.helloInfo;
   }
 
+  /** All manifests (of one VM or all), following the receiver's pages until it says there are no more. */
   async status(vm?: number): Promise<ReplicaManifest[]> {
-    const r = await this.request({ type: 'status', ...(vm !== undefined ? { vm } : {}) }, statusOkSchema);
-    return r.manifests as ReplicaManifest[];
+    const out: ReplicaManifest[] = [];
+    let after: { vm: number; disk: number } | null = null;
+    for (;;) {
+      const r: StatusOk = await this.request({ type: 'status', ...(vm !== undefined ? { vm } : {}), after }, statusOkSchema);
+      out.push(...(r.manifests as ReplicaManifest[]));
+      // a receiver from before paging answers everything at once, without `next`
+      if (!r.next) return out;
+      if (after && (r.next.vm < after.vm || (r.next.vm === after.vm && r.next.disk <= after.disk))) {
+        throw new OnestorError(ErrorCodes.PROTOCOL, `receiver status cursor went back from ${after.vm}/${after.disk} to ${r.next.vm}/${r.next.disk}`, { field: 'next' });
+      }
+      after = r.next;
+    }
   }
 
   async openDisk(vm: number, disk: number): Promise<DiskSession> {

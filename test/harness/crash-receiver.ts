@@ -1,0 +1,32 @@
+/**
+ * The real receiver (runReceiver, as receiver-main runs it) with its publish step hooks wired for crash
+ * tests: every step it passes is appended to $ONESTOR_STEP_LOG, and at the step named $ONESTOR_CRASH_AT the
+ * process kills itself with SIGKILL (no finally, no cleanup: a crash). Test use only.
+ * Usage: node dist/test/harness/crash-receiver.js SNAPS_DIR
+ */
+import { appendFileSync } from 'node:fs';
+import { runReceiver } from '../../lib/replica/receiver.js';
+
+const snapsDir = process.argv[2];
+if (!snapsDir?.startsWith('/')) {
+  process.stderr.write('usage: crash-receiver SNAPS_DIR\n');
+  process.exit(64);
+}
+const stepLog = process.env.ONESTOR_STEP_LOG;
+const crashAt = process.env.ONESTOR_CRASH_AT;
+process.stdout.on('error', () => {});
+const code = await runReceiver(process.stdin, process.stdout, {
+  snapsDir,
+  lockTimeoutSec: 10,
+  maxSessions: 4,
+  busyWaitSec: 5,
+  maxUsedPercent: 100,
+  spaceCheck: false,
+  idleTimeoutSec: 60,
+  log: (obj, msg) => process.stderr.write(JSON.stringify({ ...obj, msg }) + '\n'),
+  onStep: (step) => {
+    if (stepLog) appendFileSync(stepLog, step + '\n');
+    if (step === crashAt) process.kill(process.pid, 'SIGKILL');
+  },
+});
+process.stdout.end(() => process.exit(code));
