@@ -10,8 +10,15 @@ import { overridesFrom, type Flags } from './flags.js';
 import { loadConfig } from '../lib/config/config.js';
 import { readSshrc } from '../lib/config/sshrc.js';
 import { runReceiver } from '../lib/replica/receiver.js';
+import { nonBlockingFd } from '../lib/replica/stdio.js';
+import { HOST_NAME_RE, UNNAMED_IDENTITY } from '../lib/replica/slots.js';
+import { ErrorCodes, OnestorError } from '../lib/shared/errors.js';
 
 export async function run(f: Flags, _pos: string[], log: Logger): Promise<number> {
+  // The writer's identity comes from the forced command of its key (`receive --host NAME`), never from the client.
+  if (f.host !== undefined && !HOST_NAME_RE.test(f.host)) {
+    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(f.host)}`, { field: '--host' });
+  }
   const config = await loadConfig({ file: f.config, overrides: overridesFrom(f) as never });
   const sshrc = await readSshrc(config.sshrcPaths);
   const snapsDir = config.receiver.snapsDir ?? sshrc.settings.REPLICA_RECOVERY_SNAPS_DIR;
@@ -22,18 +29,29 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     log.warn({ requested: requested.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     return Exit.FAILED;
   }
-  // the agent may vanish at any moment: a write to the closed pipe ends the session, not the process
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, {
+  // non-blocking stdout: a full pipe (agent not reading) must not freeze the session timers; a write to
+  // the closed pipe ends the session, not the process
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, {
     snapsDir,
+    identity: f.host ?? UNNAMED_IDENTITY,
     lockTimeoutSec: config.receiver.lockTimeoutSec ?? sshrc.settings.REPLICA_COPY_LOCK_TIMEOUT,
     maxSessions: config.receiver.maxSessions,
     busyWaitSec: config.receiver.busyWaitSec,
+    ...(config.receiver.maxSessionsPerHost !== null ? { maxSessionsPerHost: config.receiver.maxSessionsPerHost } : {}),
+    helloTimeoutSec: config.receiver.helloTimeoutSec,
+    idleTimeoutSec: config.receiver.idleTimeoutSec,
+    drainTimeoutSec: config.receiver.drainTimeoutSec,
+    progressWindowSec: config.receiver.progressWindowSec,
+    minProgressKiB: config.receiver.minProgressKiB,
+    maxSessionSec: config.receiver.maxSessionSec,
     maxUsedPercent: sshrc.settings.REPLICA_MAX_USED_PERC,
     spaceCheck: config.receiver.spaceCheck,
     qemuImg: config.qemuImg,
     log: (obj, msg) => log.info(obj, msg),
   });
-  await new Promise<void>((resolve) => process.stdout.end(resolve));
+  // a stdout destroyed because the agent stopped reading would never call back
+  if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
   return code === 0 ? Exit.OK : Exit.FAILED;
 }

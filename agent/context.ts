@@ -134,7 +134,7 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
   const libvirt = new VirshPort(virsh);
   const qemuImg = new QemuImg(config.qemuImg, opts.signal);
   const state = new StateStore(config.stateDir);
-  const hostName = os.hostname();
+  const hostName = config.hostName ?? os.hostname();
   // one bucket for the whole process: the limit is per host, whatever the number of transfers
   const bucket = config.limits.bandwidthMBps > 0 ? new TokenBucket(bytesPerSecFromMBps(config.limits.bandwidthMBps)) : null;
   const replicas = new ReplicaPool(config, hostName, opts.log, bucket);

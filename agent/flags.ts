@@ -27,9 +27,19 @@ const OPTIONS = {
   'receiver-command': { type: 'string' },
   'snaps-dir': { type: 'string' },
   'max-sessions': { type: 'string' },
+  host: { type: 'string' },
+  'max-sessions-per-host': { type: 'string' },
+  'hello-timeout': { type: 'string' },
+  'idle-timeout': { type: 'string' },
+  'drain-timeout': { type: 'string' },
+  'progress-window': { type: 'string' },
+  'min-progress-kib': { type: 'string' },
+  'max-session-time': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
   'log-level': { type: 'string' },
+  'host-name': { type: 'string' },
+  seconds: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];
@@ -52,6 +62,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f.datastores) o.datastoreLocation = f.datastores;
   if (f['state-dir']) o.stateDir = f['state-dir'];
   if (f['libvirt-uri']) o.libvirtUri = f['libvirt-uri'];
+  if (f['host-name']) o.hostName = f['host-name'];
   if (f.sshrc) o.sshrcPaths = [f.sshrc];
   if (f['replica-host']) replica.hostOverride = f['replica-host'];
   if (f['replica-port']) replica.port = intFlag(f['replica-port'], 'replica-port');
@@ -62,6 +73,16 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   if (f['receiver-command']) replica.receiverCommand = f['receiver-command'];
   if (f['snaps-dir']) receiver.snapsDir = f['snaps-dir'];
   if (f['max-sessions']) receiver.maxSessions = intFlag(f['max-sessions'], 'max-sessions');
+  const receiverInts = [
+    ['max-sessions-per-host', 'maxSessionsPerHost'],
+    ['hello-timeout', 'helloTimeoutSec'],
+    ['idle-timeout', 'idleTimeoutSec'],
+    ['drain-timeout', 'drainTimeoutSec'],
+    ['progress-window', 'progressWindowSec'],
+    ['min-progress-kib', 'minProgressKiB'],
+    ['max-session-time', 'maxSessionSec'],
+  ] as const;
+  for (const [flag, key] of receiverInts) if (f[flag] !== undefined) receiver[key] = intFlag(f[flag], flag);
   if (f['no-space-check']) receiver.spaceCheck = false;
   if (f['log-level']) o.log = { level: f['log-level'] };
   if (f['bandwidth-mbps']) o.limits = { bandwidthMBps: intFlag(f['bandwidth-mbps'], 'bandwidth-mbps') };

@@ -19,6 +19,10 @@ Commands:
   list [--json]            discovery only: which disks are protected, which are not and why
   snapshot --vm ID [--disk N] [--full] [--json]
                            take one snapshot cycle now and print what it did
+  yield --vm ID [--seconds N]
+                           let a live migration of the VM through: no backup job of ours holds
+                           it (a running one is aborted), new cycles wait until the VM has left
+                           this host or N s pass (default 600); run by the migration hook
   receive                  replica side: the receiver run by sshd (authorized_keys forced command)
   probe <vm-snapshot|host-monitor|replica-ds>
                            OpenNebula monitoring probe output (reads state, never snapshots)
@@ -43,9 +47,18 @@ Common options (each overrides the config file):
   --receiver-command CMD   command run on the replica (default "onestor-agent receive")
   --bandwidth-mbps N       cap on what this host sends, all transfers together (MB/s; 0 = none)
   --snaps-dir DIR          receive: REPLICA_RECOVERY_SNAPS_DIR override
-  --max-sessions N         receive: concurrent sessions on this replica (others wait, then E_BUSY)
+  --max-sessions N         receive: concurrent disk sessions on this replica (others wait, then E_BUSY)
+  --host NAME              receive: the writer's name, bound into its key's forced command
+  --max-sessions-per-host N  receive: most sessions one host holds (default half, rounded up)
+  --hello-timeout S        receive: end a session without hello after S seconds (default 30)
+  --idle-timeout S         receive: end a session silent for S seconds (default 900)
+  --drain-timeout S        receive: end a session that does not read a reply for S seconds (120)
+  --progress-window S      receive: with a disk open, each S seconds of waiting must bring
+  --min-progress-kib K       at least K KiB (defaults 60 s, 1024 KiB)
+  --max-session-time S     receive: most agent time one disk session may hold its slot (86400)
   --no-space-check         receive: no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)
   --log-level LEVEL        trace|debug|info|warn|error (default info)
+  --host-name NAME         this host's name as recorded on the replica (default: the system's)
 
 Exit codes:
   0 ok   1 a cycle/session failed   2 usage or configuration error
@@ -73,7 +86,10 @@ async function main(argv: string[]): Promise<number> {
   }
   // stdout carries data for receive (protocol), probe and --json: logs go to stderr there.
   const dataOnStdout = cmd === 'receive' || cmd === 'probe' || Boolean(f.json);
-  const log = createLogger({ level: f['log-level'] ?? 'info', stream: dataOnStdout || cmd !== 'run' ? process.stderr : process.stdout });
+  // receive: logs through a non-blocking stderr that drops lines when the agent does not read them (a
+  // synchronous pipe write would freeze the receiver's timers)
+  const receiveLog = cmd === 'receive' ? ((await import('../lib/replica/stdio.js')).droppingLogSink() as unknown as NodeJS.WritableStream) : null;
+  const log = createLogger({ level: f['log-level'] ?? 'info', stream: receiveLog ?? (dataOnStdout || cmd !== 'run' ? process.stderr : process.stdout) });
   const commands: Record<string, () => Promise<{ run(f: Flags, positionals: string[], log: ReturnType<typeof createLogger>): Promise<number> }>> = {
     snapshot: () => import('./cmd-snapshot.js'),
     list: () => import('./cmd-status.js').then((m) => ({ run: m.runList })),
@@ -82,6 +98,7 @@ async function main(argv: string[]): Promise<number> {
     run: () => import('./cmd-run.js'),
     probe: () => import('./cmd-probe.js'),
     demo: () => import('./demo.js'),
+    yield: () => import('./cmd-yield.js'),
   };
   const load = commands[cmd];
   if (!load) {

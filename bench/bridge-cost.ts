@@ -54,7 +54,7 @@ async function layout(dir: string, base: string, pattern: number): Promise<{ bas
 async function publish(snaps: string, src: { base: string; base1: string }, ck: string, onStep?: ReceiverOptions['onStep']): Promise<number> {
   const to = new PassThrough();
   const from = new PassThrough();
-  const done = runReceiver(to, from, { snapsDir: snaps, lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 0, maxUsedPercent: 100, spaceCheck: false, ...(onStep ? { onStep } : {}) }).finally(() => from.end());
+  const done = runReceiver(to, from, { snapsDir: snaps, identity: 'bench', lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 0, maxUsedPercent: 100, spaceCheck: false, ...(onStep ? { onStep } : {}) }).finally(() => from.end());
   const c = new ReceiverConnection(from, to);
   await c.hello('bench', 'bench');
   const d = await c.openDisk(1, 0);

@@ -109,6 +109,15 @@ const receiverSchema = z.strictObject({
   /** null = REPLICA_COPY_LOCK_TIMEOUT from sshrc */
   lockTimeoutSec: nullable(int(0, 7 * 86400)).default(null),
   busyWaitSec: int(0, 86400).default(300),
+  /** most sessions one host (identity) may hold at once; null = half of maxSessions, rounded up */
+  maxSessionsPerHost: nullable(int(1, 256)).default(null),
+  /** session time limits (README "Receiver limits"; lib/replica/session-watch.ts) */
+  helloTimeoutSec: int(1, 3600).default(30),
+  idleTimeoutSec: int(1, 86400).default(900),
+  drainTimeoutSec: int(1, 86400).default(120),
+  progressWindowSec: int(1, 86400).default(60),
+  minProgressKiB: int(0, 1024 * 1024).default(1024),
+  maxSessionSec: int(1, 30 * 86400).default(86_400),
   /**
    * Refuse an upload up front when it would take the filesystem past REPLICA_MAX_USED_PERC. Off only where
    * statfs cannot tell (compressing or deduplicating filesystems); a real ENOSPC is handled either way.
@@ -125,6 +134,8 @@ export const ConfigSchema = z.strictObject({
     .min(1, { error: 'expected at least one path' })
     .default(['/var/lib/one/remotes/etc/tm/ssh/sshrc', '/var/tmp/one/etc/tm/ssh/sshrc']),
   stateDir: absPath.default('/var/lib/one/onestor-agent'),
+  /** this host's name as recorded on the replica (sourceHost); null = the system host name */
+  hostName: nullable(z.string().regex(/^[A-Za-z0-9._-]{1,253}$/, { error: 'expected a host name' })).default(null),
   libvirtUri: z
     .string({ error: 'expected a libvirt URI' })
     .regex(/^[a-z][a-z0-9+.-]*:\/\/[^\s]*$/, { error: 'expected a libvirt URI such as qemu:///system' })

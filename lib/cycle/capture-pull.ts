@@ -133,6 +133,8 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
     if (!req.tryFreeze) freezeNote = 'freeze disabled';
     else if (!hasAgent) freezeNote = 'no guest agent channel';
     const t0 = now();
+    const yieldReason = await req.shouldYield?.();
+    if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
     try {
       if (hasAgent) {
         const r = await lv.fsFreeze(dom);
@@ -152,15 +154,32 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
     }
     if (frozen) consistency = 'filesystem-frozen';
 
-    // The scratch files grow with guest writes: stop the seed before they eat what must stay free.
+    // The export holds the domain's job for the whole transfer, and a live migration waits for that job at
+    // most 30 s: stop streaming when a migration wants the domain (E_YIELDED), as the push job is aborted.
+    // The scratch files grow with guest writes: stop the seed before they eat what must stay free (E_NOSPACE).
     const abortOnSpace = new AbortController();
+    let stopWith: OnestorError | null = null;
+    let polling = false;
     watchdog = setInterval(() => {
+      if (polling || stopWith) return;
+      polling = true;
       void (async () => {
         const used = await dirBytes(req.stagingDir);
         peak = Math.max(peak, used);
         const s = await statfs(req.stagingDir).catch(() => null);
-        if (s && Number(s.bavail) * Number(s.bsize) < keepFree) abortOnSpace.abort();
-      })().catch(() => {});
+        if (s && Number(s.bavail) * Number(s.bsize) < keepFree) {
+          stopWith = new OnestorError(ErrorCodes.NOSPACE, `staging filesystem fell below ${mib(keepFree)} MiB free while the guest wrote during the seed; seed stopped`, ctx);
+        } else {
+          const why = await req.shouldYield?.().catch(() => null);
+          if (why) {
+            log({ vm: req.vmId, reason: why }, 'ending the pull-mode export to let a migration through');
+            stopWith = new OnestorError(ErrorCodes.YIELDED, `seed stopped: ${why}`, ctx);
+          }
+        }
+        if (stopWith) abortOnSpace.abort();
+      })()
+        .catch(() => {})
+        .finally(() => (polling = false));
     }, 250);
     watchdog.unref();
 
@@ -202,7 +221,7 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
           used = true;
           // the NBD client already fails every read on req.signal; the stream also stops on the caller's and the watchdog's
           const stop = anySignal([abortOnSpace.signal, ...(signal ? [signal] : [])]);
-          return spaceAware(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop }), abortOnSpace.signal, keepFree);
+          return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop }), abortOnSpace.signal, () => stopWith);
         },
       });
     }
@@ -219,17 +238,17 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   }
 }
 
-/** Turns the space watchdog's abort into a clear E_NOSPACE instead of a generic abort. */
-async function* spaceAware(src: AsyncGenerator<Buffer>, space: AbortSignal, keepFree: number): AsyncGenerator<Buffer> {
+/** Turns the watchdog's abort into its reason (E_NOSPACE, E_YIELDED) instead of a generic abort. */
+async function* stoppable(src: AsyncGenerator<Buffer>, stop: AbortSignal, reason: () => OnestorError | null): AsyncGenerator<Buffer> {
   try {
     for await (const b of src) {
-      if (space.aborted) break;
+      if (stop.aborted) break;
       yield b;
     }
   } catch (e) {
-    if (!space.aborted) throw e;
+    if (!stop.aborted) throw e;
   }
-  if (space.aborted) throw new OnestorError(ErrorCodes.NOSPACE, `staging filesystem fell below ${mib(keepFree)} MiB free while the guest wrote during the seed; seed stopped`);
+  if (stop.aborted) throw reason() ?? new OnestorError(ErrorCodes.ABORTED, 'seed stopped');
 }
 
 function anySignal(signals: AbortSignal[]): AbortSignal {

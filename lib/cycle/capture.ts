@@ -66,6 +66,11 @@ export interface CaptureRequest {
   /** the domain view when the caller already read it (saves a dumpxml) */
   domain?: DomainView;
   signal?: AbortSignal;
+  /**
+   * Polled before the job starts and while it runs: a reason to give way to a live migration (the job
+   * holds the domain's job lock, which a migration waits for only 30 s), or null. See migration.ts.
+   */
+  shouldYield?: () => Promise<string | null>;
   log?: (obj: Record<string, unknown>, msg: string) => void;
   now?: () => number;
 }
@@ -193,6 +198,8 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     if (!req.tryFreeze) freezeNote = 'freeze disabled';
     else if (!hasAgent) freezeNote = 'no guest agent channel';
     const t0 = now();
+    const yieldReason = await req.shouldYield?.();
+    if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
     try {
       if (hasAgent) {
         const r = await lv.fsFreeze(dom);
@@ -218,6 +225,11 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     const deadline = now() + req.timeoutMs;
     while (await lv.jobActive(dom)) {
       if (req.signal?.aborted) throw new OnestorError(ErrorCodes.ABORTED, 'capture aborted', ctx);
+      const why = await req.shouldYield?.();
+      if (why) {
+        log({ vm: req.vmId, reason: why }, 'aborting the backup job to let a migration through');
+        throw new OnestorError(ErrorCodes.YIELDED, `backup job aborted: ${why}`, ctx);
+      }
       if (now() > deadline) throw new OnestorError(ErrorCodes.CAPTURE, `backup job still running after ${req.timeoutMs} ms`, ctx);
       await sleep(50);
     }

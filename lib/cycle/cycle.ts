@@ -11,7 +11,7 @@ import { mkdir } from 'node:fs/promises';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureRequest, type CaptureResult } from './capture.js';
+import { capture, cleanStagingDir, findDiskBySource, type CaptureLibvirt, type CaptureRequest, type CaptureResult, type DomainView } from './capture.js';
 import { capturePull, type PullCapture, type PulledDisk } from './capture-pull.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
 import { cachedSha256, fileIdentity } from './digest.js';
@@ -20,6 +20,9 @@ import { decideMode, checkpointsToDelete, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { DiskSession } from '../transfer/replica-client.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
+import type { NodeBitmaps } from '../libvirt/bitmaps.js';
+import { clearYieldMarker, migrationWatch, readYieldMarker, redefineCheckpointXml, yieldHolds } from './migration.js';
+import { strayBitmaps } from '../libvirt/bitmaps.js';
 import { StateStore, getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
 
 /** Libvirt operations the cycle needs beyond capture. */
@@ -29,6 +32,12 @@ export interface CycleLibvirt extends CaptureLibvirt {
   checkpointXml(dom: string, name: string): Promise<string>;
   checkpointRedefine(dom: string, xml: string): Promise<void>;
   domainRunning(dom: string): Promise<boolean>;
+  /** libvirt's numeric id of the running domain (null when not running) */
+  domainId(dom: string): Promise<number | null>;
+  /** dirty bitmaps QEMU has on the disk running on `file` (null: no such node) */
+  diskBitmaps(dom: string, file: string): Promise<NodeBitmaps | null>;
+  /** removes one bitmap from a running disk; returns how it was done */
+  removeBitmap(dom: string, target: string, node: string, name: string): Promise<string>;
 }
 
 /** What the cycle needs of a replica session: lib/replica-client.ts DiskSession. */
@@ -137,27 +146,47 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   const work: DiskWork[] = [];
   let captured: (Omit<CaptureResult, 'disks'> & { disks: Array<{ diskId: number; mode: CycleMode; file?: string; pulled?: PulledDisk }> }) | null = null;
   let pull: PullCapture | null = null;
+  let domDisks: DomainView['disks'] = [];
+  // Stray bitmaps can only appear when a lineage ends or changes hands: a full, a host change, a redefine.
+  // Only then ask QEMU for the disk's bitmaps (QMP: libvirt marks the domain tainted on first use).
+  let sweepBitmaps = false;
+  let checkpoints: string[] = [];
+  const manifestsByHost = new Map<string, ReplicaManifest[]>();
+  const manifestsFor = async (host: string): Promise<{ replica: ReplicaPort; manifests: ReplicaManifest[] }> => {
+    const replica = await deps.replicaFor(host);
+    let manifests = manifestsByHost.get(host);
+    if (!manifests) {
+      manifests = await replica.status(vmId);
+      manifestsByHost.set(host, manifests);
+    }
+    return { replica, manifests };
+  };
 
   log.info({ disks: req.disks.map((d) => d.diskId).join(','), forceFull: Boolean(req.forceFull) }, 'cycle start');
   try {
     if (!(await deps.libvirt.domainRunning(dom))) {
       throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} is not running`, { vm: vmId });
     }
+    // Give way to a live migration (migration.ts): a yield marker holds cycles off while the domain is
+    // still here; once it has left (or came back as a new QEMU) the marker is stale and goes.
+    const domId = await deps.libvirt.domainId(dom).catch(() => null);
+    const marker = await readYieldMarker(deps.state.dir, vmId);
+    if (marker) {
+      if (yieldHolds(marker, now() / 1000, domId)) {
+        throw new OnestorError(ErrorCodes.YIELDED, `held off for a live migration until ${new Date(marker.until * 1000).toISOString()} (${marker.reason})`, { vm: vmId });
+      }
+      await clearYieldMarker(deps.state.dir, vmId).catch(() => {});
+    }
     const view = await deps.libvirt.domainView(dom);
-    const domDisks = view.disks;
-    let checkpoints = await deps.libvirt.checkpointNames(dom);
+    domDisks = view.disks;
+    checkpoints = await deps.libvirt.checkpointNames(dom);
 
     // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
     // for the transfer, and the receiver refuses an incremental whose parent is no longer what it holds).
-    const manifestsByHost = new Map<string, ReplicaManifest[]>();
+    await redefineFromManifests();
     for (const disk of req.disks) {
       try {
-        const replica = await deps.replicaFor(disk.replicaHost);
-        let manifests = manifestsByHost.get(disk.replicaHost);
-        if (!manifests) {
-          manifests = await replica.status(vmId);
-          manifestsByHost.set(disk.replicaHost, manifests);
-        }
+        const { replica, manifests } = await manifestsFor(disk.replicaHost);
         const manifest = manifests.find((m) => m.diskId === disk.diskId) ?? null;
         const ds = getDisk(state, vmId, disk.diskId);
         const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
@@ -187,7 +216,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         if (replicaCk && checkpoints.includes(replicaCk)) {
           bitmapHealthy = await deps.libvirt.checkpointBitmapHealthy(dom, replicaCk, target).catch(() => false);
         }
+        const lineageFromAnotherHost = manifest?.sourceHost !== undefined && manifest.sourceHost !== deps.hostName;
         const decision = decideMode({
+          lineageFromAnotherHost,
           forceFull: Boolean(req.forceFull),
           stateCheckpoint: ds.checkpoint,
           replicaCheckpoint: replicaCk,
@@ -198,6 +229,11 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           replicaBaseMatches,
         });
         const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
+        // Never publish a damaged source over a good snapshot: after a host change (a live migration's
+        // pre-sync can leave the destination's qcow2 metadata inconsistent) and before any full.
+        const hostChanged = lineageFromAnotherHost || (ds.base1Identity !== null && ds.base1Identity !== base1.devIno);
+        if (decision.mode === 'full' || hostChanged) sweepBitmaps = true;
+        if (decision.mode === 'full' || hostChanged) await checkSource(disk.diskId, disk.base1Path, decision.mode === 'full' ? 'before a full' : 'after a host change');
         work.push({ disk, target, replica, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, virtualSize: info.virtualSize });
         if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
       } catch (e) {
@@ -218,6 +254,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         minFreePercent: deps.stagingMinFreePercent,
         domain: view,
         signal: req.signal,
+        shouldYield: migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom) }),
         now,
         log: (o, m) => log.warn(o, m),
         disks: work.map((w) => ({
@@ -326,6 +363,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,
       // ready for `checkpoint-create --redefine` when a transient domain loses its metadata.
       await retireCheckpoints().catch((e) => log.warn({ err: describeError(e) }, 'checkpoint cleanup failed'));
+      if (sweepBitmaps) await removeStrayBitmaps().catch((e) => log.warn({ err: describeError(e) }, 'stray bitmap cleanup failed'));
       if ([...outcomes.values()].some((o) => o.ok)) {
         try {
           const xml = await deps.libvirt.checkpointXml(dom, captured.checkpoint);
@@ -342,8 +380,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         const o = outcomes.get(d.diskId);
         const k = diskKey(vmId, d.diskId);
         if (o?.ok) fresh.disks[k] = { ...state.disks[k]!, nextDueAt: fresh.disks[k]?.nextDueAt, queuedSince: undefined };
-        else if (o?.error && o.error.code === ErrorCodes.ABORTED) {
-          // stopped by SIGTERM/SIGINT: not a failure of the disk; the previous snapshot stands
+        else if (o?.error && (o.error.code === ErrorCodes.ABORTED || o.error.code === ErrorCodes.YIELDED)) {
+          // stopped by SIGTERM/SIGINT, or gave way to a live migration: not a failure of the disk; the
+          // previous snapshot stands (the daemon retries later, on whichever host then runs the VM)
           fresh.disks[k] = { ...getDisk(fresh, vmId, d.diskId), phase: undefined, progress: undefined };
         } else if (o?.error) {
           fresh.disks[k] = recordFailure({ ...getDisk(fresh, vmId, d.diskId), domainName: dom, freqSeconds: d.freqSeconds, replicaHost: d.replicaHost, uncertainCheckpoint: uncertain.get(d.diskId) ?? getDisk(fresh, vmId, d.diskId).uncertainCheckpoint }, o.error, Math.floor(now() / 1000));
@@ -353,12 +392,89 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     });
     for (const o of outcomes.values()) {
       if (o.error?.code === ErrorCodes.ABORTED) log.info({ disk: o.diskId }, 'disk cycle aborted; previous snapshot stands');
+      else if (o.error?.code === ErrorCodes.YIELDED) log.warn({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk cycle gave way to a live migration; previous snapshot stands');
       else if (o.error) log.error({ disk: o.diskId, code: o.error.code, err: o.error.message }, 'disk failed');
     }
     const list = req.disks.map((d) => outcomes.get(d.diskId) ?? { vmId, diskId: d.diskId, ok: false, durationMs: now() - t0, error: { code: ErrorCodes.INTERNAL, message: 'no outcome' } });
-    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED).length;
+    const aborted = list.filter((o) => o.error?.code === ErrorCodes.ABORTED || o.error?.code === ErrorCodes.YIELDED).length;
     log.info({ ok: list.filter((o) => o.ok).length, failed: list.filter((o) => !o.ok).length - aborted, ...(aborted ? { aborted } : {}), ms: now() - t0 }, 'cycle end');
     return list;
+  }
+
+  /**
+   * After a migration libvirt on this host knows none of the VM's checkpoints, though their bitmaps came
+   * with base.1. Rebuild the definition of the checkpoint the replica holds from its manifest (one
+   * definition per checkpoint, covering every disk whose manifest names it), so the bitmap check below can
+   * prove continuity. A disk whose saved definition matches is redefined from that instead (later).
+   */
+  async function redefineFromManifests(): Promise<void> {
+    const groups = new Map<string, { capturedAt: number; targets: string[] }>();
+    for (const disk of req.disks) {
+      try {
+        const { manifests } = await manifestsFor(disk.replicaHost);
+        const m = manifests.find((x) => x.diskId === disk.diskId);
+        const ds = getDisk(state, vmId, disk.diskId);
+        if (!m?.checkpoint || checkpoints.includes(m.checkpoint)) continue;
+        if (ds.checkpoint === m.checkpoint && ds.checkpointXml) continue;
+        const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
+        if (!target) continue;
+        const g = groups.get(m.checkpoint) ?? { capturedAt: m.capturedAt, targets: [] };
+        g.targets.push(target);
+        groups.set(m.checkpoint, g);
+      } catch {
+        // that disk's own planning reports the problem
+      }
+    }
+    for (const [name, g] of groups) {
+      try {
+        await deps.libvirt.checkpointRedefine(dom, redefineCheckpointXml(name, g.capturedAt, g.targets, domDisks.map((d) => d.target)));
+        log.info({ checkpoint: name, targets: g.targets.join(',') }, 'checkpoint redefined from the replica manifest (its bitmap travels with the disk)');
+      } catch (e) {
+        log.warn({ checkpoint: name, err: describeError(e) }, 'could not redefine the replica\'s checkpoint; full');
+      }
+    }
+    if (groups.size) {
+      sweepBitmaps = true;
+      checkpoints = await deps.libvirt.checkpointNames(dom);
+    }
+  }
+
+  /** qemu-img check -U of the host's base.1, retried once (a write in flight can look like an error). */
+  async function checkSource(diskId: number, file: string, why: string): Promise<void> {
+    let r = await deps.qemuImg.checkLive(file);
+    if (r.corruptions > 0) {
+      await new Promise((res) => setTimeout(res, 1000));
+      r = await deps.qemuImg.checkLive(file);
+    }
+    log.info({ disk: diskId, file, why, ms: r.ms, corruptions: r.corruptions, leaks: r.leaks }, 'source image checked');
+    if (r.corruptions > 0) {
+      throw new OnestorError(
+        ErrorCodes.SOURCE_DAMAGED,
+        `qemu-img check -U found ${r.corruptions} error(s) in the VM's running image (${why}), twice: ${r.errors.join('; ') || 'see qemu-img check'}; the replica keeps its last good snapshot. Check the image (e.g. qemu-img check after a shutdown) before the next cycle overwrites anything`,
+        { vm: vmId, disk: diskId, file },
+      );
+    }
+  }
+
+  /** Our bitmaps that no kept checkpoint owns (left by another host, an aborted job, a full after a migration). */
+  async function removeStrayBitmaps(): Promise<void> {
+    const keep = new Set<string>(await deps.libvirt.checkpointNames(dom));
+    for (const d of Object.values(state.disks)) {
+      if (d.vmId !== vmId) continue;
+      if (d.checkpoint) keep.add(d.checkpoint);
+      if (d.uncertainCheckpoint) keep.add(d.uncertainCheckpoint);
+    }
+    for (const c of uncertain.values()) keep.add(c);
+    for (const ms of manifestsByHost.values()) for (const m of ms) if (m.checkpoint) keep.add(m.checkpoint);
+    for (const disk of req.disks) {
+      const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
+      const nb = await deps.libvirt.diskBitmaps(dom, disk.base1Path);
+      if (!target || !nb) continue;
+      for (const b of strayBitmaps(nb.bitmaps, vmId, keep)) {
+        const how = await deps.libvirt.removeBitmap(dom, target, nb.node, b.name);
+        log.info({ disk: disk.diskId, bitmap: b.name, how }, 'stray bitmap removed');
+      }
+    }
   }
 
   async function retireCheckpoints(): Promise<void> {

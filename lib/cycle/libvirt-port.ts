@@ -5,6 +5,7 @@
 import { Virsh, virshErrorKind } from '../libvirt/virsh.js';
 import type { CycleLibvirt } from './cycle.js';
 import type { DomainView } from './capture.js';
+import { parseNodeBitmaps, type NodeBitmaps } from '../libvirt/bitmaps.js';
 
 export class VirshPort implements CycleLibvirt {
   constructor(readonly virsh: Virsh) {}
@@ -94,5 +95,44 @@ export class VirshPort implements CycleLibvirt {
 
   async checkpointRedefine(dom: string, xml: string): Promise<void> {
     await this.virsh.checkpointCreateRedefine(dom, xml);
+  }
+
+  async domainId(dom: string): Promise<number | null> {
+    try {
+      return await this.virsh.domainId(dom);
+    } catch (e) {
+      if (virshErrorKind(e) === 'no-domain') return null;
+      throw e;
+    }
+  }
+
+  async diskBitmaps(dom: string, file: string): Promise<NodeBitmaps | null> {
+    return parseNodeBitmaps(await this.virsh.qemuMonitorCommand(dom, { execute: 'query-named-block-nodes', arguments: { flat: true } }), file);
+  }
+
+  /**
+   * libvirt first: a bitmap it does not know is given a checkpoint definition (redefine) and that
+   * checkpoint deleted, which makes libvirt drop the bitmap itself (no parent to merge into). When libvirt
+   * refuses (e.g. an inconsistent bitmap), QMP block-dirty-bitmap-remove on the qcow2 node.
+   */
+  async removeBitmap(dom: string, target: string, node: string, name: string): Promise<string> {
+    // libvirt 9.0 refuses a redefinition without creationTime ("missing creationTime from existing
+    // checkpoint"); ours carry their creation time (ms) in the name
+    const ms = /^onestor-\d+-(\d+)-/.exec(name)?.[1];
+    const created = ms ? Math.floor(Number(ms) / 1000) : Math.floor(Date.now() / 1000);
+    const xml = `<domaincheckpoint><name>${name}</name><creationTime>${created}</creationTime><disks><disk name='${target}' checkpoint='bitmap' bitmap='${name}'/></disks></domaincheckpoint>`;
+    let redefined = false;
+    let why = '';
+    try {
+      await this.virsh.checkpointCreateRedefine(dom, xml);
+      redefined = true;
+      await this.virsh.checkpointDelete(dom, name);
+      return 'libvirt checkpoint redefine + checkpoint-delete';
+    } catch (e) {
+      why = (e as Error).message.split(' (virsh')[0] ?? '';
+      if (redefined) await this.virsh.checkpointDelete(dom, name, { metadataOnly: true }).catch(() => {});
+    }
+    await this.virsh.qemuMonitorCommand(dom, { execute: 'block-dirty-bitmap-remove', arguments: { node, name } });
+    return `QMP block-dirty-bitmap-remove (libvirt ${redefined ? 'checkpoint-delete' : 'redefine'} refused: ${why})`;
   }
 }

@@ -20,6 +20,11 @@ export interface ModeFacts {
   base1IdentityNow: string;
   /** the replica's base equals the host's base (sizes + digest) */
   replicaBaseMatches: boolean;
+  /**
+   * the replica's lineage was last published by another host (the VM came here by migration): a base.1
+   * that is not the file we checkpointed is then expected, and the bitmap check decides
+   */
+  lineageFromAnotherHost?: boolean;
 }
 
 export type ModeDecision =
@@ -41,7 +46,12 @@ export function decideMode(f: ModeFacts): ModeDecision {
   }
   if (!f.libvirtCheckpoints.includes(parent)) return { mode: 'full', reason: `checkpoint ${parent} missing in libvirt` };
   if (f.base1IdentityThen !== null && f.base1IdentityThen !== f.base1IdentityNow) {
-    return { mode: 'full', reason: 'base.1 on the host was replaced since the last snapshot' };
+    // A live migration (there and back) hands us a new file that carries the checkpoint's bitmap,
+    // consistent and recording: that bitmap proves continuity. A recovery's base.1 (the replica's copy)
+    // carries none, and a copy of a running image carries it inconsistent: both fail the bitmap check.
+    if (!(f.lineageFromAnotherHost && f.bitmapHealthy === true)) {
+      return { mode: 'full', reason: 'base.1 on the host was replaced since the last snapshot' };
+    }
   }
   if (f.bitmapHealthy === false) return { mode: 'full', reason: `checkpoint ${parent} bitmap is broken or inconsistent` };
   if (f.bitmapHealthy === null) return { mode: 'full', reason: `checkpoint ${parent} bitmap state unknown` };

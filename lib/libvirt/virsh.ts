@@ -314,6 +314,25 @@ export class Virsh {
     }
   }
 
+  /**
+   * A QMP command through libvirt (`qemu-monitor-command DOM JSON`); returns the parsed reply's `return`.
+   * libvirt marks the domain tainted (custom-monitor) on the first use. Used only where libvirt 9.0 has no
+   * API: listing a disk's dirty bitmaps (and removing a stray one libvirt does not know).
+   */
+  async qemuMonitorCommand(dom: string, command: Record<string, unknown>, ctx: CallContext = {}): Promise<unknown> {
+    const r = await this.call(['qemu-monitor-command', dom, JSON.stringify(command)], { ...ctx, domain: dom });
+    try {
+      return (JSON.parse(r.stdout) as { return?: unknown }).return;
+    } catch {
+      throw new OnestorError(ErrorCodes.VIRSH, `qemu-monitor-command ${String(command.execute)}: reply is not JSON`, { ...ctx, field: 'qemu-monitor-command' });
+    }
+  }
+
+  /** libvirt's numeric id of a running domain (changes on every start and incoming migration). */
+  async domainId(dom: string, ctx: CallContext = {}): Promise<number | null> {
+    return (await this.domainInfo(dom, ctx)).id;
+  }
+
   /** Freezes guest filesystems through the guest agent; a missing/silent agent is a result, not an error. */
   async fsFreeze(dom: string, ctx: CallContext = {}): Promise<FsFreezeResult> {
     return this.fsFreezeOrThaw(dom, 'domfsfreeze', 'Froze', ctx);

@@ -5,6 +5,8 @@
  */
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { runReceiver, type ReceiverOptions } from './receiver.js';
+import { HOST_NAME_RE, UNNAMED_IDENTITY } from './slots.js';
+import { droppingLogSink, nonBlockingFd } from './stdio.js';
 
 const FLAGS = {
   '--snaps-dir': 'snapsDir',
@@ -14,7 +16,17 @@ const FLAGS = {
   '--max-used-percent': 'maxUsedPercent',
   '--qemu-img': 'qemuImg',
   '--idle-timeout': 'idleTimeoutSec',
+  '--host': 'identity',
+  '--max-sessions-per-host': 'maxSessionsPerHost',
+  '--hello-timeout': 'helloTimeoutSec',
+  '--drain-timeout': 'drainTimeoutSec',
+  '--progress-window': 'progressWindowSec',
+  '--min-progress-kib': 'minProgressKiB',
+  '--max-session-time': 'maxSessionSec',
 } as const;
+
+let sink: { write(line: string): boolean } | null = null;
+const logSink = () => (sink ??= droppingLogSink());
 
 export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   const raw: Record<string, string> = {};
@@ -35,15 +47,27 @@ export function parseReceiverArgs(argv: readonly string[]): ReceiverOptions {
   if (!raw.snapsDir || !raw.snapsDir.startsWith('/')) {
     throw new OnestorError(ErrorCodes.CONFIG, '--snaps-dir must be an absolute path', { field: '--snaps-dir' });
   }
+  if (raw.identity !== undefined && !HOST_NAME_RE.test(raw.identity)) {
+    throw new OnestorError(ErrorCodes.CONFIG, `--host must be a host name (letters, digits, . _ -; at most 64), got ${JSON.stringify(raw.identity)}`, { field: '--host' });
+  }
+  const maxSessions = num('maxSessions', 4, 1, 1024);
+  const opt = (key: string, min: number, max: number) => (raw[key] === undefined ? {} : { [key]: num(key, 0, min, max) });
   return {
     snapsDir: raw.snapsDir,
+    identity: raw.identity ?? UNNAMED_IDENTITY,
     lockTimeoutSec: num('lockTimeoutSec', 600, 0, 86400),
-    maxSessions: num('maxSessions', 4, 1, 1024),
+    maxSessions,
     busyWaitSec: num('busyWaitSec', 60, 0, 86400),
     maxUsedPercent: num('maxUsedPercent', 90, 1, 100),
     idleTimeoutSec: num('idleTimeoutSec', 900, 1, 86400),
+    ...opt('maxSessionsPerHost', 1, maxSessions),
+    ...opt('helloTimeoutSec', 1, 3600),
+    ...opt('drainTimeoutSec', 1, 86400),
+    ...opt('progressWindowSec', 1, 86400),
+    ...opt('minProgressKiB', 0, 1024 * 1024),
+    ...opt('maxSessionSec', 1, 30 * 86400),
     ...(raw.qemuImg ? { qemuImg: raw.qemuImg } : {}),
-    log: (obj, msg) => process.stderr.write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
+    log: (obj, msg) => logSink().write(JSON.stringify({ time: Date.now(), pid: process.pid, ...obj, msg }) + '\n'),
   };
 }
 
@@ -63,12 +87,15 @@ async function main(): Promise<void> {
     opts.log?.({ requested: original.slice(0, 200) }, 'refusing SFTP: this key may only talk to the receiver');
     process.exit(1);
   }
-  // The agent may vanish at any moment: a write to the closed pipe must end the session, not crash it
-  // before partial uploads are flushed for resume.
-  process.stdout.on('error', () => {});
-  const code = await runReceiver(process.stdin, process.stdout, opts);
-  // Let the last reply reach the pipe before exiting.
-  process.stdout.end(() => process.exit(code));
+  // Non-blocking stdout (a full pipe must not freeze the timers); errors when the agent vanishes are
+  // handled by the session (partial uploads are flushed for resume), never a crash.
+  const out = nonBlockingFd(1);
+  out.on('error', () => {});
+  const code = await runReceiver(process.stdin, out, opts);
+  // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
+  // reading would never call back.
+  if (out.destroyed) process.exit(code);
+  out.end(() => process.exit(code));
 }
 
 main().catch((e) => {

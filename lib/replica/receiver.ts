@@ -5,6 +5,7 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
+import * as path from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
@@ -18,7 +19,7 @@ import {
   type ClientMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
-import { assertSameVmDir, checkLayout, checkedLockFile, replicaPaths, slotsDir, type ReplicaPaths, type VmDirId } from './layout.js';
+import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
 import { reclaimLeftovers } from './leftovers.js';
 import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
 import { statusPage } from './status-page.js';
@@ -28,14 +29,21 @@ import { publishFull, type PublishContext } from './publish.js';
 import { checkOverlayAlone } from './overlay-check.js';
 import { maybeSweep } from './sweep.js';
 import { SpaceLedger } from './reservations.js';
+import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
+import { acquireFairSlot, defaultMaxPerHost, UNNAMED_IDENTITY, type Slot } from './slots.js';
 import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
 
 export const RECEIVER_VERSION = '0.1.0';
 
 export interface ReceiverOptions {
   snapsDir: string;
+  /** Who is writing, from sshd's authentication (forced command `receive --host NAME`), never from the client. */
+  identity: string;
   lockTimeoutSec: number;
+  /** concurrent disk sessions (open..close) on this replica, all hosts together */
   maxSessions: number;
+  /** most of those one identity may hold at once; default half of maxSessions, rounded up */
+  maxSessionsPerHost?: number;
   busyWaitSec: number;
   maxUsedPercent: number;
   /** false: no up-front free-space refusal (a real ENOSPC still fails the upload cleanly) */
@@ -43,6 +51,12 @@ export interface ReceiverOptions {
   qemuImg?: string;
   /** End the session when the peer sends nothing for this long (a stuck or half-dead agent). Default 900. */
   idleTimeoutSec?: number;
+  /** The other session time limits (lib/replica/session-watch.ts); defaults in DEFAULT_SESSION_LIMITS. */
+  helloTimeoutSec?: number;
+  drainTimeoutSec?: number;
+  progressWindowSec?: number;
+  minProgressKiB?: number;
+  maxSessionSec?: number;
   log?: (obj: object, msg: string) => void;
   /** Orphan sweep at most this often per replica (after a hello reply). Default 600; 0 = after every hello. */
   sweepIntervalSec?: number;
@@ -57,6 +71,12 @@ export const EXIT_PROTOCOL = 2;
 
 const WRITE_BATCH_BYTES = 1024 * 1024;
 const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
+/**
+ * Once every byte of an upload has arrived the agent still has to finish its digest before it sends `end`
+ * (a resumed upload hashes the whole file): that long is not a stall. The grace is the upload size at
+ * a hashing rate any host exceeds, so a client can only earn idle time by moving data.
+ */
+const HASH_RATE_FLOOR_BYTES_PER_SEC = 50_000_000;
 
 interface Upload {
   put: PutMessage;
@@ -68,6 +88,8 @@ interface Upload {
   pendingBytes: number;
   /** position at which the ledger last lowered this upload's reservation by what landed on disk */
   ledgerAt: number;
+  /** when the last announced byte arrived (ms), null before */
+  completeAt: number | null;
 }
 
 interface DiskSession {
@@ -85,47 +107,43 @@ class SessionEnd extends Error {
   }
 }
 
-async function acquireSlot(opts: ReceiverOptions): Promise<FileLock> {
-  const deadline = Date.now() + opts.busyWaitSec * 1000;
-  for (;;) {
-    for (let i = 0; i < opts.maxSessions; i++) {
-      try {
-        return await acquireFileLock(await checkedLockFile(opts.snapsDir, ['slots'], `slot.${i}`), { timeoutSec: 0 });
-      } catch (e) {
-        if (errorCodeOf(e) !== ErrorCodes.LOCK_TIMEOUT) throw e;
-      }
-    }
-    if (Date.now() >= deadline) {
-      throw new OnestorError(ErrorCodes.BUSY, `all ${opts.maxSessions} receiver sessions busy for ${opts.busyWaitSec} s`);
-    }
-    await new Promise((r) => setTimeout(r, Math.min(250, Math.max(10, deadline - Date.now()))));
-  }
+export function sessionLimitsOf(opts: ReceiverOptions): SessionLimits {
+  const d = DEFAULT_SESSION_LIMITS;
+  return {
+    helloTimeoutSec: opts.helloTimeoutSec ?? d.helloTimeoutSec,
+    idleTimeoutSec: opts.idleTimeoutSec ?? d.idleTimeoutSec,
+    drainTimeoutSec: opts.drainTimeoutSec ?? d.drainTimeoutSec,
+    progressWindowSec: opts.progressWindowSec ?? d.progressWindowSec,
+    minProgressKiB: opts.minProgressKiB ?? d.minProgressKiB,
+    maxSessionSec: opts.maxSessionSec ?? d.maxSessionSec,
+  };
 }
 
 export async function runReceiver(input: Readable, output: Writable, opts: ReceiverOptions): Promise<number> {
-  const session = new ReceiverSession(output, opts);
+  const limits = sessionLimitsOf(opts);
+  const watch = new SessionWatch(limits, (err) => {
+    opts.log?.({ identity: opts.identity, err: describeError(err) }, 'session limit reached');
+    input.destroy(err);
+  });
+  const session = new ReceiverSession(output, opts, watch);
   const decoder = new FrameDecoder();
   let exitCode = EXIT_OK;
-  const idleMs = (opts.idleTimeoutSec ?? 900) * 1000;
-  let idleTimer: NodeJS.Timeout | null = null;
-  const armIdle = () => {
-    if (idleTimer) clearTimeout(idleTimer);
-    idleTimer = setTimeout(() => {
-      input.destroy(new OnestorError(ErrorCodes.ABORTED, `no data from the agent for ${idleMs / 1000} s; ending session`));
-    }, idleMs);
+  // Only time spent waiting for the agent counts against it; a merge or a lock wait is the receiver's.
+  const waitBegin = () => {
+    const owedFrom = decoder.idle ? session.hashGraceUntil() : 0;
+    watch.waitBegin({ owed: session.holdsSlot || !decoder.idle, holding: session.holdsSlot, ...(owedFrom ? { owedFrom } : {}) });
   };
   try {
     try {
-      armIdle();
+      waitBegin();
       for await (const chunk of input) {
-        // Only time spent waiting for the agent counts; a long merge or lock wait is not idleness.
-        if (idleTimer) clearTimeout(idleTimer);
+        watch.waitEnd((chunk as Buffer).length);
         const frames = decoder.push(chunk as Buffer);
         for (const frame of frames) {
           if (frame.type === 'data') await session.onData(frame.chunk);
           else await session.onControl(frame.message);
         }
-        armIdle();
+        waitBegin();
       }
       decoder.end();
     } catch (e) {
@@ -142,14 +160,14 @@ export async function runReceiver(input: Readable, output: Writable, opts: Recei
       }
     }
   } finally {
-    if (idleTimer) clearTimeout(idleTimer);
+    watch.stop();
     await session.cleanup();
   }
   return exitCode;
 }
 
 class ReceiverSession {
-  private slot: FileLock | null = null;
+  private slot: Slot | null = null;
   private sweep: Promise<void> | null = null;
   /** accepted-but-unpublished bytes of this session, visible to every other session (null: no space check) */
   private ledger: SpaceLedger | null = null;
@@ -160,11 +178,26 @@ class ReceiverSession {
   private draining = false;
   private readonly qemuImg: string;
 
+  private readonly drainMs: number;
+
   constructor(
     private readonly output: Writable,
     private readonly opts: ReceiverOptions,
+    private readonly watch: SessionWatch,
   ) {
     this.qemuImg = opts.qemuImg ?? 'qemu-img';
+    this.drainMs = sessionLimitsOf(opts).drainTimeoutSec * 1000;
+  }
+
+  get holdsSlot(): boolean {
+    return this.slot !== null;
+  }
+
+  /** Until when (epoch ms) waiting for `end` of a fully received upload is not owed progress; 0 = no grace. */
+  hashGraceUntil(): number {
+    const up = this.upload;
+    if (!up || up.completeAt === null) return 0;
+    return up.completeAt + Math.ceil((up.put.size / HASH_RATE_FLOOR_BYTES_PER_SEC) * 1000);
   }
 
   private async send(msg: object): Promise<void> {
@@ -174,12 +207,19 @@ class ReceiverSession {
     if (!out.write(encodeReply(msg))) {
       await new Promise<void>((resolve, reject) => {
         const done = (err?: Error) => {
+          clearTimeout(timer);
           out.off('drain', onDrain);
           out.off('error', onError);
           out.off('close', onClose);
           if (err) reject(err);
           else resolve();
         };
+        // A client that never reads its replies would keep us (and our slot and lock) here for ever.
+        const timer = setTimeout(() => {
+          this.opts.log?.({ identity: this.opts.identity, drainTimeoutSec: this.drainMs / 1000 }, 'agent does not read replies; ending session');
+          out.destroy();
+          done(new SessionEnd(EXIT_FAILED));
+        }, this.drainMs);
         const onDrain = () => done();
         const onError = (e: Error) => done(e);
         const onClose = () => done(new OnestorError(ErrorCodes.ABORTED, 'agent closed the channel'));
@@ -211,6 +251,7 @@ class ReceiverSession {
     up.hash.update(chunk);
     up.pending.push(chunk);
     up.pendingBytes += chunk.length;
+    if (received === up.put.size) up.completeAt = Date.now();
     if (up.pendingBytes >= WRITE_BATCH_BYTES) {
       try {
         await this.flush(up);
@@ -296,7 +337,10 @@ class ReceiverSession {
       await this.send({ type: 'ok' });
       throw new SessionEnd(EXIT_OK);
     }
-    if (msg.type === 'hello') return this.onHello(msg.protocol);
+    if (msg.type === 'hello') {
+      this.watch.markGreeted();
+      return this.onHello(msg.protocol);
+    }
     if (!this.greeted) throw new OnestorError(ErrorCodes.PROTOCOL, `${msg.type} before hello`);
     switch (msg.type) {
       case 'status': {
@@ -330,14 +374,8 @@ class ReceiverSession {
       throw new SessionEnd(EXIT_PROTOCOL);
     }
     await fsp.mkdir(this.opts.snapsDir, { recursive: true });
-    try {
-      this.slot = await acquireSlot(this.opts);
-    } catch (e) {
-      await this.send(errorReply(errorCodeOf(e), (e as Error).message));
-      throw new SessionEnd(EXIT_FAILED);
-    }
+    // No slot yet: a connection kept open between cycles holds nothing; the slot is taken at `open`.
     this.greeted = true;
-    await this.bindLedger(this.slot.path);
     const fs = await spaceOf(this.opts.snapsDir);
     await this.send({
       type: 'ok',
@@ -379,9 +417,22 @@ class ReceiverSession {
   private async onOpen(vm: number, disk: number): Promise<void> {
     if (this.disk) throw new OnestorError(ErrorCodes.PROTOCOL, 'open while another disk is open; close it first');
     const paths = replicaPaths(this.opts.snapsDir, vm, disk);
-    // nothing but the (symlink-checked) lock until data arrives: the tmp dir is made by the first put (see unlockDisk)
+    // Lock first (symlink-checked; the tmp dir is made by the first put, see unlockDisk), then the slot:
+    // nobody ever waits for a disk lock while holding a slot.
     const lock = await lockDisk(paths, this.opts.lockTimeoutSec);
     try {
+      const slots = (await privateDir(this.opts.snapsDir, ['slots'], { create: true, context: { vm, disk } }))!;
+      this.slot = await acquireFairSlot({
+        dir: slots,
+        identity: this.opts.identity,
+        maxSessions: this.opts.maxSessions,
+        maxPerHost:
+          this.opts.identity === UNNAMED_IDENTITY ? this.opts.maxSessions : (this.opts.maxSessionsPerHost ?? defaultMaxPerHost(this.opts.maxSessions)),
+        busyWaitSec: this.opts.busyWaitSec,
+        ...(this.opts.log ? { log: this.opts.log } : {}),
+      });
+      this.watch.holdStarted();
+      await this.bindLedger(path.join(slots, `slot.${this.slot.index}`));
       // Layout first: no journal redo or cleanup ever acts through a path we did not make.
       await checkLayout(paths);
       await dropWorkIfVmGone(paths);
@@ -398,7 +449,11 @@ class ReceiverSession {
         baseOnReplica: base ? { size: base.size, sha256: base.sha256 } : null,
       });
     } catch (e) {
-      if (!this.disk) await unlockDisk(paths, lock);
+      if (!this.disk) {
+        await this.unbindLedger().catch(() => {});
+        await this.releaseSlot();
+        await unlockDisk(paths, lock);
+      }
       throw e;
     }
   }
@@ -429,7 +484,7 @@ class ReceiverSession {
       }
     }
     d.uploads.delete(put.key);
-    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset };
+    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset, completeAt: offset === put.size ? Date.now() : null };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
     await this.send({ type: 'ok', offset });
   }
@@ -509,12 +564,20 @@ class ReceiverSession {
   private async closeDisk(): Promise<void> {
     const d = this.disk;
     this.disk = null;
-    // what this disk did not publish is dropped with it (one disk open at a time)
+    // what this disk did not publish is dropped with it (one disk open at a time); the slot goes with the
+    // disk: the next open competes (fairly) again
     try {
-      await this.ledger?.releaseAll();
+      await this.unbindLedger();
     } finally {
+      await this.releaseSlot();
       if (d) await unlockDisk(d.paths, d.lock);
     }
+  }
+
+  private async releaseSlot(): Promise<void> {
+    const slot = this.slot;
+    this.slot = null;
+    if (slot) await slot.release().catch(() => {});
   }
 
   async cleanup(): Promise<void> {
@@ -527,8 +590,7 @@ class ReceiverSession {
     await this.closeDisk().catch(() => {});
     if (this.sweep) await this.sweep;
     await this.unbindLedger().catch(() => {});
-    if (this.slot) await this.slot.release().catch(() => {});
-    this.slot = null;
+    await this.releaseSlot();
   }
 }
 

@@ -28,6 +28,8 @@ export const ErrorCodes = {
   STATE: 'E_STATE', // agent state file unreadable / corrupt
   ABORTED: 'E_ABORTED', // cancelled (SIGTERM, timeout)
   NBD: 'E_NBD', // NBD export refused, malformed or cut
+  YIELDED: 'E_YIELDED', // gave way to a live migration of the VM (yield marker or migration seen); retried
+  SOURCE_DAMAGED: 'E_SOURCE_DAMAGED', // qemu-img check found errors in the host's base.1: replica snapshot kept
   INTERNAL: 'E_INTERNAL',
 } as const;
 

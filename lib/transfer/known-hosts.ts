@@ -138,6 +138,38 @@ export function checkHostKey(parsed: KnownHostsParse, host: string, port: number
   return { status: 'changed', lines: candidates.map((c) => c.line), knownTypes: [...new Set(candidates.map((c) => c.keyType))] };
 }
 
+/** SSH host-key algorithms (what KEXINIT negotiates) for each key type that known_hosts records. */
+const ALGORITHMS_OF_KEY_TYPE: Record<string, readonly string[]> = {
+  'ssh-ed25519': ['ssh-ed25519'],
+  'ecdsa-sha2-nistp256': ['ecdsa-sha2-nistp256'],
+  'ecdsa-sha2-nistp384': ['ecdsa-sha2-nistp384'],
+  'ecdsa-sha2-nistp521': ['ecdsa-sha2-nistp521'],
+  // an RSA key signs with SHA-2 (RFC 8332) on any current server; plain ssh-rsa (SHA-1) last
+  'ssh-rsa': ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'],
+  'ssh-dss': ['ssh-dss'],
+};
+
+/**
+ * Host-key algorithms to offer, like OpenSSH: those of the key types known_hosts holds for this host, in
+ * file order, and ONLY those; null when the host is not in known_hosts (offer the client's defaults).
+ * Without this the server picks its preferred type (ed25519) and a host recorded only by its ECDSA or RSA
+ * key (as ssh-keyscan often records it) would be reported as changed. `supported` filters to what the
+ * SSH library implements.
+ */
+export function hostKeyAlgorithmsFor(parsed: KnownHostsParse, host: string, port: number, supported?: readonly string[]): string[] | null {
+  const token = hostToken(host, port);
+  const revoked = parsed.entries.filter((e) => e.marker === '@revoked');
+  const out: string[] = [];
+  for (const e of parsed.entries) {
+    if (e.marker !== null || !hostFieldMatches(e.hosts, token)) continue;
+    if (revoked.some((r) => r.key.equals(e.key))) continue;
+    for (const alg of ALGORITHMS_OF_KEY_TYPE[e.keyType] ?? []) {
+      if ((!supported || supported.includes(alg)) && !out.includes(alg)) out.push(alg);
+    }
+  }
+  return out.length ? out : null;
+}
+
 /** A line to append for a newly accepted key; hashed like `HashKnownHosts yes` when asked. */
 export function formatKnownHostsLine(host: string, port: number, key: Buffer, opts: { hashed?: boolean; salt?: Buffer } = {}): string {
   const type = keyTypeOfBlob(key);

@@ -10,7 +10,7 @@ import type { Readable, Writable } from 'node:stream';
 import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
 import type { z } from 'zod';
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
-import { checkHostKey, formatKnownHostsLine, hostKeyError, parseKnownHosts } from './known-hosts.js';
+import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts } from './known-hosts.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import {
   FrameDecoder,
@@ -249,10 +249,12 @@ export class ReceiverConnection {
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond file size ${size}`);
       // A digest known in advance (computed while capturing) saves reading the file twice on this host;
       // the receiver still hashes what it got and refuses a mismatch.
-      const hash = opts.sha256 ? null : createHash('sha256');
-      if (hash && offset > 0) {
-        for await (const chunk of createReadStream(localPath, { start: 0, end: offset - 1, highWaterMark: 4 << 20 })) hash.update(chunk as Buffer);
-      }
+      // On a resume the digest needs the prefix first; hashing it before sending would leave the receiver
+      // waiting on us (it ends sessions that hold a slot without progress), so the whole file is hashed in
+      // the background while the rest streams, and the send loop does not hash.
+      const resumeHash = !opts.sha256 && offset > 0 ? hashFile(localPath, size) : null;
+      resumeHash?.catch(() => {});
+      const hash = opts.sha256 || offset > 0 ? null : createHash('sha256');
       let early: unknown = undefined;
       let earlyArrived = false;
       const verdict = this.nextReply().then(
@@ -304,7 +306,7 @@ export class ReceiverConnection {
         throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
       }
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
-      const sha256 = hash ? hash.digest('hex') : opts.sha256!;
+      const sha256 = hash ? hash.digest('hex') : resumeHash ? await resumeHash : opts.sha256!;
       await this.write(encodeControl({ type: 'end', sha256 }));
       const r = parseReply(endOkSchema, await verdict, 'end');
       if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
@@ -415,6 +417,9 @@ export interface ReplicaConnectOptions {
   agentVersion?: string;
 }
 
+/** Host-key algorithms ssh2 implements (its defaults plus ssh-dss); eddsa only where the crypto has it. */
+const SSH2_HOST_KEY_ALGORITHMS = ['ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384', 'ecdsa-sha2-nistp521', 'rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa', 'ssh-dss'];
+
 /** aes128-gcm first: the fastest on these machines (chacha20 measured 15–25 % slower). */
 export const DEFAULT_CIPHERS = ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'];
 
@@ -425,6 +430,12 @@ async function readKnownHosts(file: string): Promise<string> {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return '';
     throw new OnestorError(ErrorCodes.HOSTKEY, `cannot read known_hosts: ${(e as Error).message}`, { file });
   }
+}
+
+async function hashFile(file: string, size: number): Promise<string> {
+  const h = createHash('sha256');
+  for await (const chunk of createReadStream(file, { start: 0, end: size - 1, highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
+  return h.digest('hex');
 }
 
 export class ReplicaClient {
@@ -439,6 +450,9 @@ export class ReplicaClient {
     const knownText = await readKnownHosts(o.knownHostsFile);
     const known = parseKnownHosts(knownText);
     let hostKeyFailure: OnestorError | null = null;
+    // Offer only the host-key types known_hosts has for this host (OpenSSH does the same): the server then
+    // presents the key we can check instead of its favourite type.
+    const hostKeyAlgs = hostKeyAlgorithmsFor(known, o.host, o.port, SSH2_HOST_KEY_ALGORITHMS);
     let keyToRecord: Buffer | null = null;
     const ssh = new Client();
     const config: ConnectConfig = {
@@ -449,7 +463,7 @@ export class ReplicaClient {
       readyTimeout: o.connectTimeoutMs,
       keepaliveInterval: o.keepaliveMs ?? 15_000,
       keepaliveCountMax: 4,
-      algorithms: { cipher: (o.ciphers ?? DEFAULT_CIPHERS) as never },
+      algorithms: { cipher: (o.ciphers ?? DEFAULT_CIPHERS) as never, ...(hostKeyAlgs ? { serverHostKey: hostKeyAlgs as never } : {}) },
       hostVerifier: (key: Buffer) => {
         const verdict = checkHostKey(known, o.host, o.port, key);
         if (verdict.status === 'unknown' && o.acceptNewHostKey) {
@@ -464,6 +478,17 @@ export class ReplicaClient {
       const onError = (e: Error & { level?: string }) => {
         ssh.off('ready', onReady);
         if (hostKeyFailure) return reject(hostKeyFailure);
+        if (hostKeyAlgs && /no matching host key/i.test(e.message)) {
+          // the replica has none of the key types we know for it: a changed key as far as we can tell
+          return reject(
+            new OnestorError(
+              ErrorCodes.HOSTKEY,
+              `HOST KEY CHANGED for [${o.host}]:${o.port}: the replica presents none of the key types ${o.knownHostsFile} holds for it ` +
+                `(${hostKeyAlgs.join(', ')}); refusing to connect (possible man-in-the-middle). If the replica was reinstalled, replace its line(s).`,
+              { file: o.knownHostsFile },
+            ),
+          );
+        }
         const what = e.level === 'client-authentication' ? 'authentication refused' : e.message;
         reject(new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: ${what}`, {}, { cause: e }));
       };

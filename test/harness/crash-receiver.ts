@@ -17,6 +17,7 @@ const crashAt = process.env.ONESTOR_CRASH_AT;
 process.stdout.on('error', () => {});
 const code = await runReceiver(process.stdin, process.stdout, {
   snapsDir,
+  identity: 'hv-crash',
   lockTimeoutSec: 10,
   maxSessions: 4,
   busyWaitSec: 5,

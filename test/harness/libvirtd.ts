@@ -57,9 +57,15 @@ const PRIVATE_DIRS = ['etc/libvirt', 'run/libvirt', 'var/lib/libvirt', 'var/cach
 const INIT_SCRIPT = `
 set -e
 root="$1"
+shift
 for d in ${PRIVATE_DIRS.join(' ')}; do
   mkdir -p "/$d"
   mount --bind "$root/$d" "/$d"
+done
+# extra SOURCE TARGET pairs: e.g. this host's own datastore dir at the path every host uses
+while [ $# -ge 2 ]; do
+  mount --bind "$1" "$2"
+  shift 2
 done
 # libvirtd is restarted when it dies (restartDaemon() kills it to simulate a crash or an upgrade);
 # QEMU processes are children of this init, not of libvirtd, so they survive and are reconnected.
@@ -120,7 +126,20 @@ function installExitHook(): void {
   }
 }
 
-export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvirtd> {
+export interface LibvirtdOptions {
+  name?: string;
+  /**
+   * Bind mounts inside this instance's mount namespace only (source dir -> existing target dir): lets two
+   * instances see different datastore contents at the same path, as two hypervisors do.
+   */
+  binds?: Array<{ source: string; target: string }>;
+  /** libvirtd.conf host_uuid: migration refuses a destination with the source's own host UUID. */
+  hostUuid?: string;
+  /** Extra qemu.conf lines (e.g. migration_host = "127.0.0.1"). */
+  qemuConf?: string;
+}
+
+export async function startLibvirtd(opts: LibvirtdOptions = {}): Promise<Libvirtd> {
   await reapStaleLibvirtdRoots();
   await reapStaleTempDirs();
 
@@ -128,8 +147,8 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
   await mkdir(rootDir, { mode: 0o755 });
   for (const d of PRIVATE_DIRS) await mkdir(join(rootDir, d), { recursive: true, mode: 0o755 });
   await mkdir(join(rootDir, 'var/log/libvirt/qemu'), { recursive: true });
-  await writeFile(join(rootDir, 'etc/libvirt/libvirtd.conf'), LIBVIRTD_CONF);
-  await writeFile(join(rootDir, 'etc/libvirt/qemu.conf'), QEMU_CONF);
+  await writeFile(join(rootDir, 'etc/libvirt/libvirtd.conf'), LIBVIRTD_CONF + (opts.hostUuid ? `host_uuid = "${opts.hostUuid}"\n` : ''));
+  await writeFile(join(rootDir, 'etc/libvirt/qemu.conf'), QEMU_CONF + (opts.qemuConf ?? ''));
 
   const uri = `qemu:///system?socket=${join(rootDir, 'run/libvirt/libvirt-sock')}`;
   const consoleLog = join(rootDir, 'namespace.log');
@@ -155,6 +174,7 @@ export async function startLibvirtd(opts: { name?: string } = {}): Promise<Libvi
         INIT_SCRIPT,
         'onestor-lv-init',
         rootDir,
+        ...(opts.binds ?? []).flatMap((b) => [b.source, b.target]),
       ],
       { stdio: ['ignore', logFd, logFd], env: { ...process.env, LC_ALL: 'C', LANG: 'C' } },
     );

@@ -122,7 +122,7 @@ export async function makeScenario(root: string, kind: ScenarioKind, sizeMiB = 8
 async function inProcess<T>(snaps: string, fn: (conn: ReceiverConnection) => Promise<T>): Promise<T> {
   const toReceiver = new PassThrough();
   const fromReceiver = new PassThrough();
-  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
+  const done = runReceiver(toReceiver, fromReceiver, { snapsDir: snaps, identity: 'hv-crash', lockTimeoutSec: 10, maxSessions: 8, busyWaitSec: 5, maxUsedPercent: 100, spaceCheck: false }).finally(() =>
     fromReceiver.end(),
   );
   const conn = new ReceiverConnection(fromReceiver, toReceiver);

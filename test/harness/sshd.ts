@@ -23,7 +23,11 @@ export interface SshdOptions {
   authorizedKeyOptions?: string;
   /** How long to wait for the server to accept connections (default 10 s). */
   readyTimeoutMs?: number;
+  /** Host key types the server has, in its order of preference (default ['ed25519']). */
+  hostKeyTypes?: HostKeyType[];
 }
+
+export type HostKeyType = 'ed25519' | 'ecdsa' | 'rsa';
 
 export interface Sshd {
   host: '127.0.0.1';
@@ -37,8 +41,10 @@ export interface Sshd {
   clientPublicKey: string;
   /** Holds "[127.0.0.1]:PORT ssh-ed25519 ..." for the host key at start; NOT rewritten by regenerateHostKey. */
   knownHostsPath: string;
-  /** "ssh-ed25519 AAAA..." of the key the server currently presents. */
+  /** "ssh-ed25519 AAAA..." of the key the server currently presents (its first host key type). */
   hostPublicKey: string;
+  /** "TYPE AAAA..." of every host key, by HostKeyType. */
+  hostPublicKeys: Partial<Record<HostKeyType, string>>;
   authorizedKeysPath: string;
   /** sshd's own log (-E), kept for debugging failed tests. */
   logPath: string;
@@ -78,10 +84,11 @@ function tcpConnects(port: number): Promise<boolean> {
   });
 }
 
-async function generateKey(file: string, comment: string): Promise<string> {
+async function generateKey(file: string, comment: string, type: HostKeyType = 'ed25519'): Promise<string> {
   await rm(file, { force: true });
   await rm(`${file}.pub`, { force: true });
-  const r = await run(SSH_KEYGEN, ['-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', file]);
+  const bits = type === 'rsa' ? ['-b', '2048'] : [];
+  const r = await run(SSH_KEYGEN, ['-q', '-t', type, ...bits, '-N', '', '-C', comment, '-f', file]);
   if (r.code !== 0) throw new Error(`ssh-keygen -f ${file} failed (${r.code}): ${r.stderr.trim()}`);
   await chmod(file, 0o600); // sshd ignores group/world-readable host keys
   return (await readFile(`${file}.pub`, 'utf8')).trim();
@@ -92,11 +99,11 @@ function keyWithoutComment(publicKeyLine: string): string {
   return publicKeyLine.split(/\s+/).slice(0, 2).join(' ');
 }
 
-function sshdConfig(p: { port: number; hostKey: string; pidFile: string; authorizedKeys: string }): string {
+function sshdConfig(p: { port: number; hostKeys: string[]; pidFile: string; authorizedKeys: string }): string {
   return [
     `Port ${p.port}`,
     'ListenAddress 127.0.0.1',
-    `HostKey ${p.hostKey}`,
+    ...p.hostKeys.map((k) => `HostKey ${k}`),
     `PidFile ${p.pidFile}`,
     'UsePAM no',
     'PasswordAuthentication no',
@@ -149,7 +156,8 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   });
 
   const rootDir = await mkdtemp(path.join(os.tmpdir(), 'onestor-sshd-'));
-  const hostKeyPath = path.join(rootDir, 'ssh_host_ed25519_key');
+  const hostKeyTypes = opts.hostKeyTypes ?? ['ed25519'];
+  const hostKeyPathOf = (t: HostKeyType) => path.join(rootDir, `ssh_host_${t}_key`);
   const clientKeyPath = path.join(rootDir, 'client_ed25519');
   const authorizedKeysPath = path.join(rootDir, 'authorized_keys');
   const knownHostsPath = path.join(rootDir, 'known_hosts');
@@ -160,7 +168,11 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
 
   let child: ChildProcess | null = null;
   let port = 0;
-  let hostPublicKey = '';
+  let hostPublicKeys: Partial<Record<HostKeyType, string>> = {};
+  const generateHostKeys = async (comment: string) => {
+    hostPublicKeys = {};
+    for (const t of hostKeyTypes) hostPublicKeys[t] = keyWithoutComment(await generateKey(hostKeyPathOf(t), comment, t));
+  };
 
   const cleanupOnFailure = async () => {
     if (child) await stopChild(child);
@@ -168,7 +180,7 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   };
 
   const launch = async (): Promise<void> => {
-    await writeFile(configPath, sshdConfig({ port, hostKey: hostKeyPath, pidFile, authorizedKeys: authorizedKeysPath }));
+    await writeFile(configPath, sshdConfig({ port, hostKeys: hostKeyTypes.map(hostKeyPathOf), pidFile, authorizedKeys: authorizedKeysPath }));
     const proc = spawn(SETPRIV, ['--pdeathsig', 'KILL', SSHD, '-D', '-e', '-f', configPath, '-E', logPath], {
       stdio: ['ignore', 'ignore', 'pipe'],
     });
@@ -212,12 +224,12 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
 
   try {
     await mkdir(replicaDir);
-    hostPublicKey = keyWithoutComment(await generateKey(hostKeyPath, 'onestor-test-host'));
+    await generateHostKeys('onestor-test-host');
     const clientPublicKey = await generateKey(clientKeyPath, 'onestor-test-client');
     const authorizedLine = opts.authorizedKeyOptions ? `${opts.authorizedKeyOptions} ${clientPublicKey}` : clientPublicKey;
     await writeFile(authorizedKeysPath, `${authorizedLine}\n`, { mode: 0o600 });
     await launchOnFreePort();
-    await writeFile(knownHostsPath, `[127.0.0.1]:${port} ${hostPublicKey}\n`, { mode: 0o600 });
+    await writeFile(knownHostsPath, `[127.0.0.1]:${port} ${hostPublicKeys[hostKeyTypes[0]!]}\n`, { mode: 0o600 });
 
     const sshd: Sshd = {
       host: '127.0.0.1',
@@ -230,7 +242,10 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
       clientPublicKey,
       knownHostsPath,
       get hostPublicKey() {
-        return hostPublicKey;
+        return hostPublicKeys[hostKeyTypes[0]!]!;
+      },
+      get hostPublicKeys() {
+        return hostPublicKeys;
       },
       authorizedKeysPath,
       logPath,
@@ -242,7 +257,7 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
       async regenerateHostKey() {
         if (child) await stopChild(child);
         child = null;
-        hostPublicKey = keyWithoutComment(await generateKey(hostKeyPath, 'onestor-test-host-regenerated'));
+        await generateHostKeys('onestor-test-host-regenerated');
         await launch(); // same port: sshd sets SO_REUSEADDR, so TIME_WAIT does not block it
       },
       async readLog() {

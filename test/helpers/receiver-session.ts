@@ -7,6 +7,7 @@ import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 export function receiverOptions(snapsDir: string, extra: Partial<ReceiverOptions> = {}): ReceiverOptions {
   return {
     snapsDir,
+    identity: 'hv-test',
     lockTimeoutSec: 2,
     maxSessions: 4,
     busyWaitSec: 0,

@@ -370,14 +370,33 @@ describe('the VM "migrated": a second host (own state dir) meets the disk', () =
       await snapshotOk(env, 64);
       expect((await drillSum(env, 64)).sum).toBe(ref);
 
-      // a real new host has no checkpoint metadata at all: B must seed a full by itself
-      for (const ck of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((s) => s.trim()).filter((s) => s.startsWith('onestor-'))) {
-        await env.lv.virshOk(['checkpoint-delete', vm.domainName, ck, '--metadata']);
-      }
+      // a new host has no checkpoint metadata at all (as after a live migration), but the bitmap is still in
+      // the image: it rebuilds the replica's checkpoint from the manifest and, the bitmap being sound,
+      // continues incrementally (issue 13)
+      const dropMetadata = async () => {
+        for (const ck of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((s) => s.trim()).filter((s) => s.startsWith('onestor-'))) {
+          await env.lv.virshOk(['checkpoint-delete', vm.domainName, ck, '--metadata']);
+        }
+      };
+      await dropMetadata();
       await guestWrite(env.lv, vm.domainName, { offsetMiB: 20, lengthMiB: 2, pattern: 0x44 });
       ref = await liveReference(env, vm);
       const b2 = await snapshotOk(env, 64, withFlag(env.flags, '--state-dir', path.join(env.root, 'state-host-c')));
-      expect(b2.mode).toBe('full');
+      expect(b2.mode).toBe('incremental');
+      expect((await drillSum(env, 64)).sum).toBe(ref);
+
+      // ... and without the bitmap either (QMP removes it behind libvirt's back): a full by itself
+      await dropMetadata();
+      const nodes = JSON.parse(await env.lv.virshOk(['qemu-monitor-command', vm.domainName, '{"execute":"query-named-block-nodes","arguments":{"flat":true}}'])) as { return: Array<{ 'node-name': string; drv: string; 'dirty-bitmaps'?: Array<{ name: string }> }> };
+      for (const n of nodes.return.filter((x) => x.drv === 'qcow2')) {
+        for (const bm of n['dirty-bitmaps'] ?? []) {
+          await env.lv.virshOk(['qemu-monitor-command', vm.domainName, JSON.stringify({ execute: 'block-dirty-bitmap-remove', arguments: { node: n['node-name'], name: bm.name } })]);
+        }
+      }
+      await guestWrite(env.lv, vm.domainName, { offsetMiB: 24, lengthMiB: 2, pattern: 0x45 });
+      ref = await liveReference(env, vm);
+      const b3 = await snapshotOk(env, 64, withFlag(env.flags, '--state-dir', path.join(env.root, 'state-host-d')));
+      expect(b3.mode).toBe('full');
       expect((await drillSum(env, 64)).sum).toBe(ref);
     } finally {
       await vm.destroy().catch(() => {});

@@ -17,6 +17,7 @@ import { pino } from 'pino';
 import { buildContext } from '../../agent/context.js';
 import { discover } from '../../lib/discover/discover.js';
 import { runVmCycle } from '../../lib/cycle/cycle.js';
+import { clearYieldMarker, writeYieldMarker } from '../../lib/cycle/migration.js';
 
 let env: AgentEnv;
 const MiB = 1 << 20;
@@ -252,6 +253,47 @@ describe('yielding to a migration', () => {
       expect(await readdir(stagingOf(62)).catch(() => [])).toEqual([]);
       expect((await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim()).toBe(checkpointsBefore);
       expect(await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'))).toBe(published);
+    } finally {
+      await ctx.replicas.closeAll();
+      await vm.destroy().catch(() => {});
+    }
+  });
+});
+
+describe('a migration wants the domain while a seed streams', () => {
+  it('a yield marker mid-stream ends the export within the migration\'s 30 s: E_YIELDED, job and scratch gone, previous snapshot stands', async () => {
+    const vm = await env.createVm({ vmId: 63, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x81 }], overlayData: [{ offsetMiB: 8, lengthMiB: 96, pattern: 0x82 }] }] });
+    const ctx = await buildContext({
+      log: pino({ level: 'silent' }),
+      overrides: {
+        datastoreLocation: env.dsRoot,
+        stateDir: env.stateDir,
+        libvirtUri: env.lv.uri,
+        sshrcPaths: [path.join(env.root, 'sshrc')],
+        replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
+        limits: { bandwidthMBps: 8 },
+      },
+    });
+    try {
+      const found = await discover({ datastoreLocation: env.dsRoot });
+      const disks = found.eligible.filter((d) => d.vmId === 63);
+      const req = { vmId: 63, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
+      const cycle = runVmCycle(ctx.cycleDeps(), req);
+      await waitFor('the NBD socket', () => exists(path.join(stagingOf(63), 'nbd.sock')));
+      await sleep(1000);
+      expect(await jobType(vm.domainName)).toBe('Unbounded');
+      const domId = Number((await env.lv.virshOk(['domid', vm.domainName])).trim());
+      const t0 = Date.now();
+      await writeYieldMarker(env.stateDir, { vmId: 63, until: Math.floor(Date.now() / 1000) + 120, domainId: domId, domainName: vm.domainName, setAt: Math.floor(Date.now() / 1000), reason: 'test migration' });
+      const [o] = await cycle;
+      expect(o?.ok).toBe(false);
+      expect(o?.error?.code).toBe('E_YIELDED');
+      expect(await jobType(vm.domainName)).toBe('None');
+      // the contract: the domain's job is released before a migration waiting for it gives up (30 s)
+      expect(Date.now() - t0).toBeLessThan(30_000);
+      expect(await readdir(stagingOf(63)).catch(() => [])).toEqual([]);
+      expect(await exists(path.join(env.snapsDir, '63', 'disk.0.snap', 'base.1'))).toBe(false);
+      await clearYieldMarker(env.stateDir, 63);
     } finally {
       await ctx.replicas.closeAll();
       await vm.destroy().catch(() => {});

@@ -17,6 +17,16 @@ describe('CLI flags -> config overrides', () => {
     expect(c.replica.port).toBe(2222);
     expect(c.receiver.spaceCheck).toBe(false);
   });
+  it('receiver limits map onto receiver.*; --host stays a flag of receive (identity, not configuration)', () => {
+    const { values } = parseFlags(['receive', '--host', 'hv1', '--max-sessions-per-host', '1', '--hello-timeout', '5', '--idle-timeout', '60', '--drain-timeout', '7', '--progress-window', '20', '--min-progress-kib', '256', '--max-session-time', '3600']);
+    expect(values.host).toBe('hv1');
+    const o = overridesFrom(values);
+    expect(o).toEqual({
+      receiver: { maxSessionsPerHost: 1, helloTimeoutSec: 5, idleTimeoutSec: 60, drainTimeoutSec: 7, progressWindowSec: 20, minProgressKiB: 256, maxSessionSec: 3600 },
+    });
+    expect(parseConfig(o, 'command line').receiver.maxSessionSec).toBe(3600);
+    expect(() => parseConfig({ receiver: { progressWindowSec: 0 } }, 'cfg')).toThrow(/receiver.progressWindowSec/);
+  });
   it('a non-numeric number flag is E_CONFIG naming the flag; unknown flags are refused', () => {
     const { values } = parseFlags(['--replica-port', '22x']);
     const e = thrownOnestorError(() => overridesFrom(values));

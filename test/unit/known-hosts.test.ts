@@ -6,6 +6,7 @@ import {
   formatKnownHostsLine,
   hostFieldMatches,
   hostKeyError,
+  hostKeyAlgorithmsFor,
   hostToken,
   keyTypeOfBlob,
   parseKnownHosts,
@@ -99,5 +100,23 @@ describe('host key verdicts', () => {
     }
     expect(keyTypeOfBlob(Buffer.from([0, 0, 0, 99]))).toBeNull();
     expect(() => formatKnownHostsLine('h', 22, Buffer.alloc(2))).toThrow(/malformed/);
+  });
+});
+
+describe('host-key algorithms to offer (like OpenSSH)', () => {
+  const E1 = blob('ecdsa-sha2-nistp256', 4);
+  it('only the types known for the host, in file order; RSA as its SHA-2 signature algorithms first', () => {
+    const p = parseKnownHosts([`other ssh-ed25519 ${b64(K1)}`, `[10.0.0.5]:2222 ecdsa-sha2-nistp256 ${b64(E1)}`, `${hashed('[10.0.0.5]:2222')} ssh-rsa ${b64(R1)}`].join('\n'));
+    expect(hostKeyAlgorithmsFor(p, '10.0.0.5', 2222)).toEqual(['ecdsa-sha2-nistp256', 'rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa']);
+    expect(hostKeyAlgorithmsFor(p, 'other', 22)).toEqual(['ssh-ed25519']);
+  });
+  it('null for an unknown host (the library defaults apply); revoked and CA lines do not count', () => {
+    const p = parseKnownHosts([`@revoked * ssh-rsa ${b64(R1)}`, `host ssh-rsa ${b64(R1)}`, `@cert-authority host ssh-ed25519 ${b64(K2)}`].join('\n'));
+    expect(hostKeyAlgorithmsFor(p, 'nowhere', 22)).toBeNull();
+    expect(hostKeyAlgorithmsFor(p, 'host', 22)).toBeNull();
+  });
+  it('filters to what the SSH library supports', () => {
+    const p = parseKnownHosts(`h ssh-rsa ${b64(R1)}`);
+    expect(hostKeyAlgorithmsFor(p, 'h', 22, ['rsa-sha2-256', 'ssh-ed25519'])).toEqual(['rsa-sha2-256']);
   });
 });

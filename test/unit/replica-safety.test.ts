@@ -69,7 +69,7 @@ async function disk(sizeMiB: number, baseOps: string[], base1Ops: string[]): Pro
 }
 
 function opts(snaps: string, extra: Partial<ReceiverOptions> = {}): ReceiverOptions {
-  return { snapsDir: snaps, lockTimeoutSec: 2, maxSessions: 4, busyWaitSec: 0, maxUsedPercent: 100, spaceCheck: false, ...extra };
+  return { snapsDir: snaps, identity: 'hv-test', lockTimeoutSec: 2, maxSessions: 4, busyWaitSec: 0, maxUsedPercent: 100, spaceCheck: false, ...extra };
 }
 
 async function withSession<T>(snaps: string, fn: (c: ReceiverConnection) => Promise<T>, extra: Partial<ReceiverOptions> = {}): Promise<T> {

@@ -1,0 +1,155 @@
+/**
+ * Live migration support (issue 13): never hold the domain's job while OpenNebula migrates the VM.
+ *
+ * libvirt serialises a backup job and a migration on the domain's job lock; a migration waits for it
+ * at most 30 s and then fails ("cannot acquire state change lock (held by
+ * monitor=remoteDispatchDomainBackupBegin)"), and OpenNebula does not retry that. So a cycle gives way:
+ * - a yield marker (`onestor-agent yield --vm ID`, run by the front-end's migration hook on the source)
+ *   holds new cycles of the VM off until the domain has left this host or the marker expires, and a
+ *   running capture aborts its job as soon as it sees the marker;
+ * - without the hook, the capture sees the migration itself: OpenNebula's migrate driver runs on the source
+ *   host (`rsync ... DS/VMID/disk.N.snap dst:...` then `virsh ... migrate --live ... DOM ...`), so both show
+ *   in /proc while the migration still waits for our job.
+ * The markers live in the state dir, one small JSON file per VM.
+ */
+import { readdir, readFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+
+export interface YieldMarker {
+  vmId: number;
+  /** epoch seconds after which the marker no longer holds */
+  until: number;
+  /** libvirt's numeric id of the domain when the marker was set: a different id = the VM came back */
+  domainId: number | null;
+  domainName: string;
+  setAt: number;
+  reason: string;
+}
+
+export const yieldDir = (stateDir: string): string => path.join(stateDir, 'yield');
+export const yieldFile = (stateDir: string, vmId: number): string => path.join(yieldDir(stateDir), `${vmId}.json`);
+
+export async function writeYieldMarker(stateDir: string, m: YieldMarker): Promise<string> {
+  await mkdir(yieldDir(stateDir), { recursive: true, mode: 0o750 });
+  const file = yieldFile(stateDir, m.vmId);
+  const tmp = `${file}.tmp-${process.pid}`;
+  await writeFile(tmp, JSON.stringify(m), { mode: 0o640 });
+  await rename(tmp, file);
+  return file;
+}
+
+export async function readYieldMarker(stateDir: string, vmId: number): Promise<YieldMarker | null> {
+  try {
+    const m = JSON.parse(await readFile(yieldFile(stateDir, vmId), 'utf8')) as YieldMarker;
+    return typeof m.until === 'number' ? m : null;
+  } catch {
+    return null;
+  }
+}
+
+export async function clearYieldMarker(stateDir: string, vmId: number): Promise<void> {
+  await rm(yieldFile(stateDir, vmId), { force: true });
+}
+
+/**
+ * Pure: does a marker hold now? It stops holding when it expires, when the domain is no longer on this
+ * host (it left: nothing to protect here), or when the domain runs with another id (it left and came back).
+ */
+export function yieldHolds(m: YieldMarker | null, nowSec: number, domainIdNow: number | null | undefined): boolean {
+  if (!m) return false;
+  if (nowSec >= m.until) return false;
+  if (domainIdNow === undefined || domainIdNow === null) return false;
+  if (m.domainId !== null && m.domainId !== domainIdNow) return false;
+  return true;
+}
+
+/**
+ * Pure: is this command line part of OpenNebula's migration of `domain` (whose VM dir is `vmDir`)?
+ * - the driver's `virsh [-c URI] migrate --live ... DOM DEST ...` (KvmDomain#live_migrate[_disks]);
+ * - its pre-sync `rsync -az DS/VMID/*.xml DS/VMID/disk.N.snap ... HOST:DS/VMID/`.
+ */
+export function isMigrationCommand(argv: readonly string[], domain: string, vmDir: string): boolean {
+  if (argv.length === 0) return false;
+  const prog = path.basename(argv[0]!);
+  // the driver runs these through a shell (`bash -c "virsh ... migrate ..."`): look inside -c too
+  if ((prog === 'sh' || prog === 'bash') && argv[1] === '-c' && argv[2]) {
+    return isMigrationCommand(argv[2].trim().split(/\s+/), domain, vmDir);
+  }
+  if (prog === 'virsh') {
+    const i = argv.indexOf('migrate');
+    return i > 0 && argv.slice(i + 1).includes(domain);
+  }
+  if (prog === 'rsync') {
+    const dir = vmDir.replace(/\/+$/, '') + '/';
+    // sources only: the last argument is the destination
+    return argv.slice(1, -1).some((a) => a.startsWith(dir) || a === dir.slice(0, -1));
+  }
+  return false;
+}
+
+/** Scans /proc for a migration of `domain` in progress on this host (see isMigrationCommand). */
+export async function findMigrationProcess(domain: string, vmDir: string, procDir = '/proc'): Promise<{ pid: number; argv: string[] } | null> {
+  let entries: string[];
+  try {
+    entries = await readdir(procDir);
+  } catch {
+    return null;
+  }
+  for (const e of entries) {
+    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
+    let raw: string;
+    try {
+      raw = await readFile(path.join(procDir, e, 'cmdline'), 'utf8');
+    } catch {
+      continue; // exited, or hidden from us (hidepid)
+    }
+    if (!raw) continue;
+    const argv = raw.split('\0').filter((s, i, a) => s !== '' || i < a.length - 1);
+    if (isMigrationCommand(argv, domain, vmDir)) return { pid: Number(e), argv };
+  }
+  return null;
+}
+
+/**
+ * What a capture polls while its job runs: a reason to give way (marker or migration seen), or null.
+ * The /proc scan is throttled (it reads every process's cmdline).
+ */
+export function migrationWatch(opts: {
+  stateDir: string;
+  vmId: number;
+  domain: string;
+  vmDir: string;
+  domainId: () => Promise<number | null>;
+  now?: () => number;
+  scanEveryMs?: number;
+  procDir?: string;
+}): () => Promise<string | null> {
+  const now = opts.now ?? Date.now;
+  let lastScan = 0;
+  return async () => {
+    const m = await readYieldMarker(opts.stateDir, opts.vmId);
+    if (m && yieldHolds(m, now() / 1000, await opts.domainId().catch(() => null))) return `yield requested (${m.reason})`;
+    if (now() - lastScan >= (opts.scanEveryMs ?? 1000)) {
+      lastScan = now();
+      const p = await findMigrationProcess(opts.domain, opts.vmDir, opts.procDir);
+      if (p) return `migration of ${opts.domain} in progress (pid ${p.pid}: ${p.argv.slice(0, 4).join(' ')} ...)`;
+    }
+    return null;
+  };
+}
+
+/**
+ * Pure: a checkpoint definition for `checkpoint-create --redefine`, rebuilt from what the replica's manifest
+ * holds (the checkpoint name, which is also the bitmap name, and its time). It is what
+ * `checkpoint-dumpxml --no-domain` prints for our checkpoints, less the parent (libvirt on the new host
+ * knows none) and the description. Whether the bitmap really is there and sound is checked afterwards
+ * (`checkpoint-dumpxml --size`); the definition itself proves nothing.
+ */
+export function redefineCheckpointXml(name: string, creationTime: number, bitmapTargets: readonly string[], allTargets: readonly string[]): string {
+  if (!/^[A-Za-z0-9._-]+$/.test(name)) throw new Error(`invalid checkpoint name ${JSON.stringify(name)}`);
+  const disks = allTargets.map((t) => {
+    if (!/^[a-z]{1,8}[a-z0-9]{0,8}$/.test(t)) throw new Error(`invalid disk target ${JSON.stringify(t)}`);
+    return bitmapTargets.includes(t) ? `    <disk name='${t}' checkpoint='bitmap' bitmap='${name}'/>` : `    <disk name='${t}' checkpoint='no'/>`;
+  });
+  return ['<domaincheckpoint>', `  <name>${name}</name>`, `  <creationTime>${Math.floor(creationTime)}</creationTime>`, '  <disks>', ...disks, '  </disks>', '</domaincheckpoint>', ''].join('\n');
+}

@@ -1,0 +1,349 @@
+/**
+ * Live migration as OpenNebula performs it (issue 13), between two real libvirtds with their own datastores
+ * at the same path: the agent never blocks the migration, continues incrementally on the new host when the
+ * checkpoint's bitmap came along, leaves no stray bitmap, refuses to publish a damaged source, and a cycle
+ * on the old host after the VM left fails cleanly.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { readFile, rm, stat, open, mkdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { startTwoHosts, migrateVm, onHost, type Host, type TwoHosts } from '../harness/two-hosts.js';
+import { renderVmXml, type OneVm } from '../harness/one-layout.js';
+import { agentMain, projectRoot } from '../harness/agent-env.js';
+import { run } from '../../lib/shared/exec.js';
+import { guestWrite, guestViewSha256, sha256File } from '../harness/guest.js';
+import { recoverDrill } from '../harness/recover.js';
+import { parseNodeBitmaps } from '../../lib/libvirt/bitmaps.js';
+
+let t: TwoHosts;
+
+beforeAll(async () => {
+  t = await startTwoHosts({ name: 'mig' });
+});
+
+afterAll(async () => {
+  await t?.stop();
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function jobActive(h: Host, dom: string): Promise<boolean> {
+  const r = await h.lv.virsh(['domjobinfo', dom]);
+  return r.code === 0 && !/Job type:\s+None/.test(r.stdout);
+}
+
+/**
+ * Stand-in for a disk of hundreds of GiB: a `virsh` first in the agent's PATH that, right after
+ * `backup-begin` returns, sets the backup's QEMU block job to 1 byte/s (libvirt 9.0 has no speed setting
+ * for backup jobs). The disk holds enough data (256 MiB, a few hundred ms of copying) that the copy is
+ * usually still running then (~50 ms later); startSlowFull retries when it was not.
+ */
+let slowVirshDir = '';
+async function slowBackupEnv(): Promise<Record<string, string>> {
+  if (!slowVirshDir) {
+    slowVirshDir = path.join(t.root, 'slow-virsh');
+    await mkdir(slowVirshDir, { recursive: true });
+    const script = `#!/bin/sh
+/usr/bin/virsh "$@"
+rc=$?
+uri=""; dom=""; prev=""
+for a in "$@"; do
+  [ "$prev" = "-c" ] && uri="$a"
+  [ "$prev" = "backup-begin" ] && dom="$a"
+  prev="$a"
+done
+if [ $rc -eq 0 ] && [ -n "$dom" ]; then
+  i=0
+  devs=""
+  while [ -z "$devs" ] && [ $i -lt 20 ]; do
+    devs=$(/usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" '{"execute":"query-block-jobs"}' | grep -o '"device": *"[^"]*"' | sed 's/.*"\\([^"]*\\)"$/\\1/')
+    i=$((i+1))
+  done
+  for dev in $devs; do
+    /usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" "{\\"execute\\":\\"block-job-set-speed\\",\\"arguments\\":{\\"device\\":\\"$dev\\",\\"speed\\":1}}" >>"$0.log" 2>&1
+  done
+  echo "tries=$i devs=$devs" >>"$0.log"
+fi
+exit $rc
+`;
+    await writeFile(path.join(slowVirshDir, 'virsh'), script, { mode: 0o755 });
+  }
+  return { PATH: `${slowVirshDir}:${process.env.PATH ?? ''}` };
+}
+
+/**
+ * hooks/yield-on-migrate as the front-end runs it: $TEMPLATE is the VM's XML (base64) whose last history
+ * record names the destination and the one before it the source; its `ssh SRC onestor-agent ...` lands,
+ * through a stand-in ssh, in the source host's namespace with that host's agent flags.
+ */
+async function runHook(vm: OneVm, src: Host, dst: Host): Promise<{ code: number; stdout: string; stderr: string }> {
+  const xml = renderVmXml({ vmId: vm.vmId, dsId: t.dsId, dsRoot: t.dsRoot, deployId: vm.domainName, hostname: src.agentHostName, memoryMiB: 32, stime: 1, disks: [] }).replace(
+    '</HISTORY_RECORDS>',
+    `<HISTORY><OID>${vm.vmId}</OID><SEQ>1</SEQ><HOSTNAME><![CDATA[${dst.agentHostName}]]></HOSTNAME></HISTORY></HISTORY_RECORDS>`,
+  );
+  const ssh = path.join(t.root, `ssh-to-${src.name}`);
+  const q = (a: string) => `'${a.replace(/'/g, `'\\''`)}'`;
+  await writeFile(
+    ssh,
+    `#!/bin/sh\n# stand-in for: ssh -o BatchMode=yes -o ConnectTimeout=10 HOST onestor-agent ARGS...\nshift 4\n[ "$1" = ${q(src.agentHostName)} ] || { echo "unexpected host $1" >&2; exit 255; }\nshift 2\n` +
+      `exec nsenter --target ${src.lv.initPid} --mount -- ${q(process.execPath)} ${q(agentMain())} "$@" ${src.flags.map(q).join(' ')}\n`,
+    { mode: 0o755 },
+  );
+  return run(path.join(projectRoot(), 'hooks', 'yield-on-migrate'), [Buffer.from(xml).toString('base64')], {
+    env: { ONESTOR_HOOK_SSH: ssh, ONESTOR_YIELD_SECONDS: '120', TMPDIR: path.join(t.root, 'tmp') },
+    timeoutMs: 60_000,
+  });
+}
+
+async function waitForJob(h: Host, dom: string): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    if (await jobActive(h, dom)) return;
+    await sleep(50);
+  }
+  throw new Error(`no backup job started on ${dom} (host ${h.name})`);
+}
+
+/**
+ * A full cycle whose backup job is still running a second after it started (the throttle landed). The
+ * throttle races QEMU's copy; when the copy won, that cycle simply completed: start another.
+ */
+async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agentSpawn']>> {
+  for (let i = 0; i < 5; i++) {
+    const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
+    await waitForJob(h, vm.domainName);
+    await sleep(1000);
+    if (await jobActive(h, vm.domainName)) return cycle;
+    const r = await cycle.done;
+    console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`, await readFile(path.join(slowVirshDir, 'virsh.log'), 'utf8').catch(() => 'no log'));
+  }
+  throw new Error(`could not keep a backup job of ${vm.domainName} running on host ${h.name}`);
+}
+
+async function nodeBitmaps(h: Host, vm: OneVm, disk = 0) {
+  const out = await h.lv.virshOk(['qemu-monitor-command', vm.domainName, '{"execute":"query-named-block-nodes","arguments":{"flat":true}}']);
+  const nb = parseNodeBitmaps((JSON.parse(out) as { return: unknown }).return, vm.disks[disk]!.base1Path);
+  if (!nb) throw new Error(`no node for ${vm.disks[disk]!.base1Path} on host ${h.name}`);
+  return nb;
+}
+
+async function bitmapsOn(h: Host, vm: OneVm, disk = 0): Promise<string[]> {
+  return (await nodeBitmaps(h, vm, disk)).bitmaps.map((b) => b.name).sort();
+}
+
+async function checkpointsOn(h: Host, vm: OneVm): Promise<string[]> {
+  const out = await h.lv.virshOk(['checkpoint-list', vm.domainName, '--name']);
+  return out.split('\n').map((s) => s.trim()).filter(Boolean).sort();
+}
+
+async function snapshot(h: Host, vm: OneVm): Promise<{ mode: string; out: string }> {
+  const r = await h.agent(['snapshot', '--vm', String(vm.vmId)]);
+  expect(r.code, r.stdout + r.stderr).toBe(0);
+  const m = /disk 0: (full|incremental) snapshot published/.exec(r.stdout);
+  expect(m, r.stdout).not.toBeNull();
+  return { mode: m![1]!, out: r.stdout + r.stderr };
+}
+
+const manifestPath = (vm: OneVm) => path.join(t.snapsDir, String(vm.vmId), '.onestor', 'disk.0.json');
+async function manifest(vm: OneVm): Promise<{ checkpoint: string; sourceHost?: string; base1: { sha256?: string } }> {
+  return JSON.parse(await readFile(manifestPath(vm), 'utf8')) as never;
+}
+
+async function guestView(h: Host, vm: OneVm): Promise<string> {
+  return guestViewSha256(h.hostPath(vm.disks[0]!.base1Path), t.root);
+}
+
+async function drillEquals(vm: OneVm, expected: string): Promise<void> {
+  const d = await recoverDrill(t.snapsDir, vm.vmId, 0, t.root);
+  try {
+    expect(d.backingName).toBe('disk.0.snap/base');
+    expect(d.check.ok, d.check.raw).toBe(true);
+    expect(await sha256File(d.rawPath)).toBe(expected);
+  } finally {
+    await rm(d.dir, { recursive: true, force: true });
+  }
+}
+
+/** Nothing of the VM left on a host it left: no domain, no VM dir, no staging. */
+async function nothingLeftOn(h: Host, vm: OneVm): Promise<void> {
+  expect((await h.lv.virsh(['domstate', vm.domainName])).code).not.toBe(0);
+  expect(await stat(h.vmDir(vm.vmId)).catch(() => null)).toBeNull();
+  expect(await stat(path.join(h.hostDsRoot, String(t.dsId), '.onestor', String(vm.vmId))).catch(() => null)).toBeNull();
+}
+
+describe('live migration (two hosts, OpenNebula steps)', () => {
+  let vm: OneVm;
+
+  it('a full running on the source (hook runs `yield`): migration succeeds, nothing left behind, the new host protects the VM', async () => {
+    vm = await t.createVm(t.A, { vmId: 61, disks: [{ diskId: 0, sizeMiB: 512, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 16, pattern: 0x41 }, { offsetMiB: 224, lengthMiB: 256, pattern: 0x43 }] }] });
+    await guestWrite(t.A.lv, vm.domainName, { offsetMiB: 20, lengthMiB: 8, pattern: 0x21 });
+    const cycle = await startSlowFull(t.A, vm); // still copying: stands for a big disk
+    const published = await readFile(manifestPath(vm), 'utf8').catch(() => null);
+
+    // The front-end's ACTIVE/MIGRATE state hook (the real script, $TEMPLATE as oned sends it) reaches the
+    // source host over ssh while the driver pre-syncs.
+    const t0 = Date.now();
+    let hookOut = '';
+    const steps = await migrateVm(t, vm, t.A, t.B, {
+      hook: async () => {
+        const y = await runHook(vm, t.A, t.B);
+        hookOut = y.stdout + y.stderr;
+        expect(y.code, hookOut).toBe(0);
+      },
+      duringPresync: () => guestWrite(t.A.lv, vm.domainName, { offsetMiB: 40, lengthMiB: 4, pattern: 0x42 }),
+    });
+    const ms = Date.now() - t0;
+    console.log(`migration with a (throttled) full running on the source: ${ms} ms, ${steps.attempts} attempt(s), presync ${steps.presyncMs} ms, migrate ${steps.migrateMs} ms`);
+    expect(steps.attempts).toBe(1);
+    expect((await t.whereRuns(vm.domainName))?.name).toBe('B');
+
+    expect(hookOut).toMatch(new RegExp(`VM ${vm.vmId} migrates ${t.A.agentHostName} -> ${t.B.agentHostName}`));
+    expect(hookOut).toMatch(/no backup job of ours runs/);
+    const r = await cycle.done;
+    expect(r.code, r.stdout + r.stderr).not.toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/E_YIELDED|gave way to a live migration/);
+    await nothingLeftOn(t.A, vm);
+    // the aborted cycle published nothing
+    expect(await readFile(manifestPath(vm), 'utf8').catch(() => null)).toBe(published);
+
+    // the new host protects it (a full when the replica holds nothing yet), recovering to the guest view there
+    const expected = await guestView(t.B, vm);
+    const s = await snapshot(t.B, vm);
+    expect(s.mode).toBe(published === null ? 'full' : 'incremental');
+    await drillEquals(vm, expected);
+    expect((await manifest(vm)).sourceHost).toBe(t.B.agentHostName);
+    // the aborted job's checkpoint bitmap (if it travelled) is gone: only the kept checkpoint's remains
+    expect(await bitmapsOn(t.B, vm)).toEqual(await checkpointsOn(t.B, vm));
+    expect(await checkpointsOn(t.B, vm)).toHaveLength(1);
+  });
+
+  it('no hook: the source agent sees the migration itself (pre-sync rsync / virsh migrate) and gives way; the next cycle on the new host is incremental', async () => {
+    await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 60, lengthMiB: 2, pattern: 0x61 });
+    expect((await snapshot(t.B, vm)).mode).toBe('incremental');
+    // a stray bitmap of ours (as an aborted job or another host leaves) and someone else's
+    const { node } = await nodeBitmaps(t.B, vm);
+    for (const name of [`onestor-${vm.vmId}-1-dead00`, 'someone-elses-backup']) {
+      await t.B.lv.virshOk(['qemu-monitor-command', vm.domainName, JSON.stringify({ execute: 'block-dirty-bitmap-add', arguments: { node, name, persistent: true } })]);
+    }
+    await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 64, lengthMiB: 3, pattern: 0x62 });
+    const cycle = await startSlowFull(t.B, vm);
+    const published = await manifest(vm);
+    const steps = await migrateVm(t, vm, t.B, t.A, { duringPresync: () => guestWrite(t.B.lv, vm.domainName, { offsetMiB: 70, lengthMiB: 4, pattern: 0x63 }) });
+    expect(steps.attempts).toBe(1);
+    const r = await cycle.done;
+    expect(r.code).not.toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/migration of .* in progress/);
+    await nothingLeftOn(t.B, vm);
+    expect(await manifest(vm)).toEqual(published);
+
+    await guestWrite(t.A.lv, vm.domainName, { offsetMiB: 80, lengthMiB: 1, pattern: 0x64 });
+    const expected = await guestView(t.A, vm);
+    const s = await snapshot(t.A, vm);
+    expect(s.mode, s.out).toBe('incremental');
+    expect(s.out).toMatch(/checkpoint redefined from the replica manifest/);
+    await drillEquals(vm, expected);
+    // zero orphans: our only bitmap is the kept checkpoint; someone else's stays
+    const kept = await checkpointsOn(t.A, vm);
+    expect(kept).toHaveLength(1);
+    expect(await bitmapsOn(t.A, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
+    expect(s.out).toMatch(/stray bitmap removed/);
+    console.log(s.out.split('\n').filter((l) => /stray bitmap removed|source image checked|redefined/.test(l)).join('\n'));
+  });
+
+  it('`yield` with no migration after all: the running job is aborted leaving no checkpoint or staging, cycles are held off, then resume', async () => {
+    const cps = await checkpointsOn(t.A, vm);
+    const bms = await bitmapsOn(t.A, vm);
+    const published = await manifest(vm);
+    const cycle = await startSlowFull(t.A, vm);
+    const t0 = Date.now();
+    const y = await t.A.agent(['yield', '--vm', String(vm.vmId), '--seconds', '8']);
+    expect(y.code, y.stdout + y.stderr).toBe(0);
+    const r = await cycle.done;
+    console.log(`yield returned after ${Date.now() - t0} ms`);
+    expect(r.stdout + r.stderr).toMatch(/E_YIELDED/);
+    expect(await jobActive(t.A, vm.domainName)).toBe(false);
+    expect(await checkpointsOn(t.A, vm)).toEqual(cps);
+    expect(await bitmapsOn(t.A, vm)).toEqual(bms);
+    expect(await stat(path.join(t.A.hostDsRoot, String(t.dsId), '.onestor', String(vm.vmId))).catch(() => null)).toBeNull();
+    expect(await manifest(vm)).toEqual(published);
+    const held = await t.A.agent(['snapshot', '--vm', String(vm.vmId)]);
+    expect(held.code).not.toBe(0);
+    expect(held.stdout + held.stderr).toMatch(/held off for a live migration/);
+    await sleep(Math.max(0, t0 + 8500 - Date.now()));
+    expect((await snapshot(t.A, vm)).mode).toBe('incremental');
+  });
+
+  it('round trip A -> B -> A with guest writes during each pre-sync: incremental on each side, recoverable, zero orphan bitmaps', async () => {
+    for (const [src, dst, p] of [[t.A, t.B, 0x71], [t.B, t.A, 0x72]] as const) {
+      await migrateVm(t, vm, src, dst, { duringPresync: () => guestWrite(src.lv, vm.domainName, { offsetMiB: 90, lengthMiB: 6, pattern: p }) });
+      await guestWrite(dst.lv, vm.domainName, { offsetMiB: 100, lengthMiB: 1, pattern: p + 8 });
+      const expected = await guestView(dst, vm);
+      const s = await snapshot(dst, vm);
+      expect(s.mode, s.out).toBe('incremental');
+      await drillEquals(vm, expected);
+      const kept = await checkpointsOn(dst, vm);
+      expect(kept).toHaveLength(1);
+      expect(await bitmapsOn(dst, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
+      await nothingLeftOn(src, vm);
+    }
+    // and in the file once QEMU has written its bitmaps back (clean close)
+    await t.A.lv.virshOk(['destroy', vm.domainName]);
+    const r = await onHost(t.A, ['qemu-img', 'info', '--output=json', vm.disks[0]!.base1Path]);
+    const names = ((JSON.parse(r.stdout) as { 'format-specific': { data: { bitmaps?: Array<{ name: string }> } } })['format-specific'].data.bitmaps ?? []).map((b) => b.name);
+    expect(names.filter((n) => n.startsWith('onestor-'))).toHaveLength(1);
+  });
+});
+
+describe('a damaged source after migration; the old host after the VM left', () => {
+  it('the old host fails cleanly without touching the replica; a damaged base.1 on the new host is never published (E_SOURCE_DAMAGED)', async () => {
+    const vm = await t.createVm(t.A, { vmId: 62, disks: [{ diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x51 }] }] });
+    expect((await snapshot(t.A, vm)).mode).toBe('full');
+    const good = await manifest(vm);
+    const goodBase1 = await sha256File(path.join(t.snapsDir, String(vm.vmId), 'disk.0.snap', 'base.1'));
+
+    let oldHost: { code: number; stdout: string; stderr: string } | undefined;
+    await migrateVm(t, vm, t.A, t.B, {
+      // between resume on the destination and removal of the source dir: files still there, domain gone
+      afterResume: async () => {
+        oldHost = await t.A.agent(['snapshot', '--vm', String(vm.vmId)]);
+      },
+    });
+    expect(oldHost!.code).not.toBe(0);
+    expect(oldHost!.stdout + oldHost!.stderr).toMatch(/not running/);
+    const gone = await t.A.agent(['snapshot', '--vm', String(vm.vmId)]);
+    expect(gone.code).not.toBe(0);
+    expect(await manifest(vm)).toEqual(good);
+
+    await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 10, lengthMiB: 1, pattern: 0x52 });
+    // corrupt a refcount in the destination's base.1: cluster 0 (the header) recorded as unreferenced
+    // (after the last guest write: QEMU writes its cached refcount block back when it allocates)
+    const file = t.B.hostPath(vm.disks[0]!.base1Path);
+    const fh = await open(file, 'r+');
+    try {
+      const hdr = Buffer.alloc(64);
+      await fh.read(hdr, 0, 64, 0);
+      const refTable = Number(hdr.readBigUInt64BE(48));
+      const ent = Buffer.alloc(8);
+      await fh.read(ent, 0, 8, refTable);
+      const block0 = Number(ent.readBigUInt64BE(0));
+      await fh.write(Buffer.from([0, 0]), 0, 2, block0);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    const r = await t.B.agent(['snapshot', '--vm', String(vm.vmId)]);
+    expect(r.code).not.toBe(0);
+    expect(r.stdout + r.stderr).toMatch(/E_SOURCE_DAMAGED/);
+    expect(r.stdout + r.stderr).toMatch(/refcount=0 reference=1/);
+    expect(r.stdout + r.stderr).toContain(vm.disks[0]!.base1Path);
+    // the good snapshot stands, byte for byte
+    expect(await manifest(vm)).toEqual(good);
+    expect(await sha256File(path.join(t.snapsDir, String(vm.vmId), 'disk.0.snap', 'base.1'))).toBe(goodBase1);
+    // reported: state (read by status and the probe) carries the stable code and the file
+    const state = JSON.parse(await readFile(path.join(t.B.stateDir, 'state.json'), 'utf8')) as { disks: Record<string, { lastError?: { code: string; message: string } }> };
+    const err = state.disks[`${vm.vmId}.0`]?.lastError;
+    expect(err?.code).toBe('E_SOURCE_DAMAGED');
+    const st = await t.B.agent(['status', '--json']);
+    expect(st.stdout).toContain('E_SOURCE_DAMAGED');
+    await vm.destroy();
+  });
+});
