@@ -5,23 +5,22 @@
  */
 import * as fsp from 'node:fs/promises';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
-import { diskLockFile, errno, type ReplicaPaths } from './layout.js';
+import { checkedTmpDir, diskLockFile, type ReplicaPaths } from './layout.js';
 
 export async function lockDisk(p: ReplicaPaths, timeoutSec: number): Promise<FileLock> {
-  // flock(1) follows symlinks: the locks dir is checked component by component, the file must be regular
+  // locks dir checked (and made) component by component, the lock file itself never a symlink
   return acquireFileLock(await diskLockFile(p), { timeoutSec, context: { vm: p.vm, disk: p.disk } });
 }
 
 /** Removes the disk's tmp dir if empty (a partial upload keeps it for a resume), then the lock file. */
 export async function unlockDisk(p: ReplicaPaths, lock: FileLock): Promise<void> {
   try {
-    await fsp.rmdir(p.tmpDir);
-  } catch (e) {
-    // ENOTEMPTY/EEXIST: uploads kept for a resume; ENOENT: no put in this session
-    if (!['ENOENT', 'ENOTEMPTY', 'EEXIST', 'ENOTDIR'].includes(errno(e) ?? '')) {
-      await lock.release();
-      throw e;
-    }
+    // only through real directories (a planted symlink is refused, never followed)
+    const tmp = await checkedTmpDir(p);
+    if (tmp) await fsp.rmdir(tmp);
+  } catch {
+    // best effort, never in the way of releasing the lock: ENOTEMPTY (uploads kept for a resume), a
+    // refused path (E_PATH), anything else — the orphan sweep looks again later
   }
   await lock.remove();
 }

@@ -18,6 +18,7 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { acquireFileLock, openBatchLocker, type BatchLocker } from '../shared/file-lock.js';
 import { checkedTmpDir, diskLockFile, lstatOrNull, removeWorkDir, replicaPaths, type ReplicaPaths } from './layout.js';
+import { describeError } from '../shared/errors.js';
 import { unlockDisk } from './disk-lock.js';
 
 export interface SweepOptions {
@@ -48,6 +49,8 @@ export interface SweepResult {
   /** entries removed (files, dirs, lock files) and the bytes they held */
   removed: number;
   bytes: number;
+  /** disks skipped because a path was refused (a symlink planted in the bookkeeping) or an error */
+  failed: number;
 }
 
 interface Candidate {
@@ -107,7 +110,7 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
   const uploadAge = opts.uploadMaxAgeMs ?? 24 * 3600_000;
   const orphanUploadAge = opts.orphanUploadMaxAgeMs ?? 3600_000;
   const maxCleaned = opts.maxCleaned ?? Infinity;
-  const result: SweepResult = { candidates: 0, cleaned: 0, busy: 0, deferred: 0, removed: 0, bytes: 0 };
+  const result: SweepResult = { candidates: 0, cleaned: 0, busy: 0, deferred: 0, removed: 0, bytes: 0, failed: 0 };
   const internalSt = await lstatOrNull(internal);
   if (!internalSt?.isDirectory()) return result;
 
@@ -151,7 +154,8 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
     // holds a spare and a link for nothing; with it, even half-published, the next open of the disk decides.
     const snapDir = c.work && vmLive ? await lstatOrNull(p.snapDir) : null;
     const dropWork = c.work && snapDir === null && (!locked || (await lstatOrNull(p.workDir)) !== null);
-    const tmpNames = !c.tmp ? [] : locked ? await listDir(p.tmpDir) : await fsp.readdir(p.tmpDir).catch(() => [] as string[]);
+    const tmpDir = !c.tmp ? null : locked ? await checkedTmpDir(p) : p.tmpDir;
+    const tmpNames = tmpDir ? await fsp.readdir(tmpDir).catch(() => [] as string[]) : [];
     const lineageGone = !vmLive && c.work;
     const tmpGone = await removableTmp(p, tmpNames, lineageGone ? -1 : vmLive ? uploadAge : orphanUploadAge, now);
     const tmpEmptyAfter = c.tmp && tmpGone.length === tmpNames.length;
@@ -168,14 +172,24 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
         result.deferred++;
         continue;
       }
-      if (!locker) locker = openBatchLocker();
-      // the locks dir checked component by component and the file regular: flock(1) follows symlinks
-      const lock = await locker.tryLock(await diskLockFile(p));
+      if (!locker) {
+        await fsp.mkdir(path.dirname(p.lockFile), { recursive: true });
+        locker = openBatchLocker();
+      }
+      let lock;
+      try {
+        lock = await locker.tryLock(await diskLockFile(p));
+      } catch (e) {
+        result.failed++;
+        opts.log?.({ vm: c.vm, disk: c.disk, err: describeError(e) }, 'sweep: skipping a disk');
+        continue;
+      }
       if (!lock) {
         result.busy++; // a session is working on it right now
         continue;
       }
       let removed = 0;
+      let failed: unknown = null;
       try {
         const todo = await plan(c, p, true);
         if (todo.dropWork) {
@@ -183,17 +197,25 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
           await removeWorkDir(p);
           removed++;
         }
-        // every component down to the tmp dir a real directory, checked again under the lock
-        const tmpDir = todo.tmpGone.length > 0 ? await checkedTmpDir(p) : null;
+        // removal through checked real directories only (a planted symlink is refused, never followed)
+        const tmpDir = todo.tmpGone.length ? await checkedTmpDir(p) : null;
         for (const n of tmpDir ? todo.tmpGone : []) {
           const f = path.join(tmpDir!, n);
           result.bytes += await allocatedBytes(f);
           await fsp.rm(f, { recursive: true, force: true });
           removed++;
         }
+      } catch (e) {
+        failed = e;
       } finally {
-        // also removes the tmp dir when empty, and the lock file
-        await unlockDisk(p, lock);
+        // on success also removes the tmp dir when empty, and the lock file, both while still held
+        if (failed) await lock.release();
+        else await unlockDisk(p, lock);
+      }
+      if (failed) {
+        result.failed++;
+        opts.log?.({ vm: c.vm, disk: c.disk, err: describeError(failed) }, 'sweep: skipping a disk');
+        continue;
       }
       removed += c.lock ? 1 : 0;
       if (c.tmp && !(await lstatOrNull(p.tmpDir))) removed++;

@@ -209,9 +209,9 @@ describe('SNAPS comes from the receiver, never from the client', () => {
   });
 });
 
-/** The receiver's own bookkeeping (lock and slot files, empty tmp dirs) may appear; the data may not change. */
+/** The receiver's own bookkeeping (lock and slot files, empty tmp dirs, the sweep stamp) may appear; the data may not change. */
 function strip(fp: Record<string, string>): Record<string, string> {
-  return Object.fromEntries(Object.entries(fp).filter(([k]) => !/^\.onestor\/(locks|slots|tmp)(\/|$)/.test(k)));
+  return Object.fromEntries(Object.entries(fp).filter(([k]) => !/^\.onestor\/(locks|slots|tmp)(\/|$)|^\.onestor\/sweep\./.test(k)));
 }
 
 describe('host keys, secrets, owners and modes', () => {

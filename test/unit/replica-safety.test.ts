@@ -304,7 +304,7 @@ describe('temp files and leftovers', () => {
     const p = replicaPaths(snaps, 4, 0);
     const old = new Date(Date.now() - 3 * 24 * 3600_000);
     // what a crash leaves: a manifest temp, a staged merge link, a full-size old base.1, a half bridge, a partial spare copy
-    // (the tmp dir exists while a session has put something; a clean publish leaves none)
+    // (the clean session above removed its empty tmp dir; a crashed one leaves it, with these in it)
     await fsp.mkdir(p.tmpDir, { recursive: true });
     for (const n of ['json.0a1b2c', 'pub.3d4e5f', 'old-base1.6a7b8c']) await fsp.writeFile(path.join(p.tmpDir, n), Buffer.alloc(64 * 1024, 1));
     await fsp.mkdir(path.join(p.tmpDir, 'stray-dir'));

@@ -3,7 +3,7 @@
  * charged to the budget, everything orphaned goes in one sweep, a busy disk is skipped.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { access, link, lstat, mkdir, mkdtemp, readdir, rm, utimes, writeFile } from 'node:fs/promises';
+import { access, link, lstat, mkdir, mkdtemp, readdir, rm, symlink, utimes, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { replicaPaths, type ReplicaPaths } from '../../lib/replica/layout.js';
@@ -171,6 +171,24 @@ describe('sweepOrphans', () => {
     expect(left.length).toBe(2000);
     expect(left.every((n) => /^\d+-0$/.test(n) && Number(n.split('-')[0]) <= 2000)).toBe(true);
   }, 120_000);
+});
+
+describe('sweepOrphans and planted symlinks', () => {
+  it('a symlink planted as a disk\'s tmp dir or lock file is refused: that disk is skipped, nothing outside is touched', async () => {
+    const snaps = await newSnaps();
+    const outside = await mkdtemp(path.join(os.tmpdir(), 'onestor-sweep-outside-'));
+    dirs.push(outside);
+    await writeFile(path.join(outside, 'json.victim'), 'keep me');
+    await writeFile(path.join(outside, 'victim.lock'), 'keep me too');
+    await mkdir(path.join(snaps, '.onestor', 'tmp'), { recursive: true });
+    await symlink(outside, path.join(snaps, '.onestor', 'tmp', '66-0'));
+    await symlink(path.join(outside, 'victim.lock'), path.join(snaps, '.onestor', 'locks', '67-0.lock'));
+    const [dead] = await terminated(snaps, 68);
+    const r = await sweepOrphans(snaps);
+    expect(r).toMatchObject({ cleaned: 1, failed: 2 });
+    expect(await readdir(outside)).toEqual(['json.victim', 'victim.lock']);
+    expect(await exists(dead!.workDir)).toBe(false);
+  });
 });
 
 describe('maybeSweep and the receiver', () => {
