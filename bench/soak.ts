@@ -95,10 +95,13 @@ export function phaseProbe(env: AgentEnv, vm: OneVm, diskId = 0): Record<Exclude
   const work = path.join(env.snapsDir, '.onestor', 'work', String(vm.vmId), `disk.${diskId}`);
   let sawUpload = false;
   return {
-    // the capture target exists from just before backup-begin until the job has written it
-    capture: () => existsSync(path.join(staging, `disk.${diskId}.full.qcow2`)) || existsSync(path.join(staging, `disk.${diskId}.inc.qcow2`)),
-    // the thin overlay is made only after QEMU released the full target
-    thin: () => existsSync(path.join(staging, `disk.${diskId}.base.1`)),
+    // push mode: the capture target exists from just before backup-begin until the job has written it;
+    // pull mode (fulls): the scratch files exist from backup-begin until the job ends
+    capture: () =>
+      existsSync(path.join(staging, `disk.${diskId}.full.qcow2`)) || existsSync(path.join(staging, `disk.${diskId}.inc.qcow2`)) || filesIn(staging).some((f) => f.name.endsWith('.scratch')),
+    // push mode: the thin overlay is made only after QEMU released the full target; pull mode has no
+    // thinning: its counterpart is the export open (NBD socket) before any byte reached the replica
+    thin: () => existsSync(path.join(staging, `disk.${diskId}.base.1`)) || (existsSync(path.join(staging, 'nbd.sock')) && !filesIn(tmp).some((f) => f.size > 0)),
     transfer: () => filesIn(tmp).some((f) => f.size > 0),
     // uploads leave the receiver's tmp dir when publish moves them into place / into the merge work dir
     publish: () => {
@@ -209,7 +212,15 @@ export interface FaultCheck {
 export async function checkAfterFault(env: AgentEnv, vm: OneVm, baseline: Awaited<ReturnType<typeof chainFacts>>, prev: string | null, candidate: string, opts: { flags?: string[]; nextWrite?: { offsetMiB: number; pattern: number } } = {}): Promise<FaultCheck & { newPrev: string | null }> {
   const problems: string[] = [];
   let dataLost = false;
-  if (!(await waitNoJob(env, vm))) problems.push('backup job still running 30 s after the fault');
+  if (!(await waitNoJob(env, vm))) {
+    // A pull-mode job (a seed) never ends by itself: the export stays until someone aborts it, and a dead
+    // agent cannot. Expected when its scratch files are in our staging dir: the next cycle must abort it
+    // (checked below: no job, no staging left after it). Any other job still running is a problem.
+    const dump = await env.lv.virsh(['backup-dumpxml', vm.domainName]);
+    const staging = path.join(vm.dsDir, '.onestor', String(vm.vmId));
+    const ours = /<domainbackup mode='pull'/.test(dump.stdout) && [...dump.stdout.matchAll(/<scratch file='([^']*)'/g)].every((m) => m[1]!.startsWith(staging + '/'));
+    if (!ours) problems.push('backup job still running 30 s after the fault');
+  }
   // A receiver outlives a killed agent and finishes its publish: recovery (minutes later in real life)
   // starts after that. tar reports "file changed as we read it" when a rename lands mid-read (the old
   // base.1 loses a link), so the drill waits for the disk's receiver lock like a careful admin would.

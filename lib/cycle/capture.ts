@@ -26,6 +26,8 @@ export interface CaptureLibvirt {
   abortJob(dom: string): Promise<void>;
   /** target files of the running backup job ([] when none) */
   backupTargets(dom: string): Promise<string[]>;
+  /** the running backup job's definition (pull mode: export names), null when none runs */
+  backupDumpXml(dom: string): Promise<string | null>;
   /** 'frozen' or why not (no channel / agent not answering). */
   fsFreeze(dom: string): Promise<{ frozen: true } | { frozen: false; why: string }>;
   fsThaw(dom: string): Promise<void>;
@@ -280,7 +282,7 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
  * area) is aborted, so this cycle can start; anyone else's job (OpenNebula's own backups) is left alone
  * and this cycle fails with a clear reason, to be retried.
  */
-async function clearStaleJob(lv: CaptureLibvirt, req: CaptureRequest): Promise<void> {
+export async function clearStaleJob(lv: CaptureLibvirt, req: CaptureRequest): Promise<void> {
   if (!(await lv.jobActive(req.domainName))) return;
   const targets = await lv.backupTargets(req.domainName);
   const ours = path.dirname(path.resolve(req.stagingDir)) + path.sep;

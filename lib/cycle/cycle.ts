@@ -9,7 +9,8 @@
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { findDiskBySource, type CaptureLibvirt, type CaptureResult, type DomainView } from './capture.js';
+import { findDiskBySource, type CaptureLibvirt, type CaptureRequest, type CaptureResult, type DomainView } from './capture.js';
+import type { PullCapture, PulledDisk } from './capture-pull.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf, type ErrorCode } from '../shared/errors.js';
 import { decideMode, checkpointsToDelete, lineageCheck, type ModeDecision } from './plan.js';
@@ -57,6 +58,12 @@ export interface CycleDeps {
   transferTimeoutMs?: number;
   stagingMinFreePercent: number;
   tryFreeze: boolean;
+  /**
+   * How a cycle with a full takes it: 'pull' (default) streams each disk's thin base.1 from a pull-mode
+   * backup export with nothing of disk size written locally; 'push' is the staged push-mode copy + thinning.
+   * Cycles with only incrementals always use push mode (measured faster for small changes).
+   */
+  seedMode?: 'pull' | 'push';
   /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
   vmLockWaitSec?: number;
   now?: () => number;
@@ -134,7 +141,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   };
   let state: AgentState = (await deps.state.loadOrReset()).state;
   const work: DiskWork[] = [];
-  let captured: CaptureResult | null = null;
+  let captured: (Omit<CaptureResult, 'disks'> & { disks: Array<{ diskId: number; mode: CycleMode; file?: string; pulled?: PulledDisk }> }) | null = null;
+  let pull: PullCapture | null = null;
   let domDisks: DomainView['disks'] = [];
   // Stray bitmaps can only appear when a lineage ends or changes hands: a full, a host change, a redefine.
   // Only then ask QEMU for the disk's bitmaps (QMP: libvirt marks the domain tainted on first use).
@@ -244,7 +252,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
     try {
-      captured = await deps.staging.capture({
+      const captureReq: CaptureRequest = {
         vmId,
         domainName: dom,
         stagingDir,
@@ -266,7 +274,14 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           parentCheckpoint: w.decision.mode === 'incremental' ? w.decision.parent : undefined,
           virtualSize: w.virtualSize,
         })),
-      });
+      };
+      if ((deps.seedMode ?? 'pull') === 'pull' && work.some((w) => w.decision.mode === 'full')) {
+        pull = await deps.staging.capturePull(captureReq);
+        captured = { ...pull, thinMs: 0, disks: pull.disks.map((d) => ({ diskId: d.diskId, mode: d.mode, pulled: d })) };
+        for (const d of pull.disks) log.info({ disk: d.diskId, mode: d.mode, streamBytes: d.size, dataBytes: d.dataBytes, zeroBytes: d.zeroBytes }, 'streaming from the pull-mode export');
+      } else {
+        captured = await deps.staging.capture(captureReq);
+      }
     } catch (e) {
       for (const w of work) fail(w.disk.diskId, e);
       return finish();
@@ -295,7 +310,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             const r = await session.upload('base', w.disk.basePath, { key: baseKey, sha256: w.baseSha, signal: deadline.signal, onProgress: progress });
             bytes += r.bytes - r.resumedFrom;
           }
-          const r1 = await session.upload('base1', cd.file, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
+          const r1 = cd.pulled
+            ? await session.uploadStream('base1', { size: cd.pulled.size, chunks: cd.pulled.stream(deadline.signal) }, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress })
+            : await session.upload('base1', cd.file!, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
           publishSent = true;
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
@@ -313,7 +330,9 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             stateToken: ds.replicaToken ?? null, uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
           });
           if (again) throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (${again.reason}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });
-          const r = await session.upload('inc', cd.file, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
+          const r = cd.pulled
+            ? await session.uploadStream('inc', { size: cd.pulled.size, chunks: cd.pulled.stream(deadline.signal) }, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress })
+            : await session.upload('inc', cd.file!, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
           publishSent = true;
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
@@ -354,6 +373,11 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   }
 
   async function finish(): Promise<DiskOutcome[]> {
+    if (pull) {
+      // the export must be gone before checkpoints are retired (and so that a migration can proceed)
+      await pull.end().catch((e) => log.warn({ err: describeError(e) }, 'ending the pull-mode backup job failed'));
+      log.info({ stagingPeakBytes: pull.stagingPeak() }, 'pull-mode backup job ended');
+    }
     await deps.staging.clean(stagingDir).catch(() => {});
     if (captured) {
       // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then

@@ -50,6 +50,10 @@ export class VirshPort implements CycleLibvirt {
     return this.virsh.backupTargets(dom);
   }
 
+  async backupDumpXml(dom: string): Promise<string | null> {
+    return this.virsh.backupDumpXml(dom);
+  }
+
   async fsFreeze(dom: string): Promise<{ frozen: true } | { frozen: false; why: string }> {
     const r = await this.virsh.fsFreeze(dom);
     return r.ok ? { frozen: true } : { frozen: false, why: `${r.kind}: ${r.message}` };

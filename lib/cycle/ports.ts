@@ -11,6 +11,7 @@ import { acquireFileLock } from '../shared/file-lock.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import type { UploadKind } from '../protocol/protocol.js';
 import { capture, cleanStagingDir, type CaptureLibvirt, type CaptureRequest, type CaptureResult } from './capture.js';
+import { capturePull, type PullCapture } from './capture-pull.js';
 import { cachedSha256, fileIdentity, type DigestCacheEntry } from './digest.js';
 import type { AgentState } from './state.js';
 
@@ -20,6 +21,8 @@ export interface ReplicaDiskSession {
   readonly manifest: ReplicaManifest | null;
   readonly baseOnReplica: { size: number; sha256: string } | null;
   upload(kind: UploadKind, localPath: string, opts: { key: string; sha256?: string; signal?: AbortSignal; onProgress?: (sent: number, total: number) => void }): Promise<{ bytes: number; resumedFrom: number }>;
+  /** an upload whose bytes are produced as they are sent (the pull-mode seed's qcow2 overlay stream) */
+  uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Uint8Array> }, opts: { key: string; signal?: AbortSignal; onProgress?: (sent: number, total: number) => void }): Promise<{ bytes: number; resumedFrom: number }>;
   publishFull(args: { checkpoint: string | null; capturedAt: number; consistency: ReplicaManifest['consistency']; sourceHost: string; base?: string; base1: string }): Promise<ReplicaManifest>;
   publishIncremental(args: { parentCheckpoint: string; checkpoint: string; capturedAt: number; consistency: ReplicaManifest['consistency']; sourceHost: string; inc: string }): Promise<ReplicaManifest>;
   /** releases the replica's per-disk lock */
@@ -40,6 +43,8 @@ export interface ReplicaPort {
 /** Capture into DS/<staging>/VMID and clean it up. */
 export interface StagingPort {
   capture(req: CaptureRequest): Promise<CaptureResult>;
+  /** the pull-mode seed: an NBD export of the point in time, streamed instead of staged (capture-pull.ts) */
+  capturePull(req: CaptureRequest): Promise<PullCapture>;
   clean(stagingDir: string): Promise<void>;
 }
 
@@ -65,7 +70,7 @@ export interface CycleStatePort {
 /** The production ports. */
 export function localCyclePorts(libvirt: CaptureLibvirt, qemuImg: QemuImg): { staging: StagingPort; locks: LockPort; digests: DigestPort } {
   return {
-    staging: { capture: (req) => capture(libvirt, qemuImg, req), clean: (dir) => cleanStagingDir(dir) },
+    staging: { capture: (req) => capture(libvirt, qemuImg, req), capturePull: (req) => capturePull(libvirt, qemuImg, req), clean: (dir) => cleanStagingDir(dir) },
     locks: {
       async lockVm(root, vmId, opts) {
         await mkdir(root, { recursive: true, mode: 0o750 });

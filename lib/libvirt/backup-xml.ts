@@ -52,6 +52,77 @@ export function buildBackupXml(disks: readonly BackupDiskPlan[]): string {
   return lines.join('\n');
 }
 
+export interface PullDiskPlan {
+  target: string;
+  /** null: not part of this job. */
+  mode: 'full' | 'incremental' | null;
+  incrementalFrom?: string;
+  /** absolute path of the scratch file QEMU creates (old contents of blocks the guest overwrites meanwhile) */
+  scratchFile?: string;
+}
+
+/**
+ * Pull mode: libvirt exports the point-in-time view of each disk over NBD on a unix socket; QEMU keeps
+ * only what the guest overwrites meanwhile (copy-before-write into the scratch file).
+ */
+export function buildPullBackupXml(disks: readonly PullDiskPlan[], socketPath: string): string {
+  if (!disks.some((d) => d.mode)) throw new Error('backup job without any disk');
+  if (!socketPath.startsWith('/')) throw new Error('NBD socket path must be absolute');
+  // sun_path holds 108 bytes including the NUL: a longer path cannot be bound at all
+  if (Buffer.byteLength(socketPath) > 107) throw new Error(`NBD socket path is longer than 107 bytes: ${socketPath}`);
+  const lines = ["<domainbackup mode='pull'>", `  <server transport='unix' socket='${esc(socketPath)}'/>`, '  <disks>'];
+  for (const d of disks) {
+    if (!TARGET_RE.test(d.target)) throw new Error(`invalid disk target ${JSON.stringify(d.target)}`);
+    if (!d.mode) {
+      lines.push(`    <disk name='${esc(d.target)}' backup='no'/>`);
+      continue;
+    }
+    if (!d.scratchFile || !d.scratchFile.startsWith('/')) throw new Error(`disk ${d.target}: scratch file must be absolute`);
+    let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
+    if (d.mode === 'incremental') {
+      if (!d.incrementalFrom) throw new Error(`disk ${d.target}: incremental without parent checkpoint`);
+      checkName('checkpoint', d.incrementalFrom);
+      attrs += ` incremental='${esc(d.incrementalFrom)}'`;
+    }
+    lines.push(`    <disk ${attrs}>`);
+    lines.push(`      <scratch file='${esc(d.scratchFile)}'/>`);
+    lines.push('    </disk>');
+  }
+  lines.push('  </disks>', '</domainbackup>', '');
+  return lines.join('\n');
+}
+
+export interface PullExport {
+  target: string;
+  exportName: string;
+  /** dirty bitmap exported for an incremental (meta context `qemu:dirty-bitmap:NAME`) */
+  bitmap?: string;
+}
+
+/** Pure: export names of a running pull-mode job, from `virsh backup-dumpxml`. */
+export function parsePullExports(xml: string): { socket: string | null; exports: PullExport[] } {
+  const attr = (tag: string, name: string): string | undefined => {
+    const m = new RegExp(`\\s${name}=(?:'([^']*)'|"([^"]*)")`).exec(tag);
+    return m ? unesc(m[1] ?? m[2] ?? '') : undefined;
+  };
+  const server = /<server\b[^>]*>/.exec(xml)?.[0];
+  const out: PullExport[] = [];
+  for (const m of xml.matchAll(/<disk\b[^>]*>/g)) {
+    const tag = m[0];
+    if (attr(tag, 'backup') !== 'yes') continue;
+    const target = attr(tag, 'name');
+    const exportName = attr(tag, 'exportname') ?? target;
+    if (!target || !exportName) continue;
+    const bitmap = attr(tag, 'exportbitmap');
+    out.push({ target, exportName, ...(bitmap ? { bitmap } : {}) });
+  }
+  return { socket: server ? (attr(server, 'socket') ?? null) : null, exports: out };
+}
+
+function unesc(s: string): string {
+  return s.replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&apos;/g, "'").replace(/&quot;/g, '"').replace(/&amp;/g, '&');
+}
+
 export function buildCheckpointXml(name: string, bitmapTargets: readonly string[], allTargets: readonly string[], description = 'onestor-agent recovery snapshot'): string {
   checkName('checkpoint', name);
   const lines = ['<domaincheckpoint>', `  <name>${esc(name)}</name>`, `  <description>${esc(description)}</description>`, '  <disks>'];

@@ -44,6 +44,30 @@ export function parseImageInfo(json: string, file: string): ImageInfo {
   };
 }
 
+/** Pure: depth-0 ranges of `qemu-img map --output=json`, merged. */
+export function parseTopAllocation(json: string, file: string): Array<{ offset: number; length: number }> {
+  let entries: unknown;
+  try {
+    entries = JSON.parse(json);
+  } catch {
+    throw new OnestorError(ErrorCodes.QEMU_IMG, 'qemu-img map printed invalid JSON', { file });
+  }
+  if (!Array.isArray(entries)) throw new OnestorError(ErrorCodes.QEMU_IMG, 'qemu-img map JSON is not a list', { file });
+  const out: Array<{ offset: number; length: number }> = [];
+  for (const e of entries as Array<Record<string, unknown>>) {
+    const start = e['start'];
+    const length = e['length'];
+    if (typeof start !== 'number' || typeof length !== 'number' || typeof e['depth'] !== 'number') {
+      throw new OnestorError(ErrorCodes.QEMU_IMG, 'qemu-img map entry lacks start/length/depth', { file });
+    }
+    if (e['depth'] !== 0 || (e['data'] !== true && e['zero'] !== true)) continue;
+    const last = out[out.length - 1];
+    if (last && last.offset + last.length === start) last.length += length;
+    else out.push({ offset: start, length });
+  }
+  return out;
+}
+
 export class QemuImg {
   constructor(private readonly bin: string = 'qemu-img', private readonly signal?: AbortSignal) {}
 
@@ -91,6 +115,14 @@ export class QemuImg {
   /** Safe rebase: writes into `file` every cluster where old and new backing differ. */
   async rebase(file: string, backing: string, backingFormat = 'qcow2'): Promise<void> {
     await this.exec(['rebase', '-q', '-b', backing, '-F', backingFormat, file], file);
+  }
+
+  /**
+   * Guest ranges allocated in `file` itself (not its backing chain), read with -U while QEMU runs it.
+   * Data and zero clusters both count: either hides the backing file.
+   */
+  async topAllocation(file: string): Promise<Array<{ offset: number; length: number }>> {
+    return parseTopAllocation(await this.exec(['map', '-U', '--output=json', '-f', 'qcow2', file], file, { timeoutMs: 600_000 }), file);
   }
 
   async check(file: string): Promise<{ ok: boolean; leaks: number; corruptions: number; raw: string }> {

@@ -304,6 +304,16 @@ export class Virsh {
     return [...out.matchAll(/<(?:target|scratch)\s+file=(?:'([^']*)'|"([^"]*)")/g)].map((m) => unescapeXml(m[1] ?? m[2] ?? ''));
   }
 
+  /** `backup-dumpxml` of the running backup job, or null when none runs. */
+  async backupDumpXml(dom: string, ctx: CallContext = {}): Promise<string | null> {
+    try {
+      return (await this.call(['backup-dumpxml', dom], { ...ctx, domain: dom })).stdout;
+    } catch (e) {
+      if (virshErrorKind(e) === 'no-job' || /no (domain )?backup job/i.test((e as Error).message)) return null;
+      throw e;
+    }
+  }
+
   /**
    * A QMP command through libvirt (`qemu-monitor-command DOM JSON`); returns the parsed reply's `return`.
    * libvirt marks the domain tainted (custom-monitor) on the first use. Used only where libvirt 9.0 has no

@@ -31,6 +31,7 @@ import { statusPage } from './status-page.js';
 import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { publishFull, type PublishContext } from './publish.js';
+import { checkOverlayAlone } from './overlay-check.js';
 import { maybeSweep } from './sweep.js';
 import { SpaceLedger } from './reservations.js';
 import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
@@ -594,6 +595,7 @@ class ReceiverSession {
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
       const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
+      await checkOverlayAlone(d.paths, this.qemuImg, base1.file);
       const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
       d.vmDirId = r.vmDirId;
       manifest = r.manifest;

@@ -77,6 +77,7 @@ export interface DiskSession {
   readonly manifest: ReplicaManifest | null;
   readonly baseOnReplica: { size: number; sha256: string } | null;
   upload(kind: UploadKind, localPath: string, opts: UploadOptions): Promise<UploadResult>;
+  uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Buffer> }, opts: UploadOptions): Promise<UploadResult>;
   publishFull(args: PublishFullArgs): Promise<ReplicaManifest>;
   publishIncremental(args: PublishIncrementalArgs): Promise<ReplicaManifest>;
   /** Releases the replica's per-disk lock. */
@@ -222,6 +223,7 @@ export class ReceiverConnection {
       manifest: r.manifest,
       baseOnReplica: r.baseOnReplica,
       upload: (kind, localPath, opts) => conn.upload(kind, localPath, opts),
+      uploadStream: (kind, source, opts) => conn.uploadStream(kind, source, opts),
       publishFull: async (a) => (await conn.request(clientMessage.publishFull(a), publishOkSchema)).manifest,
       publishIncremental: async (a) =>
         (await conn.request(clientMessage.publishIncremental(a), publishOkSchema)).manifest,
@@ -311,6 +313,82 @@ export class ReceiverConnection {
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
       const sha256 = hash ? hash.digest('hex') : resumeHash ? await resumeHash : opts.sha256!;
       await this.write(encodeControl(clientMessage.end(sha256)));
+      const r = parseReply(endOkSchema, await verdict, 'end');
+      if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
+      return { bytes: size, sha256, resumedFrom: offset };
+    });
+  }
+
+  /**
+   * Streams bytes produced on the fly (a seed's qcow2 overlay read from the NBD export): the size is known
+   * up front, the digest is computed as the bytes pass. On a resume offset the source is replayed and only
+   * hashed up to that offset (it is deterministic while its backup job runs).
+   */
+  uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Buffer> }, opts: UploadOptions): Promise<UploadResult> {
+    return this.exclusive(async () => {
+      const size = source.size;
+      const putReply = this.nextReply();
+      putReply.catch(() => {});
+      await this.write(encodeControl({ type: 'put', kind, size, key: opts.key }));
+      const { offset } = parseReply(putOkSchema, await putReply, 'put');
+      if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond stream size ${size}`);
+      const hash = createHash('sha256');
+      let early: unknown = undefined;
+      let earlyArrived = false;
+      const verdict = this.nextReply().then(
+        (v) => {
+          earlyArrived = true;
+          early = v;
+          return v;
+        },
+        (e) => {
+          earlyArrived = true;
+          throw e;
+        },
+      );
+      verdict.catch(() => {});
+      const frame = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
+      let produced = 0;
+      let sent = offset;
+      try {
+        for await (const chunk of source.chunks) {
+          if (earlyArrived) break;
+          if (opts.signal?.aborted) {
+            const err = new OnestorError(ErrorCodes.ABORTED, 'upload aborted');
+            this.fail(err);
+            throw err;
+          }
+          if (produced + chunk.length > size) throw new OnestorError(ErrorCodes.SIZE, `stream grew beyond its announced ${size} bytes`);
+          hash.update(chunk);
+          const skip = Math.max(0, Math.min(chunk.length, offset - produced));
+          produced += chunk.length;
+          for (let at = skip; at < chunk.length; at += frame) {
+            const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
+            const [header, payload] = encodeData(piece);
+            this.socket?.cork();
+            this.output.write(header);
+            const written = this.write(payload);
+            this.socket?.uncork();
+            await written;
+            sent += piece.length;
+            opts.onProgress?.(sent, size);
+            const wait = this.bandwidth?.reserve(piece.length) ?? 0;
+            if (wait > 5) await new Promise((r) => setTimeout(r, wait));
+          }
+        }
+      } catch (e) {
+        // The receiver is mid-upload: the only clean way out is to drop the channel (it keeps what it got).
+        const err = e instanceof OnestorError ? e : new OnestorError(ErrorCodes.INTERNAL, describeError(e));
+        this.fail(err);
+        throw err;
+      }
+      if (earlyArrived) {
+        parseReply(endOkSchema, early ?? (await verdict), 'upload');
+        throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
+      }
+      if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);
+      const sha256 = hash.digest('hex');
+      await this.write(encodeControl({ type: 'end', sha256 }));
       const r = parseReply(endOkSchema, await verdict, 'end');
       if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
       return { bytes: size, sha256, resumedFrom: offset };

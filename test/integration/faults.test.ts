@@ -225,7 +225,8 @@ describe('replica-side faults', () => {
     await guestWrite(env.lv, vm.domainName, { offsetMiB: 70, lengthMiB: 8, pattern: 0x7e });
     const p = spawnAgent(['snapshot', '--vm', '62', '--json', '--full'], flags);
     const staging = path.join(vm.dsDir, '.onestor', '62');
-    while (!existsSync(path.join(staging, 'disk.0.full.qcow2')) && p.child.exitCode === null) await sleep(2);
+    // mid-job: the push target, or the pull-mode export (a full streams from it)
+    while (!existsSync(path.join(staging, 'disk.0.full.qcow2')) && !existsSync(path.join(staging, 'nbd.sock')) && p.child.exitCode === null) await sleep(2);
     await env.lv.virshOk(['destroy', vm.domainName]);
     const ex = await p.exited;
     expect(ex.code).toBe(1);

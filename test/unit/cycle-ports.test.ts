@@ -76,6 +76,9 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
         w.uploads.push({ kind, file });
         return { bytes: 10, resumedFrom: 0 };
       }),
+    uploadStream: async () => {
+      throw new Error('this fake cycle runs in push mode: no stream upload');
+    },
     publishFull: async (a) => {
       w.published.push({ mode: 'full', ...a });
       return manifest(a.checkpoint!);
@@ -107,6 +110,9 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
         checkpoints.push(req.checkpointName);
         return { checkpoint: req.checkpointName, consistency: 'crash-consistent', capturedAtMs: 5_000_000, jobMs: 1, thinMs: 1, disks: req.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, file: `${req.stagingDir}/disk.${d.diskId}.out`, virtualSize: d.virtualSize })) };
       },
+      capturePull: async () => {
+        throw new Error('this fake cycle runs in push mode (seedMode push): no pull-mode capture');
+      },
       clean: async (dir) => void w.calls.push(`clean ${dir}`),
     },
     locks: {
@@ -125,6 +131,8 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
     log: pino({ level: 'silent' }),
     hostName: 'host-a',
     stagingDirName: '.onestor',
+    // the staged (push) path: the pull-mode seed needs a real NBD export (test/integration/seed-pull.test.ts)
+    seedMode: 'push',
     captureTimeoutMs: 60_000,
     ...(opts.transferTimeoutMs ? { transferTimeoutMs: opts.transferTimeoutMs } : {}),
     stagingMinFreePercent: 5,

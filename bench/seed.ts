@@ -1,0 +1,147 @@
+/**
+ * Issue 14: a seed (first full copy, replica empty for the VM) side by side in one run, same disks:
+ *   ours pull  — pull-mode backup export streamed as a qcow2 overlay (the default);
+ *   ours push  — the staged push-mode copy + thinning (seedMode 'push'), once per size, for reference;
+ *   upstream   — snapshot-create-as + rsync of base and the frozen base.1 + blockcommit (bench/lib/upstream.ts).
+ * Our seeds run in-process as the daemon runs them, each on a fresh SSH connection (the pool is closed
+ * before every seed), so connect and receiver start are paid like upstream's rsync pays its ssh.
+ * Wire = every TCP byte through a counting relay in front of sshd (both methods go through it).
+ * Staging peak = allocated bytes under DS/.onestor/VMID sampled every 50 ms by this script.
+ * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
+ */
+import { readdir, rm, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { pino } from 'pino';
+import { buildContext } from '../agent/context.js';
+import { discover } from '../lib/discover/discover.js';
+import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
+import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
+import type { OneVm } from '../dev/one-layout.js';
+import { fillDisk, fsType, plainSshAccess, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
+import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';
+import { median, table } from './lib/stats.js';
+
+const SIZES = (process.argv[2] ?? '1,4').split(',').map(Number);
+const REPS = Number(process.argv[3] ?? 2);
+const BASE_MIB = 64;
+const MiB = 1048576;
+
+async function allocatedUnder(dir: string): Promise<number> {
+  let n = 0;
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    const st = await stat(path.join(dir, name)).catch(() => null);
+    if (st) n += st.blocks * 512;
+  }
+  return n;
+}
+
+async function main(): Promise<void> {
+  const env = await startAgentEnv({ name: 'bench-seed' });
+  const meter = await startTcpMeter(env.sshd.port);
+  const knownHosts = path.join(env.root, 'known_hosts.meter');
+  await writeFile(knownHosts, `[127.0.0.1]:${meter.port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
+  const ctx = await buildContext({
+    log: pino({ level: 'warn' }),
+    overrides: {
+      datastoreLocation: env.dsRoot,
+      stateDir: env.stateDir,
+      libvirtUri: env.lv.uri,
+      sshrcPaths: [path.join(env.root, 'sshrc')],
+      replica: { hostOverride: env.sshd.host, port: meter.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: knownHosts },
+    },
+  });
+  const rows: string[][] = [];
+  const lines: string[] = [];
+  try {
+    const plain = await plainSshAccess(env, meter.port);
+    console.log(`replica SNAPS on ${await fsType(env.snapsDir)}; load average ${(await sh('cat /proc/loadavg')).trim()}`);
+    for (const [i, gib] of SIZES.entries()) {
+      const dataMiB = Math.round(gib * 1024);
+      const virtMiB = dataMiB + BASE_MIB + 1024;
+      const mk = (id: number) => env.createVm({ vmId: id, disks: [{ diskId: 0, sizeMiB: virtMiB, freq: 60 }], noStart: true });
+      const vmP = await mk(600 + i);
+      const vmS = await mk(700 + i);
+      const vmU = await mk(800 + i);
+      const vms = [vmP, vmS, vmU];
+      try {
+        await fillDisk(vmP.disks[0]!, virtMiB, BASE_MIB, dataMiB, env.root);
+        for (const v of [vmS, vmU]) for (const f of ['base', 'base.1']) await sh(`cp --sparse=always ${q(path.join(vmP.disks[0]!.snapDir, f))} ${q(path.join(v.disks[0]!.snapDir, f))}`);
+        for (const v of vms) await v.start();
+        const base1Bytes = (await stat(vmP.disks[0]!.base1Path)).size;
+        const upDisk: UpstreamDisk = { domain: vmU.domainName, target: 'vda', vmId: vmU.vmId, diskId: 0, snapDir: vmU.disks[0]!.snapDir, basePath: vmU.disks[0]!.basePath, base1Path: vmU.disks[0]!.base1Path };
+
+        const ours = async (vm: OneVm, seedMode: 'pull' | 'push') => {
+          await rm(path.join(env.snapsDir, String(vm.vmId)), { recursive: true, force: true });
+          await ctx.replicas.closeAll();
+          const found = await discover({ datastoreLocation: env.dsRoot });
+          const disks = found.eligible.filter((d) => d.vmId === vm.vmId);
+          const deps: CycleDeps = { ...ctx.cycleDeps(), seedMode };
+          const staging = path.join(env.dsRoot, String(env.dsId), '.onestor', String(vm.vmId));
+          let peak = 0;
+          let sampling = true;
+          const sampler = (async () => {
+            while (sampling) {
+              peak = Math.max(peak, await allocatedUnder(staging));
+              await new Promise((r) => setTimeout(r, 50));
+            }
+          })();
+          meter.reset();
+          const t0 = performance.now();
+          const [o] = await runVmCycle(deps, { vmId: vm.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
+          const seconds = (performance.now() - t0) / 1000;
+          sampling = false;
+          await sampler;
+          if (!o?.ok || o.mode !== 'full') throw new Error(`seed of vm ${vm.vmId} failed: ${o?.error?.message ?? o?.mode}`);
+          const c = meter.counts();
+          return { seconds, wire: c.up + c.down, peak };
+        };
+        const upstream = async () => {
+          await rm(path.join(env.snapsDir, String(vmU.vmId)), { recursive: true, force: true });
+          meter.reset();
+          const r = await upstreamCycle(env.lv, upDisk, plain, env.snapsDir);
+          const c = meter.counts();
+          return { seconds: r.seconds, wire: c.up + c.down, peak: NaN };
+        };
+
+        const res: Record<string, Array<{ seconds: number; wire: number; peak: number }>> = { pull: [], push: [], upstream: [] };
+        for (let r = 0; r < REPS; r++) {
+          res['pull']!.push(await ours(vmP, 'pull'));
+          res['upstream']!.push(await upstream());
+          if (r === 0) res['push']!.push(await ours(vmS, 'push'));
+          const last = (k: string) => res[k]![res[k]!.length - 1]!;
+          const line = `${gib} GiB #${r + 1}: pull ${last('pull').seconds.toFixed(2)} s, upstream ${last('upstream').seconds.toFixed(2)} s${r === 0 ? `, push ${last('push').seconds.toFixed(2)} s` : ''}`;
+          console.log(line);
+          lines.push(line);
+        }
+        const up = median(res['upstream']!.map((x) => x.seconds));
+        for (const [k, label] of [['pull', 'ours, pull-mode stream'], ['push', 'ours, push-mode staged (old)'], ['upstream', 'upstream snapshot+rsync']] as const) {
+          const xs = res[k]!;
+          const s = xs.map((x) => x.seconds);
+          const peak = Math.max(...xs.map((x) => x.peak));
+          rows.push([
+            `${gib} GiB (base.1 ${(base1Bytes / MiB).toFixed(0)} MiB, base ${BASE_MIB} MiB, disk ${virtMiB} MiB)`,
+            label,
+            `${median(s).toFixed(2)} (${Math.min(...s).toFixed(2)}–${Math.max(...s).toFixed(2)})`,
+            `${(median(s) / up).toFixed(2)}x`,
+            (median(xs.map((x) => x.wire)) / MiB).toFixed(1),
+            Number.isNaN(peak) ? '-' : (peak / MiB).toFixed(1),
+          ]);
+        }
+      } finally {
+        for (const v of vms) await v.destroy().catch(() => {});
+        await sh(`rm -rf ${vms.map((v) => `${q(v.vmDir)} ${q(path.join(env.snapsDir, String(v.vmId)))}`).join(' ')}`);
+      }
+    }
+  } finally {
+    await ctx.replicas.closeAll();
+    await meter.close();
+    await env.stop();
+  }
+  console.log(`\nSeed (replica empty for the VM: base + base.1 sent), median (min–max) of ${REPS} for pull and upstream, 1 run of push; load average at the end ${(await sh('cat /proc/loadavg')).trim()}\n`);
+  console.log(table(['data in base.1', 'method', 'seconds', 'vs upstream', 'wire MiB', 'staging peak MiB'], rows));
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,275 @@
+/**
+ * Seed without staging (issue 14): a pull-mode backup job exports the point-in-time view of every due disk
+ * of the VM over NBD (one instant for all, a new checkpoint created atomically with it); each disk's thin
+ * base.1 is streamed from that export as a qcow2 overlay built on the fly, so nothing of disk size is written
+ * on the hypervisor. QEMU keeps in a scratch file only what the guest overwrites while the job runs.
+ *
+ * What goes into the overlay. libvirt 9.0 exports `base:allocation` only (not `qemu:allocation-depth`), so
+ * which ranges live in base.1 itself comes from `qemu-img map -U` of the running base.1, read right after the
+ * job started. That map may show more than at the instant (clusters the guest allocated since): harmless,
+ * their content is read from the point-in-time view, which there equals what base shows. It may show less
+ * only for clusters whose L2 entry QEMU had not yet written to the file — writes the guest has not flushed,
+ * which a crash at that instant could lose as well; with the guest agent, the freeze flushes them first.
+ * Zero ranges of the point-in-time view (`base:allocation`) become zero clusters: no data read or sent.
+ * Incrementals in the same job (a VM with one disk due for a full and another for an incremental) use the
+ * exported dirty bitmap (`qemu:dirty-bitmap:NAME`) and the same writer, with the placeholder backing name
+ * the replica rebases.
+ *
+ * A pull job never ends by itself: end() aborts it, and libvirt then removes the NBD socket and the
+ * scratch files. A job left by a killed agent is recognised by its scratch files in our staging dir and
+ * aborted by the next cycle (clearStaleJob).
+ */
+import { mkdir, statfs, readdir, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { buildCheckpointXml, buildPullBackupXml, parsePullExports, type PullDiskPlan } from '../libvirt/backup-xml.js';
+import { NbdClient, type Extent } from '../libvirt/nbd-client.js';
+import { NBD_STATE_ZERO } from '../libvirt/nbd-protocol.js';
+import { overlayRuns, planQcow2Overlay, type Qcow2StreamPlan } from '../libvirt/qcow2-writer.js';
+import type { QemuImg } from '../libvirt/qemu-img.js';
+import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
+import type { Consistency, CycleMode } from '../shared/model.js';
+import { cleanStagingDir, clearStaleJob, findDiskBySource, type CaptureLibvirt, type CaptureRequest } from './capture.js';
+import { overlayStream } from './overlay-stream.js';
+
+/** What must stay free beyond minFreePercent for the scratch files: guest writes during the seed. */
+export const PULL_SCRATCH_RESERVE = 64 * 1024 * 1024;
+
+export interface PulledDisk {
+  diskId: number;
+  target: string;
+  mode: CycleMode;
+  virtualSize: number;
+  /** exact size of the overlay stream */
+  size: number;
+  dataBytes: number;
+  zeroBytes: number;
+  /** the overlay bytes; call once */
+  stream(signal?: AbortSignal): AsyncIterable<Buffer>;
+}
+
+export interface PullCapture {
+  checkpoint: string;
+  consistency: Consistency;
+  freezeNote?: string;
+  capturedAtMs: number;
+  /** backup-begin + maps + plans */
+  jobMs: number;
+  disks: PulledDisk[];
+  /** peak bytes of the staging dir seen by the watchdog (scratch files) */
+  stagingPeak(): number;
+  /** Ends the job (abort is how a pull job ends), waits until libvirt dropped it, removes staging. Idempotent. */
+  end(): Promise<void>;
+}
+
+export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: CaptureRequest): Promise<PullCapture> {
+  const log = req.log ?? (() => {});
+  const now = req.now ?? Date.now;
+  const dom = req.domainName;
+  const ctx = { vm: req.vmId };
+  const view = req.domain ?? (await lv.domainView(dom));
+  const allTargets = view.disks.map((d) => d.target);
+  const plans: Array<(typeof req.disks)[number] & { target: string; scratch: string }> = [];
+  for (const d of req.disks) {
+    const hit = d.target ? view.disks.find((x) => x.target === d.target) : await findDiskBySource(view.disks, d.base1Path);
+    if (!hit) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} has no disk on ${d.base1Path}`, { ...ctx, disk: d.diskId, field: 'devices/disk/source' });
+    plans.push({ ...d, target: hit.target, scratch: path.join(req.stagingDir, `${hit.target}.scratch`) });
+  }
+  const socketPath = path.join(req.stagingDir, 'nbd.sock');
+
+  await clearStaleJob(lv, req);
+  await cleanStagingDir(req.stagingDir);
+  await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
+
+  let jobStarted = false;
+  let ended = false;
+  const clients: NbdClient[] = [];
+  let peak = 0;
+  let watchdog: NodeJS.Timeout | null = null;
+  const end = async (): Promise<void> => {
+    if (ended) return;
+    ended = true;
+    if (watchdog) clearInterval(watchdog);
+    await Promise.all(clients.map((c) => c.close().catch(() => {})));
+    if (jobStarted) {
+      await lv.abortJob(dom).catch(() => {});
+      for (let i = 0; i < 200 && (await lv.jobActive(dom).catch(() => false)); i++) await sleep(50);
+    }
+    await cleanStagingDir(req.stagingDir).catch(() => {});
+  };
+
+  try {
+    // Only the scratch files need room: what the guest overwrites while the seed runs.
+    const fs = await statfs(req.stagingDir);
+    const bsize = Number(fs.bsize);
+    const free = Number(fs.bavail) * bsize;
+    const keepFree = Math.ceil((Number(fs.blocks) * bsize * req.minFreePercent) / 100);
+    if (free - PULL_SCRATCH_RESERVE < keepFree) {
+      throw new OnestorError(ErrorCodes.NOSPACE, `staging ${req.stagingDir} has ${mib(free)} MiB free; a seed needs ${mib(PULL_SCRATCH_RESERVE)} MiB for scratch and ${mib(keepFree)} MiB (${req.minFreePercent}%) must stay free`, ctx);
+    }
+
+    const pullPlans: PullDiskPlan[] = allTargets.map((t) => ({ target: t, mode: null }));
+    for (const p of plans) {
+      const pp = pullPlans.find((x) => x.target === p.target)!;
+      pp.mode = p.mode;
+      pp.scratchFile = p.scratch;
+      if (p.mode === 'incremental') {
+        if (!p.parentCheckpoint) throw new OnestorError(ErrorCodes.INTERNAL, 'incremental without parent', { ...ctx, disk: p.diskId });
+        pp.incrementalFrom = p.parentCheckpoint;
+      }
+    }
+    let backupXml: string;
+    try {
+      backupXml = buildPullBackupXml(pullPlans, socketPath);
+    } catch (e) {
+      throw new OnestorError(ErrorCodes.CAPTURE, describeError(e), ctx);
+    }
+    const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
+
+    let consistency: Consistency = 'crash-consistent';
+    let freezeNote: string | undefined;
+    let frozen = false;
+    const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
+    if (!req.tryFreeze) freezeNote = 'freeze disabled';
+    else if (!hasAgent) freezeNote = 'no guest agent channel';
+    const t0 = now();
+    const yieldReason = await req.shouldYield?.();
+    if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
+    try {
+      if (hasAgent) {
+        const r = await lv.fsFreeze(dom);
+        if (r.frozen) frozen = true;
+        else freezeNote = r.why;
+      }
+      jobStarted = true;
+      await lv.backupBegin(dom, backupXml, checkpointXml, false);
+    } catch (e) {
+      jobStarted = false;
+      throw e;
+    } finally {
+      if (frozen) {
+        await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
+        await lv.fsThaw(dom).catch(() => {});
+      }
+    }
+    if (frozen) consistency = 'filesystem-frozen';
+
+    // The export holds the domain's job for the whole transfer, and a live migration waits for that job at
+    // most 30 s: stop streaming when a migration wants the domain (E_YIELDED), as the push job is aborted.
+    // The scratch files grow with guest writes: stop the seed before they eat what must stay free (E_NOSPACE).
+    const abortOnSpace = new AbortController();
+    let stopWith: OnestorError | null = null;
+    let polling = false;
+    watchdog = setInterval(() => {
+      if (polling || stopWith) return;
+      polling = true;
+      void (async () => {
+        const used = await dirBytes(req.stagingDir);
+        peak = Math.max(peak, used);
+        const s = await statfs(req.stagingDir).catch(() => null);
+        if (s && Number(s.bavail) * Number(s.bsize) < keepFree) {
+          stopWith = new OnestorError(ErrorCodes.NOSPACE, `staging filesystem fell below ${mib(keepFree)} MiB free while the guest wrote during the seed; seed stopped`, ctx);
+        } else {
+          const why = await req.shouldYield?.().catch(() => null);
+          if (why) {
+            log({ vm: req.vmId, reason: why }, 'ending the pull-mode export to let a migration through');
+            stopWith = new OnestorError(ErrorCodes.YIELDED, `seed stopped: ${why}`, ctx);
+          }
+        }
+        if (stopWith) abortOnSpace.abort();
+      })()
+        .catch(() => {})
+        .finally(() => (polling = false));
+    }, 250);
+    watchdog.unref();
+
+    const xml = await lv.backupDumpXml(dom);
+    if (!xml) throw new OnestorError(ErrorCodes.CAPTURE, 'pull-mode backup job vanished right after it started', ctx);
+    const exported = parsePullExports(xml);
+    const out: PulledDisk[] = [];
+    for (const p of plans) {
+      const ex = exported.exports.find((e) => e.target === p.target);
+      if (!ex) throw new OnestorError(ErrorCodes.CAPTURE, `backup job exports no ${p.target}`, { ...ctx, disk: p.diskId });
+      const dirtyCtx = ex.bitmap ? `qemu:dirty-bitmap:${ex.bitmap}` : null;
+      if (p.mode === 'incremental' && !dirtyCtx) throw new OnestorError(ErrorCodes.CAPTURE, `incremental export of ${p.target} has no dirty bitmap`, { ...ctx, disk: p.diskId });
+      // The overlay's ranges: right after the instant (see the header comment).
+      const allocated = p.mode === 'full' ? await qemuImg.topAllocation(p.base1Path) : null;
+      const client = await NbdClient.connect({ socketPath, exportName: ex.exportName, metaContexts: ['base:allocation', ...(dirtyCtx ? [dirtyCtx] : [])], signal: req.signal });
+      clients.push(client);
+      if (client.size !== p.virtualSize) log({ vm: req.vmId, disk: p.diskId, export: client.size, planned: p.virtualSize }, 'export size differs from qemu-img info; using the export');
+      const zero = (await client.map('base:allocation')).filter((e) => e.flags & NBD_STATE_ZERO);
+      const ranges: Array<{ offset: number; length: number }> = allocated ?? (await client.map(dirtyCtx!)).filter((e: Extent) => e.flags & 1);
+      const runs = overlayRuns(client.size, 65536, ranges, zero);
+      const plan: Qcow2StreamPlan = planQcow2Overlay({
+        virtualSize: client.size,
+        backingFile: p.mode === 'full' ? `disk.${p.diskId}.snap/base` : 'base.1.next',
+        backingFormat: 'qcow2',
+        runs,
+      });
+      const zeroBytes = runs.filter((r) => r.kind === 'zero').reduce((n, r) => n + r.length, 0);
+      let used = false;
+      out.push({
+        diskId: p.diskId,
+        target: p.target,
+        mode: p.mode,
+        virtualSize: client.size,
+        size: plan.fileSize,
+        dataBytes: plan.dataClusters * plan.clusterSize,
+        zeroBytes,
+        stream: (signal?: AbortSignal) => {
+          if (used) throw new OnestorError(ErrorCodes.INTERNAL, 'overlay stream opened twice');
+          used = true;
+          // the NBD client already fails every read on req.signal; the stream also stops on the caller's and the watchdog's
+          const stop = anySignal([abortOnSpace.signal, ...(signal ? [signal] : [])]);
+          return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop }), abortOnSpace.signal, () => stopWith);
+        },
+      });
+    }
+    return { checkpoint: req.checkpointName, consistency, freezeNote, capturedAtMs: t0, jobMs: now() - t0, disks: out, stagingPeak: () => peak, end };
+  } catch (e) {
+    await end();
+    if (jobStarted) {
+      const names = await lv.checkpointNames(dom).catch(() => [] as string[]);
+      if (names.includes(req.checkpointName)) {
+        await lv.checkpointDelete(dom, req.checkpointName).catch(() => lv.checkpointDelete(dom, req.checkpointName, { metadataOnly: true }).catch(() => {}));
+      }
+    }
+    throw e;
+  }
+}
+
+/** Turns the watchdog's abort into its reason (E_NOSPACE, E_YIELDED) instead of a generic abort. */
+async function* stoppable(src: AsyncGenerator<Buffer>, stop: AbortSignal, reason: () => OnestorError | null): AsyncGenerator<Buffer> {
+  try {
+    for await (const b of src) {
+      if (stop.aborted) break;
+      yield b;
+    }
+  } catch (e) {
+    if (!stop.aborted) throw e;
+  }
+  if (stop.aborted) throw reason() ?? new OnestorError(ErrorCodes.ABORTED, 'seed stopped');
+}
+
+function anySignal(signals: AbortSignal[]): AbortSignal {
+  const c = new AbortController();
+  for (const s of signals) {
+    if (s.aborted) c.abort();
+    else s.addEventListener('abort', () => c.abort(), { once: true });
+  }
+  return c.signal;
+}
+
+/** Allocated bytes of the files directly in `dir` (the scratch files). */
+async function dirBytes(dir: string): Promise<number> {
+  let n = 0;
+  for (const name of await readdir(dir).catch(() => [] as string[])) {
+    const st = await stat(path.join(dir, name)).catch(() => null);
+    if (st?.isFile()) n += st.blocks * 512;
+  }
+  return n;
+}
+
+function mib(n: number): number {
+  return Math.round(n / 1048576);
+}

@@ -1,0 +1,67 @@
+/** The overlay byte stream over a fake range reader: exact bytes, order, padding, reader faults. */
+import { describe, expect, it } from 'vitest';
+import { overlayStream } from '../../lib/cycle/overlay-stream.js';
+import { planQcow2Overlay } from '../../lib/libvirt/qcow2-writer.js';
+
+const cs = 65536;
+const plan = planQcow2Overlay({
+  virtualSize: 40 * cs + 512,
+  backingFile: 'disk.0.snap/base',
+  backingFormat: 'qcow2',
+  runs: [
+    { start: 0, length: 5 * cs, kind: 'data' },
+    { start: 8 * cs, length: 2 * cs, kind: 'zero' },
+    { start: 40 * cs, length: 512, kind: 'data' }, // partial tail cluster
+  ],
+});
+const byteAt = (off: number) => (off * 31 + (off >> 16)) & 0xff;
+const reader = async (offset: number, length: number) => {
+  const b = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) b[i] = byteAt(offset + i);
+  return b;
+};
+
+async function collect(it: AsyncIterable<Buffer>): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const b of it) parts.push(b);
+  return Buffer.concat(parts);
+}
+
+describe('overlayStream', () => {
+  it('emits metadata then each data cluster in guest order, the tail zero-padded, exactly fileSize bytes', async () => {
+    const reads: Array<[number, number]> = [];
+    const out = await collect(overlayStream(plan, async (o, l) => (reads.push([o, l]), reader(o, l)), { readSize: 2 * cs, depth: 3 }));
+    expect(out.length).toBe(plan.fileSize);
+    expect(reads).toEqual([
+      [0, 2 * cs],
+      [2 * cs, 2 * cs],
+      [4 * cs, cs],
+      [40 * cs, 512],
+    ]);
+    const data = out.subarray(plan.metadataBytes);
+    for (let i = 0; i < 5 * cs; i += 997) expect(data[i]).toBe(byteAt(i));
+    expect(data.subarray(5 * cs, 5 * cs + 512)).toEqual(await reader(40 * cs, 512));
+    expect(data.subarray(5 * cs + 512).every((b) => b === 0)).toBe(true);
+  });
+
+  it('a reader returning the wrong length fails the stream', async () => {
+    await expect(collect(overlayStream(plan, async (o, l) => reader(o, l - 1)))).rejects.toThrow(/returned/);
+  });
+
+  it('a reader failure propagates, and reads already in flight do not become unhandled rejections', async () => {
+    let n = 0;
+    const failing = async (o: number, l: number) => {
+      if (n++ === 1) throw new Error('EIO from the export');
+      return reader(o, l);
+    };
+    await expect(collect(overlayStream(plan, failing, { readSize: cs, depth: 4 }))).rejects.toThrow(/EIO/);
+  });
+
+  it('stops with E_ABORTED when the signal fires', async () => {
+    const ac = new AbortController();
+    const consume = async () => {
+      for await (const b of overlayStream(plan, reader, { readSize: cs, signal: ac.signal })) if (b.length) ac.abort();
+    };
+    await expect(consume()).rejects.toMatchObject({ code: 'E_ABORTED' });
+  });
+});
