@@ -66,21 +66,21 @@ export interface PullDiskPlan {
  * only what the guest overwrites meanwhile (copy-before-write into the scratch file).
  */
 export function buildPullBackupXml(disks: readonly PullDiskPlan[], socketPath: string): string {
-  if (!disks.some((d) => d.mode)) throw new Error('backup job without any disk');
-  if (!socketPath.startsWith('/')) throw new Error('NBD socket path must be absolute');
+  if (!disks.some((d) => d.mode)) throw new OnestorError(ErrorCodes.INTERNAL, 'backup job without any disk');
+  if (!socketPath.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, 'NBD socket path must be absolute');
   // sun_path holds 108 bytes including the NUL: a longer path cannot be bound at all
-  if (Buffer.byteLength(socketPath) > 107) throw new Error(`NBD socket path is longer than 107 bytes: ${socketPath}`);
+  if (Buffer.byteLength(socketPath) > 107) throw new OnestorError(ErrorCodes.PATH, `NBD socket path is longer than 107 bytes: ${socketPath}`);
   const lines = ["<domainbackup mode='pull'>", `  <server transport='unix' socket='${esc(socketPath)}'/>`, '  <disks>'];
   for (const d of disks) {
-    if (!TARGET_RE.test(d.target)) throw new Error(`invalid disk target ${JSON.stringify(d.target)}`);
+    if (!TARGET_RE.test(d.target)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(d.target)}`);
     if (!d.mode) {
       lines.push(`    <disk name='${esc(d.target)}' backup='no'/>`);
       continue;
     }
-    if (!d.scratchFile || !d.scratchFile.startsWith('/')) throw new Error(`disk ${d.target}: scratch file must be absolute`);
+    if (!d.scratchFile || !d.scratchFile.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: scratch file must be absolute`);
     let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
     if (d.mode === 'incremental') {
-      if (!d.incrementalFrom) throw new Error(`disk ${d.target}: incremental without parent checkpoint`);
+      if (!d.incrementalFrom) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: incremental without parent checkpoint`);
       checkName('checkpoint', d.incrementalFrom);
       attrs += ` incremental='${esc(d.incrementalFrom)}'`;
     }

@@ -329,7 +329,7 @@ export class ReceiverConnection {
       const size = source.size;
       const putReply = this.nextReply();
       putReply.catch(() => {});
-      await this.write(encodeControl({ type: 'put', kind, size, key: opts.key }));
+      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key })));
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond stream size ${size}`);
       const hash = createHash('sha256');
@@ -388,7 +388,7 @@ export class ReceiverConnection {
       }
       if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);
       const sha256 = hash.digest('hex');
-      await this.write(encodeControl({ type: 'end', sha256 }));
+      await this.write(encodeControl(clientMessage.end(sha256)));
       const r = parseReply(endOkSchema, await verdict, 'end');
       if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
       return { bytes: size, sha256, resumedFrom: offset };
