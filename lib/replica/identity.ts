@@ -1,5 +1,5 @@
 /**
- * Who is writing, as sshd authenticated it (DESIGN §6). PURE: no I/O; cmd-receive/receiver-main read the
+ * Who is writing, as sshd authenticated it (DESIGN §6). PURE: no I/O; agent/commands/receive.ts and agent/receiver-main.ts read the
  * SSH_USER_AUTH file and pass its text in.
  *
  * The writer's identity is one string, from three disjoint namespaces (a host name cannot contain ':' or '('):
