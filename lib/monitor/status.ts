@@ -25,6 +25,8 @@ export interface StatusRow {
   /** cycle in progress (queued, running, ...), shown beside the verdict */
   phase: string | null;
   detail: string;
+  /** the stable code of a non-ok verdict (the cycle's error code, E_OVERDUE, ...), as the probe prints it */
+  code: string | null;
   failCount: number;
 }
 
@@ -57,10 +59,14 @@ export function buildStatus(input: {
     const last = s?.lastSuccess;
     const phase = s?.phase ?? null;
     let detail: string;
-    if (v.kind === 'failing') detail = `${s?.failCount ?? 0}x ${s?.lastError?.message ?? s?.lastError?.code ?? ''}`;
+    if (v.kind === 'failing') detail = `${s?.failCount ?? 0}x ${v.message ?? ''}`; // "CODE: message", as the probe says it
     else if (v.kind === 'overdue') detail = `older than ${v.freqSeconds}s + last cycle + grace`;
     else if (v.kind === 'never') detail = 'no snapshot yet';
-    else if (v.kind === 'daemon-down') detail = 'daemon not running';
+    else if (v.kind === 'daemon-down') {
+      // the verdict is the daemon's, but a failure the last cycle recorded (a CLI snapshot) still shows
+      const e = s?.lastError;
+      detail = e && (!last || e.at >= last.finishedAt) ? `daemon not running; last cycle failed ${s.failCount}x ${e.code}: ${e.message}` : 'daemon not running';
+    }
     else detail = last?.consistency ?? '';
     if (phase) detail = `${s?.progress ? `${phase} ${pct(s.progress.sent, s.progress.total)}` : phase}; ${detail}`;
     // someone else's publish forced a full within the last day: say so beside whatever else is shown
@@ -79,12 +85,13 @@ export function buildStatus(input: {
       health: v.kind,
       phase,
       detail,
+      code: v.code ?? null,
       failCount: s?.failCount ?? 0,
     });
   }
   for (const i of input.ineligible) {
     if (i.protectionRequested === false) continue;
-    rows.push({ vm: i.vmId, disk: i.diskId ?? -1, freq: null, age: null, overdue: false, nextDue: null, lastMode: null, lastBytes: null, lastMs: null, consistency: null, health: 'not-eligible', phase: null, detail: i.reason, failCount: 0 });
+    rows.push({ vm: i.vmId, disk: i.diskId ?? -1, freq: null, age: null, overdue: false, nextDue: null, lastMode: null, lastBytes: null, lastMs: null, consistency: null, health: 'not-eligible', phase: null, detail: i.reason, code: 'E_NOT_ELIGIBLE', failCount: 0 });
   }
   rows.sort((a, b) => a.vm - b.vm || a.disk - b.disk);
   const problems = rows.filter((r) => r.overdue || r.health === 'failing' || r.health === 'not-eligible').length;

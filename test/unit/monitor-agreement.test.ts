@@ -57,6 +57,8 @@ const eligible: EligibleDisk[] = FIXTURE.map(({ d }) => ({
 
 interface Seen {
   status: string;
+  /** the code status shows ('ok' when none) */
+  statusCode: string;
   probe: string; // 'ok' or the ERROR_CODE
   prometheusOk: number;
 }
@@ -70,7 +72,7 @@ function outputs(state: AgentState) {
   const host = parseOneTemplate(hostAgentLines({ now: NOW, state, stateFile: '/st/state.json', probeVersion: 't' }, a).join('\n'))[0]!.value as Record<string, string>;
   const prom = metricsText(a, NOW, state.host);
   const seen = new Map<string, Seen>();
-  for (const r of status.rows) seen.set(`${r.vm}.${r.disk}`, { status: r.health, probe: '', prometheusOk: -1 });
+  for (const r of status.rows) seen.set(`${r.vm}.${r.disk}`, { status: r.health, statusCode: r.code ?? 'ok', probe: '', prometheusOk: -1 });
   for (const l of parseOneTemplate(vmLines.join('\n'))) {
     const v = l.value as Record<string, string>;
     for (const d of parseOneTemplate(Buffer.from(v.MONITOR!, 'base64').toString())) {
@@ -90,7 +92,7 @@ describe('status, probe lines and Prometheus agree on the same state', () => {
     const { status, host, seen, gauge } = outputs(stateWith(10));
     for (const { d, want, what } of FIXTURE) {
       const s = seen.get(`${d.vmId}.${d.diskId}`)!;
-      expect({ what, ...s }).toEqual({ what, status: want, probe: CODE[want], prometheusOk: want === 'ok' ? 1 : 0 });
+      expect({ what, ...s }).toEqual({ what, status: want, statusCode: CODE[want], probe: CODE[want], prometheusOk: want === 'ok' ? 1 : 0 });
     }
     const notOk = FIXTURE.filter((f) => f.want !== 'ok').length;
     const overdue = status.rows.filter((r) => r.overdue).length;
@@ -111,8 +113,16 @@ describe('status, probe lines and Prometheus agree on the same state', () => {
   it('daemon down (heartbeat 200 s old): every disk is daemon-down in the three outputs', () => {
     const { status, host, seen, gauge } = outputs(stateWith(200));
     expect([status.daemon.alive, host.STATUS, gauge('onestor_agent_up')]).toEqual([false, 'DOWN', 0]);
-    for (const { d } of FIXTURE) expect(seen.get(`${d.vmId}.${d.diskId}`)).toEqual({ status: 'daemon-down', probe: 'E_AGENT_DOWN', prometheusOk: 0 });
+    for (const { d } of FIXTURE) expect(seen.get(`${d.vmId}.${d.diskId}`)).toEqual({ status: 'daemon-down', statusCode: 'E_AGENT_DOWN', probe: 'E_AGENT_DOWN', prometheusOk: 0 });
     expect(host.MSG).toMatch(/^ERROR onestor-agent is not running \(last heartbeat 200 s ago, limit 180 s/);
+  });
+
+  it('daemon down: status still names the last cycle\'s failure (a CLI snapshot recorded it) beside the verdict', () => {
+    const { status } = outputs(stateWith(200));
+    const row = status.rows.find((r) => r.vm === 8 && r.disk === 0)!;
+    expect([row.health, row.code]).toEqual(['daemon-down', 'E_AGENT_DOWN']);
+    expect(row.detail).toBe('daemon not running; last cycle failed 2x E_SSH: replica unreachable');
+    expect(status.rows.find((r) => r.vm === 7 && r.disk === 0)!.detail).toBe('daemon not running');
   });
 
   it('the grace the daemon recorded in the state is the one everybody uses', () => {
@@ -120,7 +130,7 @@ describe('status, probe lines and Prometheus agree on the same state', () => {
     s.daemon!.grace = { minSec: 1000, percent: 0 };
     const { seen } = outputs(s);
     // limit 600 + 5 + 1000 = 1605 s: 2000 s old is still overdue, 700 s old is now ok
-    expect(seen.get('7.1')).toEqual({ status: 'overdue', probe: 'E_OVERDUE', prometheusOk: 0 });
-    expect(seen.get('9.1')).toEqual({ status: 'ok', probe: 'ok', prometheusOk: 1 });
+    expect(seen.get('7.1')).toEqual({ status: 'overdue', statusCode: 'E_OVERDUE', probe: 'E_OVERDUE', prometheusOk: 0 });
+    expect(seen.get('9.1')).toEqual({ status: 'ok', statusCode: 'ok', probe: 'ok', prometheusOk: 1 });
   });
 });
