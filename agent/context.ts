@@ -17,7 +17,6 @@ import type { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { StateStore } from '../lib/cycle/state.js';
 import { TokenBucket, bytesPerSecFromMBps } from '../lib/transfer/throttle.js';
 import type { CycleDeps, ReplicaPort } from '../lib/cycle/cycle.js';
-import { localCyclePorts } from '../lib/cycle/ports.js';
 import { describeError, OnestorError, ErrorCodes } from '../lib/shared/errors.js';
 
 /** package.json's version, read once in lib/shared/version.ts (the receiver reports the same). */
@@ -34,7 +33,8 @@ export interface AgentContext {
   state: StateStore;
   hostName: string;
   replicas: ReplicaPool;
-  cycleDeps(): CycleDeps;
+  /** what a cycle needs; its local ports (capture, digests, staging locks) load with the first cycle */
+  cycleDeps(): Promise<CycleDeps>;
 }
 
 /** Keeps one connection per replica address; reconnects transparently when it dropped. */
@@ -157,10 +157,11 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
     state,
     hostName,
     replicas,
-    cycleDeps: () => ({
+    cycleDeps: async () => ({
       libvirt,
       qemuImg,
-      ...localCyclePorts(libvirt, qemuImg),
+      // capture, digests (node:crypto) and staging locks: an idle daemon never needs them
+      ...(await import('../lib/cycle/ports.js')).localCyclePorts(libvirt, qemuImg),
       replicaFor: (h) => replicas.get(h),
       state,
       log: opts.log,

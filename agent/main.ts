@@ -1,17 +1,30 @@
 #!/usr/bin/env node
 /**
  * onestor-agent entry (the launcher install.sh writes runs this file). Parsing and dispatch are in
- * cli.ts; this file only runs them and sets the exit code.
+ * agent/dispatch.ts; this file only picks the command table, runs it and sets the exit code.
+ *
+ * `onestor-agent probe KIND` (how OpenNebula's probe wrappers call it, every minute on every host) goes to
+ * agent/probe-cli.ts, which the build makes into one file: nothing else of the agent is loaded for it.
+ * Any other shape of command line goes to agent/cli.ts, which knows every command (probe included).
+ * No static import here: the entry loads exactly one of the two.
  */
-import { runCli } from './cli.js';
-import { Exit } from './exit-codes.js';
+import module from 'node:module';
 
-runCli(process.argv.slice(2)).then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (e: unknown) => {
-    process.stderr.write(`onestor-agent: ${e instanceof Error ? e.message : String(e)}\n`);
-    process.exitCode = Exit.FAILED;
-  },
-);
+// Node >= 22.1 can keep the compiled code of the modules loaded below in a cache on disk (its default
+// directory, or NODE_COMPILE_CACHE); Node 18 and 20 have no such call. A cache it cannot use is ignored.
+(module as { enableCompileCache?: () => unknown }).enableCompileCache?.();
+
+const argv = process.argv.slice(2);
+const cli: Promise<{ runCli(argv: string[]): Promise<number> }> = argv[0] === 'probe' ? import('./probe-cli.js') : import('./cli.js');
+
+cli
+  .then((c) => c.runCli(argv))
+  .then(
+    (code) => {
+      process.exitCode = code;
+    },
+    async (e: unknown) => {
+      process.stderr.write(`onestor-agent: ${e instanceof Error ? e.message : String(e)}\n`);
+      process.exitCode = (await import('./exit-codes.js')).Exit.FAILED;
+    },
+  );

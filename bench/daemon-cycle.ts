@@ -52,7 +52,7 @@ async function main(): Promise<void> {
         const disks = found.eligible.filter((d) => d.vmId === vmO.vmId);
         const cycle = async () => {
           const t0 = performance.now();
-          const [o] = await runVmCycle(ctx.cycleDeps(), { vmId: vmO.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
+          const [o] = await runVmCycle(await ctx.cycleDeps(), { vmId: vmO.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
           if (!o?.ok) throw new Error(`cycle failed: ${o?.error?.message}`);
           return { seconds: (performance.now() - t0) / 1000, mode: o.mode!, bytes: o.bytes ?? 0 };
         };

@@ -11,7 +11,7 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { renderDsXml, renderVmXml } from '../dev/one-layout.js';
@@ -21,13 +21,14 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const mainJs = path.resolve(process.argv[3] ?? path.join(here, '..', 'agent', 'main.js'));
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function rssKb(pid: number): number {
+function statusKb(pid: number, field = 'VmRSS'): number {
   try {
-    return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+    return Number(new RegExp(`${field}:\\s+(\\d+)`).exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
   } catch {
     return 0;
   }
 }
+const rssKb = (pid: number): number => statusKb(pid);
 
 const root = mkdtempSync(path.join(tmpdir(), 'onestor-bench-idle-'));
 try {
@@ -81,11 +82,13 @@ try {
     max = Math.max(max, kb);
     await sleep(1000);
   }
+  // what the resident set is made of: anonymous (heaps, malloc arenas, thread stacks) vs file pages (the node binary, shared libraries)
+  const parts = ['RssAnon', 'RssFile', 'VmHWM', 'Threads'].map((f) => `${f} ${f === 'Threads' ? statusKb(child.pid!, f) : (statusKb(child.pid!, f) / 1024).toFixed(1)}`).join(', ');
   child.kill('SIGTERM');
   await new Promise((r) => child.on('exit', r));
   samples.sort((a, b) => a - b);
   console.log(`entry: ${mainJs}`);
-  console.log(`real daemon idle, 200 disks / 50 VMs known, ${idleSec} s: RSS max ${(max / 1024).toFixed(1)} MiB, median ${(samples[Math.floor(samples.length / 2)]! / 1024).toFixed(1)} MiB (goal <= 60 MB)`);
+  console.log(`real daemon idle, 200 disks / 50 VMs known, ${idleSec} s: RSS max ${(max / 1024).toFixed(1)} MiB, median ${(samples[Math.floor(samples.length / 2)]! / 1024).toFixed(1)} MiB (goal <= 60 MB); at the end: ${parts}; NODE_OPTIONS=${process.env.NODE_OPTIONS ?? ''}; load average ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
   if (/"level":(50|60)/.test(stderr)) console.log(`daemon errors:\n${stderr.split('\n').filter((l) => /"level":(50|60)/.test(l)).slice(0, 5).join('\n')}`);
 } finally {
   rmSync(root, { recursive: true, force: true });

@@ -2,23 +2,29 @@
  * Probe run time through the REAL entry, as OpenNebula runs it: a launcher script like the one
  * install.sh writes (`exec node .../dist/agent/main.js "$@"`), `onestor-agent probe KIND` with monitord's
  * XML on stdin, a fresh process per run. Goal: <= 50 ms beyond Node start-up (`node -e 0`).
- * Cases: an empty state dir (agent never started: the probe looks for protected disks itself), 500
+ * Cases: an empty state dir (agent never started: the probe looks for protected disks itself) for each of
+ * the three kinds (replica-ds with its default walk cache, warm after the first run as every 60 s), 500
  * protected disks all ok, and 500 disks with the replica unreachable (every disk failing with E_SSH).
+ * Wall and CPU (user + system, children included) are medians, each beside `node -e 0` of the same run.
  *
- *   npm run build && node dist/bench/probe.js [runs=15] [entry=dist/agent/main.js]
+ *   npm run build && node dist/bench/probe.js [runs=15] [entry=dist/agent/main.js ...]
  *
- * The entry argument lets the same bench time another build (e.g. the previous release) side by side.
+ * More entries time other builds (e.g. the previous release) side by side, interleaved run by run.
  */
 import { spawnSync } from 'node:child_process';
 import { chmodSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const runs = Number(process.argv[2] ?? 15);
 const here = path.dirname(fileURLToPath(import.meta.url));
-const mainJs = path.resolve(process.argv[3] ?? path.join(here, '..', 'agent', 'main.js'));
+// one or more entries: with several (e.g. the previous build's), every case runs for each entry in the same
+// round, so a change of load on the shared machine hits them alike
+const entries = (process.argv.length > 3 ? process.argv.slice(3) : [path.join(here, '..', 'agent', 'main.js')]).map((e) => path.resolve(e));
 const GOAL_MS = 50;
+
+const signed = (x: number, digits = 0): string => `${x >= 0 ? '+' : ''}${x.toFixed(digits)}`;
 
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -26,17 +32,18 @@ function median(xs: number[]): number {
 }
 
 /**
- * Wall ms of one run, and CPU ms (user + system of the process and its children, from the shell's
- * `times`, 10 ms resolution): on a shared machine the wall time swings with the load, the CPU time less.
+ * Wall ms of one run, and CPU ms (user + system of the process and its children, from bash's `time`, which
+ * reads getrusage: millisecond resolution): on a shared machine the wall time swings with the load, the
+ * CPU time less.
  */
 function time(file: string, args: string[], input = ''): { wall: number; cpu: number } {
   const t0 = performance.now();
-  const r = spawnSync('sh', ['-c', '"$@" >/dev/null 2>/dev/null || exit 1; times', 'sh', file, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'] });
+  const r = spawnSync('bash', ['-c', 'TIMEFORMAT="%3U %3S"; time "$@" >/dev/null 2>/dev/null || exit 1', 'bash', file, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'] });
   const wall = performance.now() - t0;
   if (r.status !== 0) throw new Error(`${file} ${args.join(' ')}: exit ${r.status}: ${String(r.stderr)}`);
-  // second line: children's user and system time, e.g. "0m0.040s 0m0.010s"
-  const sec = [...String(r.stdout).split('\n')[1]!.matchAll(/(\d+)m([\d.]+)s/g)].reduce((a, m) => a + Number(m[1]) * 60 + Number(m[2]), 0);
-  return { wall, cpu: sec * 1000 };
+  const m = /([\d.]+) ([\d.]+)\s*$/.exec(String(r.stderr));
+  if (!m) throw new Error(`no times from bash: ${String(r.stderr)}`);
+  return { wall, cpu: (Number(m[1]) + Number(m[2])) * 1000 };
 }
 
 function stateWith(n: number, failing: boolean): string {
@@ -60,17 +67,20 @@ function stateWith(n: number, failing: boolean): string {
 
 const dir = mkdtempSync(path.join(tmpdir(), 'onestor-bench-probe-'));
 try {
-  // the launcher install.sh writes to /usr/local/bin/onestor-agent
-  const launcher = path.join(dir, 'onestor-agent');
-  writeFileSync(launcher, `#!/bin/sh\nexec node "${mainJs}" "$@"\n`);
-  chmodSync(launcher, 0o755);
+  // the launcher install.sh writes to /usr/local/bin/onestor-agent, one per entry
+  const launchers = entries.map((mainJs, i) => {
+    const launcher = path.join(dir, `onestor-agent-${i}`);
+    writeFileSync(launcher, `#!/bin/sh\nexec node "${mainJs}" "$@"\n`);
+    chmodSync(launcher, 0o755);
+    return launcher;
+  });
   const dsLoc = path.join(dir, 'datastores');
   mkdirSync(dsLoc);
   const xml = `<MONITORD_CONFIG><DATASTORE_LOCATION>${dsLoc}</DATASTORE_LOCATION></MONITORD_CONFIG>`;
   const cases: Array<[string, string[]]> = [];
   const empty = path.join(dir, 'empty-state');
   mkdirSync(empty);
-  cases.push(['empty state (never started), vm-snapshot', ['probe', 'vm-snapshot', '--state-dir', empty]]);
+  for (const kind of ['vm-snapshot', 'host-monitor', 'replica-ds']) cases.push([`empty state (never started), ${kind}`, ['probe', kind, '--state-dir', empty]]);
   for (const [name, failing] of [['500 disks, all ok', false], ['500 disks, replica unreachable (all E_SSH)', true]] as const) {
     const sd = path.join(dir, failing ? 'fail' : 'ok');
     mkdirSync(sd);
@@ -78,25 +88,29 @@ try {
     cases.push([`${name}, vm-snapshot`, ['probe', 'vm-snapshot', '--state-dir', sd]]);
     cases.push([`${name}, host-monitor`, ['probe', 'host-monitor', '--state-dir', sd]]);
   }
+  const load0 = loadavg().map((x) => x.toFixed(2)).join(' ');
   // warm the page cache once
   time(process.execPath, ['-e', '0']);
-  for (const [, a] of cases) time(launcher, a, xml);
+  for (const l of launchers) for (const [, a] of cases) time(l, a, xml);
   const base: Array<{ wall: number; cpu: number }> = [];
-  const results = new Map<string, Array<{ wall: number; cpu: number }>>(cases.map(([n]) => [n, []]));
+  const results = launchers.map(() => new Map<string, Array<{ wall: number; cpu: number }>>(cases.map(([n]) => [n, []])));
   for (let i = 0; i < runs; i++) {
     base.push(time(process.execPath, ['-e', '0']));
-    for (const [n, a] of cases) results.get(n)!.push(time(launcher, a, xml));
+    for (const [n, a] of cases) launchers.forEach((l, e) => results[e]!.get(n)!.push(time(l, a, xml)));
   }
   const bw = median(base.map((x) => x.wall));
   const bc = median(base.map((x) => x.cpu));
-  console.log(`entry: ${mainJs} (through a launcher script, as installed); medians of ${runs}`);
+  console.log(`medians of ${runs} runs through a launcher script (as installed); load average before/after: ${load0} / ${loadavg().map((x) => x.toFixed(2)).join(' ')}`);
   console.log(`node start-up (node -e 0): wall ${bw.toFixed(1)} ms, cpu ${bc.toFixed(0)} ms`);
-  for (const [n, xs] of results) {
-    const w = median(xs.map((x) => x.wall));
-    const c = median(xs.map((x) => x.cpu));
-    const extra = w - bw;
-    console.log(`${n}: wall ${w.toFixed(1)} ms, beyond start-up ${extra.toFixed(1)} ms (goal <= ${GOAL_MS} ms) ${extra <= GOAL_MS ? 'OK' : 'OVER'}; cpu ${c.toFixed(0)} ms (+${(c - bc).toFixed(0)})`);
-  }
+  entries.forEach((mainJs, e) => {
+    console.log(`entry: ${mainJs}`);
+    for (const [n, xs] of results[e]!) {
+      const w = median(xs.map((x) => x.wall));
+      const c = median(xs.map((x) => x.cpu));
+      const extra = w - bw;
+      console.log(`  ${n}: wall ${w.toFixed(1)} ms, beyond start-up ${signed(extra, 1)} ms (goal <= ${GOAL_MS} ms) ${extra <= GOAL_MS ? 'OK' : 'OVER'}; cpu ${c.toFixed(0)} ms (${signed(c - bc)} ms)`);
+    }
+  });
 } finally {
   rmSync(dir, { recursive: true, force: true });
 }

@@ -41,7 +41,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
         discover: discoverNow,
         runCycle: async (req, signal) => {
           const { runVmCycle } = await import('../../lib/cycle/cycle.js');
-          return runVmCycle(ctx.cycleDeps(), { ...req, signal });
+          return runVmCycle(await ctx.cycleDeps(), { ...req, signal });
         },
         reloadConfig: () =>
           loadConfig({ file: f.config, overrides: overrides as never }).then((c) => {

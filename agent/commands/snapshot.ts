@@ -30,7 +30,7 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     }
     const tty = process.stderr.isTTY && !f.json;
     let lastDraw = 0;
-    const outcomes = await runVmCycle(ctx.cycleDeps(), {
+    const outcomes = await runVmCycle(await ctx.cycleDeps(), {
       vmId,
       domainName: disks[0]!.domainName,
       dsDir: disks[0]!.dsDir,

@@ -9,8 +9,8 @@ import { AGENT_VERSION } from '../shared/version.js';
 import type { AgentState } from '../cycle/state.js';
 import { assessDaemon, type AssessInput, type ProtectedDisk } from './assessment.js';
 import { DEFAULT_DATASTORE_LOCATION, DEFAULT_STATE_FILE, dsLocationFromMonitordXml, parseProbeState, type Measured } from './probe-lines.js';
-import { PROTECTED_DISKS_SCRIPT, parseProtectedDisks } from './shell-discover.js';
-import { readFileBounded, runBounded } from './usage.js';
+import { PROTECTED_DISKS_SCRIPT, PROTECTED_DISKS_SH, parseProtectedDisks } from './shell-discover.js';
+import { runBounded } from './usage.js';
 
 export interface AgentProbeOptions {
   stateFile?: string;
@@ -41,22 +41,6 @@ export class Budget {
   }
 }
 
-export async function loadState(file: string, budget: Budget, errors: string[]): Promise<{ state: AgentState | null; stateError?: string }> {
-  // a blocked state read must leave time for discovery, which then names the disks
-  const r = await readFileBounded(file, budget.share(0.4));
-  if (!r.ok) {
-    errors.push(r.error);
-    return { state: null, stateError: r.timedOut ? `reading ${file} timed out after ${Math.round(r.ms)} ms` : r.error };
-  }
-  if (r.value === null) return { state: null, stateError: `no state file ${file} (agent not installed or never started)` };
-  try {
-    return { state: parseProbeState(r.value, file) };
-  } catch (e) {
-    errors.push(describeError(e));
-    return { state: null, stateError: describeError(e) };
-  }
-}
-
 /** Which disks asked for protection, by the shell reader in a bounded child (no second Node process). */
 export async function discoverBounded(dsLocation: string, budget: Budget): Promise<Measured<ProtectedDisk[]>> {
   const r = await runBounded('sh', ['-c', PROTECTED_DISKS_SCRIPT, 'sh', dsLocation], { deadlineMs: budget.left(), maxBytes: 16 * 1024 * 1024 });
@@ -69,19 +53,63 @@ export function dsLocationOf(opts: { datastoreLocation?: string; stdinXml?: stri
   return opts.datastoreLocation ?? (opts.stdinXml ? dsLocationFromMonitordXml(opts.stdinXml) : null) ?? DEFAULT_DATASTORE_LOCATION;
 }
 
+/** Printed by STATE_OR_DISCOVER_SCRIPT, instead of the state, when there is no state file. */
+export const NO_STATE_MARK = '#onestor-agent:no-state';
+
+/**
+ * One child for the common probe start: `sh -c SCRIPT sh STATE_FILE DATASTORE_LOCATION` prints the state
+ * file, or, when there is none (agent never started: the daemon cannot be alive), the mark and then the
+ * discovery lines. One process instead of a `cat` then a `sh`: each child costs a fork of this process and a
+ * scheduling round trip, most of a probe's time beyond Node's start-up on a loaded host.
+ */
+export const STATE_OR_DISCOVER_SCRIPT = `if [ -e "$1" ]; then exec cat -- "$1"; fi
+printf '%s\\n' '${NO_STATE_MARK}'
+${PROTECTED_DISKS_SH}
+onestor_protected_disks "$2"
+`;
+
 /** State, and discovery when the daemon is down: the input of assessment.assess(). */
 export async function agentInputs(opts: AgentProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<AssessInput> {
   const now = opts.now ?? Date.now() / 1000;
   const stateFile = opts.stateFile ?? DEFAULT_STATE_FILE;
+  const dsLocation = dsLocationOf(opts);
   let t = performance.now();
-  const { state, stateError } = await loadState(stateFile, budget, errors);
-  timings.state = performance.now() - t;
+  let loaded: { state: AgentState | null; stateError?: string } | undefined;
   let discovered: ProtectedDisk[] | undefined;
   let discoveryError: string | undefined;
+  // a blocked state read must leave time for discovery, which then names the disks (below)
+  const r = await runBounded('sh', ['-c', STATE_OR_DISCOVER_SCRIPT, 'sh', stateFile, dsLocation], { deadlineMs: budget.share(0.4), maxBytes: 64 * 1024 * 1024 + 1 });
+  timings.state = performance.now() - t;
+  if (r.ok && r.value.stdout.subarray(0, NO_STATE_MARK.length + 1).toString('latin1') === `${NO_STATE_MARK}\n`) {
+    loaded = { state: null, stateError: `no state file ${stateFile} (agent not installed or never started)` };
+    if (r.value.code === 0 && !r.value.truncated) discovered = parseProtectedDisks(r.value.stdout.subarray(NO_STATE_MARK.length + 1).toString('utf8'));
+    else {
+      discoveryError = r.value.truncated ? 'discovery failed: output too large' : `discovery failed: ${r.value.stderr.split('\n').pop() || `exit ${r.value.code}`}`;
+      errors.push(discoveryError);
+    }
+  } else if (r.ok && r.value.code === 0 && !r.value.truncated) {
+    try {
+      loaded = { state: parseProbeState(r.value.stdout.toString('utf8'), stateFile) };
+    } catch (e) {
+      errors.push(describeError(e));
+      loaded = { state: null, stateError: describeError(e) };
+    }
+  } else {
+    const error = !r.ok
+      ? r.timedOut
+        ? `reading ${stateFile} timed out after ${Math.round(r.ms)} ms`
+        : r.error
+      : r.value.truncated
+        ? `${stateFile} is larger than ${64 * 1024 * 1024} bytes`
+        : `cannot read ${stateFile}: ${r.value.stderr || `exit ${r.value.code}`}`;
+    errors.push(!r.ok ? r.error : error);
+    loaded = { state: null, stateError: error };
+  }
+  const { state, stateError } = loaded;
   // Only a dead daemon needs discovery: a live one keeps the list of protected disks in its state.
-  if (!assessDaemon(state, stateError, now, stateFile).alive) {
+  if (!discovered && !discoveryError && !assessDaemon(state, stateError, now, stateFile).alive) {
     t = performance.now();
-    const d = await discoverBounded(dsLocationOf(opts), budget);
+    const d = await discoverBounded(dsLocation, budget);
     timings.discovery = performance.now() - t;
     if (d.ok) discovered = d.value;
     else {

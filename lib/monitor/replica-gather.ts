@@ -41,18 +41,26 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
   const cacheFile = opts.cacheFile ?? DEFAULT_WALK_CACHE_FILE;
 
   let t = performance.now();
-  // driver settings: first existing sshrc (upstream keeps it in two places)
+  // Independent reads start together (each child is a fork and a scheduling round trip; in sequence they
+  // were most of this probe's time): the driver settings (first existing sshrc, upstream keeps it in two
+  // places), which datastores are monitored locally (numeric dirs with a .monitor file, as upstream), and
+  // the walk cache.
+  const sshrcPaths = opts.sshrcPaths ?? DEFAULT_SSHRC_PATHS;
+  const [sshrcReads, list, cacheRead] = await Promise.all([
+    Promise.all(sshrcPaths.map((p) => readFileBounded(p, budget.left(), 1024 * 1024))),
+    runBounded('find', [loc, '-mindepth', '2', '-maxdepth', '2', '-name', '.monitor', '-type', 'f', '-printf', '%h\\0'], { deadlineMs: budget.left(), maxBytes: 1024 * 1024 }),
+    readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024),
+  ]);
   let settings = { ...DEFAULT_DRIVER_SETTINGS };
   let settingsError: string | undefined;
-  for (const p of opts.sshrcPaths ?? DEFAULT_SSHRC_PATHS) {
-    const r = await readFileBounded(p, budget.left(), 1024 * 1024);
+  for (const [i, r] of sshrcReads.entries()) {
     if (!r.ok) {
       settingsError = r.error;
       break;
     }
     if (r.value === null) continue;
     try {
-      settings = parseSshrc(r.value, p).settings;
+      settings = parseSshrc(r.value, sshrcPaths[i]!).settings;
     } catch (e) {
       settingsError = describeError(e);
     }
@@ -60,9 +68,6 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
   }
   timings.sshrc = performance.now() - t;
 
-  // which datastores are monitored locally: numeric dirs with a .monitor file (as upstream)
-  t = performance.now();
-  const list = await runBounded('find', [loc, '-mindepth', '2', '-maxdepth', '2', '-name', '.monitor', '-type', 'f', '-printf', '%h\\0'], { deadlineMs: budget.left(), maxBytes: 1024 * 1024 });
   const dsIds: number[] = [];
   if (list.ok) {
     for (const dir of list.value.stdout.toString('utf8').split('\0')) {
@@ -70,15 +75,16 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
       if (/^\d+$/.test(id) && path.dirname(dir) === loc.replace(/\/+$/, '')) dsIds.push(Number(id));
     }
   } else errors.push(list.error);
-  const marks = await Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096)));
   const snapsDir = settings.REPLICA_RECOVERY_SNAPS_DIR;
   const fsPaths = [loc, ...dsIds.map((id) => path.join(loc, String(id))), snapsDir];
-  const figures = await statfsBounded(fsPaths, budget.left());
+  const [marks, figures] = await Promise.all([
+    Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096))),
+    statfsBounded(fsPaths, budget.left()),
+  ]);
   timings.statfs = performance.now() - t;
 
   // walks: cached, redone after ttl; a failed refresh keeps reporting the error (not an old figure)
   t = performance.now();
-  const cacheRead = await readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024);
   let cache: WalkCache = { version: 1, walks: {} };
   if (cacheRead.ok && cacheRead.value) {
     try {

@@ -118,11 +118,59 @@ describe('layout of the code', () => {
       if (m) offenders.push(`${[...via, f].join(' -> ')} imports ${m[1]}`);
       for (const s of text.matchAll(staticRe)) walk(path.normalize(path.join(path.dirname(f), s[1]!)).replace(/\.js$/, '.ts'), [...via, f]);
     };
-    for (const entry of ['agent/main.ts', 'agent/commands/probe.ts']) walk(entry, []);
+    for (const entry of ['agent/main.ts', 'agent/probe-cli.ts', 'agent/commands/probe.ts']) walk(entry, []);
     expect(offenders).toEqual([]);
     // and the entry reaches commands only through import(): nothing of `run` or `snapshot` loads for a probe
     expect(seen.has('agent/commands/run.ts')).toBe(false);
     expect(seen.has('agent/context.ts')).toBe(false);
+    // main.ts loads one command table, never both: `probe` does not even load the table of the others
+    expect(seen.has('agent/cli.ts')).toBe(false);
+  });
+
+  it('the probe entry (built into one file) reaches by import() only the probe path, plus the logger it never builds', () => {
+    // dev/bundle-probe.ts inlines these; any other import() there would be left out of the bundle
+    const dynRe = /import\(\s*['"](\.{1,2}\/[^'"]+)['"]\s*\)/g;
+    const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"](\.{1,2}\/[^'"]+)['"]/g;
+    const seen = new Set<string>();
+    const dynamic: string[] = [];
+    const walk = (f: string) => {
+      if (seen.has(f)) return;
+      seen.add(f);
+      const text = readFileSync(path.join(repo, f), 'utf8');
+      const resolve = (s: string) => path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts');
+      for (const m of text.matchAll(staticRe)) walk(resolve(m[1]!));
+      for (const m of text.matchAll(dynRe)) {
+        const t = resolve(m[1]!);
+        dynamic.push(`${f} -> ${t}`);
+        if (/^(agent\/commands\/probe|lib\/monitor\/(replica-gather|prometheus)|lib\/shared\/version)\.ts$/.test(t)) walk(t);
+      }
+    };
+    walk('agent/probe-cli.ts');
+    const outside = dynamic.filter((d) => !/-> (agent\/commands\/probe|lib\/monitor\/(replica-gather|prometheus)|lib\/shared\/(version|log)|lib\/replica\/stdio)\.ts$/.test(d));
+    expect(outside).toEqual([]);
+    // those two are for commands that log, reached only from agent/dispatch.ts (so their relative path stays valid from the bundle)
+    expect(dynamic.filter((d) => /-> lib\/(shared\/log|replica\/stdio)\.ts$/.test(d)).every((d) => d.startsWith('agent/dispatch.ts ->'))).toBe(true);
+  });
+
+  it('the idle daemon loads no transfer, cycle or capture code (they load with the first cycle)', () => {
+    // static imports from the `run` command: what a daemon that never runs a cycle keeps in memory
+    const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]/g;
+    const seen = new Set<string>();
+    const packages = new Set<string>();
+    const walk = (f: string) => {
+      if (seen.has(f)) return;
+      seen.add(f);
+      const text = readFileSync(path.join(repo, f), 'utf8');
+      for (const m of text.matchAll(staticRe)) {
+        const s = m[1]!;
+        if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
+        else if (!s.startsWith('node:')) packages.add(s);
+      }
+    };
+    walk('agent/commands/run.ts');
+    expect([...packages].filter((p) => p === 'ssh2' || p.startsWith('ssh2/'))).toEqual([]);
+    const cycleOnly = ['lib/transfer/replica-client.ts', 'lib/cycle/cycle.ts', 'lib/cycle/ports.ts', 'lib/cycle/capture.ts', 'lib/cycle/digest.ts', 'lib/cycle/rebuild.ts', 'lib/protocol/protocol.ts'];
+    expect(cycleOnly.filter((f) => seen.has(f))).toEqual([]);
   });
 
   it('imports resolve to files that exist', () => {
