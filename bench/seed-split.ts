@@ -30,7 +30,7 @@ async function main(): Promise<void> {
     const vm = await env.createVm({ vmId: 9, disks: [{ diskId: 0, sizeMiB: mib + 1024, freq: 60 }], noStart: true });
     await fillDisk(vm.disks[0]!, mib + 1024, 0, mib, env.root);
     await vm.start();
-    const deps = ctx.cycleDeps();
+    const deps = await ctx.cycleDeps();
     let ck = 0;
     const pull = () =>
       capturePull(deps.libvirt, ctx.qemuImg, {

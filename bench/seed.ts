@@ -75,7 +75,7 @@ async function main(): Promise<void> {
           await ctx.replicas.closeAll();
           const found = await discover({ datastoreLocation: env.dsRoot });
           const disks = found.eligible.filter((d) => d.vmId === vm.vmId);
-          const deps: CycleDeps = { ...ctx.cycleDeps(), seedMode };
+          const deps: CycleDeps = { ...(await ctx.cycleDeps()), seedMode };
           const staging = path.join(env.dsRoot, String(env.dsId), '.onestor', String(vm.vmId));
           let peak = 0;
           let sampling = true;

@@ -230,14 +230,14 @@ describe('yielding to a migration', () => {
       const found = await discover({ datastoreLocation: env.dsRoot });
       const disks = found.eligible.filter((d) => d.vmId === 62);
       const req = { vmId: 62, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
-      const [first] = await runVmCycle(ctx.cycleDeps(), req);
+      const [first] = await runVmCycle(await ctx.cycleDeps(), req);
       expect(first?.ok, first?.error?.message).toBe(true);
       const published = await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'));
       const checkpointsBefore = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim();
 
       await guestWrite(env.lv, vm.domainName, { offsetMiB: 150, lengthMiB: 4, pattern: 0x73 });
       const ac = new AbortController();
-      const cycle = runVmCycle(ctx.cycleDeps(), { ...req, forceFull: true, signal: ac.signal });
+      const cycle = runVmCycle(await ctx.cycleDeps(), { ...req, forceFull: true, signal: ac.signal });
       await waitFor('the NBD socket', () => exists(path.join(stagingOf(62), 'nbd.sock')));
       await sleep(1000); // bytes are flowing (8 MB/s for ~100 MiB)
       expect(await jobType(vm.domainName)).toBe('Unbounded');
@@ -278,7 +278,7 @@ describe('a migration wants the domain while a seed streams', () => {
       const found = await discover({ datastoreLocation: env.dsRoot });
       const disks = found.eligible.filter((d) => d.vmId === 63);
       const req = { vmId: 63, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
-      const cycle = runVmCycle(ctx.cycleDeps(), req);
+      const cycle = runVmCycle(await ctx.cycleDeps(), req);
       await waitFor('the NBD socket', () => exists(path.join(stagingOf(63), 'nbd.sock')));
       await sleep(1000);
       expect(await jobType(vm.domainName)).toBe('Unbounded');
