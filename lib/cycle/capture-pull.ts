@@ -21,7 +21,6 @@
  */
 import { mkdir, statfs, readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { buildCheckpointXml, buildPullBackupXml, parsePullExports, type PullDiskPlan } from '../libvirt/backup-xml.js';
 import { NbdClient, type Extent } from '../libvirt/nbd-client.js';
 import { NBD_STATE_ZERO } from '../libvirt/nbd-protocol.js';
@@ -29,7 +28,7 @@ import { overlayRuns, planQcow2Overlay, type Qcow2StreamPlan } from '../libvirt/
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
 import type { Consistency, CycleMode } from '../shared/model.js';
-import { cleanStagingDir, clearStaleJob, findDiskBySource, type CaptureLibvirt, type CaptureRequest } from './capture.js';
+import { abortOwnJob, cleanStagingDir, clearStaleJob, findDiskBySource, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
 import { overlayStream } from './overlay-stream.js';
 
 /** What must stay free beyond minFreePercent for the scratch files: guest writes during the seed. */
@@ -92,8 +91,9 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
     if (watchdog) clearInterval(watchdog);
     await Promise.all(clients.map((c) => c.close().catch(() => {})));
     if (jobStarted) {
-      await lv.abortJob(dom).catch(() => {});
-      for (let i = 0; i < 200 && (await lv.jobActive(dom).catch(() => false)); i++) await sleep(50);
+      // only while the job is still ours: `yield` may have aborted it and a migration may hold the domain now
+      await abortOwnJob(lv, dom, req.stagingDir).catch(() => false);
+      await waitOwnJobGone(lv, dom, req.stagingDir, 200);
     }
     await cleanStagingDir(req.stagingDir).catch(() => {});
   };

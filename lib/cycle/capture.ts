@@ -264,9 +264,9 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     return { checkpoint: req.checkpointName, consistency, freezeNote, capturedAtMs, jobMs, thinMs: now() - t1, disks: out };
   } catch (e) {
     // Never leave a job running or a half-made checkpoint behind.
-    if (jobStarted && !jobDone) await lv.abortJob(dom).catch(() => {});
+    if (jobStarted && !jobDone) await abortOwnJob(lv, dom, req.stagingDir).catch(() => false);
     if (jobStarted) {
-      for (let i = 0; i < 100 && (await lv.jobActive(dom).catch(() => false)); i++) await sleep(50);
+      await waitOwnJobGone(lv, dom, req.stagingDir, 100);
       const names = await lv.checkpointNames(dom).catch(() => [] as string[]);
       if (names.includes(req.checkpointName)) {
         await lv.checkpointDelete(dom, req.checkpointName).catch(() => lv.checkpointDelete(dom, req.checkpointName, { metadataOnly: true }).catch(() => {}));
@@ -275,6 +275,29 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     await cleanStagingDir(req.stagingDir).catch(() => {});
     throw e;
   }
+}
+
+/**
+ * Aborts the domain's job only while it is our backup job (its target or scratch files in our staging dir).
+ * `virsh domjobabort` aborts whatever job the domain runs: once ours has ended (aborted by `yield`, or
+ * finished), the next job may be the live migration that waited for it, and aborting that would fail the
+ * migration ("canceled by client"). False when no job of ours runs.
+ */
+export async function abortOwnJob(lv: Pick<CaptureLibvirt, 'backupTargets' | 'abortJob'>, dom: string, stagingDir: string): Promise<boolean> {
+  if (!isOwnJob(await lv.backupTargets(dom).catch(() => [] as string[]), stagingDir)) return false;
+  await lv.abortJob(dom);
+  return true;
+}
+
+/** Pure: a backup job is ours when every target/scratch file lies in this cycle's staging dir. */
+export function isOwnJob(targets: readonly string[], stagingDir: string): boolean {
+  const ours = path.resolve(stagingDir) + path.sep;
+  return targets.length > 0 && targets.every((t) => path.resolve(t).startsWith(ours));
+}
+
+/** Waits until no backup job of ours runs (another job, e.g. a migration, may run: not ours to wait for). */
+export async function waitOwnJobGone(lv: Pick<CaptureLibvirt, 'backupTargets'>, dom: string, stagingDir: string, polls: number): Promise<void> {
+  for (let i = 0; i < polls && isOwnJob(await lv.backupTargets(dom).catch(() => [] as string[]), stagingDir); i++) await sleep(50);
 }
 
 /**

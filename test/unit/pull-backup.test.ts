@@ -1,4 +1,5 @@
 /** Pure pieces of the pull-mode seed: backup XML, export names from backup-dumpxml, qemu-img map's top layer. */
+import { abortOwnJob, isOwnJob } from '../../lib/cycle/capture.js';
 import { describe, expect, it } from 'vitest';
 import { buildPullBackupXml, parsePullExports } from '../../lib/libvirt/backup-xml.js';
 import { parseTopAllocation } from '../../lib/libvirt/qemu-img.js';
@@ -71,5 +72,34 @@ describe('qemu-img map: ranges of the top layer', () => {
     expect(() => parseTopAllocation('not json', 'f')).toThrow(/invalid JSON/);
     expect(() => parseTopAllocation('{}', 'f')).toThrow(/not a list/);
     expect(() => parseTopAllocation('[{"start":0}]', 'f')).toThrow(/lacks/);
+  });
+});
+
+describe('whose backup job it is (domjobabort aborts whatever job runs: a migration must never be hit)', () => {
+  const staging = '/ds/100/.onestor/61';
+  it('ours: every target or scratch file lies in this cycle\'s staging dir', () => {
+    expect(isOwnJob([`${staging}/vda.scratch`, `${staging}/vdb.scratch`], staging)).toBe(true);
+    expect(isOwnJob([`${staging}/../61/vda.out`], staging)).toBe(true);
+  });
+  it('not ours: no backup job (a migration shows no backup targets), another VM\'s dir, a prefix look-alike, an escape', () => {
+    expect(isOwnJob([], staging)).toBe(false);
+    expect(isOwnJob(['/ds/100/.onestor/62/vda.scratch'], staging)).toBe(false);
+    expect(isOwnJob(['/ds/100/.onestor/610/vda.scratch'], staging)).toBe(false);
+    expect(isOwnJob([`${staging}/../../../etc/x`], staging)).toBe(false);
+    expect(isOwnJob([`${staging}/vda.scratch`, '/var/lib/one/backup/vdb.qcow2'], staging)).toBe(false);
+  });
+  it('abortOwnJob aborts only then; a failing lookup counts as "not ours"', async () => {
+    const calls: string[] = [];
+    const lv = (targets: string[] | Error) => ({
+      backupTargets: async () => {
+        if (targets instanceof Error) throw targets;
+        return targets;
+      },
+      abortJob: async (d: string) => void calls.push(d),
+    });
+    expect(await abortOwnJob(lv([`${staging}/vda.scratch`]), 'one-61', staging)).toBe(true);
+    expect(await abortOwnJob(lv([]), 'one-61', staging)).toBe(false);
+    expect(await abortOwnJob(lv(new Error('virsh failed')), 'one-61', staging)).toBe(false);
+    expect(calls).toEqual(['one-61']);
   });
 });
