@@ -46,6 +46,8 @@ const OPTIONS = {
   'log-level': { type: 'string' },
   'host-name': { type: 'string' },
   seconds: { type: 'string' },
+  // yield: the destination host of the migration, to release the VM's lineages to
+  to: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];

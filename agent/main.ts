@@ -19,10 +19,12 @@ Commands:
   list [--json]            discovery only: which disks are protected, which are not and why
   snapshot --vm ID [--disk N] [--full] [--json]
                            take one snapshot cycle now and print what it did
-  yield --vm ID [--seconds N]
+  yield --vm ID [--seconds N] [--to HOST]
                            let a live migration of the VM through: no backup job of ours holds
                            it (a running one is aborted), new cycles wait until the VM has left
-                           this host or N s pass (default 600); run by the migration hook
+                           this host or N s pass (default 600); with --to, release the VM's
+                           lineages on the replica to HOST (the destination), which then goes
+                           on incrementally (expires after 24 h); run by the migration hook
   receive                  replica side: the receiver run by sshd (authorized_keys forced command)
   probe <vm-snapshot|host-monitor|replica-ds>
                            OpenNebula monitoring probe output (reads state, never snapshots)

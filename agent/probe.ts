@@ -28,7 +28,7 @@ import {
   type ProtectedDisk,
   type ReplicaDsInput,
 } from '../lib/monitor/probe-lines.js';
-import { LEDGER_DIR, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../lib/shared/ledger.js';
+import { LEDGER_DIR, HANDOVERS_FILE, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../lib/shared/ledger.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS, parseSshrc } from '../lib/config/sshrc.js';
 import type { AgentState } from '../lib/cycle/state.js';
 import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary } from '../lib/monitor/usage.js';
@@ -303,10 +303,15 @@ async function readLedger(snapsDir: string, now: number, budget: Budget): Promis
     if (r.value.code !== 0 && !/No such file or directory/.test(r.value.stderr)) return { ok: false, error: r.value.stderr || `find exited ${r.value.code}` };
     return { ok: true, value: r.value.stdout.toString('utf8') };
   };
-  const [w, t] = await Promise.all([catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024), catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES)]);
+  const [w, t, h] = await Promise.all([
+    catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024),
+    catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES),
+    catAll(dir, `${HANDOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES),
+  ]);
   return {
     writers: w.ok ? { ok: true, value: w.value.split('\n').map(parseWriterRecord).filter((x): x is NonNullable<typeof x> => x !== null) } : w,
     takeovers: t.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(t.value), now) } : t,
+    handovers: h.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(h.value), now) } : h,
   };
 }
 

@@ -328,7 +328,7 @@ export interface ReplicaDsInput {
     bookkeeping?: Measured<BookkeepingSummary & { measuredAt: number }>;
   };
   /** who writes to this replica and the lineage take-overs (SNAPS/.onestor/ownership, written by the receiver) */
-  ledger?: { writers: Measured<WriterRecord[]>; takeovers: Measured<TakeoverSummary> };
+  ledger?: { writers: Measured<WriterRecord[]>; takeovers: Measured<TakeoverSummary>; /** hand-overs on an owner's release (live migration); absent: not measured */ handovers?: Measured<TakeoverSummary> };
 }
 
 /** At most this many writer lines (a cluster has one per hypervisor key). */
@@ -363,6 +363,8 @@ export function ledgerLines(ledger: NonNullable<ReplicaDsInput['ledger']>): stri
       pairs.push(['LAST_AT', String(Math.round(t.last.at))], ['LAST_VM', t.last.vm], ['LAST_DISK', t.last.disk], ['LAST_FROM', t.last.from], ['LAST_TO', t.last.to]);
     }
   } else msgs.push(`take-overs: ${ledger.takeovers.error}`);
+  if (ledger.handovers?.ok) pairs.push(['HANDOVERS_24H', ledger.handovers.value.recent], ['HANDOVERS_LOGGED', ledger.handovers.value.logged]);
+  else if (ledger.handovers) msgs.push(`hand-overs: ${ledger.handovers.error}`);
   if (msgs.length) pairs.push(['MSG', `ERROR ${msgs.join('; ')}`]);
   out.push(vectorAttribute('ONESTOR_REPLICA_OWNERSHIP', pairs));
   return out;

@@ -155,7 +155,7 @@ describe('ownership', () => {
   const p = replicaPaths('/snaps', 7, 0);
   it('first publish claims the lineage (history from nobody), no take-over', () => {
     const r = ownershipForPublish(null, 'hvA', 'ck1', 100, 'a'.repeat(32));
-    expect(r).toEqual({ fields: { owner: 'hvA', token: 'a'.repeat(32), history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1' }] }, takeover: null });
+    expect(r).toEqual({ fields: { owner: 'hvA', token: 'a'.repeat(32), history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1', kind: 'claim' }] }, takeover: null, handover: null });
   });
   it('the owner publishing again keeps history and gets a new token each time', () => {
     const prev = { owner: 'hvA', history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1' }] };
