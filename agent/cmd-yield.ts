@@ -45,6 +45,8 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     }
     if (domainId === null) {
       process.stdout.write(`VM ${vmId}: domain ${domain} does not run on this host; nothing to yield\n`);
+      // a late hook (the migration already done): the lineage is still ours until someone publishes
+      await release();
       return Exit.OK;
     }
     const now = Math.floor(Date.now() / 1000);
@@ -80,13 +82,17 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
     }
     const note = foreign.length ? `; a job that is not ours runs (${foreign.join(', ')})` : '';
     process.stdout.write(`VM ${vmId}: yielding until the domain leaves this host or for ${seconds} s; no backup job of ours runs${aborted ? ' (aborted one)' : ''}${note}\n`);
-    if (f.to !== undefined) {
+    await release();
+    return Exit.OK;
+
+    async function release(): Promise<void> {
+      const to = f.to;
+      if (to === undefined) return;
       const disks = found.eligible.filter((d) => d.vmId === vmId);
       if (disks.length === 0) process.stdout.write(`VM ${vmId}: no protected disk here; no lineage to release\n`);
-      const outcomes = await releaseVmDisks({ vmId, disks, to: f.to, replicaFor: (h) => ctx.replicas.get(h), log });
-      for (const o of outcomes) process.stdout.write(`VM ${vmId} disk ${o.diskId}: ${o.released ? o.note : `not released (${o.note}); ${f.to} will take a full`}\n`);
+      const outcomes = await releaseVmDisks({ vmId, disks, to, replicaFor: (h) => ctx.replicas.get(h), log });
+      for (const o of outcomes) process.stdout.write(`VM ${vmId} disk ${o.diskId}: ${o.released ? o.note : `not released (${o.note}); ${to} will take a full`}\n`);
     }
-    return Exit.OK;
   } finally {
     await ctx.replicas.closeAll();
   }
