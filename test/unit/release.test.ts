@@ -234,3 +234,64 @@ describe('the destination named by a migration command line', () => {
     }
   });
 });
+
+describe('the receiver answers release in process (no lineage, no open disk)', () => {
+  it('release before open is a protocol violation; on a disk without a lineage it is E_RELEASE and the session goes on', async () => {
+    const { mkdtemp, rm } = await import('node:fs/promises');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { rawPeer } = await import('../helpers/receiver-session.js');
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'onestor-release-'));
+    try {
+      const a = rawPeer(dir, { identity: 'hv-a' });
+      expect(await a.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'hv-a' })).toMatchObject({ type: 'ok', identity: 'hv-a' });
+      expect(await a.ask({ type: 'open', vm: 7, disk: 0 })).toMatchObject({ type: 'ok', manifest: null });
+      expect(await a.ask({ type: 'release', to: 'hv-b', ttlSec: 60 })).toMatchObject({ type: 'error', code: 'E_RELEASE' });
+      expect(await a.ask({ type: 'close' })).toEqual({ type: 'ok' });
+      expect(await a.ask({ type: 'bye' })).toEqual({ type: 'ok' });
+      expect(await a.done).toBe(0);
+
+      const b = rawPeer(dir, { identity: 'hv-b' });
+      await b.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'hv-b' });
+      expect(await b.ask({ type: 'release', to: 'hv-a', ttlSec: 60 })).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+      expect(await b.done).not.toBe(0);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('the migrate hook passes only a plain destination name to the remote shell', () => {
+  it('a hostile HOSTNAME in the history is not sent (no --to); a plain one is', async () => {
+    const { mkdtemp, rm, writeFile, readFile } = await import('node:fs/promises');
+    const os = await import('node:os');
+    const path = await import('node:path');
+    const { run } = await import('../../lib/shared/exec.js');
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'onestor-hook-'));
+    try {
+      const ssh = path.join(dir, 'ssh');
+      await writeFile(ssh, `#!/bin/sh\nprintf '%s\\n' "$@" > ${dir}/args\n`, { mode: 0o755 });
+      const hook = path.resolve('hooks', 'yield-on-migrate');
+      const xml = (dst: string) => `<VM><ID>7</ID><HISTORY_RECORDS><HISTORY><HOSTNAME>hv-a</HOSTNAME></HISTORY><HISTORY><HOSTNAME><![CDATA[${dst}]]></HOSTNAME></HISTORY></HISTORY_RECORDS></VM>`;
+      const go = async (dst: string) => {
+        await rm(path.join(dir, 'args'), { force: true });
+        const r = await run(hook, [Buffer.from(xml(dst)).toString('base64')], { env: { ONESTOR_HOOK_SSH: ssh, PATH: process.env.PATH ?? '' }, timeoutMs: 20_000 });
+        expect(r.code, r.stderr).toBe(0);
+        return { args: (await readFile(path.join(dir, 'args'), 'utf8')).split('\n').filter(Boolean), stderr: r.stderr };
+      };
+      expect((await go('hv-b')).args.slice(-2)).toEqual(['--to', 'hv-b']);
+      for (const hostile of ['hv-b;touch pwned', '$(id)', 'hv b', '-x']) {
+        const r = await go(hostile);
+        expect(r.args, hostile).not.toContain('--to');
+        expect(r.args.join(' '), hostile).not.toContain(hostile);
+        expect(r.stderr).toMatch(/no lineage release/);
+      }
+      // the source is ssh's host argument: an option-looking name is refused outright
+      const bad = await run(hook, [Buffer.from(xml('hv-b').replace('<HOSTNAME>hv-a<', '<HOSTNAME>-oProxyCommand=id<')).toString('base64')], { env: { ONESTOR_HOOK_SSH: ssh, PATH: process.env.PATH ?? '' }, timeoutMs: 20_000 });
+      expect(bad.code).not.toBe(0);
+      expect(bad.stderr).toMatch(/not a plain host name/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
