@@ -50,6 +50,8 @@ const OPTIONS = {
   state: { type: 'string' },
   'deadline-ms': { type: 'string' },
   prometheus: { type: 'string' },
+  // yield: the destination host of the migration, to release the VM's lineages to
+  to: { type: 'string' },
 } as const;
 
 export type Flags = ReturnType<typeof parseFlags>['values'];

@@ -8,7 +8,10 @@
  * The test process (host namespace) sees neither at dsRoot (an empty mount point there): it reaches each
  * host's files through `hostDsRoot`, so a helper that forgets which host it works on fails loudly instead
  * of silently reading the other host's disk. Agents run inside their host's mount namespace (nsenter -m)
- * with their own state dir and host name; both talk to one replica (one sshd on loopback).
+ * with their own state dir and host name; both talk to one replica (one sshd on loopback), each with its OWN
+ * key, bound on the replica to its own name (`receive --host hv-a` / `hv-b`, the host's OpenNebula name), as
+ * in production: the replica tells the hosts apart, so continuity across a migration rests on the lineage
+ * release (issue 13), not on a shared identity.
  * Distinct host_uuid (libvirt refuses to migrate to "the same host"); migration over 127.0.0.1.
  */
 import { spawn } from 'node:child_process';
@@ -19,15 +22,17 @@ import { run } from '../lib/shared/exec.js';
 import { agentMain, agentProcessEnv } from './agent-env.js';
 import { startLibvirtd, type Libvirtd } from './libvirtd.js';
 import { createOneVm, createSystemDatastore, type CreateOneVmOptions, type OneVm } from './one-layout.js';
-import { startSshd, type Sshd } from './sshd.js';
+import { generateKey, startSshd, type Sshd } from './sshd.js';
 import { makeTempDir, removeTree } from './tmp.js';
 
 export type HostName = 'A' | 'B';
 
 export interface Host {
   name: HostName;
-  /** the agent's host name (what it records as sourceHost) */
+  /** the agent's host name, OpenNebula's name of the host, and the identity its key is bound to on the replica */
   agentHostName: string;
+  /** this host's own private key for the replica */
+  keyPath: string;
   lv: Libvirtd;
   /** this host's datastore dir as the test process reaches it (bound at `dsRoot` inside the host) */
   hostDsRoot: string;
@@ -107,16 +112,22 @@ export async function startTwoHosts(opts: { name?: string } = {}): Promise<TwoHo
     sshd = await startSshd();
     const sshrc = path.join(root, 'sshrc');
     await writeFile(sshrc, `REPLICA_COPY_LOCK_TIMEOUT=600\nREPLICA_RECOVERY_SNAPS_DIR=${sshd.replicaDir}\nREPLICA_MAX_USED_PERC=90\n`);
-    // One key for both hosts, bound to one name: the receiver refuses keys it cannot identify. Both hosts are
-    // therefore one writer to the replica (ownership cannot tell them apart; per-host keys would make every
-    // migration a take-over by a full).
-    const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', '--host', 'hv-shared-key'];
-    await sshd.setAuthorizedKeys([`command="${receiver.join(' ')}",restrict ${sshd.clientPublicKey}`]);
+    // One key per host, each bound to that host's name (the receiver learns who writes from the key only).
+    const identityOf = (name: HostName) => `hv-${name.toLowerCase()}`;
+    const keyOf = (name: HostName) => path.join(root, `host${name}`, 'id_ed25519');
+    const lines: string[] = [];
+    for (const name of ['A', 'B'] as const) {
+      const pub = await generateKey(keyOf(name), `onestor-test-${identityOf(name)}`);
+      const receiver = [process.execPath, agentMain(), 'receive', '--snaps-dir', sshd.replicaDir, '--sshrc', sshrc, '--log-level', 'warn', '--host', identityOf(name)];
+      lines.push(`command="${receiver.join(' ')}",restrict ${pub}`);
+    }
+    await sshd.setAuthorizedKeys(lines);
     const theSshd = sshd;
 
     const mkHost = (name: HostName, x: { lv: Libvirtd; hostDsRoot: string }): Host => {
       const stateDir = path.join(root, `host${name}`, 'state');
-      const agentHostName = `onestor-test-host-${name.toLowerCase()}`;
+      const agentHostName = identityOf(name);
+      const keyPath = keyOf(name);
       const flags = [
         '--datastores', dsRoot,
         '--state-dir', stateDir,
@@ -125,7 +136,7 @@ export async function startTwoHosts(opts: { name?: string } = {}): Promise<TwoHo
         '--replica-host', theSshd.host,
         '--replica-port', String(theSshd.port),
         '--replica-user', theSshd.user,
-        '--identity', theSshd.clientKeyPath,
+        '--identity', keyPath,
         '--known-hosts', theSshd.knownHostsPath,
         '--host-name', agentHostName,
       ];
@@ -139,6 +150,7 @@ export async function startTwoHosts(opts: { name?: string } = {}): Promise<TwoHo
       return {
         name,
         agentHostName,
+        keyPath,
         lv: x.lv,
         hostDsRoot: x.hostDsRoot,
         stateDir,
@@ -255,7 +267,11 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
     const during = o.duringPresync ? o.duringPresync() : Promise.resolve();
     // The driver runs on the source host: so do its rsync and virsh here (the source's mount and PID
     // namespaces), naming the VM's files by their datastore path, as the agent there sees them.
-    const rs = await onHost(src, ['rsync', '-az', ...[...xmls, ...presync].map(shared), `${dstDir}/`], 300_000);
+    // `dst:PATH` as the driver writes it (so the source's /proc shows the destination host), through a stand-in
+    // remote shell that runs rsync's server side right here (the destination's dir is reachable from here).
+    const rsh = path.join(t.root, 'rsh-local');
+    if (!(await lstat(rsh).catch(() => null))) await writeFile(rsh, '#!/bin/sh\n# stand-in for: ssh HOST COMMAND... (runs COMMAND here)\nshift\nexec "$@"\n', { mode: 0o755 });
+    const rs = await onHost(src, ['rsync', '-az', '-e', rsh, ...[...xmls, ...presync].map(shared), `${dst.agentHostName}:${dstDir}/`], 300_000);
     await during;
     if (rs.code !== 0) throw new Error(`rsync failed: ${rs.stderr}`);
     const presyncMs = Date.now() - t0;

@@ -61,5 +61,5 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
 
 export function describeOutcome(o: DiskOutcome): string {
   if (!o.ok) return `vm ${o.vmId} disk ${o.diskId}: FAILED ${o.error?.message ?? ''}`;
-  return `vm ${o.vmId} disk ${o.diskId}: ${o.mode} snapshot published, ${humanBytes(o.bytes ?? 0)} sent in ${((o.durationMs ?? 0) / 1000).toFixed(1)} s, ${o.consistency}, checkpoint ${o.checkpoint}${o.mode === 'full' && o.reason ? ` (${o.reason})` : ''}`;
+  return `vm ${o.vmId} disk ${o.diskId}: ${o.mode} snapshot published, ${humanBytes(o.bytes ?? 0)} sent in ${((o.durationMs ?? 0) / 1000).toFixed(1)} s, ${o.consistency}, checkpoint ${o.checkpoint}${o.reason && (o.mode === 'full' || o.reason !== 'lineage intact') ? ` (${o.reason})` : ''}`;
 }

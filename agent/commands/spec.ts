@@ -111,9 +111,10 @@ export const COMMANDS: readonly CommandSpec[] = [
   {
     name: 'yield',
     summary: 'let a live migration of the VM through (run by the migration hook)',
-    usage: 'onestor-agent yield --vm ID [--seconds N] [options]',
+    usage: 'onestor-agent yield --vm ID [--seconds N] [--to HOST] [options]',
     options: [
       ['--vm ID', 'the VM (required)'],
+      ['--to HOST', "the migration's destination: release the VM's lineages on the replica to HOST (as the replica knows its key), which then goes on incrementally; the release expires after 24 h or at the next publish"],
       ['--seconds N', 'new cycles of the VM wait until it has left this host or N s pass (default 600); a running backup job of ours is aborted'],
     ],
     common: true,

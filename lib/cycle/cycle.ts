@@ -18,6 +18,7 @@ import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
 import type { NodeBitmaps } from '../libvirt/bitmaps.js';
 import { clearYieldMarker, migrationWatch, readYieldMarker, redefineCheckpointXml, yieldHolds } from './migration.js';
+import { releaseVmDisks } from './release.js';
 import { strayBitmaps } from '../libvirt/bitmaps.js';
 import { getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
 import type { CycleStatePort, DigestPort, LockPort, ReplicaDiskSession, ReplicaPort, StagingPort } from './ports.js';
@@ -227,6 +228,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           selfIdentity: replica.writer ?? null,
           replicaOwner: manifest?.owner ?? null,
           replicaToken: manifest?.token ?? null,
+          replicaRelease: manifest?.release ?? null,
           stateToken: ds.replicaToken ?? null,
           uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
         });
@@ -251,6 +253,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     if (work.length === 0) return finish();
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    const watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom) });
     try {
       const captureReq: CaptureRequest = {
         vmId,
@@ -262,7 +265,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         minFreePercent: deps.stagingMinFreePercent,
         domain: view,
         signal: req.signal,
-        shouldYield: migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom) }),
+        shouldYield: watch,
         now,
         log: (o, m) => log.warn(o, m),
         disks: work.map((w) => ({
@@ -284,6 +287,12 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       }
     } catch (e) {
       for (const w of work) fail(w.disk.diskId, e);
+      // We gave way to a migration we saw in /proc (no hook ran `yield --to`): release our lineages to the
+      // destination it names, so that host continues them with an incremental (the job is gone already).
+      const to = watch.destination();
+      if (errorCodeOf(e) === ErrorCodes.YIELDED && to) {
+        await releaseVmDisks({ vmId, disks: work.map((w) => ({ diskId: w.disk.diskId, replicaHost: w.disk.replicaHost })), to, replicaFor: deps.replicaFor, log }).catch(() => {});
+      }
       return finish();
     }
     log.info({ checkpoint: captured.checkpoint, consistency: captured.consistency, ms: captured.jobMs, thinMs: captured.thinMs, note: captured.freezeNote }, 'captured');
@@ -326,7 +335,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           const again = lineageCheck({
             forceFull: false, stateCheckpoint: ds.checkpoint, replicaCheckpoint: parent, libvirtCheckpoints: checkpoints, bitmapHealthy: true,
             base1IdentityThen: null, base1IdentityNow: '', replicaBaseMatches: true,
-            selfIdentity: w.replica.writer ?? null, replicaOwner: session.manifest?.owner ?? null, replicaToken: session.manifest?.token ?? null,
+            selfIdentity: w.replica.writer ?? null, replicaOwner: session.manifest?.owner ?? null, replicaToken: session.manifest?.token ?? null, replicaRelease: session.manifest?.release ?? null,
             stateToken: ds.replicaToken ?? null, uncertainCheckpoint: ds.uncertainCheckpoint ?? null,
           });
           if (again) throw new OnestorError(ErrorCodes.PARENT, `replica changed since planning (${again.reason}); next cycle takes a full`, { vm: vmId, disk: w.disk.diskId });

@@ -88,6 +88,41 @@ export function isMigrationCommand(argv: readonly string[], domain: string, vmDi
   return false;
 }
 
+const DEST_HOST_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$/;
+const hostOrNull = (h: string | undefined): string | null => (h && DEST_HOST_RE.test(h) && !/^\.|\.\.|\.$/.test(h) ? h : null);
+
+/**
+ * Pure: the destination host named by a migration command line (isMigrationCommand), or null when it names
+ * none that is a plain host name:
+ * - `virsh ... migrate ... DOM DESTURI ...`: the host of the first `driver+transport://[user@]HOST[:port]/...`
+ *   argument after `migrate` (OpenNebula: `qemu+ssh://DEST/system`); `qemu:///system` names no host;
+ * - `rsync ... SRC... [user@]HOST:PATH`: the host of the last argument (not `HOST::module`, not a local path).
+ * Only a hint for whom to release the lineage to: the replica binds the name to an authenticated key.
+ */
+export function migrationDestination(argv: readonly string[]): string | null {
+  if (argv.length === 0 || argv.length > 4096) return null;
+  const prog = path.basename(argv[0]!);
+  if ((prog === 'sh' || prog === 'bash') && argv[1] === '-c' && argv[2]) return migrationDestination(argv[2].trim().split(/\s+/));
+  if (prog === 'virsh') {
+    const i = argv.indexOf('migrate');
+    if (i <= 0) return null;
+    for (const a of argv.slice(i + 1)) {
+      const m = /^[a-z][a-z0-9]*(?:\+[a-z0-9]+)?:\/\/(?:[^@/?#]*@)?([^/:?#[\]]*)(?::\d{1,5})?(?:[/?#]|$)/.exec(a);
+      if (!m) continue;
+      if (/^tcp:|^rdma:|^unix:/.test(a)) continue; // a --migrateuri value, not the destination libvirt
+      return hostOrNull(m[1]);
+    }
+    return null;
+  }
+  if (prog === 'rsync') {
+    const last = argv[argv.length - 1];
+    if (argv.length < 3 || !last || last.startsWith('-') || last.startsWith('/') || last.includes('::') || /^rsync:\/\//.test(last)) return null;
+    const m = /^(?:[^@/:]+@)?([^@/:]+):/.exec(last);
+    return m ? hostOrNull(m[1]) : null;
+  }
+  return null;
+}
+
 /** Scans /proc for a migration of `domain` in progress on this host (see isMigrationCommand). */
 export async function findMigrationProcess(domain: string, vmDir: string, procDir = '/proc'): Promise<{ pid: number; argv: string[] } | null> {
   let entries: string[];
@@ -124,20 +159,28 @@ export function migrationWatch(opts: {
   now?: () => number;
   scanEveryMs?: number;
   procDir?: string;
-}): () => Promise<string | null> {
+}): MigrationWatch {
   const now = opts.now ?? Date.now;
   let lastScan = 0;
-  return async () => {
+  let destination: string | null = null;
+  const check = async () => {
     const m = await readYieldMarker(opts.stateDir, opts.vmId);
     if (m && yieldHolds(m, now() / 1000, await opts.domainId().catch(() => null))) return `yield requested (${m.reason})`;
     if (now() - lastScan >= (opts.scanEveryMs ?? 1000)) {
       lastScan = now();
       const p = await findMigrationProcess(opts.domain, opts.vmDir, opts.procDir);
-      if (p) return `migration of ${opts.domain} in progress (pid ${p.pid}: ${p.argv.slice(0, 4).join(' ')} ...)`;
+      if (p) {
+        destination = migrationDestination(p.argv);
+        return `migration of ${opts.domain} in progress (pid ${p.pid}: ${p.argv.slice(0, 4).join(' ')} ...${destination ? `, to ${destination}` : ''})`;
+      }
     }
     return null;
   };
+  return Object.assign(check, { destination: () => destination });
 }
+
+/** The capture's poll (a reason to give way, or null) and the destination host of a migration it saw. */
+export type MigrationWatch = (() => Promise<string | null>) & { destination(): string | null };
 
 /**
  * Pure: a checkpoint definition for `checkpoint-create --redefine`, rebuilt from what the replica's manifest

@@ -5,6 +5,7 @@
 import { isOurCheckpoint } from '../libvirt/backup-xml.js';
 import type { CycleMode } from '../shared/model.js';
 import { UNIDENTIFIED_WRITER } from '../shared/ledger.js';
+import { handedOverBy } from '../shared/release.js';
 
 export interface ModeFacts {
   forceFull: boolean;
@@ -31,6 +32,11 @@ export interface ModeFacts {
   replicaToken?: string | null;
   /** token this host got back from its own last confirmed publish of this disk (agent state) */
   stateToken?: string | null;
+  /**
+   * the owner's release of the lineage as the replica reports it (only while it holds, by the replica's
+   * clock): naming this host, it lets this host continue another owner's lineage (live migration hand-over)
+   */
+  replicaRelease?: { from: string; to: string; token: string } | null;
   /** a checkpoint this host published without getting the reply (link died) */
   uncertainCheckpoint?: string | null;
   /**
@@ -64,6 +70,10 @@ export function lineageCheck(f: ModeFacts): Extract<ModeDecision, { mode: 'full'
   if (!f.replicaOwner) {
     return { mode: 'full', alert: 'unowned', reason: 'replica lineage has no recorded owner (written before ownership was tracked); a full claims it' };
   }
+  // The owner released this lineage to us (live migration): our incremental hands it over. The release is
+  // bound to the token the replica holds, so nobody published in between; the bitmap check (decideMode) then
+  // proves the disk we run on continues what the replica holds.
+  if (f.replicaOwner !== self && handedOverBy(f) !== null) return null;
   if (f.replicaOwner !== self) {
     const token = f.replicaToken !== (f.stateToken ?? null) ? `; token mismatch (replica ${short(f.replicaToken)}, ours ${short(f.stateToken)})` : '';
     return { mode: 'full', alert: 'foreign-owner', reason: `replica lineage was last published by ${f.replicaOwner}, not by this host (${self})${token}; never building on it` };
@@ -111,6 +121,8 @@ export function decideMode(f: ModeFacts): ModeDecision {
   }
   if (f.bitmapHealthy === false) return { mode: 'full', reason: `checkpoint ${parent} bitmap is broken or inconsistent` };
   if (f.bitmapHealthy === null) return { mode: 'full', reason: `checkpoint ${parent} bitmap state unknown` };
+  const from = handedOverBy(f);
+  if (from !== null) return { mode: 'incremental', parent, reason: `lineage handed over by ${from} (its release names this host)` };
   return { mode: 'incremental', parent, reason: 'lineage intact' };
 }
 

@@ -25,6 +25,8 @@ export interface ReplicaDiskSession {
   uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Uint8Array> }, opts: { key: string; signal?: AbortSignal; onProgress?: (sent: number, total: number) => void }): Promise<{ bytes: number; resumedFrom: number }>;
   publishFull(args: { checkpoint: string | null; capturedAt: number; consistency: ReplicaManifest['consistency']; sourceHost: string; base?: string; base1: string }): Promise<ReplicaManifest>;
   publishIncremental(args: { parentCheckpoint: string; checkpoint: string; capturedAt: number; consistency: ReplicaManifest['consistency']; sourceHost: string; inc: string }): Promise<ReplicaManifest>;
+  /** the owner hands this disk's lineage to host `to` for `ttlSec` s (live migration); absent: a port without it */
+  release?(to: string, ttlSec: number): Promise<{ to: string; until: number }>;
   /** releases the replica's per-disk lock */
   close(): Promise<void>;
 }

@@ -203,7 +203,7 @@ export interface ReplicaDsInput {
     bookkeeping?: Measured<BookkeepingSummary & { measuredAt: number }>;
   };
   /** who writes to this replica and the lineage take-overs (SNAPS/.onestor/ownership, written by the receiver) */
-  ledger?: { writers: Measured<WriterRecord[]>; takeovers: Measured<TakeoverSummary> };
+  ledger?: { writers: Measured<WriterRecord[]>; takeovers: Measured<TakeoverSummary>; /** hand-overs on an owner's release (live migration); absent: not measured */ handovers?: Measured<TakeoverSummary> };
 }
 
 /** At most this many writer lines (a cluster has one per hypervisor key). */
@@ -234,10 +234,13 @@ export function ledgerLines(ledger: NonNullable<ReplicaDsInput['ledger']>): stri
   if (ledger.takeovers.ok) {
     const t = ledger.takeovers.value;
     pairs.push(['TAKEOVERS_24H', t.recent], ['TAKEOVERS_LOGGED', t.logged]);
+    // hand-overs (an owner's release honoured, live migration) are counted apart: expected, not alarming
+    if (ledger.handovers?.ok) pairs.push(['HANDOVERS_24H', ledger.handovers.value.recent], ['HANDOVERS_LOGGED', ledger.handovers.value.logged]);
     if (t.last) {
       pairs.push(['LAST_AT', String(Math.round(t.last.at))], ['LAST_VM', t.last.vm], ['LAST_DISK', t.last.disk], ['LAST_FROM', t.last.from], ['LAST_TO', t.last.to]);
     }
   } else msgs.push(`take-overs: ${ledger.takeovers.error}`);
+  if (ledger.handovers && !ledger.handovers.ok) msgs.push(`hand-overs: ${ledger.handovers.error}`);
   if (msgs.length) pairs.push(['MSG', `ERROR ${msgs.join('; ')}`]);
   out.push(vectorAttribute('ONESTOR_REPLICA_OWNERSHIP', pairs));
   return out;

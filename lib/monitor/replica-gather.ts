@@ -5,7 +5,7 @@
  */
 import path from 'node:path';
 import { describeError } from '../shared/errors.js';
-import { LEDGER_DIR, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../shared/ledger.js';
+import { LEDGER_DIR, HANDOVERS_FILE, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../shared/ledger.js';
 import { parseSshrc } from '../config/sshrc.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS } from '../shared/defaults.js';
 import type { DsFigures, Measured, ReplicaDsInput } from './probe-lines.js';
@@ -169,10 +169,15 @@ async function readLedger(snapsDir: string, now: number, budget: Budget): Promis
     if (r.value.code !== 0 && !/No such file or directory/.test(r.value.stderr)) return { ok: false, error: r.value.stderr || `find exited ${r.value.code}` };
     return { ok: true, value: r.value.stdout.toString('utf8') };
   };
-  const [w, tk] = await Promise.all([catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024), catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES)]);
+  const [w, tk, h] = await Promise.all([
+    catAll(path.join(dir, WRITERS_DIR), '*.json', 1024 * 1024),
+    catAll(dir, `${TAKEOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES),
+    catAll(dir, `${HANDOVERS_FILE}*`, 4 * TAKEOVERS_ROTATE_BYTES),
+  ]);
   return {
     writers: w.ok ? { ok: true, value: w.value.split('\n').map(parseWriterRecord).filter((x): x is NonNullable<typeof x> => x !== null) } : w,
     takeovers: tk.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(tk.value), now) } : tk,
+    handovers: h.ok ? { ok: true, value: summarizeTakeovers(parseTakeoverLines(h.value), now) } : h,
   };
 }
 

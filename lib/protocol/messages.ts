@@ -24,6 +24,9 @@ import {
   type PutOk,
   type StatusMessage,
   type StatusOk,
+  type ReleaseMessage,
+  type ReleaseOk,
+  type LineageRelease,
   type ClientMessage,
   type plainOkSchema,
   type StatusCursor,
@@ -35,7 +38,7 @@ export type Built<T> = T & { readonly [built]: true };
 const mark = <T>(m: T): Built<T> => m as Built<T>;
 
 export type PlainOk = z.infer<typeof plainOkSchema>;
-export type ReceiverReply = ErrorReply | HelloOk | OpenOk | PutOk | EndOk | PublishOk | StatusOk | PlainOk;
+export type ReceiverReply = ErrorReply | HelloOk | OpenOk | PutOk | EndOk | PublishOk | StatusOk | PlainOk | ReleaseOk;
 
 /** agent -> receiver */
 export const clientMessage = {
@@ -47,6 +50,8 @@ export const clientMessage = {
   end: (sha256: string) => mark<EndMessage>({ type: 'end', sha256 }),
   publishFull: (a: Omit<PublishFullMessage, 'type' | 'mode'>) => mark<PublishFullMessage>({ type: 'publish', mode: 'full', ...a }),
   publishIncremental: (a: Omit<PublishIncrementalMessage, 'type' | 'mode'>) => mark<PublishIncrementalMessage>({ type: 'publish', mode: 'incremental', ...a }),
+  /** release the open disk's lineage to host `to` for `ttlSec` s (the releasing owner is the authenticated session) */
+  release: (to: string, ttlSec: number) => mark<ReleaseMessage>({ type: 'release', to, ttlSec }),
   close: () => mark<Extract<ClientMessage, { type: 'close' }>>({ type: 'close' }),
   bye: () => mark<Extract<ClientMessage, { type: 'bye' }>>({ type: 'bye' }),
 };
@@ -61,6 +66,7 @@ export const receiverReply = {
   put: (offset: number) => mark<PutOk>({ type: 'ok', offset }),
   end: (bytes: number, sha256: string) => mark<EndOk>({ type: 'ok', bytes, sha256 }),
   publish: (manifest: ReplicaManifest) => mark<PublishOk>({ type: 'ok', manifest }),
+  release: (release: LineageRelease) => mark<ReleaseOk>({ type: 'ok', release }),
   /** next: undefined for an agent that does not page (no key on the wire), null on the last page */
   status: (manifests: ReplicaManifest[], next?: StatusCursor | null) => mark<StatusOk>({ type: 'ok', manifests, ...(next !== undefined ? { next } : {}) }),
 };

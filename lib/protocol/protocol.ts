@@ -12,10 +12,10 @@
  */
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
-import { checkpointSchema, consistencySchema, epochSchema, idSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, replicaManifestSchema, sha256Schema, shortText, sizeSchema, type OwnerChange } from '../shared/manifest-schema.js';
+import { checkpointSchema, consistencySchema, epochSchema, idSchema, lineageReleaseSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, RELEASE_MAX_TTL_SEC, replicaManifestSchema, sha256Schema, shortText, sizeSchema, type LineageRelease, type OwnerChange } from '../shared/manifest-schema.js';
 
 // the manifest and its field schemas are shared with the model (one type): lib/shared/manifest-schema.ts
-export { checkpointSchema, consistencySchema, epochSchema, idSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, replicaManifestSchema, sha256Schema, sizeSchema, type OwnerChange };
+export { checkpointSchema, consistencySchema, epochSchema, idSchema, lineageReleaseSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, RELEASE_MAX_TTL_SEC, replicaManifestSchema, sha256Schema, sizeSchema, type LineageRelease, type OwnerChange };
 
 /**
  * Still 1 after ownership (issue 11), on purpose: the receiver refuses any other version, so a bump would cut
@@ -23,7 +23,8 @@ export { checkpointSchema, consistencySchema, epochSchema, idSchema, OWNER_HISTO
  * reply identity, publish.sourceHost no longer required) and old peers drop unknown keys. The new rules are
  * enforced by the receiver whatever the client's version; an old agent only misses the host-side token check,
  * and sees the new codes E_OWNER/E_IDENTITY as E_PROTOCOL (it did not know them). Bump when a field becomes
- * required or changes meaning.
+ * required or changes meaning. Likewise `release` (issue 13): a receiver that predates it answers E_PROTOCOL
+ * and ends that session; the agent then logs that the destination will take a full.
  */
 export const PROTOCOL_VERSION = 1;
 export const FRAME_HEADER_BYTES = 5;
@@ -235,6 +236,15 @@ export type StatusCursor = z.infer<typeof statusCursorSchema>;
  * whole list is sent when it fits, else the request fails with E_INTERNAL (never blamed on the client).
  */
 export const statusSchema = z.object({ type: z.literal('status'), vm: idSchema.optional(), after: statusCursorSchema.nullable().optional() });
+/**
+ * The open disk's lineage is released by its owner to the host `to` (a live migration's destination) for
+ * `ttlSec` seconds. Who releases is the session's authenticated identity, never a field of this message.
+ */
+export const releaseSchema = z.object({
+  type: z.literal('release'),
+  to: shortText(255).refine((v) => v.length > 0, 'recipient must not be empty'),
+  ttlSec: z.number().int().min(1).max(RELEASE_MAX_TTL_SEC),
+});
 export const closeSchema = z.object({ type: z.literal('close') });
 export const byeSchema = z.object({ type: z.literal('bye') });
 
@@ -245,6 +255,7 @@ export type EndMessage = z.infer<typeof endSchema>;
 export type PublishFullMessage = z.infer<typeof publishFullSchema>;
 export type PublishIncrementalMessage = z.infer<typeof publishIncrementalSchema>;
 export type StatusMessage = z.infer<typeof statusSchema>;
+export type ReleaseMessage = z.infer<typeof releaseSchema>;
 export type ClientMessage =
   | HelloMessage
   | OpenMessage
@@ -253,6 +264,7 @@ export type ClientMessage =
   | PublishFullMessage
   | PublishIncrementalMessage
   | StatusMessage
+  | ReleaseMessage
   | z.infer<typeof closeSchema>
   | z.infer<typeof byeSchema>;
 
@@ -291,6 +303,8 @@ export function parseClientMessage(value: unknown): ClientMessage {
     }
     case 'status':
       return parseWith(statusSchema, value, 'status');
+    case 'release':
+      return parseWith(releaseSchema, value, 'release');
     case 'close':
       return parseWith(closeSchema, value, 'close');
     case 'bye':
@@ -333,6 +347,7 @@ export const statusOkSchema = z.object({
   next: statusCursorSchema.nullable().optional(),
 });
 export const plainOkSchema = z.object({ type: z.literal('ok') });
+export const releaseOkSchema = z.object({ type: z.literal('ok'), release: lineageReleaseSchema });
 
 export type ErrorReply = z.infer<typeof errorReplySchema>;
 export type HelloOk = z.infer<typeof helloOkSchema>;
@@ -341,6 +356,7 @@ export type PutOk = z.infer<typeof putOkSchema>;
 export type EndOk = z.infer<typeof endOkSchema>;
 export type PublishOk = z.infer<typeof publishOkSchema>;
 export type StatusOk = z.infer<typeof statusOkSchema>;
+export type ReleaseOk = z.infer<typeof releaseOkSchema>;
 
 /**
  * Validates a reply against the expected ok-schema. An error reply becomes the OnestorError it names

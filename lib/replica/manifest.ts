@@ -11,6 +11,7 @@ import type { ReplicaManifest } from '../shared/model.js';
 import { replicaManifestSchema, sizeSchema } from '../protocol/protocol.js';
 import { O_NOFOLLOW, errno, lstatOrNull, mapVanished, mkdirIn, replicaPaths, type ReplicaPaths } from './layout.js';
 import { readFileNoFollow, writeFileAtomic } from './durable.js';
+import { activeRelease } from '../shared/release.js';
 
 /** Identity used to notice that a file was replaced or changed behind our back. */
 export interface FileIdentity {
@@ -31,8 +32,15 @@ export const storedManifestSchema = replicaManifestSchema.extend({
 });
 export type StoredManifest = z.infer<typeof storedManifestSchema>;
 
-export function toWireManifest(m: StoredManifest): ReplicaManifest {
-  return replicaManifestSchema.parse(m);
+/**
+ * What hosts are told: the stored manifest less the file identities, and less a release that no longer holds
+ * (expired by this receiver's clock, or voided by a later publish): a host then never plans on a hand-over
+ * the receiver would refuse, whatever its own clock says.
+ */
+export function toWireManifest(m: StoredManifest, now: number = Math.floor(Date.now() / 1000)): ReplicaManifest {
+  const wire = replicaManifestSchema.parse(m);
+  if (wire.release && !activeRelease(wire, now)) delete wire.release;
+  return wire;
 }
 
 

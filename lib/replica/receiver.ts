@@ -24,9 +24,9 @@ import {
 import { receiverReply, type Built, type ReceiverReply } from '../protocol/messages.js';
 import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
 import { claimMatches, identityKind } from './identity.js';
-import { appendTakeover, assertMayIncrement, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
+import { appendTakeover, assertMayIncrement, makeRelease, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
 import { reclaimLeftovers } from './leftovers.js';
-import { baseOnReplica, readValidManifest, toWireManifest, type BaseOnReplica } from './manifest.js';
+import { baseOnReplica, readValidManifest, toWireManifest, writeManifest, type BaseOnReplica } from './manifest.js';
 import { statusPage } from './status-page.js';
 import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
@@ -407,6 +407,8 @@ class ReceiverSession {
         return this.onEnd(msg.sha256);
       case 'publish':
         return this.onPublish(msg);
+      case 'release':
+        return this.onRelease(msg.to, msg.ttlSec);
     }
   }
 
@@ -587,8 +589,9 @@ class ReceiverSession {
     };
     // Under the session's disk lock: the manifest cannot change between this read and the publish.
     const prev = await readValidManifest(d.paths);
-    if (msg.mode === 'incremental') assertMayIncrement(prev, this.opts.identity, d.paths);
-    const own = ownershipForPublish(prev, this.opts.identity, msg.checkpoint, Math.floor(Date.now() / 1000));
+    const nowSec = Math.floor(Date.now() / 1000);
+    if (msg.mode === 'incremental') assertMayIncrement(prev, this.opts.identity, d.paths, nowSec);
+    const own = ownershipForPublish(prev, this.opts.identity, msg.checkpoint, nowSec);
     // msg.sourceHost is the client's word: the manifest names the authenticated writer instead.
     const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: this.opts.identity, ownership: own.fields };
     let manifest;
@@ -610,13 +613,40 @@ class ReceiverSession {
     await dropStaleUploads(d.paths, new Set([...d.uploads.values()].map((u) => u.file)));
     d.baseAtOpen = await baseOnReplica(d.paths, manifest);
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
-    await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover);
+    await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover, own.handover);
     await this.send(receiverReply.publish(toWireManifest(manifest)));
   }
 
-  /** After a publish: the take-over warning and ledger entry, the writer's record. Never fails the publish. */
-  private async recordOwnership(p: ReplicaPaths, mode: 'full' | 'incremental', checkpoint: string | null, takeover: { from: string; to: string } | null): Promise<void> {
+  /**
+   * The owner releases the open disk's lineage to `to` (live migration). Under the session's disk lock: the
+   * manifest read here is the one rewritten, and the release is bound to its token (any later publish voids it).
+   */
+  private async onRelease(to: string, ttlSec: number): Promise<void> {
+    const d = this.requireDisk('release');
+    const prev = await readValidManifest(d.paths);
+    const now = Math.floor(Date.now() / 1000);
+    let release;
+    try {
+      release = makeRelease(prev, this.opts.identity, to, ttlSec, now, d.paths);
+    } catch (e) {
+      this.opts.log?.({ ...this.ctx(), to: to.slice(0, 255), owner: prev?.owner ?? null, err: describeError(e) }, 'lineage release refused', 'warn');
+      throw e;
+    }
+    if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
+    await writeManifest(d.paths, { ...prev!, release });
+    this.opts.log?.({ ...this.ctx(), to: release.to, until: release.until, checkpoint: release.checkpoint }, `lineage released to ${release.to} (a live migration): it may continue it with an incremental until ${new Date(release.until * 1000).toISOString()}`, 'warn');
+    await this.send(receiverReply.release(release));
+  }
+
+  /** After a publish: the take-over warning and ledger entry (or the hand-over's), the writer's record. Never fails the publish. */
+  private async recordOwnership(p: ReplicaPaths, mode: 'full' | 'incremental', checkpoint: string | null, takeover: { from: string; to: string } | null, handover: { from: string; to: string } | null = null): Promise<void> {
     const at = Math.floor(Date.now() / 1000);
+    if (handover) {
+      this.opts.log?.({ vm: p.vm, disk: p.disk, from: handover.from, to: handover.to, checkpoint }, `lineage handed over: ${handover.from} -> ${handover.to} (${mode} publish on ${handover.from}'s release)`, 'warn');
+      await appendTakeover(this.opts.snapsDir, { at, vm: p.vm, disk: p.disk, from: handover.from, to: handover.to, checkpoint }, 'handover').catch((e: unknown) =>
+        this.opts.log?.({ vm: p.vm, disk: p.disk, err: describeError(e) }, 'could not append the hand-over to the ledger', 'warn'),
+      );
+    }
     if (takeover) {
       this.opts.log?.({ vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }, `lineage taken over: ${takeover.from} -> ${takeover.to} (full publish)`, 'warn');
       await appendTakeover(this.opts.snapsDir, { at, vm: p.vm, disk: p.disk, from: takeover.from, to: takeover.to, checkpoint }).catch((e: unknown) =>

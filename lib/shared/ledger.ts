@@ -3,6 +3,7 @@
  * PURE: names and parsers only. Lives in SNAPS/.onestor/ownership/, outside every SNAPS/VMID (upstream's
  * `rm -rf SNAPS/VMID` must not take the record of who wrote what with it):
  *   takeovers.jsonl (+ takeovers.jsonl.1)  one JSON object per take-over, appended; rotated at a size cap
+ *   handovers.jsonl (+ .1)                 the same per hand-over (owner's release honoured), counted apart
  *   writers/TAG.json                       per writer: who, how authenticated, last publish
  * Parsers are hand-written (the probe avoids loading zod) and skip anything malformed.
  */
@@ -11,6 +12,8 @@ export const UNIDENTIFIED_WRITER = '(unidentified)';
 
 export const LEDGER_DIR = '.onestor/ownership';
 export const TAKEOVERS_FILE = 'takeovers.jsonl';
+/** hand-overs (an incremental by the recipient of the owner's release), same line format, counted apart */
+export const HANDOVERS_FILE = 'handovers.jsonl';
 export const WRITERS_DIR = 'writers';
 /** takeovers.jsonl is rotated to .1 past this size: the two files hold at least this much history. */
 export const TAKEOVERS_ROTATE_BYTES = 256 * 1024;

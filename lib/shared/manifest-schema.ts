@@ -24,8 +24,29 @@ export const ownerChangeSchema = z.object({
   from: shortText(255).nullable(),
   to: shortText(255),
   checkpoint: checkpointSchema.nullable(),
+  /** how the owner changed: first claim, take-over by a full, or hand-over on the owner's release; absent in older manifests */
+  kind: z.enum(['claim', 'takeover', 'handover']).optional(),
 });
 export type OwnerChange = z.infer<typeof ownerChangeSchema>;
+
+/** A release lasts at most this long (seconds) after the receiver recorded it. */
+export const RELEASE_MAX_TTL_SEC = 86_400;
+/**
+ * The owner's release of a lineage to one named host (issue 13: live migration). Recorded by the receiver only
+ * (from the authenticated owner's `release` request); it holds while the lineage is unchanged (`token` is the
+ * token of the publish it releases, so any later publish voids it) and until `until` (receiver's clock).
+ */
+export const lineageReleaseSchema = z.object({
+  /** the owner that released (authenticated) */
+  from: shortText(255),
+  /** the only identity that may continue the lineage with an incremental */
+  to: shortText(255),
+  at: epochSchema,
+  until: epochSchema,
+  token: publishTokenSchema,
+  checkpoint: checkpointSchema.nullable(),
+});
+export type LineageRelease = z.infer<typeof lineageReleaseSchema>;
 
 /** What the replica holds for one disk (the receiver's manifest, beside disk.N.snap/). */
 export const replicaManifestSchema = z.object({
@@ -51,4 +72,6 @@ export const replicaManifestSchema = z.object({
   token: publishTokenSchema.optional(),
   /** the last owner changes (first claim and take-overs), oldest first */
   history: z.array(ownerChangeSchema).max(OWNER_HISTORY_MAX).optional(),
+  /** the owner's release of this lineage to another host (live migration); only while it holds */
+  release: lineageReleaseSchema.optional(),
 });

@@ -23,6 +23,8 @@ import {
   parseReply,
   plainOkSchema,
   publishOkSchema,
+  releaseOkSchema,
+  type LineageRelease,
   putOkSchema,
   statusOkSchema,
   type HelloOk,
@@ -80,6 +82,8 @@ export interface DiskSession {
   uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Buffer> }, opts: UploadOptions): Promise<UploadResult>;
   publishFull(args: PublishFullArgs): Promise<ReplicaManifest>;
   publishIncremental(args: PublishIncrementalArgs): Promise<ReplicaManifest>;
+  /** The owner releases this disk's lineage to host `to` for `ttlSec` s (live migration); E_RELEASE when not the owner. */
+  release(to: string, ttlSec: number): Promise<LineageRelease>;
   /** Releases the replica's per-disk lock. */
   close(): Promise<void>;
 }
@@ -227,6 +231,7 @@ export class ReceiverConnection {
       publishFull: async (a) => (await conn.request(clientMessage.publishFull(a), publishOkSchema)).manifest,
       publishIncremental: async (a) =>
         (await conn.request(clientMessage.publishIncremental(a), publishOkSchema)).manifest,
+      release: async (to, ttlSec) => (await conn.request(clientMessage.release(to, ttlSec), releaseOkSchema)).release,
       close: async () => {
         if (!open) return;
         open = false;

@@ -291,7 +291,7 @@ describe('a lineage belongs to the host that published it last', () => {
 
     const probe = await runProbe('replica-ds', { sshrcPaths: [sshrc], datastoreLocation: path.join(work, 'no-datastores'), cacheFile: path.join(work, 'probe-cache.json'), deadlineMs: 10_000 });
     const text = probe.lines.join('\n');
-    expect(text, probe.errors.join('\n')).toMatch(/^ONESTOR_REPLICA_OWNERSHIP = \[ WRITERS=3, TAKEOVERS_24H=1, TAKEOVERS_LOGGED=1, LAST_AT="\d+", LAST_VM=31, LAST_DISK=0, LAST_FROM="hvA", LAST_TO="hvB" \]$/m);
+    expect(text, probe.errors.join('\n')).toMatch(/^ONESTOR_REPLICA_OWNERSHIP = \[ WRITERS=3, TAKEOVERS_24H=1, TAKEOVERS_LOGGED=1, HANDOVERS_24H=0, HANDOVERS_LOGGED=0, LAST_AT="\d+", LAST_VM=31, LAST_DISK=0, LAST_FROM="hvA", LAST_TO="hvB" \]$/m);
     expect(text).toMatch(/^ONESTOR_REPLICA_WRITER = \[ NAME="hvB", AUTH="host", LAST_PUBLISH="\d+", LAST_VM=31, LAST_DISK=0, LAST_MODE="full" \]$/m);
     expect(text).toContain(`ONESTOR_REPLICA_WRITER = [ NAME="${fingerprintK}", AUTH="key"`);
   });

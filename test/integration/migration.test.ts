@@ -1,8 +1,9 @@
 /**
  * Live migration as OpenNebula performs it (issue 13), between two real libvirtds with their own datastores
- * at the same path: the agent never blocks the migration, continues incrementally on the new host when the
- * checkpoint's bitmap came along, leaves no stray bitmap, refuses to publish a damaged source, and a cycle
- * on the old host after the VM left fails cleanly.
+ * at the same path and their OWN replica keys (identities hv-a, hv-b): the agent never blocks the migration,
+ * continues incrementally on the new host when the source released the lineage to it and the checkpoint's
+ * bitmap came along, falls back to a full (a logged take-over) without a release, leaves no stray bitmap,
+ * refuses to publish a damaged source, and a cycle on the old host after the VM left fails cleanly.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { readFile, rm, stat, open, mkdir, writeFile } from 'node:fs/promises';
@@ -35,23 +36,44 @@ async function jobActive(h: Host, dom: string): Promise<boolean> {
 /**
  * Stand-in for a disk of hundreds of GiB: a `virsh` first in the agent's PATH that, right after
  * `backup-begin` returns, sets the backup's QEMU block job to 1 byte/s (libvirt 9.0 has no speed setting
- * for backup jobs). The disk holds enough data (256 MiB, a few hundred ms of copying) that the copy is
- * usually still running then (~50 ms later); startSlowFull retries when it was not.
+ * for backup jobs). QEMU may copy the small test disk faster than that call can land (after a migration
+ * with --copy-storage-all the data sits in base.1 itself and the copy is offloaded to the kernel: the job
+ * ended before the first query, every time): so around `backup-begin` the domain's QEMU runs under a CPU
+ * quota (cgroup v1 cpu controller, when there is one), which stretches the copy to seconds, and gets its
+ * CPU back once the speed is set. startSlowFull retries when the throttle still missed.
  */
 let slowVirshDir = '';
+/** a test that needs a slow full may go through many missed attempts (each a complete full cycle) */
+const SLOW_FULL_TEST_MS = 600_000;
 async function slowBackupEnv(): Promise<Record<string, string>> {
   if (!slowVirshDir) {
     slowVirshDir = path.join(t.root, 'slow-virsh');
     await mkdir(slowVirshDir, { recursive: true });
     const script = `#!/bin/sh
-/usr/bin/virsh "$@"
-rc=$?
 uri=""; dom=""; prev=""
 for a in "$@"; do
   [ "$prev" = "-c" ] && uri="$a"
   [ "$prev" = "backup-begin" ] && dom="$a"
   prev="$a"
 done
+cg=""; qpid=""; home=""
+if [ -n "$dom" ] && [ -w /sys/fs/cgroup/cpu/cgroup.procs ]; then
+  for d in /proc/[0-9]*; do
+    c=$(tr '\\0' ' ' < "$d/cmdline" 2>/dev/null) || continue
+    case "$c" in *qemu-system*"guest=$dom,"*) qpid=\${d#/proc/}; break;; esac
+  done
+  if [ -n "$qpid" ]; then
+    home=$(sed -n 's/^[0-9]*:\\([^:]*,\\)\\{0,1\\}cpu\\(,[^:]*\\)\\{0,1\\}:\\(.*\\)$/\\3/p' "/proc/$qpid/cgroup" | head -n1)
+    cg=/sys/fs/cgroup/cpu/onestor-test-slow-$$
+    if mkdir "$cg" 2>/dev/null; then
+      trap 'echo "$qpid" > "/sys/fs/cgroup/cpu\${home%/}/cgroup.procs" 2>/dev/null; rmdir "$cg" 2>/dev/null' EXIT
+      echo 100000 > "$cg/cpu.cfs_period_us"; echo 1000 > "$cg/cpu.cfs_quota_us"
+      echo "$qpid" > "$cg/cgroup.procs" || cg=""
+    else cg=""; fi
+  fi
+fi
+/usr/bin/virsh "$@"
+rc=$?
 if [ $rc -eq 0 ] && [ -n "$dom" ]; then
   i=0
   devs=""
@@ -62,7 +84,7 @@ if [ $rc -eq 0 ] && [ -n "$dom" ]; then
   for dev in $devs; do
     /usr/bin/virsh -c "$uri" qemu-monitor-command "$dom" "{\\"execute\\":\\"block-job-set-speed\\",\\"arguments\\":{\\"device\\":\\"$dev\\",\\"speed\\":1}}" >>"$0.log" 2>&1
   done
-  echo "tries=$i devs=$devs" >>"$0.log"
+  echo "tries=$i devs=$devs cpu-quota=\${cg:+on}" >>"$0.log"
 fi
 exit $rc
 `;
@@ -107,21 +129,26 @@ async function waitForJob(h: Host, dom: string): Promise<void> {
  * A full cycle whose backup job is still running a second after it started (the throttle landed). The
  * throttle races QEMU's copy; when the copy won, that cycle simply completed: start another.
  */
-async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agentSpawn']>> {
-  for (let i = 0; i < 15; i++) {
+async function startSlowFull(h: Host, vm: OneVm, beforeEach?: () => Promise<void>): Promise<ReturnType<Host['agentSpawn']>> {
+  for (let i = 0; i < 30; i++) {
+    // a missed attempt published a full: what a test compares against is taken again before each attempt
+    await beforeEach?.();
     const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
-    // A cycle that ends before its job was seen either failed (say why) or copied faster than the throttle
-    // and the polling (a loaded machine): the latter is one more miss, like a job that ends within a second.
-    const jobSeen = waitForJob(h, vm.domainName).then(() => null);
-    jobSeen.catch(() => {}); // when the cycle wins the race, a later "no job" is not this attempt's failure
-    const first = await Promise.race([jobSeen, cycle.done]);
-    if (first) {
-      if (first.code !== 0) throw new Error(`the cycle on host ${h.name} failed (exit ${first.code}) before its backup job was seen: ${(first.stderr + first.stdout).slice(-2000)}`);
-      console.log(`cycle on host ${h.name} completed before its job was seen; again`);
-      continue;
+    // a cycle that ends before its job shows up: with success, the copy won even before we looked (a miss, as
+    // below: on a loaded machine QEMU can copy the small test disk between two polls); else it failed early:
+    // say why instead of waiting for a job
+    const early = cycle.done.then((r) => {
+      if (r.code === 0) return 'missed' as const;
+      throw new Error(`the cycle on host ${h.name} ended (exit ${r.code}) before its backup job was seen: ${(r.stderr + r.stdout).slice(-2000)}`);
+    });
+    early.catch(() => {});
+    const seen = waitForJob(h, vm.domainName);
+    seen.catch(() => {}); // after a miss nobody waits for it any more
+    const first = await Promise.race([seen, early]);
+    if (first !== 'missed') {
+      await sleep(1000);
+      if (await jobActive(h, vm.domainName)) return cycle;
     }
-    await sleep(1000);
-    if (await jobActive(h, vm.domainName)) return cycle;
     const r = await cycle.done;
     console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`, await readFile(path.join(slowVirshDir, 'virsh.log'), 'utf8').catch(() => 'no log'));
   }
@@ -152,8 +179,14 @@ async function snapshot(h: Host, vm: OneVm): Promise<{ mode: string; out: string
   return { mode: m![1]!, out: r.stdout + r.stderr };
 }
 
+/** ledger lines (take-overs or hand-overs) of one VM */
+async function ledger(kind: 'takeovers' | 'handovers', vmId: number): Promise<Array<{ from: string; to: string }>> {
+  const text = await readFile(path.join(t.snapsDir, '.onestor', 'ownership', `${kind}.jsonl`), 'utf8').catch(() => '');
+  return text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as { vm: number; from: string; to: string }).filter((e) => e.vm === vmId).map(({ from, to }) => ({ from, to }));
+}
+
 const manifestPath = (vm: OneVm) => path.join(t.snapsDir, String(vm.vmId), '.onestor', 'disk.0.json');
-async function manifest(vm: OneVm): Promise<{ checkpoint: string; sourceHost?: string; capturedAt: number; base1: { sha256?: string } }> {
+async function manifest(vm: OneVm): Promise<{ checkpoint: string; sourceHost?: string; owner?: string; token?: string; base1: { sha256?: string }; release?: { from: string; to: string }; history?: Array<{ from: string | null; to: string; kind?: string }> }> {
   return JSON.parse(await readFile(manifestPath(vm), 'utf8')) as never;
 }
 
@@ -207,88 +240,126 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
 
     expect(hookOut).toMatch(new RegExp(`VM ${vm.vmId} migrates ${t.A.agentHostName} -> ${t.B.agentHostName}`));
     expect(hookOut).toMatch(/no backup job of ours runs/);
+    // the hook names the destination: A releases its lineage to B (when a throttle miss already published one)
+    if (published === null) expect(hookOut).toMatch(/not released \(the replica holds no lineage of this disk\); hv-b will take a full/);
+    else expect(hookOut).toMatch(/disk 0: lineage released to hv-b/);
     const r = await cycle.done;
     expect(r.code, r.stdout + r.stderr).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/E_YIELDED|gave way to a live migration/);
     await nothingLeftOn(t.A, vm);
-    // the aborted cycle published nothing
-    expect(await readFile(manifestPath(vm), 'utf8').catch(() => null)).toBe(published);
+    // the aborted cycle published nothing (the manifest only gained the release)
+    const after = await readFile(manifestPath(vm), 'utf8').catch(() => null);
+    if (published === null) expect(after).toBeNull();
+    else {
+      const { release, ...rest } = JSON.parse(after!) as Record<string, unknown>;
+      expect(rest).toEqual(JSON.parse(published));
+      expect(release).toMatchObject({ from: 'hv-a', to: 'hv-b' });
+    }
 
     // the new host protects it (a full when the replica holds nothing yet), recovering to the guest view there
     const expected = await guestView(t.B, vm);
     const s = await snapshot(t.B, vm);
-    expect(s.mode).toBe(published === null ? 'full' : 'incremental');
+    expect(s.mode, s.out).toBe(published === null ? 'full' : 'incremental');
+    if (published !== null) expect(s.out).toMatch(/lineage handed over by hv-a/);
     await drillEquals(vm, expected);
-    // published by this cycle on B (the writer is the key's bound name, shared by both test hosts)
-    expect((await manifest(vm)).capturedAt).toBeGreaterThanOrEqual(Math.floor(t0 / 1000));
-    expect((await manifest(vm)).sourceHost).toBe('hv-shared-key');
+    expect((await manifest(vm)).sourceHost).toBe(t.B.agentHostName);
+    expect((await manifest(vm)).owner).toBe(t.B.agentHostName);
     // the aborted job's checkpoint bitmap (if it travelled) is gone: only the kept checkpoint's remains
     expect(await bitmapsOn(t.B, vm)).toEqual(await checkpointsOn(t.B, vm));
     expect(await checkpointsOn(t.B, vm)).toHaveLength(1);
-  });
+  }, SLOW_FULL_TEST_MS);
 
-  it('no hook: the source agent sees the migration itself (pre-sync rsync / virsh migrate) and gives way; the next cycle on the new host is incremental', async () => {
+  it('`yield` with no migration after all: the running job is aborted leaving no checkpoint or staging, cycles are held off, then resume', async () => {
+    let cps: string[] = [];
+    let bms: string[] = [];
+    let published: Awaited<ReturnType<typeof manifest>> | undefined;
+    const cycle = await startSlowFull(t.B, vm, async () => {
+      cps = await checkpointsOn(t.B, vm);
+      bms = await bitmapsOn(t.B, vm);
+      published = await manifest(vm);
+    });
+    const t0 = Date.now();
+    const y = await t.B.agent(['yield', '--vm', String(vm.vmId), '--seconds', '8']);
+    expect(y.code, y.stdout + y.stderr).toBe(0);
+    const r = await cycle.done;
+    console.log(`yield returned after ${Date.now() - t0} ms`);
+    expect(r.stdout + r.stderr).toMatch(/E_YIELDED/);
+    expect(await jobActive(t.B, vm.domainName)).toBe(false);
+    expect(await checkpointsOn(t.B, vm)).toEqual(cps);
+    expect(await bitmapsOn(t.B, vm)).toEqual(bms);
+    expect(await stat(path.join(t.B.hostDsRoot, String(t.dsId), '.onestor', String(vm.vmId))).catch(() => null)).toBeNull();
+    expect(await manifest(vm)).toEqual(published);
+    const held = await t.B.agent(['snapshot', '--vm', String(vm.vmId)]);
+    expect(held.code).not.toBe(0);
+    expect(held.stdout + held.stderr).toMatch(/held off for a live migration/);
+    await sleep(Math.max(0, t0 + 8500 - Date.now()));
+    expect((await snapshot(t.B, vm)).mode).toBe('incremental');
+  }, SLOW_FULL_TEST_MS);
+
+  it('no hook: the source agent sees the migration itself (pre-sync rsync to the destination) and gives way, releasing its lineage to that host; the next cycle there is an incremental hand-over', async () => {
     await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 60, lengthMiB: 2, pattern: 0x61 });
     expect((await snapshot(t.B, vm)).mode).toBe('incremental');
-    // a stray bitmap of ours (as an aborted job or another host leaves) and someone else's
-    const { node } = await nodeBitmaps(t.B, vm);
-    for (const name of [`onestor-${vm.vmId}-1-dead00`, 'someone-elses-backup']) {
-      await t.B.lv.virshOk(['qemu-monitor-command', vm.domainName, JSON.stringify({ execute: 'block-dirty-bitmap-add', arguments: { node, name, persistent: true } })]);
-    }
+    // a stray bitmap of ours (as an aborted job or another host leaves) and someone else's; added again
+    // before each attempt of the slow full (a missed attempt is a completed full, which removes our stray)
+    const addStrays = async () => {
+      const { node, bitmaps } = await nodeBitmaps(t.B, vm);
+      for (const name of [`onestor-${vm.vmId}-1-dead00`, 'someone-elses-backup']) {
+        if (bitmaps.some((b) => b.name === name)) continue;
+        await t.B.lv.virshOk(['qemu-monitor-command', vm.domainName, JSON.stringify({ execute: 'block-dirty-bitmap-add', arguments: { node, name, persistent: true } })]);
+      }
+    };
     await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 64, lengthMiB: 3, pattern: 0x62 });
-    const cycle = await startSlowFull(t.B, vm);
+    const cycle = await startSlowFull(t.B, vm, addStrays);
     const published = await manifest(vm);
     const steps = await migrateVm(t, vm, t.B, t.A, { duringPresync: () => guestWrite(t.B.lv, vm.domainName, { offsetMiB: 70, lengthMiB: 4, pattern: 0x63 }) });
     expect(steps.attempts).toBe(1);
     const r = await cycle.done;
     expect(r.code).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/migration of .* in progress/);
+    expect(r.stdout + r.stderr).toMatch(/lineage released to hv-a/);
     await nothingLeftOn(t.B, vm);
-    expect(await manifest(vm)).toEqual(published);
+    // the same lineage, now released by its owner to the destination
+    const { release, ...rest } = await manifest(vm);
+    expect(rest).toEqual(published);
+    expect(release).toMatchObject({ from: 'hv-b', to: 'hv-a', token: published.token });
 
     await guestWrite(t.A.lv, vm.domainName, { offsetMiB: 80, lengthMiB: 1, pattern: 0x64 });
     const expected = await guestView(t.A, vm);
+    const handovers = (await ledger('handovers', vm.vmId)).length;
+    const takeovers = (await ledger('takeovers', vm.vmId)).length;
     const s = await snapshot(t.A, vm);
     expect(s.mode, s.out).toBe('incremental');
+    expect(s.out).toMatch(/lineage handed over by hv-b/);
     expect(s.out).toMatch(/checkpoint redefined from the replica manifest/);
     await drillEquals(vm, expected);
+    // ownership passed to A as a hand-over (history, ledger), not a take-over; the release is spent
+    const m = await manifest(vm);
+    expect(m.owner).toBe('hv-a');
+    expect(m.release).toBeUndefined();
+    expect(m.history!.at(-1)).toMatchObject({ from: 'hv-b', to: 'hv-a', kind: 'handover' });
+    expect(await ledger('handovers', vm.vmId)).toHaveLength(handovers + 1);
+    expect(await ledger('takeovers', vm.vmId)).toHaveLength(takeovers);
     // zero orphans: our only bitmap is the kept checkpoint; someone else's stays
     const kept = await checkpointsOn(t.A, vm);
     expect(kept).toHaveLength(1);
     expect(await bitmapsOn(t.A, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
     expect(s.out).toMatch(/stray bitmap removed/);
     console.log(s.out.split('\n').filter((l) => /stray bitmap removed|source image checked|redefined/.test(l)).join('\n'));
-  });
+  }, SLOW_FULL_TEST_MS);
 
-  // Aborting a RUNNING job is proven by the first test (the hook's yield during a throttled full). Here the
-  // throttle is not used: on a loaded machine it sometimes cannot land before a full of this disk ends.
-  it('`yield` with no migration after all: no job, checkpoint or staging left, cycles are held off, then resume', async () => {
-    const cps = await checkpointsOn(t.A, vm);
-    const bms = await bitmapsOn(t.A, vm);
-    const published = await manifest(vm);
-    const t0 = Date.now();
-    const y = await t.A.agent(['yield', '--vm', String(vm.vmId), '--seconds', '8']);
-    expect(y.code, y.stdout + y.stderr).toBe(0);
-    console.log(`yield returned after ${Date.now() - t0} ms`);
-    expect(await jobActive(t.A, vm.domainName)).toBe(false);
-    expect(await checkpointsOn(t.A, vm)).toEqual(cps);
-    expect(await bitmapsOn(t.A, vm)).toEqual(bms);
-    expect(await stat(path.join(t.A.hostDsRoot, String(t.dsId), '.onestor', String(vm.vmId))).catch(() => null)).toBeNull();
-    expect(await manifest(vm)).toEqual(published);
-    const held = await t.A.agent(['snapshot', '--vm', String(vm.vmId)]);
-    expect(held.code).not.toBe(0);
-    expect(held.stdout + held.stderr).toMatch(/held off for a live migration/);
-    await sleep(Math.max(0, t0 + 8500 - Date.now()));
-    expect((await snapshot(t.A, vm)).mode).toBe('incremental');
-  });
-
-  it('round trip A -> B -> A with guest writes during each pre-sync: incremental on each side, recoverable, zero orphan bitmaps', async () => {
+  it('round trip A -> B -> A (the hook releases each time) with guest writes during each pre-sync: incremental hand-over on each side, recoverable, zero orphan bitmaps', async () => {
     for (const [src, dst, p] of [[t.A, t.B, 0x71], [t.B, t.A, 0x72]] as const) {
+      // the state hook, done before the driver's steps here (it runs concurrently with them in OpenNebula)
+      const y = await runHook(vm, src, dst);
+      expect(y.code, y.stdout + y.stderr).toBe(0);
+      expect(y.stdout, y.stderr).toMatch(new RegExp(`disk 0: lineage released to ${dst.agentHostName}`));
       await migrateVm(t, vm, src, dst, { duringPresync: () => guestWrite(src.lv, vm.domainName, { offsetMiB: 90, lengthMiB: 6, pattern: p }) });
       await guestWrite(dst.lv, vm.domainName, { offsetMiB: 100, lengthMiB: 1, pattern: p + 8 });
       const expected = await guestView(dst, vm);
       const s = await snapshot(dst, vm);
       expect(s.mode, s.out).toBe('incremental');
+      expect(s.out).toMatch(new RegExp(`lineage handed over by ${src.agentHostName}`));
+      expect((await manifest(vm)).owner).toBe(dst.agentHostName);
       await drillEquals(vm, expected);
       const kept = await checkpointsOn(dst, vm);
       expect(kept).toHaveLength(1);
@@ -300,6 +371,69 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     const r = await onHost(t.A, ['qemu-img', 'info', '--output=json', vm.disks[0]!.base1Path]);
     const names = ((JSON.parse(r.stdout) as { 'format-specific': { data: { bitmaps?: Array<{ name: string }> } } })['format-specific'].data.bitmaps ?? []).map((b) => b.name);
     expect(names.filter((n) => n.startsWith('onestor-'))).toHaveLength(1);
+  });
+});
+
+describe('no valid release: the destination takes the lineage over with a full', () => {
+  let vm: OneVm;
+
+  it('a migration the source never yielded for: a full with the take-over reason, then incremental again (no E_OWNER loop)', async () => {
+    vm = await t.createVm(t.A, { vmId: 63, disks: [{ diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x31 }] }] });
+    expect((await snapshot(t.A, vm)).mode).toBe('full');
+    await migrateVm(t, vm, t.A, t.B); // no hook, no cycle running on A: nobody releases
+    expect((await manifest(vm)).release).toBeUndefined();
+    await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 10, lengthMiB: 1, pattern: 0x32 });
+    const expected = await guestView(t.B, vm);
+    const s = await snapshot(t.B, vm);
+    expect(s.mode, s.out).toBe('full');
+    expect(s.out).toMatch(/replica lineage was last published by hv-a, not by this host \(hv-b\)/);
+    expect(s.out).not.toMatch(/E_OWNER/);
+    await drillEquals(vm, expected);
+    const m = await manifest(vm);
+    expect(m.owner).toBe('hv-b');
+    expect(m.history!.at(-1)).toMatchObject({ from: 'hv-a', to: 'hv-b', kind: 'takeover' });
+    expect(await ledger('takeovers', vm.vmId)).toEqual([{ from: 'hv-a', to: 'hv-b' }]);
+    expect(await ledger('handovers', vm.vmId)).toEqual([]);
+    // B owns it now: its next cycle is an ordinary incremental
+    await guestWrite(t.B.lv, vm.domainName, { offsetMiB: 12, lengthMiB: 1, pattern: 0x33 });
+    const again = await snapshot(t.B, vm);
+    expect(again.mode, again.out).toBe('incremental');
+    await drillEquals(vm, await guestView(t.B, vm));
+  });
+
+  it('a release to another host than the destination: the destination takes a full (take-over)', async () => {
+    const y = await t.B.agent(['yield', '--vm', String(vm.vmId), '--seconds', '1', '--to', 'hv-elsewhere']);
+    expect(y.code, y.stdout + y.stderr).toBe(0);
+    expect(y.stdout).toMatch(/disk 0: lineage released to hv-elsewhere/);
+    expect((await manifest(vm)).release).toMatchObject({ from: 'hv-b', to: 'hv-elsewhere' });
+    await migrateVm(t, vm, t.B, t.A);
+    await guestWrite(t.A.lv, vm.domainName, { offsetMiB: 14, lengthMiB: 1, pattern: 0x34 });
+    const expected = await guestView(t.A, vm);
+    const s = await snapshot(t.A, vm);
+    expect(s.mode, s.out).toBe('full');
+    expect(s.out).toMatch(/last published by hv-b, not by this host \(hv-a\)/);
+    await drillEquals(vm, expected);
+    expect((await manifest(vm)).history!.at(-1)).toMatchObject({ from: 'hv-b', to: 'hv-a', kind: 'takeover' });
+    expect(await ledger('handovers', vm.vmId)).toEqual([]);
+  });
+
+  it('a host that does not own the lineage cannot release it (E_RELEASE), and the owner\'s lineage stands', async () => {
+    // B no longer runs the VM and does not own its lineage: a release from B is refused by the replica
+    const before = await manifest(vm);
+    const { ReplicaClient } = await import('../../lib/transfer/replica-client.js');
+    const c = await ReplicaClient.connect({ host: t.sshd.host, port: t.sshd.port, username: t.sshd.user, privateKey: t.B.keyPath, knownHostsFile: t.sshd.knownHostsPath, acceptNewHostKey: false, receiverCommand: 'onestor-agent receive', connectTimeoutMs: 10_000, localHost: 'hv-a' });
+    try {
+      expect(c.writer).toBe('hv-b');
+      const d = await c.openDisk(vm.vmId, 0);
+      const err = (await d.release('hv-b', 3600).catch((e: unknown) => e)) as { code?: string; message?: string };
+      expect(err.code, String(err.message)).toBe('E_RELEASE');
+      expect(err.message).toMatch(/only the lineage's owner may release it: it belongs to hv-a, this session is hv-b/);
+      await d.close();
+    } finally {
+      await c.close();
+    }
+    expect(await manifest(vm)).toEqual(before);
+    await vm.destroy();
   });
 });
 

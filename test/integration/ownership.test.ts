@@ -218,3 +218,120 @@ describe('ownership and tamper evidence across two hosts', () => {
     expect((await diskState()).replicaToken).toBe((await manifest()).token);
   });
 });
+
+/** An increment as another host's capture makes it (the receiver points its backing at the spare). */
+async function incWith(name: string, pattern: number, offsetMiB: number): Promise<string> {
+  const inc = path.join(env.root, `${name}.inc.qcow2`);
+  await rm(inc, { force: true });
+  await q(['qemu-img', 'create', '-q', '-f', 'qcow2', inc, `${SIZE_MIB}M`]);
+  await q(['qemu-io', '-f', 'qcow2', '-c', `write -P ${pattern} ${offsetMiB}M 1M`, inc]);
+  return inc;
+}
+
+/** The guest view the replica's base.1 has once `pattern` is written at offsetMiB (what a merge must give). */
+async function replicaViewWith(name: string, pattern: number, offsetMiB: number): Promise<string> {
+  const dir = path.join(env.root, `${name}-expected`);
+  await rm(dir, { recursive: true, force: true });
+  await mkdir(dir, { recursive: true });
+  await symlink(vm.disks[0]!.snapDir, path.join(dir, 'disk.0.snap'));
+  const file = path.join(dir, 'base.1');
+  await q(['cp', path.join(env.snapsDir, String(VM), 'disk.0.snap', 'base.1'), file]);
+  await q(['qemu-io', '-f', 'qcow2', '-c', `write -P ${pattern} ${offsetMiB}M 1M`, file]);
+  return guestViewSha256(file, env.root);
+}
+
+async function incrementFrom(key: string, name: string, pattern: number, offsetMiB: number): Promise<{ m?: ReplicaManifest; err?: unknown; diag: string }> {
+  const inc = await incWith(name, pattern, offsetMiB);
+  const c = await connect(key);
+  try {
+    const d = await c.openDisk(VM, 0);
+    await d.upload('inc', inc, { key: `${name}.inc` });
+    const r = await d
+      .publishIncremental({ parentCheckpoint: d.manifest!.checkpoint!, checkpoint: `${name}-ck`, capturedAt: Math.floor(Date.now() / 1000), consistency: 'crash-consistent', sourceHost: 'hvA', inc: `${name}.inc` })
+      .then((m) => ({ m }), (err: unknown) => ({ err }));
+    await d.close();
+    await new Promise((res) => setTimeout(res, 300)); // the receiver's stderr arrives on its own stream
+    return { ...r, diag: c.connection.diagnostics() };
+  } finally {
+    await c.close();
+  }
+}
+
+async function releaseFrom(key: string, to: string, ttlSec = 3600): Promise<unknown> {
+  const c = await connect(key);
+  try {
+    const d = await c.openDisk(VM, 0);
+    const r = await d.release(to, ttlSec).catch((e: unknown) => e);
+    await d.close();
+    return r;
+  } finally {
+    await c.close();
+  }
+}
+
+async function ledgerCount(kind: 'takeovers' | 'handovers'): Promise<number> {
+  const text = await readFile(path.join(env.snapsDir, '.onestor', 'ownership', `${kind}.jsonl`), 'utf8').catch(() => '');
+  return text.split('\n').filter(Boolean).length;
+}
+
+describe('lineage release and hand-over (live migration without a shared key)', () => {
+  it('only the owner may release: B\'s release of A\'s lineage is E_RELEASE and changes nothing; A cannot release to itself', async () => {
+    const before = await manifest();
+    expect(before.owner).toBe('hvA');
+    expect(errorCodeOf(await releaseFrom('B', 'hvB'))).toBe('E_RELEASE');
+    expect(errorCodeOf(await releaseFrom('A', 'hvA'))).toBe('E_RELEASE');
+    expect(errorCodeOf(await releaseFrom('A', 'HVA.example'))).toBe('E_RELEASE');
+    expect(await manifest()).toEqual(before);
+  });
+
+  it('a release to another host does not let B continue (E_OWNER names the recipient); A\'s release to B does: a hand-over, logged and counted apart', async () => {
+    const r1 = await releaseFrom('A', 'hvC');
+    expect(r1).toMatchObject({ from: 'hvA', to: 'hvC' });
+    const refused = await incrementFrom('B', 'b-not-for-me', 0xbc, 20);
+    expect(errorCodeOf(refused.err)).toBe('E_OWNER');
+    expect(String((refused.err as Error).message)).toMatch(/released to hvC, not to this host/);
+
+    const tokenA = (await manifest()).token;
+    const r2 = (await releaseFrom('A', 'hvB')) as { from: string; to: string; token: string; until: number; at: number };
+    expect(r2).toMatchObject({ from: 'hvA', to: 'hvB', token: tokenA });
+    expect(r2.until - r2.at).toBe(3600);
+    expect((await manifest()).release).toMatchObject({ to: 'hvB' }); // the later release replaced the first
+    const [takeovers, handovers] = [await ledgerCount('takeovers'), await ledgerCount('handovers')];
+    const expected = await replicaViewWith('b-handover', 0xbd, 22);
+    const b = await incrementFrom('B', 'b-handover', 0xbd, 22);
+    expect(b.err).toBeUndefined();
+    expect(b.m).toMatchObject({ owner: 'hvB', sourceHost: 'hvB', mode: 'incremental', checkpoint: 'b-handover-ck' });
+    expect(b.m!.release).toBeUndefined();
+    expect(b.m!.history!.at(-1)).toMatchObject({ from: 'hvA', to: 'hvB', kind: 'handover' });
+    const warn = b.diag.split('\n').find((l) => l.includes('lineage handed over'));
+    expect(warn, b.diag).toBeDefined();
+    expect(JSON.parse(warn!)).toMatchObject({ level: 40, writer: 'hvB', from: 'hvA', to: 'hvB' });
+    expect(b.diag).not.toMatch(/lineage taken over/);
+    expect(await ledgerCount('handovers')).toBe(handovers + 1);
+    expect(await ledgerCount('takeovers')).toBe(takeovers);
+    expect(await drillSha()).toBe(expected);
+  });
+
+  it('the released-from host can no longer write incrementally (E_OWNER); its agent takes a full (a take-over), once', async () => {
+    const before = await manifest();
+    const a = await incrementFrom('A', 'a-after-handover', 0xae, 24);
+    expect(errorCodeOf(a.err)).toBe('E_OWNER');
+    expect(await manifest()).toEqual(before);
+    const expected = await guestViewSha256(vm.disks[0]!.base1Path, env.root);
+    const s = await snapshot();
+    expect(s.mode).toBe('full');
+    expect(s.out).toMatch(/last published by hvB, not by this host \(hvA\)/);
+    expect(await drillSha()).toBe(expected);
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 52, lengthMiB: 1, pattern: 0x64 });
+    expect((await snapshot()).mode).toBe('incremental');
+  });
+
+  it('a release is void once its owner publishes again', async () => {
+    expect(await releaseFrom('A', 'hvB')).toMatchObject({ to: 'hvB' });
+    await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 54, lengthMiB: 1, pattern: 0x65 });
+    expect((await snapshot()).mode).toBe('incremental');
+    expect((await manifest()).release).toBeUndefined();
+    const b = await incrementFrom('B', 'b-too-late', 0xbe, 26);
+    expect(errorCodeOf(b.err)).toBe('E_OWNER');
+  });
+});

@@ -155,7 +155,7 @@ describe('ownership', () => {
   const p = replicaPaths('/snaps', 7, 0);
   it('first publish claims the lineage (history from nobody), no take-over', () => {
     const r = ownershipForPublish(null, 'hvA', 'ck1', 100, 'a'.repeat(32));
-    expect(r).toEqual({ fields: { owner: 'hvA', token: 'a'.repeat(32), history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1' }] }, takeover: null });
+    expect(r).toEqual({ fields: { owner: 'hvA', token: 'a'.repeat(32), history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1', kind: 'claim' }] }, takeover: null, handover: null });
   });
   it('the owner publishing again keeps history and gets a new token each time', () => {
     const prev = { owner: 'hvA', history: [{ at: 100, from: null, to: 'hvA', checkpoint: 'ck1' }] };
@@ -226,6 +226,12 @@ describe('ledger parsers and probe lines', () => {
     const lines = ledgerLines({ writers: { ok: true, value: [parseWriterRecord(JSON.stringify({ identity: 'hvB', auth: 'host', lastPublishAt: 90_000, lastVm: 8, lastDisk: 1, lastMode: 'full' }))!] }, takeovers: { ok: true, value: s } });
     expect(lines[0]).toBe('ONESTOR_REPLICA_WRITER = [ NAME="hvB", AUTH="host", LAST_PUBLISH="90000", LAST_VM=8, LAST_DISK=1, LAST_MODE="full" ]');
     expect(lines[1]).toMatch(/^ONESTOR_REPLICA_OWNERSHIP = \[ WRITERS=1, TAKEOVERS_24H=1, TAKEOVERS_LOGGED=2, LAST_AT="90000", LAST_VM=8, LAST_DISK=1, LAST_FROM="hvB", LAST_TO="hvC" \]$/);
+    // hand-overs (handovers.jsonl, same line format) are counted apart from take-overs
+    const h = summarizeTakeovers(parseTakeoverLines(JSON.stringify({ at: 90_050, vm: 9, disk: 0, from: 'hvC', to: 'hvD', checkpoint: 'k' })), 90_100);
+    const withH = ledgerLines({ writers: { ok: true, value: [] }, takeovers: { ok: true, value: s }, handovers: { ok: true, value: h } });
+    expect(withH.at(-1)).toMatch(/^ONESTOR_REPLICA_OWNERSHIP = \[ WRITERS=0, TAKEOVERS_24H=1, TAKEOVERS_LOGGED=2, HANDOVERS_24H=1, HANDOVERS_LOGGED=1, LAST_AT="90000", .*LAST_FROM="hvB", LAST_TO="hvC" \]$/);
+    const failed = ledgerLines({ writers: { ok: true, value: [] }, takeovers: { ok: true, value: s }, handovers: { ok: false, error: 'timed out' } });
+    expect(failed.at(-1)).toMatch(/MSG="ERROR hand-overs: timed out" \]$/);
   });
   it('a writer record that is not one is ignored; a failed read is an ERROR in the line', () => {
     expect(parseWriterRecord('{"identity":"x"}')).toBeNull();

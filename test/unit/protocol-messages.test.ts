@@ -18,6 +18,7 @@ import {
   plainOkSchema,
   publishOkSchema,
   putOkSchema,
+  releaseOkSchema,
   replicaManifestSchema,
   statusOkSchema,
 } from '../../lib/protocol/protocol.js';
@@ -41,6 +42,7 @@ describe('client builders pass the receiver\'s schemas', () => {
     clientMessage.end(sha),
     clientMessage.publishFull({ checkpoint: 'onestor-7-1-abc', capturedAt: 10, consistency: 'crash-consistent', sourceHost: 'h', base1: 'k.base1' }),
     clientMessage.publishIncremental({ parentCheckpoint: 'a', checkpoint: 'b', capturedAt: 10, consistency: 'filesystem-frozen', sourceHost: 'h', inc: 'b.inc' }),
+    clientMessage.release('hv-b', 86_400),
     clientMessage.close(),
     clientMessage.bye(),
   ];
@@ -67,6 +69,8 @@ describe('receiver builders pass the client\'s schemas', () => {
     ['status page', statusOkSchema, receiverReply.status([manifest], { vm: 7, disk: 0 })],
     ['status last page', statusOkSchema, receiverReply.status([], null)],
     ['ok', plainOkSchema, receiverReply.ok()],
+    ['release', releaseOkSchema, receiverReply.release({ from: 'hv-a', to: 'hv-b', at: 10, until: 86_410, token: 'a'.repeat(32), checkpoint: 'onestor-7-1-abc' })],
+    ['open (released)', openOkSchema, receiverReply.open({ ...manifest, owner: 'hv-a', token: 'a'.repeat(32), release: { from: 'hv-a', to: 'hv-b', at: 10, until: 20, token: 'a'.repeat(32), checkpoint: null } }, null)],
   ] as const)('%s', (what, schema, m) => {
     expect(parseReply(schema as z.ZodType<unknown>, wire(m), what)).toEqual(wire(m));
   });
