@@ -171,6 +171,7 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
       transferTimeoutMs: config.limits.transferTimeoutSec * 1000,
       stagingMinFreePercent: config.limits.stagingMinFreePercent,
       tryFreeze: true,
+      libvirtUri: config.libvirtUri,
     }),
   };
   return ctx;

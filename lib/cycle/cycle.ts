@@ -65,6 +65,8 @@ export interface CycleDeps {
    * Cycles with only incrementals always use push mode (measured faster for small changes).
    */
   seedMode?: 'pull' | 'push';
+  /** the libvirt URI the adapter uses: the /proc migration watch ignores `virsh -c OTHER migrate` */
+  libvirtUri?: string;
   /** how long a cycle waits for another cycle of the same VM on this host (default 600 s) */
   vmLockWaitSec?: number;
   now?: () => number;
@@ -253,7 +255,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     if (work.length === 0) return finish();
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
-    const watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom) });
+    const watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom), ...(deps.libvirtUri ? { libvirtUri: deps.libvirtUri } : {}) });
     try {
       const captureReq: CaptureRequest = {
         vmId,

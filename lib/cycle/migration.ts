@@ -69,16 +69,19 @@ export function yieldHolds(m: YieldMarker | null, nowSec: number, domainIdNow: n
  * - the driver's `virsh [-c URI] migrate --live ... DOM DEST ...` (KvmDomain#live_migrate[_disks]);
  * - its pre-sync `rsync -az DS/VMID/*.xml DS/VMID/disk.N.snap ... HOST:DS/VMID/`.
  */
-export function isMigrationCommand(argv: readonly string[], domain: string, vmDir: string): boolean {
+export function isMigrationCommand(argv: readonly string[], domain: string, vmDir: string, libvirtUri?: string): boolean {
   if (argv.length === 0) return false;
   const prog = path.basename(argv[0]!);
   // the driver runs these through a shell (`bash -c "virsh ... migrate ..."`): look inside -c too
   if ((prog === 'sh' || prog === 'bash') && argv[1] === '-c' && argv[2]) {
-    return isMigrationCommand(argv[2].trim().split(/\s+/), domain, vmDir);
+    return isMigrationCommand(argv[2].trim().split(/\s+/), domain, vmDir, libvirtUri);
   }
   if (prog === 'virsh') {
     const i = argv.indexOf('migrate');
-    return i > 0 && argv.slice(i + 1).includes(domain);
+    if (!(i > 0 && argv.slice(i + 1).includes(domain))) return false;
+    // a virsh connected to another libvirtd (another URI) migrates another daemon's domain of that name
+    const uri = connectUri(argv.slice(1, i));
+    return uri === null || libvirtUri === undefined || uri === libvirtUri;
   }
   if (prog === 'rsync') {
     const dir = vmDir.replace(/\/+$/, '') + '/';
@@ -86,6 +89,16 @@ export function isMigrationCommand(argv: readonly string[], domain: string, vmDi
     return argv.slice(1, -1).some((a) => a.startsWith(dir) || a === dir.slice(0, -1));
   }
   return false;
+}
+
+/** Pure: the `-c URI` / `--connect URI` / `--connect=URI` given to virsh before its command, or null. */
+export function connectUri(opts: readonly string[]): string | null {
+  for (let k = 0; k < opts.length; k++) {
+    const a = opts[k]!;
+    if ((a === '-c' || a === '--connect') && k + 1 < opts.length) return opts[k + 1]!;
+    if (a.startsWith('--connect=')) return a.slice('--connect='.length);
+  }
+  return null;
 }
 
 const DEST_HOST_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$/;
@@ -124,7 +137,7 @@ export function migrationDestination(argv: readonly string[]): string | null {
 }
 
 /** Scans /proc for a migration of `domain` in progress on this host (see isMigrationCommand). */
-export async function findMigrationProcess(domain: string, vmDir: string, procDir = '/proc'): Promise<{ pid: number; argv: string[] } | null> {
+export async function findMigrationProcess(domain: string, vmDir: string, procDir = '/proc', libvirtUri?: string): Promise<{ pid: number; argv: string[] } | null> {
   let entries: string[];
   try {
     entries = await readdir(procDir);
@@ -141,7 +154,7 @@ export async function findMigrationProcess(domain: string, vmDir: string, procDi
     }
     if (!raw) continue;
     const argv = raw.split('\0').filter((s, i, a) => s !== '' || i < a.length - 1);
-    if (isMigrationCommand(argv, domain, vmDir)) return { pid: Number(e), argv };
+    if (isMigrationCommand(argv, domain, vmDir, libvirtUri)) return { pid: Number(e), argv };
   }
   return null;
 }
@@ -156,6 +169,8 @@ export function migrationWatch(opts: {
   domain: string;
   vmDir: string;
   domainId: () => Promise<number | null>;
+  /** this agent's libvirt URI: a `virsh -c OTHER migrate` is not about our domain */
+  libvirtUri?: string;
   now?: () => number;
   scanEveryMs?: number;
   procDir?: string;
@@ -168,7 +183,7 @@ export function migrationWatch(opts: {
     if (m && yieldHolds(m, now() / 1000, await opts.domainId().catch(() => null))) return `yield requested (${m.reason})`;
     if (now() - lastScan >= (opts.scanEveryMs ?? 1000)) {
       lastScan = now();
-      const p = await findMigrationProcess(opts.domain, opts.vmDir, opts.procDir);
+      const p = await findMigrationProcess(opts.domain, opts.vmDir, opts.procDir, opts.libvirtUri);
       if (p) {
         destination = migrationDestination(p.argv);
         return `migration of ${opts.domain} in progress (pid ${p.pid}: ${p.argv.slice(0, 4).join(' ')} ...${destination ? `, to ${destination}` : ''})`;

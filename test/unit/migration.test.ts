@@ -2,13 +2,32 @@ import { describe, it, expect } from 'vitest';
 import { mkdtemp, mkdir, writeFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { isMigrationCommand, yieldHolds, redefineCheckpointXml, findMigrationProcess, writeYieldMarker, readYieldMarker, clearYieldMarker, migrationWatch, type YieldMarker } from '../../lib/cycle/migration.js';
+import { connectUri, isMigrationCommand, yieldHolds, redefineCheckpointXml, findMigrationProcess, writeYieldMarker, readYieldMarker, clearYieldMarker, migrationWatch, type YieldMarker } from '../../lib/cycle/migration.js';
 import { parseNodeBitmaps, strayBitmaps } from '../../lib/libvirt/bitmaps.js';
 import { decideMode, type ModeFacts } from '../../lib/cycle/plan.js';
 
 const VMDIR = '/var/lib/one/datastores/0/7';
 
 describe('isMigrationCommand (what the source host runs during an OpenNebula live migration)', () => {
+  it('connectUri: the URI given before the command, in each spelling', () => {
+    expect(connectUri(['-c', 'a'])).toBe('a');
+    expect(connectUri(['--connect', 'b', '-q'])).toBe('b');
+    expect(connectUri(['--connect=c'])).toBe('c');
+    expect(connectUri(['-q'])).toBeNull();
+    expect(connectUri(['-c'])).toBeNull();
+  });
+  it('a virsh connected to another libvirtd migrates another daemon\'s domain of that name: not ours', () => {
+    const argv = (c: string[]) => ['virsh', ...c, 'migrate', '--live', 'one-7', 'qemu+ssh://h2/system'];
+    const ours = 'qemu:///system';
+    expect(isMigrationCommand(argv(['-c', ours]), 'one-7', VMDIR, ours)).toBe(true);
+    expect(isMigrationCommand(argv(['--connect', ours]), 'one-7', VMDIR, ours)).toBe(true);
+    expect(isMigrationCommand(argv([`--connect=${ours}`]), 'one-7', VMDIR, ours)).toBe(true);
+    expect(isMigrationCommand(argv([]), 'one-7', VMDIR, ours)).toBe(true); // default URI: could be ours
+    expect(isMigrationCommand(argv(['-c', 'qemu:///system?socket=/run/other/libvirt-sock']), 'one-7', VMDIR, ours)).toBe(false);
+    expect(isMigrationCommand(['bash', '-c', 'virsh -c qemu:///session migrate --live one-7 qemu+ssh://h2/system'], 'one-7', VMDIR, ours)).toBe(false);
+    // without our URI (older callers) any connection counts, as before
+    expect(isMigrationCommand(argv(['-c', 'qemu:///session']), 'one-7', VMDIR)).toBe(true);
+  });
   it('virsh migrate of the domain, with or without -c, directly or through a shell', () => {
     expect(isMigrationCommand(['virsh', '--connect', 'qemu:///system', 'migrate', '--live', '--suspend', 'one-7', 'qemu+ssh://h2/system', '--copy-storage-all', '--migrate-disks', 'vda'], 'one-7', VMDIR)).toBe(true);
     expect(isMigrationCommand(['/usr/bin/virsh', 'migrate', '--live', 'one-7', 'qemu+ssh://h2/system'], 'one-7', VMDIR)).toBe(true);
