@@ -109,7 +109,7 @@ async function waitForJob(h: Host, dom: string): Promise<void> {
  */
 async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agentSpawn']>> {
   for (let i = 0; i < 15; i++) {
-    const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
+    const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full', '--bandwidth-mbps', '1'], { env: await slowBackupEnv() });
     // A cycle that ends before its job was seen either failed (say why) or copied faster than the throttle
     // and the polling (a loaded machine): the latter is one more miss, like a job that ends within a second.
     const jobSeen = waitForJob(h, vm.domainName).then(() => null);
@@ -126,6 +126,18 @@ async function startSlowFull(h: Host, vm: OneVm): Promise<ReturnType<Host['agent
     console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`, await readFile(path.join(slowVirshDir, 'virsh.log'), 'utf8').catch(() => 'no log'));
   }
   throw new Error(`could not keep a backup job of ${vm.domainName} running on host ${h.name}`);
+}
+
+/** The cycle's result, failing the test (and ending the cycle) when it runs on past `ms`. */
+async function endsWithin(cycle: ReturnType<Host['agentSpawn']>, ms: number): Promise<{ code: number; stdout: string; stderr: string }> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<null>((r) => (timer = setTimeout(() => r(null), ms)));
+  const r = await Promise.race([cycle.done, late]);
+  clearTimeout(timer);
+  if (r) return r;
+  process.kill(cycle.pid, 'SIGTERM');
+  const killed = await cycle.done;
+  throw new Error(`the cycle was still running ${ms / 1000} s after the migration: ${(killed.stdout + killed.stderr).slice(-2000)}`);
 }
 
 async function nodeBitmaps(h: Host, vm: OneVm, disk = 0) {
@@ -207,7 +219,9 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
 
     expect(hookOut).toMatch(new RegExp(`VM ${vm.vmId} migrates ${t.A.agentHostName} -> ${t.B.agentHostName}`));
     expect(hookOut).toMatch(/no backup job of ours runs/);
-    const r = await cycle.done;
+    // The seed streams at 1 MB/s (minutes for this disk): the yield must end it whatever its upload waits
+    // on (the bandwidth limit, the next NBD read), within the 30 s libvirt gives a migration.
+    const r = await endsWithin(cycle, 30_000);
     expect(r.code, r.stdout + r.stderr).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/E_YIELDED|gave way to a live migration/);
     await nothingLeftOn(t.A, vm);
@@ -240,7 +254,7 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     const published = await manifest(vm);
     const steps = await migrateVm(t, vm, t.B, t.A, { duringPresync: () => guestWrite(t.B.lv, vm.domainName, { offsetMiB: 70, lengthMiB: 4, pattern: 0x63 }) });
     expect(steps.attempts).toBe(1);
-    const r = await cycle.done;
+    const r = await endsWithin(cycle, 30_000);
     expect(r.code).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/migration of .* in progress/);
     await nothingLeftOn(t.B, vm);
