@@ -27,6 +27,7 @@ import { NBD_STATE_ZERO } from '../libvirt/nbd-protocol.js';
 import { overlayRuns, planQcow2Overlay, type Qcow2StreamPlan } from '../libvirt/qcow2-writer.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
+import { anySignal } from '../shared/abort.js';
 import type { Consistency, CycleMode } from '../shared/model.js';
 import { abortOwnJob, cleanStagingDir, clearStaleJob, findDiskBySource, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
 import { overlayStream } from './overlay-stream.js';
@@ -57,6 +58,12 @@ export interface PullCapture {
   disks: PulledDisk[];
   /** peak bytes of the staging dir seen by the watchdog (scratch files) */
   stagingPeak(): number;
+  /**
+   * Fires when the watchdog stops the seed, its reason the OnestorError to end with (E_YIELDED for a live
+   * migration, E_NOSPACE for the scratch files). Every transfer made while the export exists must end on
+   * it, not only the overlay streams: the export holds the domain's job until the cycle ends it.
+   */
+  signal: AbortSignal;
   /** Ends the job (abort is how a pull job ends), waits until libvirt dropped it, removes staging. Idempotent. */
   end(): Promise<void>;
 }
@@ -85,10 +92,12 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   const clients: NbdClient[] = [];
   let peak = 0;
   let watchdog: NodeJS.Timeout | null = null;
+  const disposers: Array<() => void> = [];
   const end = async (): Promise<void> => {
     if (ended) return;
     ended = true;
     if (watchdog) clearInterval(watchdog);
+    disposers.splice(0).forEach((d) => d());
     await Promise.all(clients.map((c) => c.close().catch(() => {})));
     if (jobStarted) {
       // only while the job is still ours: `yield` may have aborted it and a migration may hold the domain now
@@ -176,13 +185,15 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
             stopWith = new OnestorError(ErrorCodes.YIELDED, `seed stopped: ${why}`, ctx);
           }
         }
-        if (stopWith) abortOnSpace.abort();
+        if (stopWith) abortOnSpace.abort(stopWith);
       })()
         .catch(() => {})
         .finally(() => (polling = false));
     }, 250);
     watchdog.unref();
 
+    const nbdStop = anySignal([req.signal, abortOnSpace.signal]);
+    disposers.push(nbdStop.dispose);
     const xml = await lv.backupDumpXml(dom);
     if (!xml) throw new OnestorError(ErrorCodes.CAPTURE, 'pull-mode backup job vanished right after it started', ctx);
     const exported = parsePullExports(xml);
@@ -194,7 +205,8 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
       if (p.mode === 'incremental' && !dirtyCtx) throw new OnestorError(ErrorCodes.CAPTURE, `incremental export of ${p.target} has no dirty bitmap`, { ...ctx, disk: p.diskId });
       // The overlay's ranges: right after the instant (see the header comment).
       const allocated = p.mode === 'full' ? await qemuImg.topAllocation(p.base1Path) : null;
-      const client = await NbdClient.connect({ socketPath, exportName: ex.exportName, metaContexts: ['base:allocation', ...(dirtyCtx ? [dirtyCtx] : [])], signal: req.signal });
+      // reads fail at once on a shutdown or when the watchdog stops the seed (the export may be gone then)
+      const client = await NbdClient.connect({ socketPath, exportName: ex.exportName, metaContexts: ['base:allocation', ...(dirtyCtx ? [dirtyCtx] : [])], signal: nbdStop.signal });
       clients.push(client);
       if (client.size !== p.virtualSize) log({ vm: req.vmId, disk: p.diskId, export: client.size, planned: p.virtualSize }, 'export size differs from qemu-img info; using the export');
       const zero = (await client.map('base:allocation')).filter((e) => e.flags & NBD_STATE_ZERO);
@@ -219,13 +231,13 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
         stream: (signal?: AbortSignal) => {
           if (used) throw new OnestorError(ErrorCodes.INTERNAL, 'overlay stream opened twice');
           used = true;
-          // the NBD client already fails every read on req.signal; the stream also stops on the caller's and the watchdog's
-          const stop = anySignal([abortOnSpace.signal, ...(signal ? [signal] : [])]);
+          // the NBD client already fails every read on req.signal and the watchdog's; the stream also stops on the caller's
+          const stop = anySignal([abortOnSpace.signal, signal]).signal;
           return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop }), abortOnSpace.signal, () => stopWith);
         },
       });
     }
-    return { checkpoint: req.checkpointName, consistency, freezeNote, capturedAtMs: t0, jobMs: now() - t0, disks: out, stagingPeak: () => peak, end };
+    return { checkpoint: req.checkpointName, consistency, freezeNote, capturedAtMs: t0, jobMs: now() - t0, disks: out, stagingPeak: () => peak, signal: abortOnSpace.signal, end };
   } catch (e) {
     await end();
     if (jobStarted) {
@@ -249,15 +261,6 @@ async function* stoppable(src: AsyncGenerator<Buffer>, stop: AbortSignal, reason
     if (!stop.aborted) throw e;
   }
   if (stop.aborted) throw reason() ?? new OnestorError(ErrorCodes.ABORTED, 'seed stopped');
-}
-
-function anySignal(signals: AbortSignal[]): AbortSignal {
-  const c = new AbortController();
-  for (const s of signals) {
-    if (s.aborted) c.abort();
-    else s.addEventListener('abort', () => c.abort(), { once: true });
-  }
-  return c.signal;
 }
 
 /** Allocated bytes of the files directly in `dir` (the scratch files). */

@@ -13,6 +13,7 @@ import { findDiskBySource, type CaptureLibvirt, type CaptureRequest, type Captur
 import type { PullCapture, PulledDisk } from './capture-pull.js';
 import { newCheckpointName } from '../libvirt/backup-xml.js';
 import { OnestorError, ErrorCodes, describeError, errorCodeOf, type ErrorCode } from '../shared/errors.js';
+import { anySignal, throwIfAborted } from '../shared/abort.js';
 import { decideMode, checkpointsToDelete, lineageCheck, type ModeDecision } from './plan.js';
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
@@ -307,8 +308,10 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       const dt0 = now();
       let session: ReplicaDiskSession | null = null;
       let publishSent = false;
-      const deadline = transferDeadline(req.signal, deps.transferTimeoutMs);
+      // a pull-mode seed's watchdog stop ends every upload made while the export exists (the base too)
+      const deadline = transferDeadline([req.signal, pull?.signal], deps.transferTimeoutMs);
       try {
+        throwIfAborted(pull?.signal, 'seed stopped');
         session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
         let bytes = 0;
@@ -533,27 +536,33 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 }
 
 /**
- * The caller's signal plus a deadline (Node 18 has no AbortSignal.any). Uploads stop between chunks when
- * it fires; expired() tells the deadline apart from a shutdown.
+ * The caller's signal, the pull-mode seed's stop (E_YIELDED, E_NOSPACE as its reason) and a deadline in one
+ * (Node 18 has no AbortSignal.any). Uploads end wherever they wait when it fires; expired() tells the
+ * deadline apart from a shutdown or a stop.
  */
-function transferDeadline(outer: AbortSignal | undefined, ms: number | undefined): { signal: AbortSignal | undefined; expired(): boolean; dispose(): void } {
-  if (!ms) return { signal: outer, expired: () => false, dispose: () => {} };
+export function transferDeadline(outers: ReadonlyArray<AbortSignal | undefined>, ms: number | undefined): { signal: AbortSignal | undefined; expired(): boolean; dispose(): void } {
+  const present = outers.filter((s): s is AbortSignal => s !== undefined);
+  if (!ms && present.length <= 1) return { signal: present[0], expired: () => false, dispose: () => {} };
+  const any = anySignal(present);
   const ac = new AbortController();
   let fired = false;
-  const onOuter = () => ac.abort(outer?.reason);
-  if (outer?.aborted) ac.abort(outer.reason);
-  else outer?.addEventListener('abort', onOuter, { once: true });
-  const timer = setTimeout(() => {
-    fired = true;
-    ac.abort();
-  }, ms);
-  timer.unref?.();
+  const onAny = () => ac.abort(any.signal.reason);
+  if (any.signal.aborted) ac.abort(any.signal.reason);
+  else any.signal.addEventListener('abort', onAny, { once: true });
+  const timer = ms
+    ? setTimeout(() => {
+        fired = true;
+        ac.abort();
+      }, ms)
+    : null;
+  timer?.unref?.();
   return {
     signal: ac.signal,
-    expired: () => fired && !outer?.aborted,
+    expired: () => fired && !any.signal.aborted,
     dispose: () => {
-      clearTimeout(timer);
-      outer?.removeEventListener('abort', onOuter);
+      if (timer) clearTimeout(timer);
+      any.signal.removeEventListener('abort', onAny);
+      any.dispose();
     },
   };
 }

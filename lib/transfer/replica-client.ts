@@ -10,6 +10,7 @@ import type { Readable, Writable } from 'node:stream';
 import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
 import type { z } from 'zod';
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
+import { abortError, raceAbort, throwIfAborted } from '../shared/abort.js';
 import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts } from './known-hosts.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import {
@@ -45,6 +46,11 @@ export interface UploadOptions {
   key: string;
   sha256?: string;
   onProgress?: (sent: number, total: number) => void;
+  /**
+   * Ends the upload promptly wherever it waits (the next chunk of the source, the channel's drain, the
+   * bandwidth limit): the channel is dropped (the receiver keeps what it got, for a resume) and the upload
+   * fails with the signal's reason when that is an OnestorError (E_YIELDED, E_NOSPACE), else E_ABORTED.
+   */
   signal?: AbortSignal;
 }
 
@@ -171,10 +177,64 @@ export class ReceiverConnection {
     return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
-  private async write(buf: Buffer): Promise<void> {
+  /** Writes, then waits for the channel to drain when it asks to; `signal` ends that wait. */
+  private async write(buf: Buffer, signal?: AbortSignal): Promise<void> {
     if (this.closedError) throw this.closedError;
-    if (!this.output.write(buf)) await new Promise<void>((r) => this.drainWaiters.push(r));
+    if (!this.output.write(buf)) await raceAbort(new Promise<void>((r) => this.drainWaiters.push(r)), signal, 'upload aborted');
     if (this.closedError) throw this.closedError;
+  }
+
+  /**
+   * The data frames of one upload: pulls chunks from `source` (any wait for the next one ends with the
+   * signal), sends `chunk.subarray(skip)` of each in frames of at most `frame` bytes, keeps to the
+   * channel's backpressure and the bandwidth limit. Stops early when the receiver answered (`stop()`).
+   * Any failure or abort drops the channel: the receiver is mid-upload, and closing is the only clean way out
+   * (it keeps the bytes it got, for a resume).
+   */
+  private async sendFrames(
+    source: AsyncIterable<Buffer>,
+    frame: number,
+    signal: AbortSignal | undefined,
+    each: (chunk: Buffer) => number,
+    sent: (n: number) => void,
+    stop: () => boolean,
+  ): Promise<void> {
+    const it = source[Symbol.asyncIterator]();
+    let finished = false;
+    try {
+      for (;;) {
+        const n = await raceAbort(it.next(), signal, 'upload aborted');
+        if (n.done) {
+          finished = true;
+          return;
+        }
+        if (stop()) return;
+        throwIfAborted(signal, 'upload aborted');
+        const chunk = n.value;
+        const skip = each(chunk);
+        for (let at = skip; at < chunk.length; at += frame) {
+          const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
+          const [header, payload] = encodeData(piece);
+          // ssh2 writes one socket write per SSH packet (32 KiB); corking turns a chunk into few writev calls
+          this.socket?.cork();
+          this.output.write(header);
+          const written = this.write(payload, signal);
+          this.socket?.uncork();
+          await written;
+          sent(piece.length);
+          // small waits are left as debt on the bucket (the rate holds); any wait ends with the signal
+          await this.bandwidth?.take(piece.length, signal, 5);
+        }
+      }
+    } catch (e) {
+      const err = e instanceof OnestorError ? e : signal?.aborted ? abortError(signal, 'upload aborted') : new OnestorError(ErrorCodes.INTERNAL, describeError(e), {}, { cause: e });
+      this.fail(err);
+      throw err;
+    } finally {
+      // Leaving early: let the source clean up. Not awaited: a source stuck in a read (an NBD export that
+      // went away) settles when its owner closes it, and must not hold this upload.
+      if (!finished) void it.return?.()?.catch(() => {});
+    }
   }
 
   private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
@@ -284,28 +344,17 @@ export class ReceiverConnection {
       if (offset < size) {
         const stream = createReadStream(localPath, { start: offset, end: size - 1, highWaterMark: chunkSize });
         try {
-          for await (const chunk of stream as AsyncIterable<Buffer>) {
-            if (earlyArrived) break;
-            if (opts.signal?.aborted) {
-              // The receiver is mid-upload; the only clean way out is to drop the channel (it keeps the
-              // bytes it has for a resume).
-              const err = new OnestorError(ErrorCodes.ABORTED, 'upload aborted');
-              this.fail(err);
-              throw err;
-            }
-            hash?.update(chunk);
-            const [header, payload] = encodeData(chunk);
-            // ssh2 writes one socket write per SSH packet (32 KiB); corking turns a chunk into few writev calls
-            this.socket?.cork();
-            this.output.write(header);
-            const written = this.write(payload);
-            this.socket?.uncork();
-            await written;
-            sent += chunk.length;
-            opts.onProgress?.(sent, size);
-            const wait = this.bandwidth?.reserve(chunk.length) ?? 0;
-            if (wait > 5) await new Promise((r) => setTimeout(r, wait));
-          }
+          await this.sendFrames(
+            stream as AsyncIterable<Buffer>,
+            chunkSize,
+            opts.signal,
+            (chunk) => (hash?.update(chunk), 0),
+            (n) => {
+              sent += n;
+              opts.onProgress?.(sent, size);
+            },
+            () => earlyArrived,
+          );
         } finally {
           stream.destroy();
         }
@@ -355,38 +404,23 @@ export class ReceiverConnection {
       const frame = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let produced = 0;
       let sent = offset;
-      try {
-        for await (const chunk of source.chunks) {
-          if (earlyArrived) break;
-          if (opts.signal?.aborted) {
-            const err = new OnestorError(ErrorCodes.ABORTED, 'upload aborted');
-            this.fail(err);
-            throw err;
-          }
+      await this.sendFrames(
+        source.chunks,
+        frame,
+        opts.signal,
+        (chunk) => {
           if (produced + chunk.length > size) throw new OnestorError(ErrorCodes.SIZE, `stream grew beyond its announced ${size} bytes`);
           hash.update(chunk);
           const skip = Math.max(0, Math.min(chunk.length, offset - produced));
           produced += chunk.length;
-          for (let at = skip; at < chunk.length; at += frame) {
-            const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
-            const [header, payload] = encodeData(piece);
-            this.socket?.cork();
-            this.output.write(header);
-            const written = this.write(payload);
-            this.socket?.uncork();
-            await written;
-            sent += piece.length;
-            opts.onProgress?.(sent, size);
-            const wait = this.bandwidth?.reserve(piece.length) ?? 0;
-            if (wait > 5) await new Promise((r) => setTimeout(r, wait));
-          }
-        }
-      } catch (e) {
-        // The receiver is mid-upload: the only clean way out is to drop the channel (it keeps what it got).
-        const err = e instanceof OnestorError ? e : new OnestorError(ErrorCodes.INTERNAL, describeError(e));
-        this.fail(err);
-        throw err;
-      }
+          return skip;
+        },
+        (n) => {
+          sent += n;
+          opts.onProgress?.(sent, size);
+        },
+        () => earlyArrived,
+      );
       if (earlyArrived) {
         parseReply(endOkSchema, early ?? (await verdict), 'upload');
         throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');

@@ -6,6 +6,7 @@
  */
 import { Transform, type TransformCallback } from 'node:stream';
 import { OnestorError, ErrorCodes } from '../shared/errors.js';
+import { abortError } from '../shared/abort.js';
 
 export interface Clock {
   /** monotonic milliseconds */
@@ -17,21 +18,22 @@ export const realClock: Clock = {
   now: () => performance.now(),
   sleep: (ms, signal) =>
     new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(abortError());
+      if (signal?.aborted) return reject(throttledAbort(signal));
       const t = setTimeout(() => {
         signal?.removeEventListener('abort', onAbort);
         resolve();
       }, ms);
       const onAbort = () => {
         clearTimeout(t);
-        reject(abortError());
+        reject(throttledAbort(signal));
       };
       signal?.addEventListener('abort', onAbort, { once: true });
     }),
 };
 
-function abortError(): OnestorError {
-  return new OnestorError(ErrorCodes.ABORTED, 'transfer aborted while throttled');
+/** The abort's own reason when it gave one (E_YIELDED, E_NOSPACE), else E_ABORTED. */
+function throttledAbort(signal: AbortSignal | undefined): OnestorError {
+  return abortError(signal, 'transfer aborted while throttled');
 }
 
 export class TokenBucket {
@@ -65,6 +67,17 @@ export class TokenBucket {
     this.last = now;
     this.tokens -= n;
     return this.tokens >= 0 ? 0 : (-this.tokens * 1000) / this.bytesPerSec;
+  }
+
+  /**
+   * Reserves n bytes and waits out the debt, ending at once with the signal's reason when it fires: at a
+   * low rate one piece's wait is seconds, and a yield to a live migration or a shutdown must not sit it out.
+   * Waits of at most `minSleepMs` are skipped (the debt stays on the bucket, so the rate holds).
+   */
+  async take(n: number, signal?: AbortSignal, minSleepMs = 0): Promise<void> {
+    if (signal?.aborted) throw throttledAbort(signal);
+    const wait = this.reserve(n);
+    if (wait > minSleepMs) await this.clock.sleep(wait, signal);
   }
 
   /** Largest piece worth reserving at once: a chunk larger than the burst is split. */

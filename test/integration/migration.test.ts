@@ -133,7 +133,9 @@ async function startSlowFull(h: Host, vm: OneVm, beforeEach?: () => Promise<void
   for (let i = 0; i < 30; i++) {
     // a missed attempt published a full: what a test compares against is taken again before each attempt
     await beforeEach?.();
-    const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full'], { env: await slowBackupEnv() });
+    // Both seed paths stand in for a large disk: the push job's copy is throttled by the virsh wrapper, the
+    // pull-mode export (no block job to throttle) streams under a 1 MB/s bandwidth cap.
+    const cycle = h.agentSpawn(['snapshot', '--vm', String(vm.vmId), '--full', '--bandwidth-mbps', '1'], { env: await slowBackupEnv() });
     // a cycle that ends before its job shows up: with success, the copy won even before we looked (a miss, as
     // below: on a loaded machine QEMU can copy the small test disk between two polls); else it failed early:
     // say why instead of waiting for a job
@@ -153,6 +155,18 @@ async function startSlowFull(h: Host, vm: OneVm, beforeEach?: () => Promise<void
     console.log(`throttle missed the copy on host ${h.name} (cycle exit ${r.code}); again`, await readFile(path.join(slowVirshDir, 'virsh.log'), 'utf8').catch(() => 'no log'));
   }
   throw new Error(`could not keep a backup job of ${vm.domainName} running on host ${h.name}`);
+}
+
+/** The cycle's result, failing the test (and ending the cycle) when it runs on past `ms`. */
+async function endsWithin(cycle: ReturnType<Host['agentSpawn']>, ms: number): Promise<{ code: number; stdout: string; stderr: string }> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<null>((r) => (timer = setTimeout(() => r(null), ms)));
+  const r = await Promise.race([cycle.done, late]);
+  clearTimeout(timer);
+  if (r) return r;
+  process.kill(cycle.pid, 'SIGTERM');
+  const killed = await cycle.done;
+  throw new Error(`the cycle was still running ${ms / 1000} s after the migration: ${(killed.stdout + killed.stderr).slice(-2000)}`);
 }
 
 async function nodeBitmaps(h: Host, vm: OneVm, disk = 0) {
@@ -243,7 +257,9 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     // the hook names the destination: A releases its lineage to B (when a throttle miss already published one)
     if (published === null) expect(hookOut).toMatch(/not released \(the replica holds no lineage of this disk\); hv-b will take a full/);
     else expect(hookOut).toMatch(/disk 0: lineage released to hv-b/);
-    const r = await cycle.done;
+    // The seed streams at 1 MB/s (minutes for this disk): the yield must end it whatever its upload waits
+    // on (the bandwidth limit, the next NBD read), within the 30 s libvirt gives a migration.
+    const r = await endsWithin(cycle, 30_000);
     expect(r.code, r.stdout + r.stderr).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/E_YIELDED|gave way to a live migration/);
     await nothingLeftOn(t.A, vm);
@@ -281,7 +297,7 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     const t0 = Date.now();
     const y = await t.B.agent(['yield', '--vm', String(vm.vmId), '--seconds', '8']);
     expect(y.code, y.stdout + y.stderr).toBe(0);
-    const r = await cycle.done;
+    const r = await endsWithin(cycle, 30_000);
     console.log(`yield returned after ${Date.now() - t0} ms`);
     expect(r.stdout + r.stderr).toMatch(/E_YIELDED/);
     expect(await jobActive(t.B, vm.domainName)).toBe(false);
@@ -313,7 +329,7 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     const published = await manifest(vm);
     const steps = await migrateVm(t, vm, t.B, t.A, { duringPresync: () => guestWrite(t.B.lv, vm.domainName, { offsetMiB: 70, lengthMiB: 4, pattern: 0x63 }) });
     expect(steps.attempts).toBe(1);
-    const r = await cycle.done;
+    const r = await endsWithin(cycle, 30_000);
     expect(r.code).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/migration of .* in progress/);
     expect(r.stdout + r.stderr).toMatch(/lineage released to hv-a/);
