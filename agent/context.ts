@@ -54,6 +54,9 @@ export class ReplicaPool {
       const c = await existing.catch(() => null);
       if (c?.connected) return c;
       this.clients.delete(addr);
+      // its session failed (e.g. an upload dropped its channel): end its SSH connection too, or the
+      // process stays alive on it after the command is done
+      await c?.close().catch(() => {});
     }
     const r = this.config.replica;
     const login = await resolveReplicaLogin(r);

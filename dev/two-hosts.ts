@@ -270,7 +270,9 @@ export async function migrateVm(t: TwoHosts, vm: OneVm, src: Host, dst: Host, o:
     // `dst:PATH` as the driver writes it (so the source's /proc shows the destination host), through a stand-in
     // remote shell that runs rsync's server side right here (the destination's dir is reachable from here).
     const rsh = path.join(t.root, 'rsh-local');
-    if (!(await lstat(rsh).catch(() => null))) await writeFile(rsh, '#!/bin/sh\n# stand-in for: ssh HOST COMMAND... (runs COMMAND here)\nshift\nexec "$@"\n', { mode: 0o755 });
+    // It takes 2 s to "connect": a pre-sync of a real disk lasts minutes, and the source agent's /proc watch
+    // (one scan a second) must be able to see it, as it would in production.
+    if (!(await lstat(rsh).catch(() => null))) await writeFile(rsh, '#!/bin/sh\n# stand-in for: ssh HOST COMMAND... (runs COMMAND here, after a 2 s "connect")\nshift\nsleep 2\nexec "$@"\n', { mode: 0o755 });
     const rs = await onHost(src, ['rsync', '-az', '-e', rsh, ...[...xmls, ...presync].map(shared), `${dst.agentHostName}:${dstDir}/`], 300_000);
     await during;
     if (rs.code !== 0) throw new Error(`rsync failed: ${rs.stderr}`);

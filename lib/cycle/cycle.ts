@@ -18,7 +18,7 @@ import { decideMode, checkpointsToDelete, lineageCheck, type ModeDecision } from
 import type { QemuImg } from '../libvirt/qemu-img.js';
 import type { EligibleDisk, ReplicaManifest, Consistency, CycleMode } from '../shared/model.js';
 import type { NodeBitmaps } from '../libvirt/bitmaps.js';
-import { clearYieldMarker, migrationWatch, readYieldMarker, redefineCheckpointXml, yieldHolds } from './migration.js';
+import { clearYieldMarker, migrationWatch, readYieldMarker, redefineCheckpointXml, yieldHolds, type MigrationWatch } from './migration.js';
 import { releaseVmDisks } from './release.js';
 import { strayBitmaps } from '../libvirt/bitmaps.js';
 import { getDisk, recordFailure, recordSuccess, diskKey, type AgentState } from './state.js';
@@ -151,6 +151,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   // Stray bitmaps can only appear when a lineage ends or changes hands: a full, a host change, a redefine.
   // Only then ask QEMU for the disk's bitmaps (QMP: libvirt marks the domain tainted on first use).
   let sweepBitmaps = false;
+  /** the capture's migration watch: the destination of a migration seen in /proc, to release lineages to */
+  let watch: MigrationWatch | null = null;
   let checkpoints: string[] = [];
   const manifestsByHost = new Map<string, ReplicaManifest[]>();
   const manifestsFor = async (host: string): Promise<{ replica: ReplicaPort; manifests: ReplicaManifest[] }> => {
@@ -256,7 +258,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     if (work.length === 0) return finish();
 
     const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
-    const watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom), ...(deps.libvirtUri ? { libvirtUri: deps.libvirtUri } : {}) });
+    watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom), ...(deps.libvirtUri ? { libvirtUri: deps.libvirtUri } : {}) });
     try {
       const captureReq: CaptureRequest = {
         vmId,
@@ -290,12 +292,6 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       }
     } catch (e) {
       for (const w of work) fail(w.disk.diskId, e);
-      // We gave way to a migration we saw in /proc (no hook ran `yield --to`): release our lineages to the
-      // destination it names, so that host continues them with an incremental (the job is gone already).
-      const to = watch.destination();
-      if (errorCodeOf(e) === ErrorCodes.YIELDED && to) {
-        await releaseVmDisks({ vmId, disks: work.map((w) => ({ diskId: w.disk.diskId, replicaHost: w.disk.replicaHost })), to, replicaFor: deps.replicaFor, log }).catch(() => {});
-      }
       return finish();
     }
     log.info({ checkpoint: captured.checkpoint, consistency: captured.consistency, ms: captured.jobMs, thinMs: captured.thinMs, note: captured.freezeNote }, 'captured');
@@ -393,6 +389,14 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       log.info({ stagingPeakBytes: pull.stagingPeak() }, 'pull-mode backup job ended');
     }
     await deps.staging.clean(stagingDir).catch(() => {});
+    // We gave way to a migration we saw in /proc (no hook ran `yield --to`), at capture or while a seed
+    // streamed: release those disks' lineages to the destination it names, so that host continues them
+    // with an incremental. Only now: the job is gone, so the release never delays the migration.
+    const to = watch?.destination() ?? null;
+    const gaveWay = work.filter((w) => outcomes.get(w.disk.diskId)?.error?.code === ErrorCodes.YIELDED);
+    if (to && gaveWay.length) {
+      await releaseVmDisks({ vmId, disks: gaveWay.map((w) => ({ diskId: w.disk.diskId, replicaHost: w.disk.replicaHost })), to, replicaFor: deps.replicaFor, log }).catch(() => {});
+    }
     if (captured) {
       // Retire our checkpoints no disk of this VM builds on any more (leaf first, one at a time), then
       // save the new checkpoint's definition: dumped after retirement so it names no deleted parent,

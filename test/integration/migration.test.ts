@@ -359,7 +359,8 @@ describe('live migration (two hosts, OpenNebula steps)', () => {
     const kept = await checkpointsOn(t.A, vm);
     expect(kept).toHaveLength(1);
     expect(await bitmapsOn(t.A, vm)).toEqual([...kept, 'someone-elses-backup'].sort());
-    expect(s.out).toMatch(/stray bitmap removed/);
+    // the stray of ours went on whichever host swept first: the yielded seed on the source (a full sweeps) or here
+    expect(r.stdout + r.stderr + s.out).toMatch(/stray bitmap removed/);
     console.log(s.out.split('\n').filter((l) => /stray bitmap removed|source image checked|redefined/.test(l)).join('\n'));
   }, SLOW_FULL_TEST_MS);
 
