@@ -418,12 +418,16 @@ export class ReplicaClient {
         ssh.off('error', onError);
         resolve();
       };
+      // A permanent listener from the start: a transport error after a refused handshake (the peer resets
+      // the socket we are closing) must never be an uncaught 'error' that takes the whole agent down.
+      ssh.on('error', () => {});
       ssh.once('error', onError);
       ssh.once('ready', onReady);
       ssh.connect(config);
+    }).catch((e: unknown) => {
+      ssh.end();
+      throw e;
     });
-    // Keep the process from crashing on late transport errors; they surface as channel closure.
-    ssh.on('error', () => {});
     try {
       if (keyToRecord) {
         const existing = knownText;
