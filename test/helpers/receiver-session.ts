@@ -1,6 +1,6 @@
 /** The real receiver on an in-process stream pair, with the real client (ReceiverConnection) or raw frames. */
 import { PassThrough } from 'node:stream';
-import { FrameDecoder, encodeControl } from '../../lib/protocol/protocol.js';
+import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 
@@ -57,10 +57,20 @@ export function rawPeer(snapsDir: string, extra: Partial<ReceiverOptions> = {}) 
   const next = () => (replies.length ? Promise.resolve(replies.shift()) : new Promise<unknown>((r) => waiting.push(r)));
   return {
     done,
+    send(msg: object) {
+      toReceiver.write(encodeControl(msg));
+    },
+    data(buf: Buffer) {
+      for (const b of encodeData(buf)) toReceiver.write(b);
+    },
+    raw(buf: Buffer) {
+      toReceiver.write(buf);
+    },
     async ask(msg: object): Promise<Record<string, unknown>> {
       toReceiver.write(encodeControl(msg));
       return (await next()) as Record<string, unknown>;
     },
+    next: async () => (await next()) as Record<string, unknown>,
     cut() {
       toReceiver.end();
     },

@@ -11,10 +11,11 @@ import { PassThrough } from 'node:stream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../lib/shared/exec.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
-import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
+import { encodeData } from '../../lib/protocol/protocol.js';
 import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { uploadKeyFor } from '../../lib/replica/ownership.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
+import { rawPeer as sharedRawPeer } from '../helpers/receiver-session.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -98,43 +99,9 @@ async function endSession(s: Session): Promise<number> {
   return s.done;
 }
 
-/** A misbehaving peer: raw frames in, decoded replies out. */
+/** A misbehaving peer: raw frames in, decoded replies out (the shared helper, as writer hv1). */
 function rawPeer(snapsDir: string, extra: Partial<ReceiverOptions> = {}) {
-  const toReceiver = new PassThrough();
-  const fromReceiver = new PassThrough();
-  const done = runReceiver(toReceiver, fromReceiver, options(snapsDir, extra)).finally(() => fromReceiver.end());
-  const decoder = new FrameDecoder();
-  const replies: unknown[] = [];
-  const waiting: ((v: unknown) => void)[] = [];
-  fromReceiver.on('data', (c: Buffer) => {
-    for (const f of decoder.push(c)) {
-      if (f.type !== 'control') continue;
-      const w = waiting.shift();
-      if (w) w(f.message);
-      else replies.push(f.message);
-    }
-  });
-  const next = () => (replies.length ? Promise.resolve(replies.shift()) : new Promise<unknown>((r) => waiting.push(r)));
-  return {
-    done,
-    send(msg: object) {
-      toReceiver.write(encodeControl(msg));
-    },
-    data(buf: Buffer) {
-      for (const b of encodeData(buf)) toReceiver.write(b);
-    },
-    raw(buf: Buffer) {
-      toReceiver.write(buf);
-    },
-    async ask(msg: object): Promise<Record<string, unknown>> {
-      toReceiver.write(encodeControl(msg));
-      return (await next()) as Record<string, unknown>;
-    },
-    next: async () => (await next()) as Record<string, unknown>,
-    cut() {
-      toReceiver.end();
-    },
-  };
+  return sharedRawPeer(snapsDir, { identity: 'hv1', ...extra });
 }
 
 /** Every path under dir with its inode, type, size and content digest: to prove nothing was touched. */
