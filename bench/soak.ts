@@ -212,15 +212,16 @@ export interface FaultCheck {
 export async function checkAfterFault(env: AgentEnv, vm: OneVm, baseline: Awaited<ReturnType<typeof chainFacts>>, prev: string | null, candidate: string, opts: { flags?: string[]; nextWrite?: { offsetMiB: number; pattern: number } } = {}): Promise<FaultCheck & { newPrev: string | null }> {
   const problems: string[] = [];
   let dataLost = false;
-  if (!(await waitNoJob(env, vm))) {
-    // A pull-mode job (a seed) never ends by itself: the export stays until someone aborts it, and a dead
-    // agent cannot. Expected when its scratch files are in our staging dir: the next cycle must abort it
-    // (checked below: no job, no staging left after it). Any other job still running is a problem.
+  // A pull-mode job (a seed) never ends by itself: the export stays until someone aborts it, and a dead
+  // agent cannot. Expected when its scratch files are in our staging dir: the next cycle must abort it
+  // (checked below: no job, no staging left after it), so there is nothing to wait for. A push job ends
+  // by itself; any other job still running after 30 s is a problem.
+  const ourPullJob = async (): Promise<boolean> => {
     const dump = await env.lv.virsh(['backup-dumpxml', vm.domainName]);
     const staging = path.join(vm.dsDir, '.onestor', String(vm.vmId));
-    const ours = /<domainbackup mode='pull'/.test(dump.stdout) && [...dump.stdout.matchAll(/<scratch file='([^']*)'/g)].every((m) => m[1]!.startsWith(staging + '/'));
-    if (!ours) problems.push('backup job still running 30 s after the fault');
-  }
+    return /<domainbackup mode='pull'/.test(dump.stdout) && [...dump.stdout.matchAll(/<scratch file='([^']*)'/g)].every((m) => m[1]!.startsWith(staging + '/'));
+  };
+  if (!(await ourPullJob()) && !(await waitNoJob(env, vm)) && !(await ourPullJob())) problems.push('backup job still running 30 s after the fault');
   // A receiver outlives a killed agent and finishes its publish: recovery (minutes later in real life)
   // starts after that. tar reports "file changed as we read it" when a rename lands mid-read (the old
   // base.1 loses a link), so the drill waits for the disk's receiver lock like a careful admin would.
