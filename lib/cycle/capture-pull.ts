@@ -29,7 +29,7 @@ import type { QemuImg } from '../libvirt/qemu-img.js';
 import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
 import { anySignal } from '../shared/abort.js';
 import type { Consistency, CycleMode } from '../shared/model.js';
-import { abortOwnJob, cleanStagingDir, clearStaleJob, findDiskBySource, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
+import { abortOwnJob, beginJobAtInstant, cleanStagingDir, clearStaleJob, diskTargets, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
 import { overlayStream } from './overlay-stream.js';
 
 /** What must stay free beyond minFreePercent for the scratch files: guest writes during the seed. */
@@ -75,12 +75,7 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   const ctx = { vm: req.vmId };
   const view = req.domain ?? (await lv.domainView(dom));
   const allTargets = view.disks.map((d) => d.target);
-  const plans: Array<(typeof req.disks)[number] & { target: string; scratch: string }> = [];
-  for (const d of req.disks) {
-    const hit = d.target ? view.disks.find((x) => x.target === d.target) : await findDiskBySource(view.disks, d.base1Path);
-    if (!hit) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} has no disk on ${d.base1Path}`, { ...ctx, disk: d.diskId, field: 'devices/disk/source' });
-    plans.push({ ...d, target: hit.target, scratch: path.join(req.stagingDir, `${hit.target}.scratch`) });
-  }
+  const plans = (await diskTargets(view, req)).map((d) => ({ ...d, scratch: path.join(req.stagingDir, `${d.target}.scratch`) }));
   const socketPath = path.join(req.stagingDir, 'nbd.sock');
 
   await clearStaleJob(lv, req);
@@ -135,33 +130,8 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
     }
     const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
 
-    let consistency: Consistency = 'crash-consistent';
-    let freezeNote: string | undefined;
-    let frozen = false;
-    const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
-    if (!req.tryFreeze) freezeNote = 'freeze disabled';
-    else if (!hasAgent) freezeNote = 'no guest agent channel';
-    const t0 = now();
-    const yieldReason = await req.shouldYield?.();
-    if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
-    try {
-      if (hasAgent) {
-        const r = await lv.fsFreeze(dom);
-        if (r.frozen) frozen = true;
-        else freezeNote = r.why;
-      }
-      jobStarted = true;
-      await lv.backupBegin(dom, backupXml, checkpointXml, false);
-    } catch (e) {
-      jobStarted = false;
-      throw e;
-    } finally {
-      if (frozen) {
-        await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
-        await lv.fsThaw(dom).catch(() => {});
-      }
-    }
-    if (frozen) consistency = 'filesystem-frozen';
+    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, false, view);
+    jobStarted = true;
 
     // The export holds the domain's job for the whole transfer, and a live migration waits for that job at
     // most 30 s: stop streaming when a migration wants the domain (E_YIELDED), as the push job is aborted.

@@ -144,16 +144,8 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
 
   // Map each disk to the target libvirt uses for it, by the path of base.1 (OpenNebula >= 6.8 names it).
   const view = req.domain ?? (await lv.domainView(dom));
-  const domDisks = view.disks;
-  const allTargets = domDisks.map((d) => d.target);
-  const plans: Array<CaptureDiskRequest & { target: string; paths: ReturnType<typeof stagingPaths> }> = [];
-  for (const d of req.disks) {
-    const hit = d.target ? domDisks.find((x) => x.target === d.target) : await findDiskBySource(domDisks, d.base1Path);
-    if (!hit) {
-      throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} has no disk on ${d.base1Path} (sources: ${domDisks.map((x) => x.source ?? '-').join(', ')})`, { ...ctx, disk: d.diskId, field: 'devices/disk/source' });
-    }
-    plans.push({ ...d, target: hit.target, paths: stagingPaths(req.stagingDir, d.diskId) });
-  }
+  const allTargets = view.disks.map((d) => d.target);
+  const plans = (await diskTargets(view, req)).map((d) => ({ ...d, paths: stagingPaths(req.stagingDir, d.diskId) }));
 
   await clearStaleJob(lv, req);
   await cleanStagingDir(req.stagingDir);
@@ -190,34 +182,8 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     const backupXml = buildBackupXml(backupPlans);
     const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
 
-    // Consistency: freeze only around the job start (the point in time), thaw always.
-    let consistency: Consistency = 'crash-consistent';
-    let freezeNote: string | undefined;
-    let frozen = false;
-    const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
-    if (!req.tryFreeze) freezeNote = 'freeze disabled';
-    else if (!hasAgent) freezeNote = 'no guest agent channel';
-    const t0 = now();
-    const yieldReason = await req.shouldYield?.();
-    if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
-    try {
-      if (hasAgent) {
-        const r = await lv.fsFreeze(dom);
-        if (r.frozen) frozen = true;
-        else freezeNote = r.why;
-      }
-      jobStarted = true;
-      await lv.backupBegin(dom, backupXml, checkpointXml, true);
-    } catch (e) {
-      jobStarted = false; // backup-begin failed: libvirt created neither job nor checkpoint
-      throw e;
-    } finally {
-      if (frozen) {
-        await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
-        await lv.fsThaw(dom).catch(() => {});
-      }
-    }
-    if (frozen) consistency = 'filesystem-frozen';
+    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, true, view);
+    jobStarted = true;
     const capturedAtMs = t0;
 
     // Wait for the job to end, then for QEMU to really release every target (job-completed comes
@@ -275,6 +241,59 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     await cleanStagingDir(req.stagingDir).catch(() => {});
     throw e;
   }
+}
+
+/** Each requested disk with the target libvirt uses for it, found by the path of base.1 (OpenNebula >= 6.8 names it). */
+export async function diskTargets(view: DomainView, req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'disks'>): Promise<Array<CaptureDiskRequest & { target: string }>> {
+  const out: Array<CaptureDiskRequest & { target: string }> = [];
+  for (const d of req.disks) {
+    const hit = d.target ? view.disks.find((x) => x.target === d.target) : await findDiskBySource(view.disks, d.base1Path);
+    if (!hit) {
+      throw new OnestorError(ErrorCodes.DOMAIN, `domain ${req.domainName} has no disk on ${d.base1Path} (sources: ${view.disks.map((x) => x.source ?? '-').join(', ')})`, { vm: req.vmId, disk: d.diskId, field: 'devices/disk/source' });
+    }
+    out.push({ ...d, target: hit.target });
+  }
+  return out;
+}
+
+/**
+ * Starts the backup job at the point in time: freezes the guest's filesystems only around `backup-begin`
+ * (when asked and a guest agent channel exists), thaws always (twice: a lost reply must not leave the guest
+ * frozen), and gives way before starting when a migration wants the domain. Throws when `backup-begin`
+ * fails, in which case libvirt created neither job nor checkpoint. Shared by the push and pull captures.
+ */
+export async function beginJobAtInstant(
+  lv: Pick<CaptureLibvirt, 'fsFreeze' | 'fsThaw' | 'backupBegin'>,
+  req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'tryFreeze' | 'shouldYield' | 'now' | 'log'>,
+  backupXml: string,
+  checkpointXml: string,
+  reuseExternal: boolean,
+  view: { hasGuestAgentChannel: boolean },
+): Promise<{ consistency: Consistency; freezeNote?: string; t0: number }> {
+  const dom = req.domainName;
+  const log = req.log ?? (() => {});
+  let freezeNote: string | undefined;
+  let frozen = false;
+  const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
+  if (!req.tryFreeze) freezeNote = 'freeze disabled';
+  else if (!hasAgent) freezeNote = 'no guest agent channel';
+  const t0 = (req.now ?? Date.now)();
+  const yieldReason = await req.shouldYield?.();
+  if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, { vm: req.vmId });
+  try {
+    if (hasAgent) {
+      const r = await lv.fsFreeze(dom);
+      if (r.frozen) frozen = true;
+      else freezeNote = r.why;
+    }
+    await lv.backupBegin(dom, backupXml, checkpointXml, reuseExternal);
+  } finally {
+    if (frozen) {
+      await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
+      await lv.fsThaw(dom).catch(() => {});
+    }
+  }
+  return { consistency: frozen ? 'filesystem-frozen' : 'crash-consistent', ...(freezeNote !== undefined ? { freezeNote } : {}), t0 };
 }
 
 /**

@@ -27,27 +27,27 @@ function checkName(kind: string, name: string): void {
   if (!NAME_RE.test(name)) throw new OnestorError(ErrorCodes.CHECKPOINT, `invalid ${kind} name ${JSON.stringify(name)}`);
 }
 
+/**
+ * One `<disk>` of a backup job, push or pull: validated the same way (target name, absolute file, the
+ * parent of an incremental); `body` renders what sits inside it (push: target + driver, pull: scratch).
+ */
+function diskElement(d: { target: string; mode: 'full' | 'incremental' | null; incrementalFrom?: string }, file: string | undefined, what: 'target' | 'scratch', body: (file: string) => string[]): string[] {
+  if (!TARGET_RE.test(d.target)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(d.target)}`);
+  if (!d.mode) return [`    <disk name='${esc(d.target)}' backup='no'/>`];
+  if (!file || !file.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: ${what} file must be absolute`);
+  let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
+  if (d.mode === 'incremental') {
+    if (!d.incrementalFrom) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: incremental without parent checkpoint`);
+    checkName('checkpoint', d.incrementalFrom);
+    attrs += ` incremental='${esc(d.incrementalFrom)}'`;
+  }
+  return [`    <disk ${attrs}>`, ...body(esc(file)), '    </disk>'];
+}
+
 export function buildBackupXml(disks: readonly BackupDiskPlan[]): string {
   if (!disks.some((d) => d.mode)) throw new OnestorError(ErrorCodes.INTERNAL, 'backup job without any disk');
   const lines = ["<domainbackup mode='push'>", '  <disks>'];
-  for (const d of disks) {
-    if (!TARGET_RE.test(d.target)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(d.target)}`);
-    if (!d.mode) {
-      lines.push(`    <disk name='${esc(d.target)}' backup='no'/>`);
-      continue;
-    }
-    if (!d.targetFile || !d.targetFile.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: target file must be absolute`);
-    let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
-    if (d.mode === 'incremental') {
-      if (!d.incrementalFrom) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: incremental without parent checkpoint`);
-      checkName('checkpoint', d.incrementalFrom);
-      attrs += ` incremental='${esc(d.incrementalFrom)}'`;
-    }
-    lines.push(`    <disk ${attrs}>`);
-    lines.push(`      <target file='${esc(d.targetFile)}'/>`);
-    lines.push("      <driver type='qcow2'/>");
-    lines.push('    </disk>');
-  }
+  for (const d of disks) lines.push(...diskElement(d, d.targetFile, 'target', (f) => [`      <target file='${f}'/>`, "      <driver type='qcow2'/>"]));
   lines.push('  </disks>', '</domainbackup>', '');
   return lines.join('\n');
 }
@@ -71,23 +71,7 @@ export function buildPullBackupXml(disks: readonly PullDiskPlan[], socketPath: s
   // sun_path holds 108 bytes including the NUL: a longer path cannot be bound at all
   if (Buffer.byteLength(socketPath) > 107) throw new OnestorError(ErrorCodes.PATH, `NBD socket path is longer than 107 bytes: ${socketPath}`);
   const lines = ["<domainbackup mode='pull'>", `  <server transport='unix' socket='${esc(socketPath)}'/>`, '  <disks>'];
-  for (const d of disks) {
-    if (!TARGET_RE.test(d.target)) throw new OnestorError(ErrorCodes.DOMAIN, `invalid disk target ${JSON.stringify(d.target)}`);
-    if (!d.mode) {
-      lines.push(`    <disk name='${esc(d.target)}' backup='no'/>`);
-      continue;
-    }
-    if (!d.scratchFile || !d.scratchFile.startsWith('/')) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: scratch file must be absolute`);
-    let attrs = `name='${esc(d.target)}' backup='yes' type='file' backupmode='${d.mode}'`;
-    if (d.mode === 'incremental') {
-      if (!d.incrementalFrom) throw new OnestorError(ErrorCodes.INTERNAL, `disk ${d.target}: incremental without parent checkpoint`);
-      checkName('checkpoint', d.incrementalFrom);
-      attrs += ` incremental='${esc(d.incrementalFrom)}'`;
-    }
-    lines.push(`    <disk ${attrs}>`);
-    lines.push(`      <scratch file='${esc(d.scratchFile)}'/>`);
-    lines.push('    </disk>');
-  }
+  for (const d of disks) lines.push(...diskElement(d, d.scratchFile, 'scratch', (f) => [`      <scratch file='${f}'/>`]));
   lines.push('  </disks>', '</domainbackup>', '');
   return lines.join('\n');
 }

@@ -56,6 +56,8 @@ export interface DiskAssessment {
   /** age beyond which the disk is overdue (null when the frequency is unknown) */
   limitS: number | null;
   overdue: boolean;
+  /** the last cycle's error when it is newer than the last success (also while the daemon is down) */
+  lastFailure?: { code: string; message: string };
 }
 
 export interface DaemonAssessment {
@@ -97,10 +99,12 @@ export function assessDisk(input: { vmId: number; diskId: number; disk?: DiskSta
   const ageS = s ? Math.max(0, Math.round(input.now - s.capturedAt)) : undefined;
   const limitS = freq === undefined ? null : overdueLimitSec(freq, s?.durationMs ?? 0, input.grace);
   const overdue = ageS !== undefined && limitS !== null && ageS > limitS;
-  const base = { vmId: input.vmId, diskId: input.diskId, disk: d, freqSeconds: freq, ageS, limitS, overdue };
-  if (input.downReason) return { ...base, kind: 'daemon-down', code: VERDICT_CODES['daemon-down'], message: input.downReason };
   const e = d?.lastError;
-  if (e && (!s || e.at >= s.finishedAt)) return { ...base, kind: 'failing', code: e.code, message: `${e.code}: ${e.message}` };
+  // the last cycle failed: its error is newer than the last success
+  const lastFailure = e && (!s || e.at >= s.finishedAt) ? { code: e.code, message: `${e.code}: ${e.message}` } : undefined;
+  const base = { vmId: input.vmId, diskId: input.diskId, disk: d, freqSeconds: freq, ageS, limitS, overdue, ...(lastFailure ? { lastFailure } : {}) };
+  if (input.downReason) return { ...base, kind: 'daemon-down', code: VERDICT_CODES['daemon-down'], message: input.downReason };
+  if (lastFailure) return { ...base, kind: 'failing', ...lastFailure };
   if (!s) {
     const p = d?.progress;
     const message = p && p.total > 0 ? `first snapshot in progress (${Math.floor((100 * p.sent) / p.total)}% sent)` : `no recovery snapshot yet${d?.phase ? ` (phase ${d.phase})` : ''}`;

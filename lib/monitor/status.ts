@@ -62,11 +62,8 @@ export function buildStatus(input: {
     if (v.kind === 'failing') detail = `${s?.failCount ?? 0}x ${v.message ?? ''}`; // "CODE: message", as the probe says it
     else if (v.kind === 'overdue') detail = `older than ${v.freqSeconds}s + last cycle + grace`;
     else if (v.kind === 'never') detail = 'no snapshot yet';
-    else if (v.kind === 'daemon-down') {
-      // the verdict is the daemon's, but a failure the last cycle recorded (a CLI snapshot) still shows
-      const e = s?.lastError;
-      detail = e && (!last || e.at >= last.finishedAt) ? `daemon not running; last cycle failed ${s.failCount}x ${e.code}: ${e.message}` : 'daemon not running';
-    }
+    // the verdict is the daemon's, but a failure the last cycle recorded (a CLI snapshot) still shows
+    else if (v.kind === 'daemon-down') detail = v.lastFailure ? `daemon not running; last cycle failed ${s?.failCount ?? 0}x ${v.lastFailure.message}` : 'daemon not running';
     else detail = last?.consistency ?? '';
     if (phase) detail = `${s?.progress ? `${phase} ${pct(s.progress.sent, s.progress.total)}` : phase}; ${detail}`;
     // someone else's publish forced a full within the last day: say so beside whatever else is shown

@@ -325,20 +325,7 @@ export class ReceiverConnection {
       const resumeHash = !opts.sha256 && offset > 0 ? hashFile(localPath, size) : null;
       resumeHash?.catch(() => {});
       const hash = opts.sha256 || offset > 0 ? null : createHash('sha256');
-      let early: unknown = undefined;
-      let earlyArrived = false;
-      const verdict = this.nextReply().then(
-        (v) => {
-          earlyArrived = true;
-          early = v;
-          return v;
-        },
-        (e) => {
-          earlyArrived = true;
-          throw e;
-        },
-      );
-      verdict.catch(() => {});
+      const verdict = this.uploadVerdict();
       const chunkSize = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let sent = offset;
       if (offset < size) {
@@ -353,24 +340,53 @@ export class ReceiverConnection {
               sent += n;
               opts.onProgress?.(sent, size);
             },
-            () => earlyArrived,
+            verdict.arrived,
           );
         } finally {
           stream.destroy();
         }
       }
-      if (earlyArrived) {
+      await verdict.throwIfEarly();
+      if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
+      const sha256 = hash ? hash.digest('hex') : resumeHash ? await resumeHash : opts.sha256!;
+      await verdict.end(sha256, size);
+      return { bytes: size, sha256, resumedFrom: offset };
+    });
+  }
+
+  /**
+   * The receiver answers an upload once: an error as soon as it has one (disk full, bad size), else its
+   * verdict on `end`. Watched from the start so the send loop can stop on an early answer.
+   */
+  private uploadVerdict(): { arrived: () => boolean; throwIfEarly: () => Promise<void>; end: (sha256: string, size: number) => Promise<void> } {
+    let early: unknown = undefined;
+    let arrived = false;
+    const verdict = this.nextReply().then(
+      (v) => {
+        arrived = true;
+        early = v;
+        return v;
+      },
+      (e) => {
+        arrived = true;
+        throw e;
+      },
+    );
+    verdict.catch(() => {});
+    return {
+      arrived: () => arrived,
+      throwIfEarly: async () => {
+        if (!arrived) return;
         // Only an error may come before `end`; this throws it with the receiver's code.
         parseReply(endOkSchema, early ?? (await verdict), 'upload');
         throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
-      }
-      if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
-      const sha256 = hash ? hash.digest('hex') : resumeHash ? await resumeHash : opts.sha256!;
-      await this.write(encodeControl(clientMessage.end(sha256)));
-      const r = parseReply(endOkSchema, await verdict, 'end');
-      if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
-      return { bytes: size, sha256, resumedFrom: offset };
-    });
+      },
+      end: async (sha256, size) => {
+        await this.write(encodeControl(clientMessage.end(sha256)));
+        const r = parseReply(endOkSchema, await verdict, 'end');
+        if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
+      },
+    };
   }
 
   /**
@@ -387,20 +403,7 @@ export class ReceiverConnection {
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond stream size ${size}`);
       const hash = createHash('sha256');
-      let early: unknown = undefined;
-      let earlyArrived = false;
-      const verdict = this.nextReply().then(
-        (v) => {
-          earlyArrived = true;
-          early = v;
-          return v;
-        },
-        (e) => {
-          earlyArrived = true;
-          throw e;
-        },
-      );
-      verdict.catch(() => {});
+      const verdict = this.uploadVerdict();
       const frame = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let produced = 0;
       let sent = offset;
@@ -419,17 +422,12 @@ export class ReceiverConnection {
           sent += n;
           opts.onProgress?.(sent, size);
         },
-        () => earlyArrived,
+        verdict.arrived,
       );
-      if (earlyArrived) {
-        parseReply(endOkSchema, early ?? (await verdict), 'upload');
-        throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
-      }
+      await verdict.throwIfEarly();
       if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);
       const sha256 = hash.digest('hex');
-      await this.write(encodeControl(clientMessage.end(sha256)));
-      const r = parseReply(endOkSchema, await verdict, 'end');
-      if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
+      await verdict.end(sha256, size);
       return { bytes: size, sha256, resumedFrom: offset };
     });
   }
