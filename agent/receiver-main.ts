@@ -10,7 +10,7 @@ import { isSftpRequest, parseReceiverArgs } from './commands/receive.js';
 import { ErrorCodes, describeError, isOnestorError } from '../lib/shared/errors.js';
 import { identityFromEnvironment } from '../lib/replica/identity-env.js';
 import { refuseSession, runReceiver } from '../lib/replica/receiver.js';
-import { droppingLogSink, nonBlockingFd } from '../lib/replica/stdio.js';
+import { droppingLogSink, lentStdin, nonBlockingFd } from '../lib/replica/stdio.js';
 
 let sink: { write(line: string): boolean } | null = null;
 const logSink = () => (sink ??= droppingLogSink());
@@ -38,13 +38,15 @@ async function main(): Promise<void> {
   out.on('error', () => {});
   // Who writes comes from sshd's authentication: --host in the key's forced command, else the key's
   // fingerprint (ExposeAuthInfo); neither: refused unless --allow-unidentified (lib/replica/identity.ts).
+  // stdin read into one reused buffer (no allocation, hence no GC, per pipe read)
+  const input = lentStdin();
   let code: number;
   try {
     const who = await identityFromEnvironment({ ...(host !== undefined ? { host } : {}), allowUnidentified });
-    code = await runReceiver(process.stdin, out, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
+    code = await runReceiver(input, out, { ...opts, identity: who.identity, ...(who.keyFingerprint ? { keyFingerprint: who.keyFingerprint } : {}) });
   } catch (e) {
     if (!isOnestorError(e) || e.code !== ErrorCodes.IDENTITY) throw e;
-    code = await refuseSession(process.stdin, out, e, opts.log);
+    code = await refuseSession(input, out, e, opts.log);
   }
   // Let the last reply reach the pipe before exiting; a stdout destroyed because the agent stopped
   // reading would never call back.

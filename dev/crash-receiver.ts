@@ -6,6 +6,7 @@
  */
 import { appendFileSync } from 'node:fs';
 import { runReceiver } from '../lib/replica/receiver.js';
+import { lentStdin } from '../lib/replica/stdio.js';
 
 const snapsDir = process.argv[2];
 if (!snapsDir?.startsWith('/')) {
@@ -15,7 +16,7 @@ if (!snapsDir?.startsWith('/')) {
 const stepLog = process.env.ONESTOR_STEP_LOG;
 const crashAt = process.env.ONESTOR_CRASH_AT;
 process.stdout.on('error', () => {});
-const code = await runReceiver(process.stdin, process.stdout, {
+const code = await runReceiver(lentStdin(), process.stdout, {
   snapsDir,
   identity: 'hv-crash',
   lockTimeoutSec: 10,

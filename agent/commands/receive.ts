@@ -15,7 +15,7 @@ import type { DriverSettings } from '../../lib/shared/model.js';
 import { refuseSession, runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { identityFromEnvironment } from '../../lib/replica/identity-env.js';
 import { parseHostFlag } from '../../lib/replica/identity.js';
-import { nonBlockingFd } from '../../lib/replica/stdio.js';
+import { lentStdin, nonBlockingFd } from '../../lib/replica/stdio.js';
 
 /**
  * The receiver's settings from the validated config (flags included: they went through the same schema)
@@ -122,12 +122,14 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   // the closed pipe ends the session, not the process
   const out = nonBlockingFd(1);
   out.on('error', () => {});
+  // stdin read into one reused buffer (no allocation, hence no GC, per pipe read)
+  const input = lentStdin();
   if (!who) {
-    await refuseSession(process.stdin, out, identityError!, logFn);
+    await refuseSession(input, out, identityError!, logFn);
     if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
     return Exit.FAILED;
   }
-  const code = await runReceiver(process.stdin, out, receiverOptionsFrom(config, sshrc.settings, who.identity, logFn, who.keyFingerprint ?? undefined));
+  const code = await runReceiver(input, out, receiverOptionsFrom(config, sshrc.settings, who.identity, logFn, who.keyFingerprint ?? undefined));
   // a stdout destroyed because the agent stopped reading would never call back
   if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));
   // the receiver's code is already one of the table's (OK, FAILED, PROTOCOL)

@@ -9,6 +9,8 @@
  *
  * Data carries no meaning per frame (it is a byte stream of the current upload), so the decoder hands data
  * out as it arrives — possibly several pieces per frame — instead of copying it into one buffer first.
+ * Those pieces are views of the chunk given to push(): valid as long as that chunk is, which for a reused
+ * read buffer means until the next read. Nothing of a chunk is kept across calls without a copy.
  */
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
@@ -109,7 +111,8 @@ export class FrameDecoder {
       if (this.frameType === FRAME_DATA) {
         out.push({ type: 'data', chunk: piece, frameEnd: this.remaining === 0 });
       } else {
-        this.controlParts.push(piece);
+        // copied: the caller may reuse `chunk` for its next read (the receiver's stdin does)
+        this.controlParts.push(Buffer.from(piece));
       }
       if (this.remaining === 0) {
         this.remaining = -1;

@@ -6,7 +6,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import type { Readable, Writable } from 'node:stream';
+import type { Writable } from 'node:stream';
 import { ErrorCodes, OnestorError, describeError, errorCodeOf } from '../shared/errors.js';
 import { acquireFileLock, type FileLock } from '../shared/file-lock.js';
 import { Exit } from '../shared/exit-codes.js';
@@ -37,6 +37,7 @@ import { SpaceLedger } from './reservations.js';
 import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
 import { acquireFairSlot, defaultMaxPerHost, UNNAMED_IDENTITY, type Slot } from './slots.js';
 import { dropStaleUploads, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
+import type { LentChunks } from './stdio.js';
 
 
 export interface ReceiverOptions {
@@ -79,7 +80,14 @@ const EXIT_OK = Exit.OK;
 const EXIT_FAILED = Exit.FAILED;
 const EXIT_PROTOCOL = Exit.PROTOCOL;
 
-const WRITE_BATCH_BYTES = 1024 * 1024;
+/**
+ * Received data is copied into one of two buffers of this size per session and written from there: the
+ * input's chunks are only lent (the stdin reader reuses one buffer for every read, see stdio.ts). While one
+ * buffer is being written (the page-cache copy, in the thread pool) the other fills from the pipe, so the
+ * sender is not stalled by our writes: with one buffer and an awaited write, the 2 MiB SSH window ran dry
+ * during every write.
+ */
+const WRITE_BATCH_BYTES = 2 * 1024 * 1024;
 const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
 /**
  * Once every byte of an upload has arrived the agent still has to finish its digest before it sends `end`
@@ -94,8 +102,10 @@ interface Upload {
   fh: fsp.FileHandle;
   position: number;
   hash: Hash;
-  pending: Buffer[];
-  pendingBytes: number;
+  /** bytes in the session's current batch buffer, not yet handed to a write (they follow `position`) */
+  batchFill: number;
+  /** the write of the other batch buffer, if one is in flight (its error is thrown by the next waitWrite) */
+  writing: Promise<void> | null;
   /** position at which the ledger last lowered this upload's reservation by what landed on disk */
   ledgerAt: number;
   /** when the last announced byte arrived (ms), null before */
@@ -129,7 +139,7 @@ export function sessionLimitsOf(opts: ReceiverOptions): SessionLimits {
   };
 }
 
-export async function runReceiver(input: Readable, output: Writable, options: ReceiverOptions): Promise<number> {
+export async function runReceiver(input: LentChunks, output: Writable, options: ReceiverOptions): Promise<number> {
   // Every line this session logs names the authenticated writer.
   const baseLog = options.log;
   const who = { writer: options.identity, ...(options.keyFingerprint && options.keyFingerprint !== options.identity ? { key: options.keyFingerprint } : {}) };
@@ -188,7 +198,7 @@ export async function runReceiver(input: Readable, output: Writable, options: Re
  * A session the receiver cannot serve at all (no identity): answers the client's first message with the
  * error, so the agent logs the reason and its code instead of "channel closed", then ends. Bounded in time.
  */
-export async function refuseSession(input: Readable, output: Writable, err: OnestorError, log?: ReceiverOptions['log'], waitMs = 30_000): Promise<number> {
+export async function refuseSession(input: LentChunks, output: Writable, err: OnestorError, log?: ReceiverOptions['log'], waitMs = 30_000): Promise<number> {
   log?.({ err: describeError(err) }, 'session refused', 'warn');
   const decoder = new FrameDecoder();
   const timer = setTimeout(() => input.destroy(), waitMs);
@@ -215,6 +225,9 @@ class ReceiverSession {
   private upload: Upload | null = null;
   /** After an upload failed early: discard its remaining data and its `end` (the error was its answer). */
   private draining = false;
+  /** where received data waits for its write: two of WRITE_BATCH_BYTES, allocated at the first data */
+  private batches: [Buffer, Buffer] | null = null;
+  private batchIndex = 0;
   private readonly qemuImg: string;
 
   private readonly drainMs: number;
@@ -277,48 +290,82 @@ class ReceiverSession {
     }
   }
 
+  /** `chunk` is lent until this returns: what is kept is copied into a batch buffer. */
   async onData(chunk: Buffer): Promise<void> {
     if (this.draining) return;
     const up = this.upload;
     if (!up) throw new OnestorError(ErrorCodes.PROTOCOL, 'data frame outside an upload');
-    const received = up.position + up.pendingBytes + chunk.length;
+    const received = up.position + up.batchFill + chunk.length;
     if (received > up.put.size) {
       await this.failUpload(new OnestorError(ErrorCodes.SIZE, `received more than the announced ${up.put.size} bytes`, this.ctx()));
       return;
     }
     if (chunk.length === 0) return;
     up.hash.update(chunk);
-    up.pending.push(chunk);
-    up.pendingBytes += chunk.length;
     if (received === up.put.size) up.completeAt = Date.now();
-    if (up.pendingBytes >= WRITE_BATCH_BYTES) {
-      try {
-        await this.flush(up);
-      } catch (e) {
-        await this.failUpload(this.mapWriteError(e, up.file));
+    for (let at = 0; at < chunk.length; ) {
+      const batch = this.currentBatch();
+      const n = chunk.copy(batch, up.batchFill, at);
+      up.batchFill += n;
+      at += n;
+      if (up.batchFill === batch.length) {
+        try {
+          await this.startWrite(up);
+        } catch (e) {
+          await this.failUpload(this.mapWriteError(e, up.file));
+          return;
+        }
       }
     }
   }
 
-  private async flush(up: Upload): Promise<void> {
-    if (up.pendingBytes === 0) return;
-    const bufs = up.pending;
-    const expected = up.pendingBytes;
-    up.pending = [];
-    up.pendingBytes = 0;
-    const { bytesWritten } = await up.fh.writev(bufs, up.position);
-    if (bytesWritten !== expected) {
+  private currentBatch(): Buffer {
+    this.batches ??= [Buffer.allocUnsafe(WRITE_BATCH_BYTES), Buffer.allocUnsafe(WRITE_BATCH_BYTES)];
+    return this.batches[this.batchIndex]!;
+  }
+
+  /** Waits for the write in flight, if any; throws its error. */
+  private async waitWrite(up: Upload): Promise<void> {
+    const w = up.writing;
+    if (!w) return;
+    up.writing = null;
+    await w;
+  }
+
+  /**
+   * Hands the current batch to a write and switches to the other buffer, after the write in flight (the
+   * other buffer) is done: writes stay in file order, and one that failed stops every later one, so the
+   * file never has a hole before what it holds (a resume trusts its length).
+   */
+  private async startWrite(up: Upload): Promise<void> {
+    await this.waitWrite(up);
+    if (up.batchFill === 0) return;
+    const buf = this.currentBatch();
+    const n = up.batchFill;
+    const at = up.position;
+    up.batchFill = 0;
+    up.position += n;
+    this.batchIndex ^= 1;
+    const write = up.fh.write(buf, 0, n, at).then(async ({ bytesWritten }) => {
       // Short write on a regular file: only a full disk does that.
-      throw Object.assign(new Error('short write'), { code: 'ENOSPC' });
-    }
-    up.position += bytesWritten;
-    // What landed on disk now shows in the filesystem's usage: stop counting it twice (coarsely, so the
-    // ledger file is rewritten every 64 MiB at most).
-    if (this.ledger && up.position - up.ledgerAt >= LEDGER_STEP_BYTES) {
-      up.ledgerAt = up.position;
-      // an optimisation only: a failure to rewrite the ledger must not fail the upload
-      await this.ledger.lower(this.resvKey(up.put.key), up.put.size - up.position + spareBytes(up.put)).catch(() => {});
-    }
+      if (bytesWritten !== n) throw Object.assign(new Error('short write'), { code: 'ENOSPC' });
+      // What landed on disk now shows in the filesystem's usage: stop counting it twice (coarsely, so the
+      // ledger file is rewritten every 64 MiB at most).
+      const done = at + n;
+      if (this.ledger && done - up.ledgerAt >= LEDGER_STEP_BYTES) {
+        up.ledgerAt = done;
+        // an optimisation only: a failure to rewrite the ledger must not fail the upload
+        await this.ledger.lower(this.resvKey(up.put.key), up.put.size - done + spareBytes(up.put)).catch(() => {});
+      }
+    });
+    write.catch(() => {}); // observed by the next waitWrite
+    up.writing = write;
+  }
+
+  /** Everything received is written (end, resume, cleanup); throws the first write error. */
+  private async flush(up: Upload): Promise<void> {
+    await this.startWrite(up);
+    await this.waitWrite(up);
   }
 
   private mapWriteError(e: unknown, file: string): OnestorError {
@@ -344,6 +391,9 @@ class ReceiverSession {
     this.upload = null;
     this.draining = true;
     if (up) {
+      // a write in flight must end before its file is closed and removed
+      await up.writing?.catch(() => {});
+      up.batchFill = 0;
       await up.fh.close().catch(() => {});
       await fsp.rm(up.file, { force: true });
       await this.ledger?.lower(this.resvKey(up.put.key), 0);
@@ -533,7 +583,7 @@ class ReceiverSession {
       }
     }
     d.uploads.delete(put.key);
-    this.upload = { put, file, fh, position: offset, hash, pending: [], pendingBytes: 0, ledgerAt: offset, completeAt: offset === put.size ? Date.now() : null };
+    this.upload = { put, file, fh, position: offset, hash, batchFill: 0, writing: null, ledgerAt: offset, completeAt: offset === put.size ? Date.now() : null };
     this.opts.log?.({ ...this.ctx(), kind: put.kind, key: put.key, size: put.size, offset }, 'upload accepted');
     await this.send(receiverReply.put(offset));
   }
