@@ -311,6 +311,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         session = await w.replica.openDisk(vmId, w.disk.diskId);
         const progress = (sent: number, total: number) => req.onProgress?.(w.disk.diskId, sent, total);
         let bytes = 0;
+        let publishAt = 0;
         let manifest: ReplicaManifest;
         const baseOk = session.baseOnReplica !== null && session.baseOnReplica.sha256 === w.baseSha && session.baseOnReplica.size === w.baseSize;
         if (cd.mode === 'full') {
@@ -325,6 +326,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             : await session.upload('base1', cd.file!, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
           publishSent = true;
+          publishAt = now();
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
         } else {
           const parent = (w.decision as { parent: string }).parent;
@@ -345,6 +347,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             : await session.upload('inc', cd.file!, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
           publishSent = true;
+          publishAt = now();
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
         }
         if (manifest.checkpoint !== captured.checkpoint) {
@@ -365,7 +368,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           reason: w.decision.reason,
           ...(manifest.token ? { token: manifest.token } : {}),
         });
-        log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, checkpoint: captured.checkpoint }, 'disk published');
+        log.info({ disk: w.disk.diskId, mode: cd.mode, bytes, ms: now() - dt0, transferMs: publishAt - dt0, publishMs: now() - publishAt, checkpoint: captured.checkpoint }, 'disk published');
       } catch (e) {
         // our own deadline is a failure of this disk, not a shutdown (which E_ABORTED means)
         fail(w.disk.diskId, deadline.expired() && errorCodeOf(e) === ErrorCodes.ABORTED ? new OnestorError(ErrorCodes.TIMEOUT, `transfer not done within ${deps.transferTimeoutMs! / 1000} s (limits.transferTimeoutSec)`, { vm: vmId, disk: w.disk.diskId, cause: describeError(e) }) : e);

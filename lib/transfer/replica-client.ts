@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
+import net from 'node:net';
 import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
 import type { z } from 'zod';
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
@@ -106,8 +107,6 @@ export class ReceiverConnection {
   private helloInfo: HelloOk | null = null;
   /** Optional source of detail for "channel closed" errors (the receiver's stderr tail). */
   diagnostics: () => string = () => '';
-  /** the TCP socket under the SSH connection, when there is one (corked around each data chunk) */
-  socket: { cork(): void; uncork(): void } | null = null;
   /** shared by every transfer of the process: the per-host bandwidth limit */
   bandwidth: TokenBucket | null = null;
 
@@ -215,12 +214,8 @@ export class ReceiverConnection {
         for (let at = skip; at < chunk.length; at += frame) {
           const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
           const [header, payload] = encodeData(piece);
-          // ssh2 writes one socket write per SSH packet (32 KiB); corking turns a chunk into few writev calls
-          this.socket?.cork();
           this.output.write(header);
-          const written = this.write(payload, signal);
-          this.socket?.uncork();
-          await written;
+          await this.write(payload, signal);
           sent(piece.length);
           // small waits are left as debt on the bucket (the rate holds); any wait ends with the signal
           await this.bandwidth?.take(piece.length, signal, 5);
@@ -477,6 +472,29 @@ async function hashFile(file: string, size: number): Promise<string> {
   return h.digest('hex');
 }
 
+/**
+ * ssh2 sends every SSH packet (at most 32 KiB of data) with its own socket write, i.e. its own syscall,
+ * and most packets of a transfer go out from the window-adjust handler, not from our write. Corking the
+ * socket until the end of the tick in which a write happens turns each burst (a chunk, or what one window
+ * adjust releases) into one writev: measured, socket writes were the agent's largest CPU cost in a seed.
+ */
+export function corkPerTick(sock: net.Socket): void {
+  const write = sock.write;
+  let corked = false;
+  const uncork = () => {
+    corked = false;
+    sock.uncork();
+  };
+  sock.write = function (this: net.Socket, ...args: unknown[]) {
+    if (!corked && !sock.destroyed) {
+      corked = true;
+      sock.cork();
+      process.nextTick(uncork);
+    }
+    return (write as (...a: unknown[]) => boolean).apply(this, args);
+  } as net.Socket['write'];
+}
+
 export class ReplicaClient {
   private constructor(
     private readonly ssh: Client,
@@ -561,7 +579,8 @@ export class ReplicaClient {
       });
       conn.diagnostics = () => stderrTail;
       conn.bandwidth = o.bandwidth ?? null;
-      conn.socket = (ssh as unknown as { _sock?: { cork(): void; uncork(): void } })._sock ?? null;
+      const sock = (ssh as unknown as { _sock?: unknown })._sock;
+      if (sock instanceof net.Socket) corkPerTick(sock);
       const client = new ReplicaClient(ssh, channel, conn);
       await conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0');
       return client;
