@@ -5,8 +5,10 @@
  *
  * `onestor-agent probe KIND` (how OpenNebula's probe wrappers call it, every minute on every host) goes to
  * agent/probe-cli.ts, which the build makes into one file: nothing else of the agent is loaded for it.
- * Any other shape of command line goes to agent/cli.ts, which knows every command (probe included).
- * No static import here: the entry loads exactly one of the two.
+ * `onestor-agent run` (the daemon, as the systemd unit starts it) goes to agent/daemon-cli.ts, which the
+ * build makes into one minified module with its packages (plus chunks the first cycle loads).
+ * Any other shape of command line goes to agent/cli.ts, which knows every command (probe and run included).
+ * No static import here: the entry loads exactly one of the three.
  */
 import module from 'node:module';
 
@@ -15,7 +17,7 @@ import module from 'node:module';
 (module as { enableCompileCache?: () => unknown }).enableCompileCache?.();
 
 const argv = process.argv.slice(2);
-const cli: Promise<{ runCli(argv: string[]): Promise<number> }> = argv[0] === 'probe' ? import('./probe-cli.js') : import('./cli.js');
+const cli: Promise<{ runCli(argv: string[]): Promise<number> }> = argv[0] === 'probe' ? import('./probe-cli.js') : argv[0] === 'run' ? import('./daemon-cli.js') : import('./cli.js');
 
 cli
   .then((c) => c.runCli(argv))

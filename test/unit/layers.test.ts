@@ -173,6 +173,37 @@ describe('layout of the code', () => {
     expect(cycleOnly.filter((f) => seen.has(f))).toEqual([]);
   });
 
+  it('the daemon entry (built into one file and chunks) reaches only packages the bundle step knows, and loads ssh2 and the cycle only by import()', () => {
+    // dev/bundle-daemon.ts bundles zod, pino and fast-xml-parser and leaves ssh2 (native) a package: a new
+    // package on the daemon's path needs a decision there (bundle it, or keep it external)
+    const anyRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
+    const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]/g;
+    const packagesOf = (entry: string, re: RegExp) => {
+      const seen = new Set<string>();
+      const packages = new Set<string>();
+      const walk = (f: string) => {
+        if (seen.has(f)) return;
+        seen.add(f);
+        for (const m of readFileSync(path.join(repo, f), 'utf8').matchAll(re)) {
+          const s = (m[1] ?? m[2])!;
+          if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
+          else if (!s.startsWith('node:')) packages.add(s.split('/')[0]!);
+        }
+      };
+      walk(entry);
+      return { seen, packages: [...packages].sort() };
+    };
+    const all = packagesOf('agent/daemon-cli.ts', anyRe);
+    expect(all.packages.filter((p) => !['fast-xml-parser', 'pino', 'ssh2', 'zod'].includes(p))).toEqual([]);
+    expect(all.seen.has('agent/commands/run.ts')).toBe(true);
+    // what the entry and dispatch load before the command: no cycle code, no ssh2
+    const start = packagesOf('agent/daemon-cli.ts', staticRe);
+    expect(start.packages).not.toContain('ssh2');
+    expect([...start.seen].filter((f) => f.startsWith('lib/cycle/') || f.startsWith('lib/transfer/'))).toEqual([]);
+    // main.ts reaches it by import() for `run` only (checked with the probe path above: no static import)
+    expect(readFileSync(path.join(repo, 'agent/main.ts'), 'utf8')).toMatch(/argv\[0\] === 'run' \? import\('\.\/daemon-cli\.js'\)/);
+  });
+
   it('imports resolve to files that exist', () => {
     const known = new Set(files);
     const missing = [...graph].flatMap(([from, ts]) => ts.filter((t) => (t.startsWith('lib/') || t.startsWith('agent/') || t.startsWith('dev/')) && !known.has(t)).map((t) => `${from} -> ${t}`));
