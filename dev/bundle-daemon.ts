@@ -40,6 +40,8 @@ try {
 }
 
 rmSync(path.join(agentDir, CHUNKS), { recursive: true, force: true });
+// tsc's map describes the file this step replaces (the bundle has none): a stale map would mislead
+rmSync(`${entry}.map`, { force: true });
 const result = await esbuild.build({
   entryPoints: [entry],
   outdir: agentDir,

@@ -16,6 +16,7 @@
  *
  *   node dist/dev/bundle-probe.js [dist dir, default: the dist this file was built into]
  */
+import { rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -32,6 +33,8 @@ try {
   process.exit(0);
 }
 
+// tsc's map describes the file this step replaces (the bundle has none): a stale map would mislead
+rmSync(`${entry}.map`, { force: true });
 const result = await esbuild.build({
   entryPoints: [entry],
   outfile: entry,
