@@ -21,6 +21,7 @@ import { rmSync } from 'node:fs';
 import { isBuiltin } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
 
 const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
 const agentDir = path.join(dist, 'agent');
@@ -30,18 +31,11 @@ const EXTERNAL = ['ssh2', 'node-unix-socket'];
 /** modules of the cycle: never in what the entry loads statically */
 const CYCLE_ONLY = /(^|[/\\])(lib[/\\]cycle[/\\](cycle|ports|digest|rebuild)|lib[/\\]transfer[/\\]replica-client|lib[/\\]protocol[/\\]protocol)\.js$|node_modules[/\\]ssh2[/\\]/;
 
-type Esbuild = typeof import('esbuild');
-let esbuild: Esbuild;
-try {
-  esbuild = await import('esbuild');
-} catch {
-  process.stderr.write('bundle-daemon: esbuild is not installed; dist/agent/daemon-cli.js stays as tsc wrote it (larger idle daemon)\n');
-  process.exit(0);
-}
+const esbuild = await optionalEsbuild('bundle-daemon', 'dist/agent/daemon-cli.js', 'larger idle daemon');
+if (!esbuild) process.exit(0);
 
 rmSync(path.join(agentDir, CHUNKS), { recursive: true, force: true });
-// tsc's map describes the file this step replaces (the bundle has none): a stale map would mislead
-rmSync(`${entry}.map`, { force: true });
+dropStaleMap(entry);
 const result = await esbuild.build({
   entryPoints: [entry],
   outdir: agentDir,

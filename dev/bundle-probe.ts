@@ -16,25 +16,18 @@
  *
  *   node dist/dev/bundle-probe.js [dist dir, default: the dist this file was built into]
  */
-import { rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
 
 const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
 const entry = path.join(dist, 'agent', 'probe-cli.js');
 const INSIDE = /[/\\](agent[/\\]commands[/\\]probe|lib[/\\]monitor[/\\](replica-gather|prometheus)|lib[/\\]shared[/\\]version)\.js$/;
 
-type Esbuild = typeof import('esbuild');
-let esbuild: Esbuild;
-try {
-  esbuild = await import('esbuild');
-} catch {
-  process.stderr.write('bundle-probe: esbuild is not installed; dist/agent/probe-cli.js stays as tsc wrote it (slower probe start-up)\n');
-  process.exit(0);
-}
+const esbuild = await optionalEsbuild('bundle-probe', 'dist/agent/probe-cli.js', 'slower probe start-up');
+if (!esbuild) process.exit(0);
 
-// tsc's map describes the file this step replaces (the bundle has none): a stale map would mislead
-rmSync(`${entry}.map`, { force: true });
+dropStaleMap(entry);
 const result = await esbuild.build({
   entryPoints: [entry],
   outfile: entry,
