@@ -74,6 +74,7 @@ export class ReplicaPool {
       receiverCommand: r.receiverCommand,
       connectTimeoutMs: r.connectTimeoutSec * 1000,
       keepaliveMs: r.keepaliveSec * 1000,
+      transport: r.transport,
       bandwidth: this.bandwidth,
       localHost: this.hostName,
       agentVersion: VERSION,

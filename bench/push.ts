@@ -17,7 +17,7 @@ import { Client } from 'ssh2';
 import { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { agentMain, startAgentEnv, testHostName, type AgentEnv } from '../dev/agent-env.js';
 import { formatSelfTimes, profileInProcess, selfTimes, type CpuProfile } from './lib/profile.js';
-import { descendants, fileSize, fillDisk, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
+import { descendants, fileSize, fillDisk, levelPageCache, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
 import { mbps, median, medianSpread, mib, table } from './lib/stats.js';
 
 const REPS = Number(process.argv[2] ?? 3);
@@ -34,6 +34,8 @@ interface Sample {
   uploadSeconds?: number;
   /** ours: seconds per phase */
   phases?: Record<string, number>;
+  /** ours: what carried the session (client CPU includes the ssh child's when it is 'openssh') */
+  transport?: string;
 }
 
 async function sha256(file: string): Promise<string> {
@@ -50,6 +52,8 @@ interface Login {
 async function ours(env: AgentEnv, base: string, base1: string, baseSha: string, vmId: number, sshd: number, login?: Login): Promise<Sample> {
   const bytes = (await fileSize(base)) + (await fileSize(base1));
   const cpu0 = process.cpuUsage();
+  // the openssh transport's `ssh` child: its CPU lands in ours once it is reaped (after close)
+  const children0 = (await procCpu(process.pid))?.children ?? 0;
   const t0 = performance.now();
   const client = await ReplicaClient.connect({
     host: env.sshd.host,
@@ -88,8 +92,9 @@ async function ours(env: AgentEnv, base: string, base1: string, baseSha: string,
   const phases = { connect: (tc - t0) / 1000, open: (tu0 - tc) / 1000, 'upload base': (tb - tu0) / 1000, 'upload base.1': (tu1 - tb) / 1000, publish: (tp - tu1) / 1000, close: (tz - tp) / 1000 };
   const seconds = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpu0);
+  const childrenCpu = ((await procCpu(process.pid))?.children ?? 0) - children0;
   await waitSessionsGone(sshd);
-  return { seconds, bytes, clientCpu: (cpu.user + cpu.system) / 1e6, serverCpu, receiverCpu, uploadSeconds: (tu1 - tu0) / 1000, phases };
+  return { seconds, bytes, clientCpu: (cpu.user + cpu.system) / 1e6 + childrenCpu, serverCpu, receiverCpu, uploadSeconds: (tu1 - tu0) / 1000, phases, transport: client.transport };
 }
 
 async function openssh(ssh: PlainSsh, base: string, base1: string, dest: string, sshd: number, fsync: boolean): Promise<Sample> {
@@ -194,9 +199,13 @@ async function main(): Promise<void> {
     const D: Sample[] = [];
     for (let i = 0; i < REPS; i++) {
       // interleaved, so drift of the machine hits every method alike
+      await levelPageCache([base, base1]);
       A.push(await ours(env, base, base1, baseSha, 900 + i, sshd));
+      await levelPageCache([base, base1]);
       B.push(await openssh(plain, base, base1, dest, sshd, false));
+      await levelPageCache([base, base1]);
       C.push(await openssh(plain, base, base1, dest, sshd, true));
+      await levelPageCache([base, base1]);
       D.push(await ssh2Alone(env, plain, [base, base1], dest, sshd));
       await rm(path.join(env.snapsDir, String(900 + i)), { recursive: true, force: true });
     }
@@ -223,6 +232,8 @@ async function main(): Promise<void> {
     console.log(`\nours / OpenSSH = ${ratio.toFixed(2)}x (goal >= ${GOAL_RATIO}x) ${ratio >= GOAL_RATIO ? 'MET' : 'NOT MET'}`);
     console.log(`ours, upload calls only (no connect/publish): ${medianSpread(A.map((x) => x.uploadSeconds!))} s, ${medianSpread(A.map((x) => mbps(x.bytes, x.uploadSeconds!)), 0)} MB/s`);
     console.log('ours, seconds per phase: ' + Object.keys(A[0]!.phases!).map((k) => `${k} ${medianSpread(A.map((x) => x.phases![k]!))}`).join(', '));
+    console.log(`page cache dropped before every run (BENCH_DROP_CACHES=1): ${process.env.BENCH_DROP_CACHES === '1' ? 'yes' : 'no'}`);
+    console.log(`ours, transport: ${[...new Set(A.map((x) => x.transport))].join(', ')} (client CPU includes the ssh process for openssh)`);
     console.log(`ours, receiver process CPU during uploads: ${medianSpread(A.map((x) => x.receiverCpu!))} s (of server CPU ${medianSpread(A.map((x) => x.serverCpu))} s; the rest is sshd)`);
     // One profiled run of ours: client in-process, receiver started with --cpu-prof through the plain login.
     const profDir = path.join(env.root, 'prof');

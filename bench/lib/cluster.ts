@@ -240,3 +240,17 @@ export async function fsType(dir: string): Promise<string> {
 }
 
 export { sh, q };
+
+/**
+ * BENCH_DROP_CACHES=1 (root): before a method's run, write back and drop the page cache, then read the
+ * sources back in. Why: on a VM whose memory the host backs lazily, a page the guest kernel has never used
+ * costs a host fault on first touch — measured 1.5-2.7 s of system time per GiB written once the recycled
+ * pages run out, 0.3 s before. A method that overwrites one file (the OpenSSH `cat > f` reference) recycles
+ * its own pages; one that writes new files (our uploads) pays the faults. Dropping the cache before every
+ * run gives each the same recycled pages. Returns whether it did.
+ */
+export async function levelPageCache(sources: string[]): Promise<boolean> {
+  if (process.env.BENCH_DROP_CACHES !== '1') return false;
+  await sh(`sync && echo 1 > /proc/sys/vm/drop_caches && cat ${sources.map(q).join(' ')} > /dev/null`);
+  return true;
+}

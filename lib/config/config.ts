@@ -67,6 +67,12 @@ const replicaSchema = z.strictObject({
     .default(D.DEFAULT_RECEIVER_COMMAND),
   connectTimeoutSec: int(1, 600).default(20),
   keepaliveSec: int(0, 3600).default(15),
+  /**
+   * What carries the session: the system's `ssh` (less CPU per byte on the hypervisor), pinned to the keys
+   * known_hosts holds for the replica, with ssh2 for what ssh cannot do here (an unknown host, a key to
+   * explain); or ssh2 only.
+   */
+  transport: z.enum(['openssh', 'ssh2'], { error: 'expected "openssh" or "ssh2"' }).default('openssh'),
   ciphers: z
     .array(z.string().regex(/^[a-z0-9@.-]{1,64}$/, { error: 'expected an SSH cipher name' }), { error: 'expected a list of cipher names' })
     .min(1, { error: 'expected at least one cipher' })

@@ -207,3 +207,21 @@ export function hostKeyError(verdict: HostKeyVerdict, host: string, port: number
       return new OnestorError(ErrorCodes.HOSTKEY, `host key ${fp} of ${who} is marked @revoked in ${file} line ${verdict.line}`, { file });
   }
 }
+
+/**
+ * The keys known_hosts accepts for this host, as a known_hosts text of its own under the name `alias`
+ * (revoked keys left out), for an OpenSSH client told to trust exactly these (`HostKeyAlias=alias`): the
+ * policy (hashed patterns, wildcards, negation, @revoked) stays this module's, OpenSSH only compares keys.
+ * null when the host is not in known_hosts.
+ */
+export function pinnedKnownHosts(parsed: KnownHostsParse, host: string, port: number, alias: string): string | null {
+  const token = hostToken(host, port);
+  const revoked = parsed.entries.filter((e) => e.marker === '@revoked');
+  const lines: string[] = [];
+  for (const e of parsed.entries) {
+    if (e.marker !== null || !hostFieldMatches(e.hosts, token)) continue;
+    if (revoked.some((r) => r.key.equals(e.key))) continue;
+    lines.push(`${alias} ${e.keyType} ${e.key.toString('base64')}`);
+  }
+  return lines.length ? lines.join('\n') + '\n' : null;
+}

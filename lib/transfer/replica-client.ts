@@ -1,7 +1,7 @@
 /**
  * Agent side of the replica protocol. ReceiverConnection speaks lib/protocol.ts over any pair of streams
- * (an ssh2 exec channel in production, an in-process pipe in tests); ReplicaClient opens that channel with
- * ssh2, checking the replica's host key against known_hosts.
+ * (the system's ssh or an ssh2 exec channel in production, an in-process pipe in tests); ReplicaClient
+ * opens that channel, checking the replica's host key against known_hosts.
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
@@ -12,7 +12,8 @@ import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
 import type { z } from 'zod';
 import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { abortError, raceAbort, throwIfAborted } from '../shared/abort.js';
-import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts } from './known-hosts.js';
+import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts, pinnedKnownHosts } from './known-hosts.js';
+import { classifySshFailure, PINNED_ALIAS, spawnOpenSsh, sshComplaint } from './openssh.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import {
   FrameDecoder,
@@ -452,6 +453,14 @@ export interface ReplicaConnectOptions {
   /** Name this host gives in hello (logs, lineage). */
   localHost?: string;
   agentVersion?: string;
+  /**
+   * 'openssh' (default): the system's `ssh` client carries the session (lib/transfer/openssh.ts), pinned to
+   * the keys known_hosts holds for the replica; an unknown host, a refused key and a key given as contents
+   * go through ssh2, which records a new key (acceptNewHostKey) and explains a changed one. 'ssh2': ssh2 only.
+   */
+  transport?: 'openssh' | 'ssh2';
+  /** the ssh program for the openssh transport */
+  sshProgram?: string;
 }
 
 /** Host-key algorithms ssh2 implements (its defaults plus ssh-dss); eddsa only where the crypto has it. */
@@ -497,12 +506,73 @@ export function corkPerTick(sock: net.Socket): void {
 
 export class ReplicaClient {
   private constructor(
-    private readonly ssh: Client,
-    private readonly channel: ClientChannel,
+    /** ends the transport under the session (the SSH connection, or the ssh process) */
+    private readonly endTransport: () => Promise<void> | void,
     readonly connection: ReceiverConnection,
+    /** which transport carries the session */
+    readonly transport: 'openssh' | 'ssh2',
   ) {}
 
   static async connect(o: ReplicaConnectOptions): Promise<ReplicaClient> {
+    if ((o.transport ?? 'openssh') === 'openssh' && typeof o.privateKey === 'string') {
+      const known = parseKnownHosts(await readKnownHosts(o.knownHostsFile));
+      const pinned = pinnedKnownHosts(known, o.host, o.port, PINNED_ALIAS);
+      if (pinned) {
+        const client = await ReplicaClient.connectOpenSsh(o, o.privateKey, pinned, hostKeyAlgorithmsFor(known, o.host, o.port) ?? []);
+        // null: ssh refused the host key; ssh2 gives the verdict (HOST KEY CHANGED ..., or a key ssh could not use)
+        if (client) return client;
+      }
+    }
+    return ReplicaClient.connectSsh2(o);
+  }
+
+  /** The session through the system's ssh; null when ssh refused the host key, failed without saying why, or is not installed. */
+  private static async connectOpenSsh(o: ReplicaConnectOptions, identityFile: string, pinned: string, hostKeyAlgorithms: string[]): Promise<ReplicaClient | null> {
+    const ch = await spawnOpenSsh({
+      host: o.host,
+      port: o.port,
+      username: o.username,
+      identityFile,
+      pinnedKnownHosts: pinned,
+      hostKeyAlgorithms,
+      ciphers: o.ciphers ?? [...DEFAULT_CIPHERS],
+      receiverCommand: o.receiverCommand,
+      connectTimeoutMs: o.connectTimeoutMs,
+      keepaliveMs: o.keepaliveMs ?? 15_000,
+      ...(o.sshProgram ? { sshProgram: o.sshProgram } : {}),
+    });
+    const conn = new ReceiverConnection(ch.input, ch.output);
+    conn.diagnostics = () => ch.stderrTail();
+    conn.bandwidth = o.bandwidth ?? null;
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: no answer within ${Math.round(o.connectTimeoutMs / 1000)} s`);
+    try {
+      // ConnectTimeout covers ssh's TCP connect; this covers the handshake and the receiver's start too
+      const timeout = new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(timedOut), o.connectTimeoutMs);
+      });
+      await Promise.race([conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0'), timeout]);
+      await ch.forgetKnownHosts();
+      return new ReplicaClient(() => ch.close(), conn, 'openssh');
+    } catch (e) {
+      await ch.close(1000);
+      // no ssh on this host: ssh2 does the same job, only with more CPU
+      if (ch.failedToStart()) return null;
+      // a refusal from the receiver itself (E_IDENTITY, E_BUSY, ...) is its answer, not a transport failure;
+      // a replica that did not answer in time would not answer ssh2 either
+      if (!(e instanceof OnestorError) || e.code !== ErrorCodes.SSH || e === timedOut) throw e;
+      const stderr = ch.stderrTail();
+      const why = classifySshFailure(stderr);
+      if (why === 'auth') throw new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: authentication refused`, {}, { cause: e });
+      if (why === 'network') throw new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: ${sshComplaint(stderr)}`, {}, { cause: e });
+      // a host key ssh refused, or a failure ssh did not explain: ssh2 connects and says what is wrong
+      return null;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private static async connectSsh2(o: ReplicaConnectOptions): Promise<ReplicaClient> {
     const privateKey = typeof o.privateKey === 'string' ? await fsp.readFile(o.privateKey) : o.privateKey;
     const knownText = await readKnownHosts(o.knownHostsFile);
     const known = parseKnownHosts(knownText);
@@ -581,7 +651,10 @@ export class ReplicaClient {
       conn.bandwidth = o.bandwidth ?? null;
       const sock = (ssh as unknown as { _sock?: unknown })._sock;
       if (sock instanceof net.Socket) corkPerTick(sock);
-      const client = new ReplicaClient(ssh, channel, conn);
+      const client = new ReplicaClient(() => {
+        channel.end();
+        ssh.end();
+      }, conn, 'ssh2');
       await conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0');
       return client;
     } catch (e) {
@@ -613,7 +686,6 @@ export class ReplicaClient {
 
   async close(): Promise<void> {
     await this.connection.bye();
-    this.channel.end();
-    this.ssh.end();
+    await this.endTransport();
   }
 }

@@ -183,10 +183,14 @@ describe('replica over ssh with a restricted key', () => {
     expect(err.message).toContain(emptyKh);
 
     const c1 = await ReplicaClient.connect(connectOptions({ knownHostsFile: emptyKh, acceptNewHostKey: true }));
+    // an unknown host goes through ssh2, which records the key it accepted
+    expect(c1.transport).toBe('ssh2');
     await c1.close();
     const recorded = await fsp.readFile(emptyKh, 'utf8');
     expect(recorded).toContain(`[127.0.0.1]:${sshd.port} ${sshd.hostPublicKey}`);
     const c2 = await ReplicaClient.connect(connectOptions({ knownHostsFile: emptyKh }));
+    // known now: the system's ssh carries the session, pinned to that key
+    expect(c2.transport).toBe('openssh');
     await c2.close();
 
     await sshd.regenerateHostKey();
@@ -200,6 +204,40 @@ describe('replica over ssh with a restricted key', () => {
     expect(await fsp.readFile(emptyKh, 'utf8')).toBe(recorded);
     // Put the current key in place for the tests that follow.
     await fsp.writeFile(sshd.knownHostsPath, `[127.0.0.1]:${sshd.port} ${sshd.hostPublicKey}\n`);
+  });
+
+  it('the system ssh carries the session by default, pinned to known_hosts; ssh2 when asked, or when ssh cannot run', async () => {
+    const viaSsh = await ReplicaClient.connect(connectOptions());
+    expect(viaSsh.transport).toBe('openssh');
+    expect(viaSsh.writer).toBe('hv-test');
+    await viaSsh.close();
+    const viaSsh2 = await ReplicaClient.connect(connectOptions({ transport: 'ssh2' }));
+    expect(viaSsh2.transport).toBe('ssh2');
+    await viaSsh2.close();
+    const noSsh = await ReplicaClient.connect(connectOptions({ sshProgram: path.join(work, 'no-such-ssh') }));
+    expect(noSsh.transport).toBe('ssh2');
+    await noSsh.close();
+    // the pinned known_hosts is a private file (0600 in a 0700 dir) holding only the replica's key, gone
+    // once the session is up: a wrapper around the real ssh records where it was and what it held
+    const record = path.join(work, 'ssh-args');
+    const wrapper = path.join(work, 'ssh-wrapper');
+    await fsp.writeFile(wrapper, `#!/bin/sh\nfor a; do case "$a" in UserKnownHostsFile=*) f=\${a#UserKnownHostsFile=}; f=\${f#\\"}; f=\${f%\\"}; { echo "$f"; stat -c %a "$f" "$(dirname "$f")"; cat "$f"; } > ${record};; esac; done\nexec ssh "$@"\n`, { mode: 0o755 });
+    const wrapped = await ReplicaClient.connect(connectOptions({ sshProgram: wrapper }));
+    expect(wrapped.transport).toBe('openssh');
+    const [pinnedFile, fileMode, dirMode, ...pinned] = (await fsp.readFile(record, 'utf8')).trim().split('\n');
+    expect([fileMode, dirMode]).toEqual(['600', '700']);
+    expect(pinned).toEqual([`onestor-replica ${sshd.hostPublicKey}`]);
+    expect(existsSync(pinnedFile!)).toBe(false);
+    await wrapped.close();
+  });
+
+  it('a key the replica does not accept: authentication refused, named, through ssh too', async () => {
+    const otherKey = path.join(work, 'other_ed25519');
+    await fsp.rm(otherKey, { force: true });
+    expect((await run('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', otherKey])).code).toBe(0);
+    const err = await ReplicaClient.connect(connectOptions({ privateKey: otherKey })).catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_SSH');
+    expect(err.message).toMatch(/authentication refused/);
   });
 
   it('a 256 MiB upload through the restricted key arrives whole (digest verified by the receiver and returned)', async () => {

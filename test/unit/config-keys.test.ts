@@ -23,6 +23,7 @@ const READ_VIA: Record<string, [file: string, text: string]> = {
   'replica.receiverCommand': ['agent/context.ts', 'r.receiverCommand'],
   'replica.connectTimeoutSec': ['agent/context.ts', 'r.connectTimeoutSec'],
   'replica.keepaliveSec': ['agent/context.ts', 'r.keepaliveSec'],
+  'replica.transport': ['agent/context.ts', 'r.transport'],
   'replica.ciphers': ['agent/context.ts', 'r.ciphers'],
   // the daemon hands `{ ...config.schedule }` to the scheduler
   'schedule.backoffBaseSec': ['lib/daemon/schedule.ts', 's.backoffBaseSec'],
