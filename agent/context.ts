@@ -84,7 +84,7 @@ export class ReplicaPool {
       const c = await p;
       // How the replica knows us (from our key, never from what we claim); a replica without it gives no
       // tamper evidence (owner/token), only the checkpoint checks.
-      if (c.writer) this.log.info({ replica: addr, port: r.port, writer: c.writer }, 'replica connected');
+      if (c.writer) this.log.info({ replica: addr, port: r.port, writer: c.writer, transport: c.transport }, 'replica connected');
       else this.log.warn({ replica: addr, port: r.port }, 'replica connected; its receiver predates ownership: no owner/token checks until it is upgraded');
       return c;
     } catch (e) {

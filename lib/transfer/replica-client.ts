@@ -528,6 +528,7 @@ export class ReplicaClient {
 
   /** The session through the system's ssh; null when ssh refused the host key, failed without saying why, or is not installed. */
   private static async connectOpenSsh(o: ReplicaConnectOptions, identityFile: string, pinned: string, hostKeyAlgorithms: string[]): Promise<ReplicaClient | null> {
+    // no room for the pinned known_hosts (a TMPDIR that does not exist, a full /tmp): ssh2 needs none
     const ch = await spawnOpenSsh({
       host: o.host,
       port: o.port,
@@ -540,7 +541,8 @@ export class ReplicaClient {
       connectTimeoutMs: o.connectTimeoutMs,
       keepaliveMs: o.keepaliveMs ?? 15_000,
       ...(o.sshProgram ? { sshProgram: o.sshProgram } : {}),
-    });
+    }).catch(() => null);
+    if (!ch) return null;
     const conn = new ReceiverConnection(ch.input, ch.output);
     conn.diagnostics = () => ch.stderrTail();
     conn.bandwidth = o.bandwidth ?? null;
@@ -563,9 +565,9 @@ export class ReplicaClient {
       if (!(e instanceof OnestorError) || e.code !== ErrorCodes.SSH || e === timedOut) throw e;
       const stderr = ch.stderrTail();
       const why = classifySshFailure(stderr);
-      if (why === 'auth') throw new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: authentication refused`, {}, { cause: e });
       if (why === 'network') throw new OnestorError(ErrorCodes.SSH, `ssh to ${o.username}@${o.host}:${o.port}: ${sshComplaint(stderr)}`, {}, { cause: e });
-      // a host key ssh refused, or a failure ssh did not explain: ssh2 connects and says what is wrong
+      // A host key ssh refused, a key it would not use (ssh refuses a private key file others can read,
+      // where ssh2 did not), or a failure it did not explain: ssh2 connects as before, or says what is wrong.
       return null;
     } finally {
       clearTimeout(timer);

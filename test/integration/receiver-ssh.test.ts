@@ -231,6 +231,16 @@ describe('replica over ssh with a restricted key', () => {
     await wrapped.close();
   });
 
+  it('a private key file others can read (ssh refuses to use it, ssh2 did not): the session goes through ssh2', async () => {
+    const loose = path.join(work, 'loose_key');
+    await fsp.copyFile(sshd.clientKeyPath, loose);
+    await fsp.chmod(loose, 0o644);
+    const c = await ReplicaClient.connect(connectOptions({ privateKey: loose }));
+    expect(c.transport).toBe('ssh2');
+    expect(c.writer).toBe('hv-test');
+    await c.close();
+  });
+
   it('a key the replica does not accept: authentication refused, named, through ssh too', async () => {
     const otherKey = path.join(work, 'other_ed25519');
     await fsp.rm(otherKey, { force: true });

@@ -35,6 +35,7 @@ describe('parseConfig (pure)', () => {
         receiverCommand: 'onestor-agent receive',
         connectTimeoutSec: 20,
         keepaliveSec: 15,
+        transport: 'openssh',
         // unified with the client's list (lib/shared/defaults.ts): AEAD first, then CTR
         ciphers: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'],
       },
