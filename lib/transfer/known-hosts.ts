@@ -149,6 +149,13 @@ const ALGORITHMS_OF_KEY_TYPE: Record<string, readonly string[]> = {
   'ssh-dss': ['ssh-dss'],
 };
 
+/** The entries that name this host with a key not revoked, in file order: the keys it may present. */
+function acceptedEntries(parsed: KnownHostsParse, host: string, port: number): KnownHostEntry[] {
+  const token = hostToken(host, port);
+  const revoked = parsed.entries.filter((e) => e.marker === '@revoked');
+  return parsed.entries.filter((e) => e.marker === null && hostFieldMatches(e.hosts, token) && !revoked.some((r) => r.key.equals(e.key)));
+}
+
 /**
  * Host-key algorithms to offer, like OpenSSH: those of the key types known_hosts holds for this host, in
  * file order, and ONLY those; null when the host is not in known_hosts (offer the client's defaults).
@@ -157,12 +164,8 @@ const ALGORITHMS_OF_KEY_TYPE: Record<string, readonly string[]> = {
  * SSH library implements.
  */
 export function hostKeyAlgorithmsFor(parsed: KnownHostsParse, host: string, port: number, supported?: readonly string[]): string[] | null {
-  const token = hostToken(host, port);
-  const revoked = parsed.entries.filter((e) => e.marker === '@revoked');
   const out: string[] = [];
-  for (const e of parsed.entries) {
-    if (e.marker !== null || !hostFieldMatches(e.hosts, token)) continue;
-    if (revoked.some((r) => r.key.equals(e.key))) continue;
+  for (const e of acceptedEntries(parsed, host, port)) {
     for (const alg of ALGORITHMS_OF_KEY_TYPE[e.keyType] ?? []) {
       if ((!supported || supported.includes(alg)) && !out.includes(alg)) out.push(alg);
     }
@@ -215,13 +218,6 @@ export function hostKeyError(verdict: HostKeyVerdict, host: string, port: number
  * null when the host is not in known_hosts.
  */
 export function pinnedKnownHosts(parsed: KnownHostsParse, host: string, port: number, alias: string): string | null {
-  const token = hostToken(host, port);
-  const revoked = parsed.entries.filter((e) => e.marker === '@revoked');
-  const lines: string[] = [];
-  for (const e of parsed.entries) {
-    if (e.marker !== null || !hostFieldMatches(e.hosts, token)) continue;
-    if (revoked.some((r) => r.key.equals(e.key))) continue;
-    lines.push(`${alias} ${e.keyType} ${e.key.toString('base64')}`);
-  }
+  const lines = acceptedEntries(parsed, host, port).map((e) => `${alias} ${e.keyType} ${e.key.toString('base64')}`);
   return lines.length ? lines.join('\n') + '\n' : null;
 }
