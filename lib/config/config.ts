@@ -72,7 +72,7 @@ const replicaSchema = z.strictObject({
    * known_hosts holds for the replica, with ssh2 for what ssh cannot do here (an unknown host, a key to
    * explain); or ssh2 only.
    */
-  transport: z.enum(['openssh', 'ssh2'], { error: 'expected "openssh" or "ssh2"' }).default('openssh'),
+  transport: z.enum(['openssh', 'ssh2'], { error: 'expected "openssh" or "ssh2"' }).default(D.DEFAULT_REPLICA_TRANSPORT),
   ciphers: z
     .array(z.string().regex(/^[a-z0-9@.-]{1,64}$/, { error: 'expected an SSH cipher name' }), { error: 'expected a list of cipher names' })
     .min(1, { error: 'expected at least one cipher' })

@@ -202,8 +202,9 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
           if (used) throw new OnestorError(ErrorCodes.INTERNAL, 'overlay stream opened twice');
           used = true;
           // the NBD client already fails every read on req.signal and the watchdog's; the stream also stops on the caller's
-          const stop = anySignal([abortOnSpace.signal, signal]).signal;
-          return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop }), abortOnSpace.signal, () => stopWith);
+          const stop = anySignal([abortOnSpace.signal, signal]);
+          disposers.push(stop.dispose); // detached from the caller's signal when the capture ends
+          return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop.signal }), abortOnSpace.signal, () => stopWith);
         },
       });
     }

@@ -37,7 +37,7 @@ import {
 import { clientMessage, type Built } from '../protocol/messages.js';
 import type { ClientMessage } from '../protocol/protocol.js';
 import type { TokenBucket } from './throttle.js';
-import { DEFAULT_CIPHERS } from '../shared/defaults.js';
+import { DEFAULT_CIPHERS, DEFAULT_REPLICA_TRANSPORT } from '../shared/defaults.js';
 
 export { DEFAULT_CIPHERS };
 
@@ -514,7 +514,7 @@ export class ReplicaClient {
   ) {}
 
   static async connect(o: ReplicaConnectOptions): Promise<ReplicaClient> {
-    if ((o.transport ?? 'openssh') === 'openssh' && typeof o.privateKey === 'string') {
+    if ((o.transport ?? DEFAULT_REPLICA_TRANSPORT) === 'openssh' && typeof o.privateKey === 'string') {
       const known = parseKnownHosts(await readKnownHosts(o.knownHostsFile));
       const pinned = pinnedKnownHosts(known, o.host, o.port, PINNED_ALIAS);
       if (pinned) {

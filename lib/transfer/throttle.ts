@@ -6,7 +6,7 @@
  */
 import { Transform, type TransformCallback } from 'node:stream';
 import { OnestorError, ErrorCodes } from '../shared/errors.js';
-import { abortError } from '../shared/abort.js';
+import { sleepAbortable, throwIfAborted } from '../shared/abort.js';
 
 export interface Clock {
   /** monotonic milliseconds */
@@ -14,27 +14,13 @@ export interface Clock {
   sleep(ms: number, signal?: AbortSignal): Promise<void>;
 }
 
+const THROTTLED = 'transfer aborted while throttled';
+
+/** Ends at once with the abort's own reason when it gave one (E_YIELDED, E_NOSPACE), else E_ABORTED. */
 export const realClock: Clock = {
   now: () => performance.now(),
-  sleep: (ms, signal) =>
-    new Promise((resolve, reject) => {
-      if (signal?.aborted) return reject(throttledAbort(signal));
-      const t = setTimeout(() => {
-        signal?.removeEventListener('abort', onAbort);
-        resolve();
-      }, ms);
-      const onAbort = () => {
-        clearTimeout(t);
-        reject(throttledAbort(signal));
-      };
-      signal?.addEventListener('abort', onAbort, { once: true });
-    }),
+  sleep: (ms, signal) => sleepAbortable(ms, signal, THROTTLED),
 };
-
-/** The abort's own reason when it gave one (E_YIELDED, E_NOSPACE), else E_ABORTED. */
-function throttledAbort(signal: AbortSignal | undefined): OnestorError {
-  return abortError(signal, 'transfer aborted while throttled');
-}
 
 export class TokenBucket {
   private tokens: number;
@@ -75,7 +61,7 @@ export class TokenBucket {
    * Waits of at most `minSleepMs` are skipped (the debt stays on the bucket, so the rate holds).
    */
   async take(n: number, signal?: AbortSignal, minSleepMs = 0): Promise<void> {
-    if (signal?.aborted) throw throttledAbort(signal);
+    throwIfAborted(signal, THROTTLED);
     const wait = this.reserve(n);
     if (wait > minSleepMs) await this.clock.sleep(wait, signal);
   }
