@@ -7,6 +7,10 @@
  * before every seed), so connect and receiver start are paid like upstream's rsync pays its ssh.
  * Wire = every TCP byte through a counting relay in front of sshd (both methods go through it).
  * Staging peak = allocated bytes under DS/.onestor/VMID sampled every 50 ms by this script.
+ * "replica done" = until the receiver has also made its A/B spare (after its publish reply; the pool is
+ * closed after each of our seeds, which waits for it, so the next method runs on a quiet replica).
+ * BENCH_DROP_CACHES=1 drops the page cache before every seed and reads the two source files back (each
+ * method starts from the same memory state; see README "page-cache first touch").
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
  */
 import { readdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -17,7 +21,7 @@ import { discover } from '../lib/discover/discover.js';
 import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
 import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
 import type { OneVm } from '../dev/one-layout.js';
-import { fillDisk, fsType, plainSshAccess, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
+import { fillDisk, fsType, levelPageCache, plainSshAccess, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';
 import { median, table } from './lib/stats.js';
 
@@ -85,6 +89,7 @@ async function main(): Promise<void> {
               await new Promise((r) => setTimeout(r, 50));
             }
           })();
+          await levelPageCache([vm.disks[0]!.basePath, vm.disks[0]!.base1Path]);
           meter.reset();
           const t0 = performance.now();
           const [o] = await runVmCycle(deps, { vmId: vm.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
@@ -93,17 +98,22 @@ async function main(): Promise<void> {
           await sampler;
           if (!o?.ok || o.mode !== 'full') throw new Error(`seed of vm ${vm.vmId} failed: ${o?.error?.message ?? o?.mode}`);
           const c = meter.counts();
-          return { seconds, wire: c.up + c.down, peak };
+          // The receiver makes the A/B spare after its publish reply: closing waits for it, so the next
+          // method runs on a quiet replica, and the time until then is shown beside the seed's own.
+          await ctx.replicas.closeAll();
+          const settled = (performance.now() - t0) / 1000;
+          return { seconds, wire: c.up + c.down, peak, settled };
         };
         const upstream = async () => {
           await rm(path.join(env.snapsDir, String(vmU.vmId)), { recursive: true, force: true });
+          await levelPageCache([upDisk.basePath, upDisk.base1Path]);
           meter.reset();
           const r = await upstreamCycle(env.lv, upDisk, plain, env.snapsDir);
           const c = meter.counts();
-          return { seconds: r.seconds, wire: c.up + c.down, peak: NaN };
+          return { seconds: r.seconds, wire: c.up + c.down, peak: NaN, settled: NaN };
         };
 
-        const res: Record<string, Array<{ seconds: number; wire: number; peak: number }>> = { pull: [], push: [], upstream: [] };
+        const res: Record<string, Array<{ seconds: number; wire: number; peak: number; settled: number }>> = { pull: [], push: [], upstream: [] };
         for (let r = 0; r < REPS; r++) {
           res['pull']!.push(await ours(vmP, 'pull'));
           res['upstream']!.push(await upstream());
@@ -125,6 +135,7 @@ async function main(): Promise<void> {
             `${(median(s) / up).toFixed(2)}x`,
             (median(xs.map((x) => x.wire)) / MiB).toFixed(1),
             Number.isNaN(peak) ? '-' : (peak / MiB).toFixed(1),
+            xs.some((x) => Number.isNaN(x.settled)) ? '-' : median(xs.map((x) => x.settled)).toFixed(2),
           ]);
         }
       } finally {
@@ -138,7 +149,7 @@ async function main(): Promise<void> {
     await env.stop();
   }
   console.log(`\nSeed (replica empty for the VM: base + base.1 sent), median (min–max) of ${REPS} for pull and upstream, 1 run of push; load average at the end ${(await sh('cat /proc/loadavg')).trim()}\n`);
-  console.log(table(['data in base.1', 'method', 'seconds', 'vs upstream', 'wire MiB', 'staging peak MiB'], rows));
+  console.log(table(['data in base.1', 'method', 'seconds', 'vs upstream', 'wire MiB', 'staging peak MiB', 'replica done s'], rows));
 }
 
 main().catch((e) => {

@@ -41,8 +41,12 @@ export const FULL_STEPS = [
   'full:uploads-dropped',
   'full:manifest',
   'full:done',
+  'full:spare',
   'full:work-copies',
 ] as const;
+
+/** Steps that run after the publish reply (the A/B spare): a failure there leaves the snapshot published. */
+export const FULL_STEPS_AFTER_REPLY: readonly string[] = ['full:spare', 'full:work-copies'];
 
 /**
  * Full publish. DESIGN §2 must hold between any two syscalls, and a dead host never comes back to finish,
@@ -154,19 +158,29 @@ export async function publishFull(
     await step(c, 'full:journal');
     const published = await runFullJournal(p, journal, c);
     if (!published) throw new OnestorError(ErrorCodes.INTERNAL, 'full publish journal did not match the replica right after writing it', ctx(p, { file: p.workDir }));
-    try {
-      await setupWorkCopies(p);
-      await step(c, 'full:work-copies');
-    } catch (e) {
-      // Not fatal: the snapshot is published; the next incremental rebuilds the spare.
-      c.log?.({ vm: p.vm, disk: p.disk, err: String(e) }, 'could not prepare the A/B copies for incremental merges');
-      await removeWorkDir(p).catch(() => {});
-    }
     return { manifest: published, vmDirId };
   } catch (e) {
     // Before the journal nothing is published: staged links and a partial bridge only hold space.
     if (!journaled) await removeWorkDir(p).catch(() => {});
     throw mapVanished(p, e, p.snapDir);
+  }
+}
+
+/**
+ * The A/B copies the next incremental merges into (copy.a = the published base.1, copy.b = a full copy of
+ * it). Not part of the publish: the snapshot is durable without them, so the receiver runs this after its
+ * reply, still under the disk lock; the copy is O(size of base.1) and was most of a seed's publish time.
+ * Never fails: without the copies the next incremental rebuilds them (merge.ts readWorkState).
+ */
+export async function prepareSpareAfterSeed(c: PublishContext): Promise<void> {
+  const p = c.paths;
+  try {
+    await step(c, 'full:spare');
+    await setupWorkCopies(p);
+    await step(c, 'full:work-copies');
+  } catch (e) {
+    c.log?.({ vm: p.vm, disk: p.disk, err: String(e) }, 'could not prepare the A/B copies for incremental merges');
+    await removeWorkDir(p).catch(() => {});
   }
 }
 

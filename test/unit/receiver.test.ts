@@ -516,6 +516,80 @@ describe('receiver: hostile and broken input', () => {
   });
 });
 
+describe('receiver: a seed\'s A/B spare is made after the publish reply', () => {
+  it('answers publish and close before the spare copy, holds the disk lock until it is made, then merges as before', async () => {
+    const snaps = path.join(root, 'snaps-spare');
+    const src = await makeSourceDisk('src-spare', 0);
+    let openGate!: () => void;
+    const gate = new Promise<void>((r) => (openGate = r));
+    const reached: string[] = [];
+    const s = await session(snaps, {
+      onStep: async (step) => {
+        reached.push(step);
+        if (step === 'full:spare') await gate;
+      },
+    });
+    const work = path.join(snaps, '.onestor', 'work', '23', 'disk.0');
+    const d = await s.conn.openDisk(23, 0);
+    await d.upload('base', src.base, { key: 'sb' });
+    await d.upload('base1', src.base1, { key: 'sb1' });
+    const m = await d.publishFull({ checkpoint: 's1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'sb', base1: 'sb1' });
+    // published and recoverable while the spare has not started copying
+    expect(m.checkpoint).toBe('s1');
+    expect(reached).toContain('full:spare');
+    expect(reached).not.toContain('full:work-copies');
+    expect(await recoverView(snaps, 23, 0)).toEqual(await guestView(src.base1));
+    await d.close();
+    // close was answered, yet the disk stays locked: another session cannot open it
+    const other = await session(snaps, { lockTimeoutSec: 1 });
+    expect(errorCodeOf(await other.conn.openDisk(23, 0).catch((e) => e))).toBe('E_LOCK_TIMEOUT');
+    expect(await fsp.readdir(work).catch(() => [])).not.toContain('copy.b');
+    // a request after close waits for the spare, so the session's requests stay in order
+    let byeDone = false;
+    const bye = endSession(s).then((code) => ((byeDone = true), code));
+    await new Promise((r) => setTimeout(r, 200));
+    expect(byeDone).toBe(false);
+    openGate();
+    expect(await bye).toBe(0);
+    expect(reached).toContain('full:work-copies');
+    expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+    const [a, b, b1] = await Promise.all(['copy.a', 'copy.b'].map((n) => fsp.stat(path.join(work, n))).concat(fsp.stat(path.join(snaps, '23', 'disk.0.snap', 'base.1'))));
+    expect(a!.ino).toBe(b1!.ino);
+    expect(await sha(path.join(work, 'copy.b'))).toBe(await sha(path.join(snaps, '23', 'disk.0.snap', 'base.1')));
+    // the lock went with the spare
+    await (await other.conn.openDisk(23, 0)).close();
+    await endSession(other);
+  });
+
+  it('a session whose agent hangs up during the spare copy still finishes it; an incremental right after merges into it', async () => {
+    const snaps = path.join(root, 'snaps-spare-eof');
+    const src = await makeSourceDisk('src-spare-eof', 0);
+    let openGate!: () => void;
+    const gate = new Promise<void>((r) => (openGate = r));
+    const s = await session(snaps, { onStep: async (step) => void (step === 'full:spare' ? await gate : undefined) });
+    const d = await s.conn.openDisk(24, 0);
+    await d.upload('base', src.base, { key: 'eb' });
+    await d.upload('base1', src.base1, { key: 'eb1' });
+    await d.publishFull({ checkpoint: 'e1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'eb', base1: 'eb1' });
+    // the agent goes away without close or bye (its end of the channel ends)
+    s.conn.destroy();
+    await new Promise((r) => setTimeout(r, 100));
+    openGate();
+    await s.done; // an unexplained hang-up ends the session as failed; what matters is what it left
+    const work = path.join(snaps, '.onestor', 'work', '24', 'disk.0');
+    expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+    const inc = await makeInc('inc-spare-eof', ['write -P 0x71 3M 128k'], src.base1);
+    const s2 = await session(snaps);
+    const d2 = await s2.conn.openDisk(24, 0);
+    await d2.upload('inc', inc, { key: 'ei2' });
+    const m2 = await d2.publishIncremental({ parentCheckpoint: 'e1', checkpoint: 'e2', capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'hv1', inc: 'ei2' });
+    await d2.close();
+    await endSession(s2);
+    expect(m2.checkpoint).toBe('e2');
+    expect(await recoverView(snaps, 24, 0)).toEqual(await guestView(src.base1));
+  });
+});
+
 describe('receiver: incremental merge (A/B copies)', () => {
   async function publishInc(snaps: string, vm: number, inc: string, parent: string, ck: string, extra: Partial<ReceiverOptions> = {}) {
     const s = await session(snaps, extra);
