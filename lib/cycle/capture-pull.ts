@@ -44,7 +44,7 @@ export interface PulledDisk {
   size: number;
   dataBytes: number;
   zeroBytes: number;
-  /** the overlay bytes; call once */
+  /** the overlay bytes; call once. Chunks are lent: each is valid until the next is asked for (overlay-stream.ts) */
   stream(signal?: AbortSignal): AsyncIterable<Buffer>;
 }
 
@@ -204,7 +204,8 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
           // the NBD client already fails every read on req.signal and the watchdog's; the stream also stops on the caller's
           const stop = anySignal([abortOnSpace.signal, signal]);
           disposers.push(stop.dispose); // detached from the caller's signal when the capture ends
-          return stoppable(overlayStream(plan, (o, l) => client.read(o, l), { signal: stop.signal }), abortOnSpace.signal, () => stopWith);
+          // lent chunks: uploadStream writes each out before it asks for the next
+          return stoppable(overlayStream(plan, (o, l, into) => client.read(o, l, into), { signal: stop.signal, lend: true }), abortOnSpace.signal, () => stopWith);
         },
       });
     }

@@ -142,10 +142,11 @@ export class NbdClient {
     this.sock.write(encodeRequest(type, cookie, offset, length));
   }
 
-  /** Reads [offset, offset+length) into a new buffer (holes as zeros). */
-  read(offset: number, length: number): Promise<Buffer> {
+  /** Reads [offset, offset+length) (holes as zeros) into `into`'s first `length` bytes, or a new buffer. */
+  read(offset: number, length: number, into?: Buffer): Promise<Buffer> {
     return new Promise((resolve, reject) => {
-      const buf = Buffer.allocUnsafe(length);
+      if (into && into.length < length) return reject(nbdError(`read of ${length} bytes into a buffer of ${into.length}`));
+      const buf = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
       let error: string | null = null;
       try {
         this.send(NBD_CMD_READ, offset, length, {

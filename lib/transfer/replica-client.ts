@@ -184,10 +184,19 @@ export class ReceiverConnection {
     if (this.closedError) throw this.closedError;
   }
 
+  /** Writes, and resolves once the channel has taken the bytes (its write callback): the buffer is free again. */
+  private async writeOut(buf: Buffer, signal?: AbortSignal): Promise<void> {
+    if (this.closedError) throw this.closedError;
+    await raceAbort(new Promise<void>((r) => this.output.write(buf, () => r())), signal, 'upload aborted');
+    if (this.closedError) throw this.closedError;
+  }
+
   /**
    * The data frames of one upload: pulls chunks from `source` (any wait for the next one ends with the
    * signal), sends `chunk.subarray(skip)` of each in frames of at most `frame` bytes, keeps to the
    * channel's backpressure and the bandwidth limit. Stops early when the receiver answered (`stop()`).
+   * `lent`: the source reuses a chunk's buffer once the next is asked for, so each chunk is written out
+   * (the channel's callback) before that.
    * Any failure or abort drops the channel: the receiver is mid-upload, and closing is the only clean way out
    * (it keeps the bytes it got, for a resume).
    */
@@ -198,6 +207,7 @@ export class ReceiverConnection {
     each: (chunk: Buffer) => number,
     sent: (n: number) => void,
     stop: () => boolean,
+    lent = false,
   ): Promise<void> {
     const it = source[Symbol.asyncIterator]();
     let finished = false;
@@ -216,7 +226,8 @@ export class ReceiverConnection {
           const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
           const [header, payload] = encodeData(piece);
           this.output.write(header);
-          await this.write(payload, signal);
+          if (lent && at + frame >= chunk.length) await this.writeOut(payload, signal);
+          else await this.write(payload, signal);
           sent(piece.length);
           // small waits are left as debt on the bucket (the rate holds); any wait ends with the signal
           await this.bandwidth?.take(piece.length, signal, 5);
@@ -387,7 +398,8 @@ export class ReceiverConnection {
 
   /**
    * Streams bytes produced on the fly (a seed's qcow2 overlay read from the NBD export): the size is known
-   * up front, the digest is computed as the bytes pass. On a resume offset the source is replayed and only
+   * up front, the digest is computed as the bytes pass. The chunks may be lent: each is written out before
+   * the next is asked for, so the source may reuse its buffers (overlay-stream.ts). On a resume offset the source is replayed and only
    * hashed up to that offset (it is deterministic while its backup job runs).
    */
   uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Buffer> }, opts: UploadOptions): Promise<UploadResult> {
@@ -419,6 +431,7 @@ export class ReceiverConnection {
           opts.onProgress?.(sent, size);
         },
         verdict.arrived,
+        true,
       );
       await verdict.throwIfEarly();
       if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);

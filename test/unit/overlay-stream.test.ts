@@ -65,3 +65,44 @@ describe('overlayStream', () => {
     await expect(consume()).rejects.toMatchObject({ code: 'E_ABORTED' });
   });
 });
+
+describe('overlayStream with lent chunks', () => {
+  // a reader that fills `into` a little later (as the NBD client does when the reply arrives)
+  const intoReader = (calls: Buffer[]) => async (o: number, l: number, into?: Buffer) => {
+    await new Promise((r) => setImmediate(r));
+    const b = await reader(o, l);
+    if (!into) return b;
+    calls.push(into);
+    b.copy(into);
+    return into.subarray(0, l);
+  };
+
+  it('a chunk stays as yielded until the next is asked for; the bytes equal the unlent stream; depth + 1 buffers', async () => {
+    const expected = await collect(overlayStream(plan, reader, { readSize: cs, depth: 3 }));
+    const used: Buffer[] = [];
+    const parts: Buffer[] = [];
+    let changed = 0;
+    for await (const chunk of overlayStream(plan, intoReader(used), { readSize: cs, depth: 3, lend: true })) {
+      const copy = Buffer.from(chunk);
+      // let every read in flight complete: one that wrote into the lent buffer would change it now
+      for (let i = 0; i < 4; i++) await new Promise((r) => setImmediate(r));
+      if (!copy.equals(chunk)) changed++;
+      parts.push(copy);
+    }
+    expect(changed).toBe(0);
+    expect(Buffer.concat(parts)).toEqual(expected);
+    expect(new Set(used.map((b) => b.buffer)).size).toBeLessThanOrEqual(4);
+  });
+
+  it('pads a partial tail cluster with zeros inside a reused buffer (no stale bytes from an earlier read)', async () => {
+    const used: Buffer[] = [];
+    const parts: Buffer[] = [];
+    // one buffer in flight: the 512-byte tail is read into the buffer that held a full cluster before
+    for await (const chunk of overlayStream(plan, intoReader(used), { readSize: cs, depth: 1, lend: true })) parts.push(Buffer.from(chunk));
+    const out = Buffer.concat(parts);
+    expect(out.length).toBe(plan.fileSize);
+    const tail = out.subarray(plan.metadataBytes + 5 * cs);
+    expect(tail.subarray(0, 512)).toEqual(await reader(40 * cs, 512));
+    expect(tail.subarray(512).every((b) => b === 0)).toBe(true);
+  });
+});

@@ -173,3 +173,42 @@ describe('abortable waits', () => {
     expect(transferDeadline([shutdown.signal, undefined], undefined).signal).toBe(shutdown.signal);
   });
 });
+
+describe('uploadStream with lent chunks', () => {
+  it('writes each chunk out before asking for the next: a source that reuses one buffer arrives intact', async () => {
+    // a channel whose write callbacks come late (a slow link): what it holds is read only then
+    const fromReceiver = new PassThrough();
+    const dec = new FrameDecoder();
+    const received: Buffer[] = [];
+    const toReceiver = new Writable({
+      highWaterMark: 4 * 1024 * KiB,
+      write(chunk: Buffer, _enc, cb) {
+        setTimeout(() => {
+          for (const f of dec.push(chunk)) {
+            if (f.type === 'data') received.push(Buffer.from(f.chunk));
+            else if ((f.message as { type: string }).type === 'put') fromReceiver.write(encodeControl({ type: 'ok', offset: 0 }));
+            else if ((f.message as { type: string }).type === 'end') {
+              const sha = (f.message as { sha256: string }).sha256;
+              fromReceiver.write(encodeControl({ type: 'ok', bytes: 8 * 64 * KiB, sha256: sha }));
+            }
+          }
+          cb();
+        }, 2);
+      },
+    });
+    const conn = new ReceiverConnection(fromReceiver, toReceiver);
+    const one = Buffer.alloc(64 * KiB);
+    async function* lent(): AsyncGenerator<Buffer> {
+      for (let i = 0; i < 8; i++) {
+        one.fill(i + 1);
+        yield one;
+        one.fill(0xee); // the consumer asked for the next: the buffer is ours again
+      }
+    }
+    const r = await conn.uploadStream('base1', { size: 8 * 64 * KiB, chunks: lent() }, { key: 'lent' });
+    expect(r.bytes).toBe(8 * 64 * KiB);
+    const all = Buffer.concat(received);
+    expect(all.length).toBe(8 * 64 * KiB);
+    for (let i = 0; i < 8; i++) expect(all.subarray(i * 64 * KiB, (i + 1) * 64 * KiB).every((b) => b === i + 1)).toBe(true);
+  });
+});
