@@ -37,9 +37,15 @@ export interface AgentContext {
   cycleDeps(): Promise<CycleDeps>;
 }
 
-/** Keeps one connection per replica address; reconnects transparently when it dropped. */
+/**
+ * Replica connections by address, reconnected when one dropped. A receiver session serves one request at
+ * a time and holds one open disk, so each cycle LEASES a connection of its own (`lease`: an idle one, or
+ * a new one; `limits.concurrency` cycles at once means that many sessions); `get` is one shared connection
+ * for callers outside cycles (CLI commands, the start-up rebuild), never handed to a lease.
+ */
 export class ReplicaPool {
   private readonly clients = new Map<string, Promise<ReplicaClient>>();
+  private readonly leasable = new Map<string, Array<{ client: Promise<ReplicaClient>; leased: boolean }>>();
   constructor(private readonly config: Config, private readonly hostName: string, private readonly log: Logger, private readonly bandwidth: TokenBucket | null) {}
 
   /** REPLICA_STORAGE_IP (config) wins over REPLICA_HOST for storage traffic; hostOverride wins over both. */
@@ -49,21 +55,70 @@ export class ReplicaPool {
 
   async get(replicaHost: string): Promise<ReplicaPort> {
     const addr = this.addressFor(replicaHost);
-    const existing = this.clients.get(addr);
-    if (existing) {
+    for (;;) {
+      const existing = this.clients.get(addr);
+      if (!existing) break;
       const c = await existing.catch(() => null);
+      if (this.clients.get(addr) !== existing) continue; // replaced while we waited: look again
       if (c?.connected) return c;
       this.clients.delete(addr);
       // its session failed (e.g. an upload dropped its channel): end its SSH connection too, or the
       // process stays alive on it after the command is done
       await c?.close().catch(() => {});
     }
+    // set before any await: concurrent callers (a cycle connects while it asks libvirt) share one connection
+    const p = this.connect(addr);
+    this.clients.set(addr, p);
+    try {
+      return await p;
+    } catch (e) {
+      if (this.clients.get(addr) === p) this.clients.delete(addr);
+      throw e;
+    }
+  }
+
+  /** A connection for the caller alone until it calls release() (a cycle: runVmCycle). */
+  async lease(replicaHost: string): Promise<{ port: ReplicaPort; release(): void }> {
+    const addr = this.addressFor(replicaHost);
+    let list = this.leasable.get(addr);
+    if (!list) this.leasable.set(addr, (list = []));
+    const drop = (e: { client: Promise<ReplicaClient> }) => {
+      const i = list.indexOf(e as (typeof list)[number]);
+      if (i >= 0) list.splice(i, 1);
+    };
+    for (;;) {
+      const idle = list.find((e) => !e.leased);
+      if (!idle) break;
+      idle.leased = true; // claimed before any await: a concurrent lease takes another
+      const c = await idle.client.catch(() => null);
+      if (c?.connected) return { port: c, release: () => this.giveBack(addr, list, idle, c) };
+      drop(idle);
+      await c?.close().catch(() => {});
+    }
+    const entry = { client: this.connect(addr), leased: true };
+    list.push(entry);
+    try {
+      const c = await entry.client;
+      return { port: c, release: () => this.giveBack(addr, list, entry, c) };
+    } catch (e) {
+      drop(entry);
+      throw e;
+    }
+  }
+
+  /** Back to idle; a lease that outlived closeAll() closes its connection instead (nobody would). */
+  private giveBack(addr: string, list: unknown[], entry: { leased: boolean }, c: ReplicaClient): void {
+    entry.leased = false;
+    if (this.leasable.get(addr) !== list) void c.close().catch(() => {});
+  }
+
+  private async connect(addr: string): Promise<ReplicaClient> {
     const r = this.config.replica;
     const login = await resolveReplicaLogin(r);
     if (login.notes.length) this.log.info({ replica: addr, user: login.user, identity: login.identityFile, knownHosts: login.knownHostsFile }, login.notes.join('; '));
     // ssh2 (and its crypto) loads with the first connection, not at start: an idle daemon never needs it
     const { ReplicaClient } = await import('../lib/transfer/replica-client.js');
-    const p = ReplicaClient.connect({
+    const c = await ReplicaClient.connect({
       host: addr,
       port: r.port,
       username: login.user,
@@ -79,26 +134,21 @@ export class ReplicaPool {
       localHost: this.hostName,
       agentVersion: VERSION,
     });
-    this.clients.set(addr, p);
-    try {
-      const c = await p;
-      // How the replica knows us (from our key, never from what we claim); a replica without it gives no
-      // tamper evidence (owner/token), only the checkpoint checks.
-      if (c.writer) this.log.info({ replica: addr, port: r.port, writer: c.writer, transport: c.transport }, 'replica connected');
-      else this.log.warn({ replica: addr, port: r.port }, 'replica connected; its receiver predates ownership: no owner/token checks until it is upgraded');
-      return c;
-    } catch (e) {
-      this.clients.delete(addr);
-      throw e;
-    }
+    // How the replica knows us (from our key, never from what we claim); a replica without it gives no
+    // tamper evidence (owner/token), only the checkpoint checks.
+    if (c.writer) this.log.info({ replica: addr, port: r.port, writer: c.writer, transport: c.transport }, 'replica connected');
+    else this.log.warn({ replica: addr, port: r.port }, 'replica connected; its receiver predates ownership: no owner/token checks until it is upgraded');
+    return c;
   }
 
   async closeAll(): Promise<void> {
-    for (const p of this.clients.values()) {
+    const all = [...this.clients.values(), ...[...this.leasable.values()].flat().map((e) => e.client)];
+    this.clients.clear();
+    this.leasable.clear();
+    for (const p of all) {
       const c = await p.catch(() => null);
       await c?.close().catch((e: unknown) => this.log.debug({ err: describeError(e) }, 'replica close'));
     }
-    this.clients.clear();
   }
 }
 
@@ -167,6 +217,7 @@ export async function buildContext(opts: { configFile?: string; overrides?: Reco
       // capture, digests (node:crypto) and staging locks: an idle daemon never needs them
       ...(await import('../lib/cycle/ports.js')).localCyclePorts(libvirt, qemuImg),
       replicaFor: (h) => replicas.get(h),
+      leaseReplica: (h) => replicas.lease(h),
       state,
       log: opts.log,
       hostName,

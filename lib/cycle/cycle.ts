@@ -47,6 +47,12 @@ export interface CycleDeps {
   qemuImg: Pick<QemuImg, 'info' | 'checkLive'>;
   /** a connected replica for a REPLICA_HOST (pooled by the caller) */
   replicaFor(replicaHost: string): Promise<ReplicaPort>;
+  /**
+   * A connection for this cycle alone until release() (a receiver session serves one request and one open
+   * disk at a time, and cycles of several VMs run at once). runVmCycle leases one per host and releases
+   * it when the cycle ends; without it, replicaFor is used (a caller that runs one cycle at a time).
+   */
+  leaseReplica?(replicaHost: string): Promise<{ port: ReplicaPort; release(): void }>;
   state: CycleStatePort;
   /** capture into staging, cleanup (production: localCyclePorts() in ports.ts) */
   staging: StagingPort;
@@ -122,9 +128,28 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     const error = { code: errorCodeOf(e), message: `another cycle of VM ${req.vmId} is running on this host: ${describeError(e)}` };
     return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
   }
+  // The cycle's own replica connections: leased at first use, given back when it ends.
+  const leases = new Map<string, Promise<{ port: ReplicaPort; release(): void }>>();
+  const lease = deps.leaseReplica;
+  const scoped: CycleDeps = lease
+    ? {
+        ...deps,
+        replicaFor: async (host) => {
+          let l = leases.get(host);
+          if (!l) {
+            l = lease(host);
+            leases.set(host, l);
+            // a failed lease is retried by the next use (it holds nothing)
+            l.catch(() => leases.get(host) === l && leases.delete(host));
+          }
+          return (await l).port;
+        },
+      }
+    : deps;
   try {
-    return await cycleUnderLock(deps, req);
+    return await cycleUnderLock(scoped, req);
   } finally {
+    for (const l of leases.values()) (await l.catch(() => null))?.release();
     await lock.release();
   }
 }
@@ -155,15 +180,25 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   let watch: MigrationWatch | null = null;
   let checkpoints: string[] = [];
   const manifestsByHost = new Map<string, ReplicaManifest[]>();
-  const manifestsFor = async (host: string): Promise<{ replica: ReplicaPort; manifests: ReplicaManifest[] }> => {
-    const replica = await deps.replicaFor(host);
-    let manifests = manifestsByHost.get(host);
-    if (!manifests) {
-      manifests = await replica.status(vmId);
-      manifestsByHost.set(host, manifests);
+  // One connection attempt and one status per replica host and cycle, started at once: a cold connection
+  // (SSH and the receiver's start) costs as much as the libvirt queries it now overlaps, and a replica that
+  // is down costs one connect timeout, not one per use. A failure is each disk's own (when it asks).
+  const perHost = new Map<string, Promise<{ replica: ReplicaPort; manifests: ReplicaManifest[] }>>();
+  const manifestsFor = (host: string): Promise<{ replica: ReplicaPort; manifests: ReplicaManifest[] }> => {
+    let p = perHost.get(host);
+    if (!p) {
+      p = (async () => {
+        const replica = await deps.replicaFor(host);
+        const manifests = await replica.status(vmId);
+        manifestsByHost.set(host, manifests);
+        return { replica, manifests };
+      })();
+      p.catch(() => {});
+      perHost.set(host, p);
     }
-    return { replica, manifests };
+    return p;
   };
+  for (const d of req.disks) void manifestsFor(d.replicaHost);
 
   log.info({ disks: req.disks.map((d) => d.diskId).join(','), forceFull: Boolean(req.forceFull) }, 'cycle start');
   try {
@@ -382,6 +417,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     return finish();
   } catch (e) {
     for (const d of req.disks) fail(d.diskId, e);
+    // a status still in flight must end before the connection serves anyone else (one request at a time)
+    await Promise.allSettled(perHost.values());
     return finish();
   }
 

@@ -14,6 +14,7 @@ import { ErrorCodes, OnestorError, describeError } from '../shared/errors.js';
 import { abortError, raceAbort, throwIfAborted } from '../shared/abort.js';
 import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts, pinnedKnownHosts } from './known-hosts.js';
 import { classifySshFailure, PINNED_ALIAS, spawnOpenSsh, sshComplaint } from './openssh.js';
+import { lentFileChunks } from './file-chunks.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import {
   FrameDecoder,
@@ -336,22 +337,19 @@ export class ReceiverConnection {
       const chunkSize = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let sent = offset;
       if (offset < size) {
-        const stream = createReadStream(localPath, { start: offset, end: size - 1, highWaterMark: chunkSize });
-        try {
-          await this.sendFrames(
-            stream as AsyncIterable<Buffer>,
-            chunkSize,
-            opts.signal,
-            (chunk) => (hash?.update(chunk), 0),
-            (n) => {
-              sent += n;
-              opts.onProgress?.(sent, size);
-            },
-            verdict.arrived,
-          );
-        } finally {
-          stream.destroy();
-        }
+        // lent chunks from two reused buffers (file-chunks.ts): each is written out before the next is read into it
+        await this.sendFrames(
+          lentFileChunks(localPath, offset, size, chunkSize),
+          chunkSize,
+          opts.signal,
+          (chunk) => (hash?.update(chunk), 0),
+          (n) => {
+            sent += n;
+            opts.onProgress?.(sent, size);
+          },
+          verdict.arrived,
+          true,
+        );
       }
       await verdict.throwIfEarly();
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });

@@ -162,6 +162,50 @@ describe('runVmCycle with fake ports', () => {
     expect(w.state.baseDigests[disk.basePath]).toMatchObject({ sha256: BASE_SHA });
   });
 
+  it('connects to the replica while it asks libvirt about the domain, once; a failed connect is tried once and fails the disk', async () => {
+    const w = world();
+    const order: string[] = [];
+    const lv = w.deps.libvirt as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>;
+    const realView = lv['domainView']!;
+    lv['domainView'] = async (...a: unknown[]) => (order.push('domainView'), realView(...a));
+    const realFor = w.deps.replicaFor;
+    w.deps.replicaFor = (h) => (order.push(`connect ${h}`), realFor(h));
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: true, mode: 'full' });
+    expect(order.indexOf('connect replica')).toBeLessThan(order.indexOf('domainView'));
+    expect(order.filter((x) => x.startsWith('connect'))).toEqual(['connect replica']);
+
+    const down = world();
+    let attempts = 0;
+    down.deps.replicaFor = async () => {
+      attempts++;
+      throw new OnestorError(ErrorCodes.SSH, 'connect to replica: connection refused');
+    };
+    const [f] = await runVmCycle(down.deps, req());
+    expect(f).toMatchObject({ ok: false, error: { code: ErrorCodes.SSH } });
+    expect(attempts).toBe(1);
+    expect(down.captures).toEqual([]);
+  });
+
+  it('with leaseReplica: the cycle leases one connection per host, uses only it, and gives it back at the end (also on failure)', async () => {
+    for (const failing of [false, true]) {
+      const w = world();
+      const realFor = w.deps.replicaFor;
+      const events: string[] = [];
+      w.deps.replicaFor = async () => {
+        throw new Error('a cycle with leases must not use the shared connection');
+      };
+      w.deps.leaseReplica = async (h) => {
+        events.push(`lease ${h}`);
+        const port = await realFor(h);
+        return { port: failing ? { ...port, status: async () => Promise.reject(new OnestorError(ErrorCodes.SSH, 'link cut')) } : port, release: () => void events.push(`release ${h}`) };
+      };
+      const [o] = await runVmCycle(w.deps, req());
+      expect(o!.ok).toBe(!failing);
+      expect(events).toEqual(['lease replica', 'release replica']);
+    }
+  });
+
   it('steady state: incremental from the confirmed checkpoint, which is retired after the publish', async () => {
     const state = emptyState(0);
     state.disks[diskKey(42, 0)] = { vmId: 42, diskId: 0, checkpoint: 'onestor-42-1-aaaaaa', base1Identity: '1:2', failCount: 0 };
