@@ -79,21 +79,21 @@ async function ourCheckpointDirty(env: AgentEnv, dom: string): Promise<number> {
 }
 
 async function oursCycle(env: AgentEnv, meter: TcpMeter, vm: OneVm, extra: string[] = []): Promise<Run> {
-  meter.reset();
+  await meter.reset();
   const t0 = performance.now();
   const r = await runNode([agentMain(), 'snapshot', '--vm', String(vm.vmId), '--json', ...extra, ...flagsVia(env, meter.port)], { timeoutMs: 1_800_000 });
   const seconds = (performance.now() - t0) / 1000;
   if (r.code !== 0) throw new Error(`snapshot --vm ${vm.vmId} failed (${r.code}): ${r.stdout}${r.stderr}`);
   const [o] = JSON.parse(r.stdout) as Array<{ ok: boolean; mode: string; bytes: number; durationMs: number }>;
   if (!o?.ok) throw new Error(`snapshot --vm ${vm.vmId}: ${r.stdout}`);
-  const c = meter.counts();
+  const c = await meter.refresh();
   return { seconds, cycleSeconds: o.durationMs / 1000, wire: c.up + c.down, payload: o.bytes, chainChanges: 0, mode: o.mode, phases: phasesFromLog(r.stderr) };
 }
 
 async function upCycle(env: AgentEnv, meter: TcpMeter, disk: UpstreamDisk, plain: Awaited<ReturnType<typeof plainSshAccess>>): Promise<Run> {
-  meter.reset();
+  await meter.reset();
   const r = await upstreamCycle(env.lv, disk, plain, env.snapsDir);
-  const c = meter.counts();
+  const c = await meter.refresh();
   return { seconds: r.seconds, wire: c.up + c.down, payload: r.rsyncBytesSent, chainChanges: r.chainChanges };
 }
 

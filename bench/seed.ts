@@ -21,7 +21,7 @@ import { discover } from '../lib/discover/discover.js';
 import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
 import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
 import type { OneVm } from '../dev/one-layout.js';
-import { fillDisk, fsType, levelPageCache, plainSshAccess, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
+import { fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';
 import { median, table } from './lib/stats.js';
 
@@ -71,6 +71,9 @@ async function main(): Promise<void> {
         await fillDisk(vmP.disks[0]!, virtMiB, BASE_MIB, dataMiB, env.root);
         for (const v of [vmS, vmU]) for (const f of ['base', 'base.1']) await sh(`cp --sparse=always ${q(path.join(vmP.disks[0]!.snapDir, f))} ${q(path.join(v.disks[0]!.snapDir, f))}`);
         for (const v of vms) await v.start();
+        // guests that just started burn CPU for a while (firmware): the first run would pay for it
+        const guestCpu = await settleGuests(vms.map((v) => v.domainName));
+        console.log(`guests settled: ${guestCpu.toFixed(2)} CPU in the last second`);
         const base1Bytes = (await stat(vmP.disks[0]!.base1Path)).size;
         const upDisk: UpstreamDisk = { domain: vmU.domainName, target: 'vda', vmId: vmU.vmId, diskId: 0, snapDir: vmU.disks[0]!.snapDir, basePath: vmU.disks[0]!.basePath, base1Path: vmU.disks[0]!.base1Path };
 
@@ -90,14 +93,14 @@ async function main(): Promise<void> {
             }
           })();
           await levelPageCache([vm.disks[0]!.basePath, vm.disks[0]!.base1Path]);
-          meter.reset();
+          await meter.reset();
           const t0 = performance.now();
           const [o] = await runVmCycle(deps, { vmId: vm.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
           const seconds = (performance.now() - t0) / 1000;
           sampling = false;
           await sampler;
           if (!o?.ok || o.mode !== 'full') throw new Error(`seed of vm ${vm.vmId} failed: ${o?.error?.message ?? o?.mode}`);
-          const c = meter.counts();
+          const c = await meter.refresh();
           // The receiver makes the A/B spare after its publish reply: closing waits for it, so the next
           // method runs on a quiet replica, and the time until then is shown beside the seed's own.
           await ctx.replicas.closeAll();
@@ -107,16 +110,22 @@ async function main(): Promise<void> {
         const upstream = async () => {
           await rm(path.join(env.snapsDir, String(vmU.vmId)), { recursive: true, force: true });
           await levelPageCache([upDisk.basePath, upDisk.base1Path]);
-          meter.reset();
+          await meter.reset();
           const r = await upstreamCycle(env.lv, upDisk, plain, env.snapsDir);
-          const c = meter.counts();
+          const c = await meter.refresh();
           return { seconds: r.seconds, wire: c.up + c.down, peak: NaN, settled: NaN };
         };
 
         const res: Record<string, Array<{ seconds: number; wire: number; peak: number; settled: number }>> = { pull: [], push: [], upstream: [] };
         for (let r = 0; r < REPS; r++) {
-          res['pull']!.push(await ours(vmP, 'pull'));
-          res['upstream']!.push(await upstream());
+          // alternate which method goes first, so neither always runs on a machine the other just warmed
+          if (r % 2 === 0) {
+            res['pull']!.push(await ours(vmP, 'pull'));
+            res['upstream']!.push(await upstream());
+          } else {
+            res['upstream']!.push(await upstream());
+            res['pull']!.push(await ours(vmP, 'pull'));
+          }
           if (r === 0) res['push']!.push(await ours(vmS, 'push'));
           const last = (k: string) => res[k]![res[k]!.length - 1]!;
           const line = `${gib} GiB #${r + 1}: pull ${last('pull').seconds.toFixed(2)} s, upstream ${last('upstream').seconds.toFixed(2)} s${r === 0 ? `, push ${last('push').seconds.toFixed(2)} s` : ''}`;

@@ -96,46 +96,84 @@ export function plainSshFor(env: AgentEnv, keyPath: string, port: number): Plain
 
 export interface TcpMeter {
   port: number;
-  /** client -> server, server -> client */
+  /** client -> server, server -> client, as of the last refresh() */
   counts(): { up: number; down: number };
-  reset(): void;
+  refresh(): Promise<{ up: number; down: number }>;
+  reset(): Promise<void>;
   close(): Promise<void>;
 }
 
+/**
+ * The relay runs in a process of its own: in this one it would share the event loop (and the garbage
+ * collector) of the in-process agent a bench measures, slowing our method and not upstream's processes.
+ * It reads into one reused buffer per direction and counts; stdin takes "reset" and "counts" lines.
+ */
+const METER_CHILD = `
+import net from 'node:net';
+import readline from 'node:readline';
+const target = Number(process.argv[1]);
+let up = 0, down = 0;
+const sockets = new Set();
+function pump(from, to, count) {
+  from.on('data', (d) => { count(d.length); if (!to.write(d)) { from.pause(); to.once('drain', () => from.resume()); } });
+  from.on('end', () => to.end());
+}
+const server = net.createServer((client) => {
+  const upstream = net.connect({ host: '127.0.0.1', port: target });
+  sockets.add(client).add(upstream);
+  pump(client, upstream, (n) => (up += n));
+  pump(upstream, client, (n) => (down += n));
+  const done = () => { client.destroy(); upstream.destroy(); sockets.delete(client); sockets.delete(upstream); };
+  client.on('error', done).on('close', done);
+  upstream.on('error', done).on('close', done);
+});
+server.listen(0, '127.0.0.1', () => console.log(String(server.address().port)));
+readline.createInterface({ input: process.stdin }).on('line', (l) => {
+  if (l === 'reset') { up = 0; down = 0; console.log('ok'); }
+  else if (l === 'counts') console.log(up + ' ' + down);
+}).on('close', () => { for (const s of sockets) s.destroy(); server.close(() => process.exit(0)); });
+`;
+
 export async function startTcpMeter(targetPort: number): Promise<TcpMeter> {
-  let up = 0;
-  let down = 0;
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((client) => {
-    const upstream = net.connect({ host: '127.0.0.1', port: targetPort });
-    sockets.add(client).add(upstream);
-    client.on('data', (d: Buffer) => (up += d.length));
-    upstream.on('data', (d: Buffer) => (down += d.length));
-    client.pipe(upstream);
-    upstream.pipe(client);
-    const done = () => {
-      client.destroy();
-      upstream.destroy();
-      sockets.delete(client);
-      sockets.delete(upstream);
-    };
-    client.on('error', done).on('close', done);
-    upstream.on('error', done).on('close', done);
+  const child = spawn(process.execPath, ['--input-type=module', '-e', METER_CHILD, String(targetPort)], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const lines: string[] = [];
+  const waiters: Array<(l: string) => void> = [];
+  let buf = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      const l = buf.slice(0, i);
+      buf = buf.slice(i + 1);
+      const w = waiters.shift();
+      if (w) w(l);
+      else lines.push(l);
+    }
   });
-  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(0, '127.0.0.1', () => resolve()));
-  const address = server.address();
-  const port = typeof address === 'object' && address ? address.port : 0;
+  const nextLine = () => new Promise<string>((resolve) => (lines.length ? resolve(lines.shift()!) : waiters.push(resolve)));
+  const ask = async (cmd: string) => {
+    child.stdin!.write(`${cmd}\n`);
+    return nextLine();
+  };
+  const port = Number(await nextLine());
+  let counts = { up: 0, down: 0 };
   return {
     port,
-    counts: () => ({ up, down }),
-    reset: () => {
-      up = 0;
-      down = 0;
+    // counts() is synchronous in the interface: the last answer, refreshed by refresh()
+    counts: () => counts,
+    refresh: async () => {
+      const [u, d] = (await ask('counts')).split(' ').map(Number);
+      counts = { up: u!, down: d! };
+      return counts;
+    },
+    reset: async () => {
+      await ask('reset');
+      counts = { up: 0, down: 0 };
     },
     close: () =>
       new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
-        server.close(() => resolve());
+        child.once('exit', () => resolve());
+        child.stdin!.end();
       }),
   };
 }
@@ -253,4 +291,38 @@ export async function levelPageCache(sources: string[]): Promise<boolean> {
   if (process.env.BENCH_DROP_CACHES !== '1') return false;
   await sh(`sync && echo 1 > /proc/sys/vm/drop_caches && cat ${sources.map(q).join(' ')} > /dev/null`);
   return true;
+}
+
+/**
+ * Waits until the QEMU processes of the given domains use less than `maxCpu` CPUs (over 1 s), at most
+ * `timeoutMs`: a guest that just started (firmware, boot) takes a core for seconds, which would slow
+ * whichever method runs first. Returns their CPU use in the last second.
+ */
+export async function settleGuests(domainNames: string[], maxCpu = 0.5, timeoutMs = 60_000): Promise<number> {
+  const pids = async () => {
+    const out: number[] = [];
+    for (const e of await readdir('/proc')) {
+      if (!/^\d+$/.test(e)) continue;
+      const cmd = await readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
+      if (cmd.startsWith('/usr/bin/qemu-system') || cmd.includes('qemu-system')) {
+        if (domainNames.some((d) => cmd.includes(`guest=${d},`) || cmd.includes(`guest=${d}\0`))) out.push(Number(e));
+      }
+    }
+    return out;
+  };
+  const total = async (ps: number[]) => {
+    let n = 0;
+    for (const p of ps) n += (await procCpu(p))?.self ?? 0;
+    return n;
+  };
+  const t0 = Date.now();
+  let rate = Infinity;
+  const ps = await pids();
+  while (Date.now() - t0 < timeoutMs) {
+    const a = await total(ps);
+    await new Promise((r) => setTimeout(r, 1000));
+    rate = (await total(ps)) - a;
+    if (rate < maxCpu) break;
+  }
+  return rate;
 }
