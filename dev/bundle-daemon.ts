@@ -2,7 +2,7 @@
  * Build step (package.json "build", after tsc and bundle-probe): makes dist/agent/daemon-cli.js, the entry of
  * `onestor-agent run`, into one minified module holding the daemon's modules with zod, pino and
  * fast-xml-parser, plus chunks under dist/agent/daemon-chunks/ for what only a cycle needs (the cycle,
- * capture, the replica client), loaded by import() as before. Why: the idle daemon's resident set is
+ * capture, the replica client, xxhash-wasm for the upload digest), loaded by import() as before. Why: the idle daemon's resident set is
  * mostly code; V8 keeps every module's source text and module record, and a hundred modules of packages
  * (mostly zod's) cost more than one minified file (bench/daemon-idle.ts measures it).
  *

@@ -4,6 +4,7 @@
  * receiver's send() and the client's request() accept nothing else: an object literal sent raw does not
  * compile. test/unit/protocol-messages.test.ts checks that every builder's output passes the peer's schema.
  */
+import type { DigestAlg } from './digest.js';
 import type { z } from 'zod';
 import type { ErrorCode } from '../shared/errors.js';
 import type { ReplicaManifest } from '../shared/model.js';
@@ -46,8 +47,10 @@ export const clientMessage = {
   /** `after` is the paging cursor: null asks for the first page (and tells the receiver this agent pages) */
   status: (vm?: number, after: StatusCursor | null = null) => mark<StatusMessage>({ type: 'status', ...(vm !== undefined ? { vm } : {}), after }),
   open: (vm: number, disk: number) => mark<OpenMessage>({ type: 'open', vm, disk }),
-  put: (a: Omit<PutMessage, 'type'>) => mark<PutMessage>({ type: 'put', kind: a.kind, size: a.size, key: a.key, ...(a.sha256 ? { sha256: a.sha256 } : {}) }),
-  end: (sha256: string) => mark<EndMessage>({ type: 'end', sha256 }),
+  // no `digest` key for sha256: what receivers from before the choice expect
+  put: (a: Omit<PutMessage, 'type'>) =>
+    mark<PutMessage>({ type: 'put', kind: a.kind, size: a.size, key: a.key, ...(a.digest && a.digest !== 'sha256' ? { digest: a.digest } : {}), ...(a.sha256 ? { sha256: a.sha256 } : {}) }),
+  end: (alg: DigestAlg, hex: string) => mark<EndMessage>({ type: 'end', [alg]: hex }),
   publishFull: (a: Omit<PublishFullMessage, 'type' | 'mode'>) => mark<PublishFullMessage>({ type: 'publish', mode: 'full', ...a }),
   publishIncremental: (a: Omit<PublishIncrementalMessage, 'type' | 'mode'>) => mark<PublishIncrementalMessage>({ type: 'publish', mode: 'incremental', ...a }),
   /** release the open disk's lineage to host `to` for `ttlSec` s (the releasing owner is the authenticated session) */
@@ -64,7 +67,7 @@ export const receiverReply = {
   open: (manifest: ReplicaManifest | null, baseOnReplica: { size: number; sha256: string } | null) =>
     mark<OpenOk>({ type: 'ok', manifest, baseOnReplica: baseOnReplica ? { size: baseOnReplica.size, sha256: baseOnReplica.sha256 } : null }),
   put: (offset: number) => mark<PutOk>({ type: 'ok', offset }),
-  end: (bytes: number, sha256: string) => mark<EndOk>({ type: 'ok', bytes, sha256 }),
+  end: (bytes: number, alg: DigestAlg, hex: string) => mark<EndOk>({ type: 'ok', bytes, [alg]: hex }),
   publish: (manifest: ReplicaManifest) => mark<PublishOk>({ type: 'ok', manifest }),
   release: (release: LineageRelease) => mark<ReleaseOk>({ type: 'ok', release }),
   /** next: undefined for an agent that does not page (no key on the wire), null on the last page */

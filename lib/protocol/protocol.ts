@@ -14,6 +14,7 @@
  */
 import { z } from 'zod';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
+import { DIGEST_ALGS, DIGEST_HEX } from './digest.js';
 import { checkpointSchema, consistencySchema, epochSchema, idSchema, lineageReleaseSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, RELEASE_MAX_TTL_SEC, replicaManifestSchema, sha256Schema, shortText, sizeSchema, type LineageRelease, type OwnerChange } from '../shared/manifest-schema.js';
 
 // the manifest and its field schemas are shared with the model (one type): lib/shared/manifest-schema.ts
@@ -201,14 +202,20 @@ export const helloSchema = z.object({
   host: shortText(255),
 });
 export const openSchema = z.object({ type: z.literal('open'), vm: idSchema, disk: idSchema });
+const xxh64Schema = z.string().regex(DIGEST_HEX.xxh64, 'xxh64 must be 16 lowercase hex digits');
 export const putSchema = z.object({
   type: z.literal('put'),
   kind: uploadKindSchema,
   size: sizeSchema,
   key: uploadKeySchema,
+  /** the digest `end` carries (lib/protocol/digest.ts); absent: sha256, as agents before the choice send */
+  digest: z.enum(DIGEST_ALGS).optional(),
   sha256: sha256Schema.optional(),
 });
-export const endSchema = z.object({ type: z.literal('end'), sha256: sha256Schema });
+/** `end` carries the digest of the put's algorithm (exactly one); the receiver checks which. */
+export const endSchema = z
+  .object({ type: z.literal('end'), sha256: sha256Schema.optional(), xxh64: xxh64Schema.optional() })
+  .refine((m) => (m.sha256 === undefined) !== (m.xxh64 === undefined), 'end carries exactly one digest (sha256 or xxh64)');
 const publishCommon = {
   type: z.literal('publish'),
   checkpoint: checkpointSchema.nullable(),
@@ -334,6 +341,8 @@ export const helloOkSchema = z.object({
   snapsDirUsedPercent: z.number().min(0).max(100),
   /** The writer as the replica authenticated it; absent from receivers that predate ownership. */
   identity: shortText(255).optional(),
+  /** digests it verifies besides sha256 (names it does not know are ignored); absent: sha256 only */
+  digests: z.array(z.string().max(32)).max(16).optional(),
 });
 export const fileDigestSchema = z.object({ size: sizeSchema, sha256: sha256Schema });
 export const openOkSchema = z.object({
@@ -342,7 +351,7 @@ export const openOkSchema = z.object({
   baseOnReplica: fileDigestSchema.nullable(),
 });
 export const putOkSchema = z.object({ type: z.literal('ok'), offset: sizeSchema });
-export const endOkSchema = z.object({ type: z.literal('ok'), bytes: sizeSchema, sha256: sha256Schema });
+export const endOkSchema = z.object({ type: z.literal('ok'), bytes: sizeSchema, sha256: sha256Schema.optional(), xxh64: xxh64Schema.optional() });
 export const publishOkSchema = z.object({ type: z.literal('ok'), manifest: replicaManifestSchema });
 export const statusOkSchema = z.object({
   type: z.literal('ok'),

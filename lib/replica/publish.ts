@@ -125,6 +125,8 @@ export async function publishFull(
 
     const [nb, nb1] = await Promise.all([up.base ? fsp.lstat(staged(STAGED.base)) : null, fsp.lstat(staged(STAGED.base1))]);
     const baseSha = up.base ? up.base.sha256 : c.baseAtOpen!.sha256;
+    // the receiver takes base only with sha256 (onPut): the manifest compares bases by it
+    if (baseSha === undefined) throw new OnestorError(ErrorCodes.INTERNAL, 'base upload without its sha256', ctx(p, { file: p.base }));
     const manifest: FullJournal['manifest'] = {
       version: 1,
       vmId: p.vm,
@@ -135,7 +137,7 @@ export async function publishFull(
       consistency: meta.consistency,
       mode: 'full',
       base: { size: nb ? nb.size : keepBase!.size, sha256: baseSha },
-      base1: { size: nb1.size, sha256: up.base1.sha256, ...(info['virtual-size'] !== undefined ? { virtualSize: info['virtual-size'] } : {}) },
+      base1: { size: nb1.size, ...(up.base1.sha256 ? { sha256: up.base1.sha256 } : {}), ...(info['virtual-size'] !== undefined ? { virtualSize: info['virtual-size'] } : {}) },
       sourceHost: meta.sourceHost,
       ...meta.ownership,
     };

@@ -3,7 +3,6 @@
  * stdin/stdout. It owns every write under SNAPS; SNAPS itself comes from ReceiverOptions, never the client.
  * Logs go to opts.log (stderr in production): stdout is the protocol.
  */
-import { createHash, type Hash } from 'node:crypto';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import type { Writable } from 'node:stream';
@@ -19,8 +18,10 @@ import {
   encodeReply,
   parseClientMessage,
   type ClientMessage,
+  type EndMessage,
   type PutMessage,
 } from '../protocol/protocol.js';
+import { DIGEST_ALGS, newDigest, type StreamDigest } from '../protocol/digest.js';
 import { receiverReply, type Built, type ReceiverReply } from '../protocol/messages.js';
 import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
 import { claimMatches, identityKind } from './identity.js';
@@ -115,7 +116,7 @@ interface Upload {
   file: string;
   fh: fsp.FileHandle;
   position: number;
-  hash: Hash;
+  hash: StreamDigest;
   /** bytes in the session's current batch buffer, not yet handed to a write (they follow `position`) */
   batchFill: number;
   /** the write of the other batch buffer, if one is in flight (its error is thrown by the next waitWrite) */
@@ -505,7 +506,7 @@ class ReceiverSession {
       case 'put':
         return this.onPut(msg);
       case 'end':
-        return this.onEnd(msg.sha256);
+        return this.onEnd(msg);
       case 'publish':
         return this.onPublish(msg);
       case 'release':
@@ -537,6 +538,7 @@ class ReceiverSession {
         snapsDirFree: fs.avail,
         snapsDirUsedPercent: Math.round(fs.usedPercent * 100) / 100,
         identity: this.opts.identity,
+        digests: [...DIGEST_ALGS],
       }),
     );
     this.startSweep();
@@ -619,8 +621,13 @@ class ReceiverSession {
     const { file, offset } = await prepareUpload(d.paths, uploadKeyFor(this.opts.identity, put.key), put.size, new Set([...d.uploads.values()].map((u) => u.file)));
     // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
     // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
+    const alg = put.digest ?? 'sha256';
+    // base is compared across hosts by its sha256 (manifest), and a digest known in advance is a sha256
+    if (alg !== 'sha256' && (put.kind === 'base' || put.sha256 !== undefined)) {
+      throw new OnestorError(ErrorCodes.PROTOCOL, `put of ${put.kind} with digest ${alg}${put.sha256 !== undefined ? ' and a sha256' : ''}: base and a known digest go with sha256`);
+    }
     await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
-    const hash = createHash('sha256');
+    const hash = await newDigest(alg);
     const fh = await openUpload(file, offset);
     if (offset > 0) {
       try {
@@ -639,9 +646,12 @@ class ReceiverSession {
     await this.send(receiverReply.put(offset));
   }
 
-  private async onEnd(sha256: string): Promise<void> {
+  private async onEnd(msg: EndMessage): Promise<void> {
     const up = this.upload;
     if (!up) throw new OnestorError(ErrorCodes.PROTOCOL, 'end without an upload');
+    const alg = up.hash.alg;
+    const said = msg[alg];
+    if (said === undefined) throw new OnestorError(ErrorCodes.PROTOCOL, `end without the ${alg} digest its put announced`);
     const d = this.requireDisk('end');
     let failure: OnestorError | null = null;
     try {
@@ -653,9 +663,9 @@ class ReceiverSession {
     if (!failure && up.position !== up.put.size) {
       failure = new OnestorError(ErrorCodes.SIZE, `received ${up.position} bytes, announced ${up.put.size}`, this.ctx({ file: up.file }));
     }
-    const digest = up.hash.digest('hex');
-    if (!failure && (digest !== sha256 || (up.put.sha256 !== undefined && up.put.sha256 !== digest))) {
-      failure = new OnestorError(ErrorCodes.DIGEST, `sha256 of received data is ${digest}, sender says ${sha256}`, this.ctx({ file: up.file }));
+    const digest = up.hash.hex();
+    if (!failure && (digest !== said || (up.put.sha256 !== undefined && up.put.sha256 !== digest))) {
+      failure = new OnestorError(ErrorCodes.DIGEST, `${alg} of received data is ${digest}, sender says ${said}`, this.ctx({ file: up.file }));
     }
     this.upload = null;
     await up.fh.close().catch(() => {});
@@ -666,8 +676,8 @@ class ReceiverSession {
     }
     // the upload itself now shows in the filesystem's usage; only the spare's room stays reserved
     await this.ledger?.lower(this.resvKey(up.put.key), spareBytes(up.put));
-    d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, sha256: digest });
-    await this.send(receiverReply.end(up.position, digest));
+    d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, ...(alg === 'sha256' ? { sha256: digest } : {}) });
+    await this.send(receiverReply.end(up.position, alg, digest));
   }
 
   private takeUpload(d: DiskSession, key: string, kind: PutMessage['kind'], field: string): UploadedFile {

@@ -85,5 +85,6 @@ export async function dropStaleUploads(p: ReplicaPaths, keep: ReadonlySet<string
 export interface UploadedFile {
   file: string;
   size: number;
-  sha256: string;
+  /** when it came with sha256 (always for base; base.1 and increments may use xxh64) */
+  sha256?: string;
 }

@@ -15,6 +15,7 @@ import { abortError, raceAbort, throwIfAborted } from '../shared/abort.js';
 import { checkHostKey, formatKnownHostsLine, hostKeyAlgorithmsFor, hostKeyError, parseKnownHosts, pinnedKnownHosts } from './known-hosts.js';
 import { classifySshFailure, PINNED_ALIAS, spawnOpenSsh, sshComplaint } from './openssh.js';
 import { lentFileChunks } from './file-chunks.js';
+import { digestFor, newDigest, type DigestAlg } from '../protocol/digest.js';
 import type { ReplicaManifest } from '../shared/model.js';
 import {
   FrameDecoder,
@@ -59,7 +60,11 @@ export interface UploadOptions {
 
 export interface UploadResult {
   bytes: number;
-  sha256: string;
+  /** the end-to-end digest both ends agreed on (lib/protocol/digest.ts) */
+  digest: DigestAlg;
+  hex: string;
+  /** = hex when the digest is sha256 */
+  sha256?: string;
   resumedFrom: number;
 }
 
@@ -320,9 +325,11 @@ export class ReceiverConnection {
   upload(kind: UploadKind, localPath: string, opts: UploadOptions): Promise<UploadResult> {
     return this.exclusive(async () => {
       const size = (await fsp.stat(localPath)).size;
+      // a digest known in advance is a sha256 (base's, cached per image)
+      const alg = opts.sha256 ? 'sha256' : digestFor(kind, this.helloInfo?.digests);
       const putReply = this.nextReply();
       putReply.catch(() => {});
-      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key, sha256: opts.sha256 })));
+      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key, digest: alg, sha256: opts.sha256 })));
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond file size ${size}`);
       // A digest known in advance (computed while capturing) saves reading the file twice on this host;
@@ -330,9 +337,9 @@ export class ReceiverConnection {
       // On a resume the digest needs the prefix first; hashing it before sending would leave the receiver
       // waiting on us (it ends sessions that hold a slot without progress), so the whole file is hashed in
       // the background while the rest streams, and the send loop does not hash.
-      const resumeHash = !opts.sha256 && offset > 0 ? hashFile(localPath, size) : null;
+      const resumeHash = !opts.sha256 && offset > 0 ? hashFile(localPath, size, alg) : null;
       resumeHash?.catch(() => {});
-      const hash = opts.sha256 || offset > 0 ? null : createHash('sha256');
+      const hash = opts.sha256 || offset > 0 ? null : await newDigest(alg);
       const verdict = this.uploadVerdict();
       const chunkSize = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let sent = offset;
@@ -353,9 +360,9 @@ export class ReceiverConnection {
       }
       await verdict.throwIfEarly();
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
-      const sha256 = hash ? hash.digest('hex') : resumeHash ? await resumeHash : opts.sha256!;
-      await verdict.end(sha256, size);
-      return { bytes: size, sha256, resumedFrom: offset };
+      const hex = hash ? hash.hex() : resumeHash ? await resumeHash : opts.sha256!;
+      await verdict.end(alg, hex, size);
+      return { bytes: size, digest: alg, hex, ...(alg === 'sha256' ? { sha256: hex } : {}), resumedFrom: offset };
     });
   }
 
@@ -363,7 +370,7 @@ export class ReceiverConnection {
    * The receiver answers an upload once: an error as soon as it has one (disk full, bad size), else its
    * verdict on `end`. Watched from the start so the send loop can stop on an early answer.
    */
-  private uploadVerdict(): { arrived: () => boolean; throwIfEarly: () => Promise<void>; end: (sha256: string, size: number) => Promise<void> } {
+  private uploadVerdict(): { arrived: () => boolean; throwIfEarly: () => Promise<void>; end: (alg: DigestAlg, hex: string, size: number) => Promise<void> } {
     let early: unknown = undefined;
     let arrived = false;
     const verdict = this.nextReply().then(
@@ -386,10 +393,10 @@ export class ReceiverConnection {
         parseReply(endOkSchema, early ?? (await verdict), 'upload');
         throw new OnestorError(ErrorCodes.PROTOCOL, 'receiver answered an upload before its end');
       },
-      end: async (sha256, size) => {
-        await this.write(encodeControl(clientMessage.end(sha256)));
+      end: async (alg, hex, size) => {
+        await this.write(encodeControl(clientMessage.end(alg, hex)));
         const r = parseReply(endOkSchema, await verdict, 'end');
-        if (r.sha256 !== sha256 || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
+        if (r[alg] !== hex || r.bytes !== size) throw new OnestorError(ErrorCodes.DIGEST, 'receiver confirmed a different digest or size');
       },
     };
   }
@@ -403,12 +410,13 @@ export class ReceiverConnection {
   uploadStream(kind: UploadKind, source: { size: number; chunks: AsyncIterable<Buffer> }, opts: UploadOptions): Promise<UploadResult> {
     return this.exclusive(async () => {
       const size = source.size;
+      const alg = digestFor(kind, this.helloInfo?.digests);
+      const hash = await newDigest(alg);
       const putReply = this.nextReply();
       putReply.catch(() => {});
-      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key })));
+      await this.write(encodeControl(clientMessage.put({ kind, size, key: opts.key, digest: alg })));
       const { offset } = parseReply(putOkSchema, await putReply, 'put');
       if (offset > size) throw new OnestorError(ErrorCodes.PROTOCOL, `receiver resume offset ${offset} beyond stream size ${size}`);
-      const hash = createHash('sha256');
       const verdict = this.uploadVerdict();
       const frame = Math.min(this.helloInfo?.maxChunk ?? DEFAULT_CHUNK, DEFAULT_CHUNK);
       let produced = 0;
@@ -433,9 +441,9 @@ export class ReceiverConnection {
       );
       await verdict.throwIfEarly();
       if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);
-      const sha256 = hash.digest('hex');
-      await verdict.end(sha256, size);
-      return { bytes: size, sha256, resumedFrom: offset };
+      const hex = hash.hex();
+      await verdict.end(alg, hex, size);
+      return { bytes: size, digest: alg, hex, ...(alg === 'sha256' ? { sha256: hex } : {}), resumedFrom: offset };
     });
   }
 
@@ -486,10 +494,10 @@ async function readKnownHosts(file: string): Promise<string> {
   }
 }
 
-async function hashFile(file: string, size: number): Promise<string> {
-  const h = createHash('sha256');
+async function hashFile(file: string, size: number, alg: DigestAlg): Promise<string> {
+  const h = await newDigest(alg);
   for await (const chunk of createReadStream(file, { start: 0, end: size - 1, highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
-  return h.digest('hex');
+  return h.hex();
 }
 
 /**

@@ -174,7 +174,8 @@ describe('layout of the code', () => {
   });
 
   it('the daemon entry (built into one file and chunks) reaches only packages the bundle step knows, and loads ssh2 and the cycle only by import()', () => {
-    // dev/bundle-daemon.ts bundles zod, pino and fast-xml-parser and leaves ssh2 (native) a package: a new
+    // dev/bundle-daemon.ts bundles zod, pino, fast-xml-parser and xxhash-wasm (WASM inline, by import() with
+    // the first upload: lib/protocol/digest.ts) and leaves ssh2 (native) a package: a new
     // package on the daemon's path needs a decision there (bundle it, or keep it external)
     const anyRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
     const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]/g;
@@ -194,7 +195,9 @@ describe('layout of the code', () => {
       return { seen, packages: [...packages].sort() };
     };
     const all = packagesOf('agent/daemon-cli.ts', anyRe);
-    expect(all.packages.filter((p) => !['fast-xml-parser', 'pino', 'ssh2', 'zod'].includes(p))).toEqual([]);
+    expect(all.packages.filter((p) => !['fast-xml-parser', 'pino', 'ssh2', 'xxhash-wasm', 'zod'].includes(p))).toEqual([]);
+    // xxhash-wasm only by import(): an idle daemon never compiles it
+    expect(packagesOf('agent/daemon-cli.ts', staticRe).packages).not.toContain('xxhash-wasm');
     expect(all.seen.has('agent/commands/run.ts')).toBe(true);
     // what the entry and dispatch load before the command: no cycle code, no ssh2
     const start = packagesOf('agent/daemon-cli.ts', staticRe);

@@ -39,7 +39,9 @@ describe('client builders pass the receiver\'s schemas', () => {
     clientMessage.open(7, 0),
     clientMessage.put({ kind: 'base1', size: 10, key: 'k.base1' }),
     clientMessage.put({ kind: 'base', size: 10, key: 'base-x', sha256: sha }),
-    clientMessage.end(sha),
+    clientMessage.end('sha256', sha),
+    clientMessage.put({ kind: 'base1', size: 10, key: 'k.base1', digest: 'xxh64' }),
+    clientMessage.end('xxh64', '0123456789abcdef'),
     clientMessage.publishFull({ checkpoint: 'onestor-7-1-abc', capturedAt: 10, consistency: 'crash-consistent', sourceHost: 'h', base1: 'k.base1' }),
     clientMessage.publishIncremental({ parentCheckpoint: 'a', checkpoint: 'b', capturedAt: 10, consistency: 'filesystem-frozen', sourceHost: 'h', inc: 'b.inc' }),
     clientMessage.release('hv-b', 86_400),
@@ -51,6 +53,9 @@ describe('client builders pass the receiver\'s schemas', () => {
   });
   it('an optional field left out is absent on the wire, not undefined', () => {
     expect(Object.keys(clientMessage.put({ kind: 'inc', size: 1, key: 'k', sha256: undefined }))).not.toContain('sha256');
+    // sha256 is the default: a put that uses it says nothing, as agents before the choice did
+    expect(Object.keys(clientMessage.put({ kind: 'inc', size: 1, key: 'k', digest: 'sha256' }))).not.toContain('digest');
+    expect(clientMessage.end('xxh64', '0123456789abcdef')).toEqual({ type: 'end', xxh64: '0123456789abcdef' });
     // first page: `after: null` says this agent follows the receiver's cursor
     expect(clientMessage.status()).toEqual({ type: 'status', after: null });
     expect(Object.keys(receiverReply.status([]))).toEqual(['type', 'manifests']);
@@ -63,7 +68,9 @@ describe('receiver builders pass the client\'s schemas', () => {
     ['open', openOkSchema, receiverReply.open(manifest, { size: 1, sha256: sha })],
     ['open (empty)', openOkSchema, receiverReply.open(null, null)],
     ['put', putOkSchema, receiverReply.put(4096)],
-    ['end', endOkSchema, receiverReply.end(10, sha)],
+    ['end', endOkSchema, receiverReply.end(10, 'sha256', sha)],
+    ['end (xxh64)', endOkSchema, receiverReply.end(10, 'xxh64', '00000000000000ff')],
+    ['hello (digests)', helloOkSchema, receiverReply.hello({ receiverVersion: '0.1.0', maxChunk: 1 << 20, snapsDirFree: 5, snapsDirUsedPercent: 12.5, digests: ['sha256', 'xxh64'] })],
     ['publish', publishOkSchema, receiverReply.publish(manifest)],
     ['status', statusOkSchema, receiverReply.status([manifest])],
     ['status page', statusOkSchema, receiverReply.status([manifest], { vm: 7, disk: 0 })],

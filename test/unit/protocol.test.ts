@@ -149,6 +149,13 @@ describe('message schemas', () => {
     for (const size of [-1, 1.5, 2 ** 53 + 2, '1']) expect(ok({ ...put, size })).toBe('E_PROTOCOL');
     for (const sha256 of ['A'.repeat(64), 'a'.repeat(63), 'g'.repeat(64)]) expect(ok({ ...put, sha256 })).toBe('E_PROTOCOL');
     expect(ok({ ...put, kind: 'disk' })).toBe('E_PROTOCOL');
+    // digests: only the known names; `end` carries exactly one digest, well-formed
+    for (const digest of ['md5', 'XXH64', '', 'sha256 ', 7]) expect(ok({ ...put, digest })).toBe('E_PROTOCOL');
+    expect(ok({ ...put, digest: 'xxh64' })).toBe('no error');
+    for (const end of [{}, { sha256: 'a'.repeat(64), xxh64: 'a'.repeat(16) }, { xxh64: 'a'.repeat(15) }, { xxh64: 'A'.repeat(16) }, { xxh64: 'a'.repeat(64) }, { sha256: 'a'.repeat(16) }]) {
+      expect(ok({ type: 'end', ...end })).toBe('E_PROTOCOL');
+    }
+    expect(ok({ type: 'end', xxh64: '0123456789abcdef' })).toBe('no error');
     expect(ok({ type: 'publish', mode: 'other' })).toBe('E_PROTOCOL');
     expect(ok({ type: 'rm -rf' })).toBe('E_PROTOCOL');
     expect(ok({ type: 'publish', mode: 'incremental', parentCheckpoint: 'a/../b', checkpoint: 'b', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', inc: 'k' })).toBe(

@@ -17,6 +17,7 @@ import { runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js
 import { uploadKeyFor } from '../../lib/replica/ownership.js';
 import { ReceiverConnection } from '../../lib/transfer/replica-client.js';
 import { rawPeer as sharedRawPeer } from '../helpers/receiver-session.js';
+import { xxh64Of } from '../helpers/digest.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 8 * MiB;
@@ -170,7 +171,10 @@ describe('receiver: full seed', () => {
     const info = JSON.parse(await q(['qemu-img', 'info', '--output=json', path.join(vmDir, 'disk.3')]));
     expect(info['backing-filename']).toBe('disk.3.snap/base');
     expect(info['backing-filename-format']).toBe('qcow2');
-    expect(await sha(path.join(vmDir, 'disk.3.snap', 'base.1'))).toBe(b1.sha256);
+    expect(b1.digest).toBe('xxh64');
+    expect(await xxh64Of(path.join(vmDir, 'disk.3.snap', 'base.1'))).toBe(b1.hex);
+    expect(await sha(path.join(vmDir, 'disk.3.snap', 'base.1'))).toBe(await sha(src.base1));
+    expect(manifest.base1.sha256).toBeUndefined(); // base.1 came with xxh64
     expect(await recoverView(snaps, 42, 3)).toEqual(await guestView(src.base1));
     expect(manifest.checkpoint).toBe('ck1');
     expect(manifest.base.sha256).toBe(await sha(src.base));
@@ -325,6 +329,41 @@ describe('receiver: hostile and broken input', () => {
     expect(await treeSnapshot(path.join(snaps, '2'))).toEqual(before);
     // nothing left for this disk: not even its (empty) tmp dir
     await expect(fsp.readdir(path.join(snaps, '.onestor', 'tmp', '2-0'))).rejects.toMatchObject({ code: 'ENOENT' });
+  });
+
+  it('xxh64 uploads: a corrupted byte is E_DIGEST; base only with sha256; end must carry the put\'s digest', async () => {
+    const snaps = path.join(root, 'snaps-xxh');
+    const src = await makeSourceDisk('src-xxh', 0);
+    await seed(snaps, 6, 0, src);
+    const before = await treeSnapshot(path.join(snaps, '6'));
+    const data = await fsp.readFile(src.base1);
+    const good = await xxh64Of(src.base1);
+    const bad = Buffer.from(data);
+    bad[bad.length >> 2] = bad[bad.length >> 2]! ^ 0x80;
+
+    const p = rawPeer(snaps);
+    expect(await p.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' })).toMatchObject({ digests: expect.arrayContaining(['sha256', 'xxh64']) });
+    await p.ask({ type: 'open', vm: 6, disk: 0 });
+    expect(await p.ask({ type: 'put', kind: 'base1', size: bad.length, key: 'x1', digest: 'xxh64' })).toMatchObject({ type: 'ok', offset: 0 });
+    p.data(bad);
+    expect(await p.ask({ type: 'end', xxh64: good })).toMatchObject({ type: 'error', code: 'E_DIGEST', message: expect.stringContaining('xxh64') });
+    // the same bytes, right: verified, and the reply names the digest
+    expect(await p.ask({ type: 'put', kind: 'base1', size: data.length, key: 'x2', digest: 'xxh64' })).toMatchObject({ offset: 0 });
+    p.data(data);
+    expect(await p.ask({ type: 'end', xxh64: good })).toEqual({ type: 'ok', bytes: data.length, xxh64: good });
+    // base goes with sha256 only (the manifest compares bases by it): a protocol error ends the session
+    expect(await p.ask({ type: 'put', kind: 'base', size: 10, key: 'b', digest: 'xxh64' })).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+    expect(await p.done).toBe(Exit.PROTOCOL);
+
+    const p2 = rawPeer(snaps);
+    await p2.ask({ type: 'hello', protocol: 1, agentVersion: 't', host: 'h' });
+    await p2.ask({ type: 'open', vm: 6, disk: 0 });
+    expect(await p2.ask({ type: 'put', kind: 'inc', size: data.length, key: 'x3', digest: 'xxh64' })).toMatchObject({ offset: 0 });
+    p2.data(data);
+    // a sha256 where the put announced xxh64
+    expect(await p2.ask({ type: 'end', sha256: createHash('sha256').update(data).digest('hex') })).toMatchObject({ type: 'error', code: 'E_PROTOCOL' });
+    expect(await p2.done).toBe(Exit.PROTOCOL);
+    expect(await treeSnapshot(path.join(snaps, '6'))).toEqual(before);
   });
 
   it('resumes an upload cut in the middle and publishes the complete file', async () => {
