@@ -3,7 +3,6 @@
  * (the system's ssh or an ssh2 exec channel in production, an in-process pipe in tests); ReplicaClient
  * opens that channel, checking the replica's host key against known_hosts.
  */
-import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
