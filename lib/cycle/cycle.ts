@@ -129,29 +129,48 @@ export async function runVmCycle(deps: CycleDeps, req: VmCycleRequest): Promise<
     return req.disks.map((d) => ({ vmId: req.vmId, diskId: d.diskId, ok: false, durationMs: 0, error }));
   }
   // The cycle's own replica connections: leased at first use, given back when it ends.
-  const leases = new Map<string, Promise<{ port: ReplicaPort; release(): void }>>();
-  const lease = deps.leaseReplica;
-  const scoped: CycleDeps = lease
-    ? {
-        ...deps,
-        replicaFor: async (host) => {
-          let l = leases.get(host);
-          if (!l) {
-            l = lease(host);
-            leases.set(host, l);
-            // a failed lease is retried by the next use (it holds nothing)
-            l.catch(() => leases.get(host) === l && leases.delete(host));
-          }
-          return (await l).port;
-        },
-      }
-    : deps;
+  const leased = deps.leaseReplica ? cycleLeases(deps.leaseReplica) : null;
+  const scoped: CycleDeps = leased ? { ...deps, replicaFor: leased.replicaFor } : deps;
   try {
     return await cycleUnderLock(scoped, req);
   } finally {
-    for (const l of leases.values()) (await l.catch(() => null))?.release();
+    await leased?.releaseAll();
     await lock.release();
   }
+}
+
+type Lease = { port: ReplicaPort; release(): void };
+
+/**
+ * One cycle's replica connections: one lease per host, taken at first use and kept for the cycle. A
+ * session that ended meanwhile (an upload that failed or gave way drops its channel) goes back to the
+ * pool, which discards it, and the next use leases a new one: releasing a lineage after a yield needs a
+ * live session. A lease that failed holds nothing and is tried again by the next use.
+ */
+export function cycleLeases(lease: (host: string) => Promise<Lease>): { replicaFor(host: string): Promise<ReplicaPort>; releaseAll(): Promise<void> } {
+  const leases = new Map<string, Promise<Lease>>();
+  return {
+    replicaFor: async (host) => {
+      let l = leases.get(host);
+      const held = l ? await l.catch(() => null) : null;
+      if (held && held.port.connected === false) {
+        leases.delete(host);
+        held.release();
+        l = undefined;
+      }
+      if (!l) {
+        const fresh = lease(host);
+        leases.set(host, fresh);
+        fresh.catch(() => leases.get(host) === fresh && leases.delete(host));
+        l = fresh;
+      }
+      return (await l).port;
+    },
+    releaseAll: async () => {
+      for (const l of leases.values()) (await l.catch(() => null))?.release();
+      leases.clear();
+    },
+  };
 }
 
 async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<DiskOutcome[]> {

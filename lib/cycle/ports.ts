@@ -34,6 +34,8 @@ export interface ReplicaDiskSession {
 export interface ReplicaPort {
   /** this host as the replica authenticated it (null/undefined: the receiver predates ownership) */
   readonly writer?: string | null;
+  /** false once the session has ended (an upload that failed or gave way drops its channel); undefined: unknown */
+  readonly connected?: boolean;
   /** manifests the replica holds for a VM (no lock taken) */
   status(vmId: number): Promise<ReplicaManifest[]>;
   /** takes the per-disk lock until the session is closed */

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runVmCycle, type CycleDeps, type CycleLibvirt } from '../../lib/cycle/cycle.js';
+import { cycleLeases, runVmCycle, type CycleDeps, type CycleLibvirt } from '../../lib/cycle/cycle.js';
 import { cachedSha256 } from '../../lib/cycle/digest.js';
 import type { CaptureRequest, CaptureResult } from '../../lib/cycle/capture.js';
 import type { ReplicaDiskSession, ReplicaPort } from '../../lib/cycle/ports.js';
@@ -271,5 +271,43 @@ describe('runVmCycle with fake ports', () => {
     expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.LOCK_TIMEOUT } });
     expect(o!.error!.message).toMatch(/another cycle of VM 42/);
     expect(w.captures).toEqual([]);
+  });
+});
+
+describe('cycleLeases (one cycle\'s replica sessions)', () => {
+  it('one lease per host for the cycle; a session that ended is given back and replaced; a failed lease is retried; all released once', async () => {
+    const events: string[] = [];
+    let n = 0;
+    let failNext = false;
+    const ports: Array<{ connected: boolean }> = [];
+    const leases = cycleLeases(async (host) => {
+      if (failNext) {
+        failNext = false;
+        events.push(`lease ${host} failed`);
+        throw new Error('connection refused');
+      }
+      const id = ++n;
+      const port = { connected: true, status: async () => [], openDisk: async () => Promise.reject(new Error('unused')) };
+      ports.push(port);
+      events.push(`lease ${host} #${id}`);
+      return { port, release: () => void events.push(`release #${id}`) };
+    });
+    const a1 = await leases.replicaFor('r1');
+    expect(await leases.replicaFor('r1')).toBe(a1);
+    const b1 = await leases.replicaFor('r2');
+    expect(b1).not.toBe(a1);
+    // r1's session ends (an upload gave way): the next use gets a new one, the dead one goes back
+    ports[0]!.connected = false;
+    const a2 = await leases.replicaFor('r1');
+    expect(a2).not.toBe(a1);
+    expect(events).toEqual(['lease r1 #1', 'lease r2 #2', 'release #1', 'lease r1 #3']);
+    // a lease that fails holds nothing: the next use tries again
+    ports[2]!.connected = false;
+    failNext = true;
+    await expect(leases.replicaFor('r1')).rejects.toThrow(/refused/);
+    const a3 = await leases.replicaFor('r1');
+    expect(a3).toBe(ports[3]);
+    await leases.releaseAll();
+    expect(events.slice(4)).toEqual(['release #3', 'lease r1 failed', 'lease r1 #4', 'release #2', 'release #4']);
   });
 });
