@@ -26,13 +26,7 @@ async function main(): Promise<void> {
   const log = pino({ level: 'warn' });
   const ctx = await buildContext({
     log,
-    overrides: {
-      datastoreLocation: env.dsRoot,
-      stateDir: env.stateDir,
-      libvirtUri: env.lv.uri,
-      sshrcPaths: [path.join(env.root, 'sshrc')],
-      replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
-    },
+    overrides: env.contextOverrides(),
   });
   const rows: string[][] = [];
   try {

@@ -22,7 +22,7 @@ async function main(): Promise<void> {
   const env = await startAgentEnv({ name: 'seed-split' });
   const ctx = await buildContext({
     log: pino({ level: 'warn' }),
-    overrides: { datastoreLocation: env.dsRoot, stateDir: env.stateDir, libvirtUri: env.lv.uri, sshrcPaths: [path.join(env.root, 'sshrc')], replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath } },
+    overrides: env.contextOverrides(),
   });
   try {
     const plain = await plainSshAccess(env);

@@ -46,13 +46,8 @@ async function main(): Promise<void> {
   await writeFile(knownHosts, `[127.0.0.1]:${meter.port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
   const ctx = await buildContext({
     log: pino({ level: 'warn' }),
-    overrides: {
-      datastoreLocation: env.dsRoot,
-      stateDir: env.stateDir,
-      libvirtUri: env.lv.uri,
-      sshrcPaths: [path.join(env.root, 'sshrc')],
-      replica: { hostOverride: env.sshd.host, port: meter.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: knownHosts },
-    },
+    // through the counting relay
+    overrides: env.contextOverrides({ replica: { port: meter.port, knownHostsFile: knownHosts } }),
   });
   const rows: string[][] = [];
   const lines: string[] = [];

@@ -44,6 +44,11 @@ export interface AgentEnv {
   /** CLI flags that point the agent at this environment */
   flags: string[];
   createVm(opts: Omit<CreateOneVmOptions, 'dsRoot' | 'dsId' | 'replicaHost'> & { replicaHost?: string }): Promise<OneVm>;
+  /**
+   * buildContext overrides that point an in-process agent at this environment (what `flags` are to the
+   * CLI); `replica` fields replace the sshd's (e.g. a relay's port and known_hosts), `extra` adds sections.
+   */
+  contextOverrides(o?: { replica?: Record<string, unknown>; extra?: Record<string, unknown> }): Record<string, unknown>;
   /** runs `node dist/agent/main.js ARGS... FLAGS...` */
   agent(args: string[], opts?: { env?: Record<string, string>; timeoutMs?: number }): Promise<{ code: number; stdout: string; stderr: string }>;
   stop(): Promise<void>;
@@ -93,6 +98,14 @@ export async function startAgentEnv(opts: { name?: string; receiverArgs?: string
       snapsDir: theSshd.replicaDir,
       flags,
       createVm: (o) => createOneVm(theLv, { ...o, dsRoot, dsId, replicaHost: o.replicaHost ?? '127.0.0.1' }),
+      contextOverrides: (o = {}) => ({
+        datastoreLocation: dsRoot,
+        stateDir,
+        libvirtUri: theLv.uri,
+        sshrcPaths: [path.join(root, 'sshrc')],
+        replica: { hostOverride: theSshd.host, port: theSshd.port, user: theSshd.user, identityFile: theSshd.clientKeyPath, knownHostsFile: theSshd.knownHostsPath, ...o.replica },
+        ...o.extra,
+      }),
       agent: (args, o = {}) => runNode([agentMain(), ...args, ...flags], { ...o, env: agentProcessEnv(flags, o.env) as Record<string, string> }),
       stop: async () => {
         await theSshd.stop().catch(() => {});

@@ -6,7 +6,6 @@
  * connection".
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import path from 'node:path';
 import { pino } from 'pino';
 import { buildContext, type AgentContext } from '../../agent/context.js';
 import { discover } from '../../lib/discover/discover.js';
@@ -24,13 +23,7 @@ beforeAll(async () => {
   env = await startAgentEnv({ name: 'conc' });
   ctx = await buildContext({
     log: pino({ level: 'silent' }),
-    overrides: {
-      datastoreLocation: env.dsRoot,
-      stateDir: env.stateDir,
-      libvirtUri: env.lv.uri,
-      sshrcPaths: [path.join(env.root, 'sshrc')],
-      replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
-    },
+    overrides: env.contextOverrides(),
   });
   for (const [i, vmId] of [71, 72, 73].entries()) {
     vms.push(await env.createVm({ vmId, disks: [{ diskId: 0, sizeMiB: 32, freq: 60, baseData: [{ offsetMiB: i, lengthMiB: 4, pattern: 0x21 + i }] }] }));

@@ -217,14 +217,7 @@ describe('yielding to a migration', () => {
     const vm = await env.createVm({ vmId: 62, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x71 }], overlayData: [{ offsetMiB: 8, lengthMiB: 96, pattern: 0x72 }] }] });
     const ctx = await buildContext({
       log: pino({ level: 'silent' }),
-      overrides: {
-        datastoreLocation: env.dsRoot,
-        stateDir: env.stateDir,
-        libvirtUri: env.lv.uri,
-        sshrcPaths: [path.join(env.root, 'sshrc')],
-        replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
-        limits: { bandwidthMBps: 8 },
-      },
+      overrides: env.contextOverrides({ extra: { limits: { bandwidthMBps: 8 } } }),
     });
     try {
       const found = await discover({ datastoreLocation: env.dsRoot });
@@ -265,14 +258,7 @@ describe('a migration wants the domain while a seed streams', () => {
     const vm = await env.createVm({ vmId: 63, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x81 }], overlayData: [{ offsetMiB: 8, lengthMiB: 96, pattern: 0x82 }] }] });
     const ctx = await buildContext({
       log: pino({ level: 'silent' }),
-      overrides: {
-        datastoreLocation: env.dsRoot,
-        stateDir: env.stateDir,
-        libvirtUri: env.lv.uri,
-        sshrcPaths: [path.join(env.root, 'sshrc')],
-        replica: { hostOverride: env.sshd.host, port: env.sshd.port, user: env.sshd.user, identityFile: env.sshd.clientKeyPath, knownHostsFile: env.sshd.knownHostsPath },
-        limits: { bandwidthMBps: 8 },
-      },
+      overrides: env.contextOverrides({ extra: { limits: { bandwidthMBps: 8 } } }),
     });
     try {
       const found = await discover({ datastoreLocation: env.dsRoot });
