@@ -37,6 +37,12 @@ export interface AgentContext {
   cycleDeps(): Promise<CycleDeps>;
 }
 
+/** A connection of the lease pool and whether a cycle holds it. */
+interface LeaseEntry {
+  client: Promise<ReplicaClient>;
+  leased: boolean;
+}
+
 /**
  * Replica connections by address, reconnected when one dropped. A receiver session serves one request at
  * a time and holds one open disk, so each cycle LEASES a connection of its own (`lease`: an idle one, or
@@ -45,7 +51,7 @@ export interface AgentContext {
  */
 export class ReplicaPool {
   private readonly clients = new Map<string, Promise<ReplicaClient>>();
-  private readonly leasable = new Map<string, Array<{ client: Promise<ReplicaClient>; leased: boolean }>>();
+  private readonly leasable = new Map<string, LeaseEntry[]>();
   constructor(private readonly config: Config, private readonly hostName: string, private readonly log: Logger, private readonly bandwidth: TokenBucket | null) {}
 
   /** REPLICA_STORAGE_IP (config) wins over REPLICA_HOST for storage traffic; hostOverride wins over both. */
@@ -82,8 +88,8 @@ export class ReplicaPool {
     const addr = this.addressFor(replicaHost);
     let list = this.leasable.get(addr);
     if (!list) this.leasable.set(addr, (list = []));
-    const drop = (e: { client: Promise<ReplicaClient> }) => {
-      const i = list.indexOf(e as (typeof list)[number]);
+    const drop = (e: LeaseEntry) => {
+      const i = list.indexOf(e);
       if (i >= 0) list.splice(i, 1);
     };
     for (;;) {
@@ -95,7 +101,7 @@ export class ReplicaPool {
       drop(idle);
       await c?.close().catch(() => {});
     }
-    const entry = { client: this.connect(addr), leased: true };
+    const entry: LeaseEntry = { client: this.connect(addr), leased: true };
     list.push(entry);
     try {
       const c = await entry.client;
@@ -107,7 +113,7 @@ export class ReplicaPool {
   }
 
   /** Back to idle; a lease that outlived closeAll() closes its connection instead (nobody would). */
-  private giveBack(addr: string, list: unknown[], entry: { leased: boolean }, c: ReplicaClient): void {
+  private giveBack(addr: string, list: LeaseEntry[], entry: LeaseEntry, c: ReplicaClient): void {
     entry.leased = false;
     if (this.leasable.get(addr) !== list) void c.close().catch(() => {});
   }

@@ -10,7 +10,7 @@
  * "replica done" = until the receiver has also made its A/B spare (after its publish reply; the pool is
  * closed after each of our seeds, which waits for it, so the next method runs on a quiet replica).
  * BENCH_DROP_CACHES=1 drops the page cache before every seed and reads the two source files back (each
- * method starts from the same memory state; see README "page-cache first touch").
+ * method starts from the same memory state; bench/README.md, issue 14 third and fourth passes).
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
  */
 import { readdir, rm, stat, writeFile } from 'node:fs/promises';

@@ -285,7 +285,8 @@ export { sh, q };
  * costs a host fault on first touch — measured 1.5-2.7 s of system time per GiB written once the recycled
  * pages run out, 0.3 s before. A method that overwrites one file (the OpenSSH `cat > f` reference) recycles
  * its own pages; one that writes new files (our uploads) pays the faults. Dropping the cache before every
- * run gives each the same recycled pages. Returns whether it did.
+ * run starts each from the same memory state (not necessarily warm: with free page reporting the dropped
+ * pages may go back to the host, and then every method pays the first touch alike). Returns whether it did.
  */
 export async function levelPageCache(sources: string[]): Promise<boolean> {
   if (process.env.BENCH_DROP_CACHES !== '1') return false;
@@ -304,9 +305,7 @@ export async function settleGuests(domainNames: string[], maxCpu = 0.5, timeoutM
     for (const e of await readdir('/proc')) {
       if (!/^\d+$/.test(e)) continue;
       const cmd = await readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
-      if (cmd.startsWith('/usr/bin/qemu-system') || cmd.includes('qemu-system')) {
-        if (domainNames.some((d) => cmd.includes(`guest=${d},`) || cmd.includes(`guest=${d}\0`))) out.push(Number(e));
-      }
+      if (cmd.includes('qemu-system') && domainNames.some((d) => cmd.includes(`guest=${d},`) || cmd.includes(`guest=${d}\0`))) out.push(Number(e));
     }
     return out;
   };

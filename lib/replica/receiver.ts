@@ -619,13 +619,13 @@ class ReceiverSession {
     const d = this.requireDisk('put');
     if (d.vmDirId !== null) await assertSameVmDir(d.paths, d.vmDirId);
     const { file, offset } = await prepareUpload(d.paths, uploadKeyFor(this.opts.identity, put.key), put.size, new Set([...d.uploads.values()].map((u) => u.file)));
-    // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
-    // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
     const alg = put.digest ?? 'sha256';
     // base is compared across hosts by its sha256 (manifest), and a digest known in advance is a sha256
     if (alg !== 'sha256' && (put.kind === 'base' || put.sha256 !== undefined)) {
       throw new OnestorError(ErrorCodes.PROTOCOL, `put of ${put.kind} with digest ${alg}${put.sha256 !== undefined ? ' and a sha256' : ''}: base and a known digest go with sha256`);
     }
+    // base.1 and incs need room twice: the upload, then the A/B spare (copy at seed, merge growth later).
+    // Reserved until published or dropped, so concurrent sessions cannot over-commit the filesystem.
     await this.ledger?.reserve(this.resvKey(put.key), put.size - offset + spareBytes(put), this.ctx());
     const hash = await newDigest(alg);
     const fh = await openUpload(file, offset);
@@ -706,13 +706,11 @@ class ReceiverSession {
     // msg.sourceHost is the client's word: the manifest names the authenticated writer instead.
     const meta = { checkpoint: msg.checkpoint, capturedAt: msg.capturedAt, consistency: msg.consistency, sourceHost: this.opts.identity, ownership: own.fields };
     let manifest;
-    let afterReply: (() => Promise<void>) | null = null;
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
       const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
       await checkOverlayAlone(d.paths, this.qemuImg, base1.file);
       const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
-      afterReply = () => prepareSpareAfterSeed(c);
       d.vmDirId = r.vmDirId;
       manifest = r.manifest;
       d.uploads.delete(msg.base1);
@@ -728,8 +726,8 @@ class ReceiverSession {
     this.opts.log?.({ ...this.ctx(), mode: msg.mode, checkpoint: manifest.checkpoint }, 'published');
     await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover, own.handover);
     await this.send(receiverReply.publish(toWireManifest(manifest)));
-    // never rejects (prepareSpareAfterSeed logs and leaves the spare to the next incremental)
-    if (afterReply) this.afterPublish = afterReply();
+    // a seed's spare, after the reply; never rejects (it logs and leaves the spare to the next incremental)
+    if (msg.mode === 'full') this.afterPublish = prepareSpareAfterSeed(c);
   }
 
   private async settleAfterPublish(): Promise<void> {

@@ -3,7 +3,6 @@
  * (the system's ssh or an ssh2 exec channel in production, an in-process pipe in tests); ReplicaClient
  * opens that channel, checking the replica's host key against known_hosts.
  */
-import { createReadStream } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import type { Readable, Writable } from 'node:stream';
 import net from 'node:net';
@@ -62,8 +61,6 @@ export interface UploadResult {
   /** the end-to-end digest both ends agreed on (lib/protocol/digest.ts) */
   digest: DigestAlg;
   hex: string;
-  /** = hex when the digest is sha256 */
-  sha256?: string;
   resumedFrom: number;
 }
 
@@ -200,8 +197,8 @@ export class ReceiverConnection {
    * The data frames of one upload: pulls chunks from `source` (any wait for the next one ends with the
    * signal), sends `chunk.subarray(skip)` of each in frames of at most `frame` bytes, keeps to the
    * channel's backpressure and the bandwidth limit. Stops early when the receiver answered (`stop()`).
-   * `lent`: the source reuses a chunk's buffer once the next is asked for, so each chunk is written out
-   * (the channel's callback) before that.
+   * Chunks are taken as LENT (file-chunks.ts, overlay-stream.ts reuse their buffers): each is written out
+   * (the channel's callback) before the next is asked for.
    * Any failure or abort drops the channel: the receiver is mid-upload, and closing is the only clean way out
    * (it keeps the bytes it got, for a resume).
    */
@@ -212,7 +209,6 @@ export class ReceiverConnection {
     each: (chunk: Buffer) => number,
     sent: (n: number) => void,
     stop: () => boolean,
-    lent = false,
   ): Promise<void> {
     const it = source[Symbol.asyncIterator]();
     let finished = false;
@@ -231,7 +227,7 @@ export class ReceiverConnection {
           const piece = chunk.subarray(at, Math.min(chunk.length, at + frame));
           const [header, payload] = encodeData(piece);
           this.output.write(header);
-          if (lent && at + frame >= chunk.length) await this.writeOut(payload, signal);
+          if (at + frame >= chunk.length) await this.writeOut(payload, signal);
           else await this.write(payload, signal);
           sent(piece.length);
           // small waits are left as debt on the bucket (the rate holds); any wait ends with the signal
@@ -354,14 +350,13 @@ export class ReceiverConnection {
             opts.onProgress?.(sent, size);
           },
           verdict.arrived,
-          true,
         );
       }
       await verdict.throwIfEarly();
       if (sent !== size) throw new OnestorError(ErrorCodes.SIZE, `local file ${localPath} shrank while uploading`, { file: localPath });
       const hex = hash ? hash.hex() : resumeHash ? await resumeHash : opts.sha256!;
       await verdict.end(alg, hex, size);
-      return { bytes: size, digest: alg, hex, ...(alg === 'sha256' ? { sha256: hex } : {}), resumedFrom: offset };
+      return { bytes: size, digest: alg, hex, resumedFrom: offset };
     });
   }
 
@@ -436,13 +431,12 @@ export class ReceiverConnection {
           opts.onProgress?.(sent, size);
         },
         verdict.arrived,
-        true,
       );
       await verdict.throwIfEarly();
       if (produced !== size) throw new OnestorError(ErrorCodes.SIZE, `stream ended at ${produced} of its announced ${size} bytes`);
       const hex = hash.hex();
       await verdict.end(alg, hex, size);
-      return { bytes: size, digest: alg, hex, ...(alg === 'sha256' ? { sha256: hex } : {}), resumedFrom: offset };
+      return { bytes: size, digest: alg, hex, resumedFrom: offset };
     });
   }
 
@@ -495,7 +489,7 @@ async function readKnownHosts(file: string): Promise<string> {
 
 async function hashFile(file: string, size: number, alg: DigestAlg): Promise<string> {
   const h = await newDigest(alg);
-  for await (const chunk of createReadStream(file, { start: 0, end: size - 1, highWaterMark: 4 << 20 })) h.update(chunk as Buffer);
+  for await (const chunk of lentFileChunks(file, 0, size, 4 << 20)) h.update(chunk);
   return h.hex();
 }
 

@@ -276,6 +276,7 @@ describe('replica over ssh with a restricted key', () => {
     await client.close();
     expect(r.resumedFrom).toBe(0);
     expect(r.bytes).toBe(size);
-    expect(r.sha256).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
+    expect(r.digest).toBe('sha256');
+    expect(r.hex).toBe(createHash('sha256').update(await fsp.readFile(file)).digest('hex'));
   });
 });

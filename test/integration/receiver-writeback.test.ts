@@ -39,7 +39,8 @@ describe('receiver writeback during an upload', () => {
     const d = await conn.openDisk(41, 0);
     const r = await d.upload('base', src, { key: 'wb' });
     expect(r.bytes).toBe(200 * MiB);
-    expect(r.sha256).toBe(await sha256Of(src));
+    expect(r.digest).toBe('sha256'); // base goes with sha256
+    expect(r.hex).toBe(await sha256Of(src));
     await d.close();
     await conn.bye();
     expect(await exited).toBe(0);

@@ -386,7 +386,8 @@ describe('receiver: hostile and broken input', () => {
     const up = await d.upload('base', src.base, { key: 'base-ck1' });
     // Whole bytes of the cut frame that did arrive are kept too: data has no meaning per frame.
     expect(up.resumedFrom).toBe(half + 10);
-    expect(up.sha256).toBe(await sha(src.base));
+    expect(up.digest).toBe('sha256');
+    expect(up.hex).toBe(await sha(src.base));
     await d.upload('base1', src.base1, { key: 'b1' });
     await d.publishFull({ checkpoint: 'ck1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base: 'base-ck1', base1: 'b1' });
     await d.close();
@@ -415,7 +416,8 @@ describe('receiver: hostile and broken input', () => {
     const r = await d2.upload('base', big, { key: 'big' });
     expect(r.resumedFrom).toBeGreaterThanOrEqual(4 * MiB);
     expect(r.resumedFrom).toBeLessThan(12 * MiB);
-    expect(r.sha256).toBe(await sha(big));
+    expect(r.digest).toBe('sha256');
+    expect(r.hex).toBe(await sha(big));
     await d2.close();
     await endSession(s2);
   });
