@@ -7,8 +7,10 @@
  * agent/probe-cli.ts, which the build makes into one file: nothing else of the agent is loaded for it.
  * `onestor-agent run` (the daemon, as the systemd unit starts it) goes to agent/daemon-cli.ts, which the
  * build makes into one minified module with its packages (plus chunks the first cycle loads).
+ * `onestor-agent receive` (the replica side, started by sshd for every connection) goes to
+ * agent/receive-cli.ts, which the build makes into one minified module with its packages.
  * Any other shape of command line goes to agent/cli.ts, which knows every command (probe and run included).
- * No static import here: the entry loads exactly one of the three.
+ * No static import here: the entry loads exactly one of the four.
  */
 import module from 'node:module';
 
@@ -17,7 +19,8 @@ import module from 'node:module';
 (module as { enableCompileCache?: () => unknown }).enableCompileCache?.();
 
 const argv = process.argv.slice(2);
-const cli: Promise<{ runCli(argv: string[]): Promise<number> }> = argv[0] === 'probe' ? import('./probe-cli.js') : argv[0] === 'run' ? import('./daemon-cli.js') : import('./cli.js');
+const cli: Promise<{ runCli(argv: string[]): Promise<number> }> =
+  argv[0] === 'probe' ? import('./probe-cli.js') : argv[0] === 'run' ? import('./daemon-cli.js') : argv[0] === 'receive' ? import('./receive-cli.js') : import('./cli.js');
 
 cli
   .then((c) => c.runCli(argv))

@@ -207,6 +207,28 @@ describe('layout of the code', () => {
     expect(readFileSync(path.join(repo, 'agent/main.ts'), 'utf8')).toMatch(/argv\[0\] === 'run' \? import\('\.\/daemon-cli\.js'\)/);
   });
 
+  it('the receive entry (built into one file) reaches no host-side code and only packages the bundle holds', () => {
+    // dev/bundle-receive.ts puts everything `receive` reaches, static or import(), into one module; the
+    // replica never loads the cycle, the transfer client, the libvirt adapter or ssh2
+    const anyRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
+    const seen = new Set<string>();
+    const packages = new Set<string>();
+    const walk = (f: string) => {
+      if (seen.has(f)) return;
+      seen.add(f);
+      for (const m of readFileSync(path.join(repo, f), 'utf8').matchAll(anyRe)) {
+        const s = (m[1] ?? m[2])!;
+        if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
+        else if (!s.startsWith('node:')) packages.add(s.split('/')[0]!);
+      }
+    };
+    walk('agent/receive-cli.ts');
+    expect(seen.has('lib/replica/receiver.ts')).toBe(true);
+    expect([...seen].filter((f) => /^lib\/(cycle|transfer|libvirt)\//.test(f))).toEqual([]);
+    expect([...packages].sort().filter((p) => !['fast-xml-parser', 'pino', 'xxhash-wasm', 'zod'].includes(p))).toEqual([]);
+    expect(readFileSync(path.join(repo, 'agent/main.ts'), 'utf8')).toMatch(/argv\[0\] === 'receive' \? import\('\.\/receive-cli\.js'\)/);
+  });
+
   it('imports resolve to files that exist', () => {
     const known = new Set(files);
     const missing = [...graph].flatMap(([from, ts]) => ts.filter((t) => (t.startsWith('lib/') || t.startsWith('agent/') || t.startsWith('dev/')) && !known.has(t)).map((t) => `${from} -> ${t}`));

@@ -1,0 +1,56 @@
+/**
+ * Build step (package.json "build", after tsc): makes dist/agent/receive-cli.js, the entry of
+ * `onestor-agent receive`, into ONE minified module holding the whole receiver with zod, pino and
+ * xxhash-wasm. Why: sshd starts a receiver for every connection the agent opens, and the agent waits for its
+ * hello; loading the receiver's modules one by one took ~170 ms of that (bench/receiver-start.ts measures it).
+ *
+ * Rules the bundle must keep (checked here, the build fails otherwise):
+ *  - it imports only Node built-ins: every package and agent module the receiver reaches, statically or by
+ *    import(), is inside (one copy of each module: an error class loaded twice would break instanceof);
+ *  - it holds nothing of the host side (lib/cycle, lib/transfer, lib/libvirt, ssh2).
+ * Without esbuild (a production-only install) the step says so and leaves tsc's output, which works the
+ * same, only slower to start.
+ *
+ *   node dist/dev/bundle-receive.js [dist dir, default: the dist this file was built into]
+ */
+import { isBuiltin } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
+
+const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
+const entry = path.join(dist, 'agent', 'receive-cli.js');
+const HOST_SIDE = /(^|[/\\])(lib[/\\](cycle|transfer|libvirt)[/\\]|node_modules[/\\]ssh2[/\\])/;
+
+const esbuild = await optionalEsbuild('bundle-receive', 'dist/agent/receive-cli.js', 'slower receiver start');
+if (!esbuild) process.exit(0);
+
+dropStaleMap(entry);
+const result = await esbuild.build({
+  entryPoints: [entry],
+  outfile: entry,
+  allowOverwrite: true,
+  bundle: true,
+  splitting: false,
+  minify: true,
+  format: 'esm',
+  platform: 'node',
+  target: 'node18',
+  sourcemap: false,
+  legalComments: 'none',
+  logLevel: 'warning',
+  metafile: true,
+  // pino and its helpers are CommonJS and require() Node built-ins: give the module a require
+  banner: { js: "// Built by dev/bundle-receive.ts from agent/receive-cli.ts: edit the sources, not this file.\nimport { createRequire as __onestorCreateRequire } from 'node:module';\nconst require = __onestorCreateRequire(import.meta.url);" },
+});
+
+const [out] = Object.values(result.metafile.outputs);
+const bad = [
+  ...out!.imports.filter((i) => !isBuiltin(i.path)).map((i) => `imports ${i.path} (${i.kind})`),
+  ...Object.keys(out!.inputs).filter((i) => HOST_SIDE.test(i)).map((i) => `holds ${i} (host side)`),
+];
+if (bad.length) {
+  process.stderr.write(`bundle-receive: the receiver bundle breaks its rules:\n  ${bad.join('\n  ')}\n`);
+  process.exit(1);
+}
+process.stdout.write(`bundle-receive: ${path.relative(process.cwd(), entry)} ${(out!.bytes / 1024).toFixed(0)} KiB from ${Object.keys(out!.inputs).length} modules\n`);
