@@ -1,10 +1,12 @@
 /**
  * The real receiver (runReceiver, as receiver-main runs it) with its publish step hooks wired for crash
  * tests: every step it passes is appended to $ONESTOR_STEP_LOG, and at the step named $ONESTOR_CRASH_AT the
- * process kills itself with SIGKILL (no finally, no cleanup: a crash). Test use only.
+ * process kills itself with SIGKILL (no finally, no cleanup: a crash). At the step named $ONESTOR_PAUSE_AT
+ * it waits until the file $ONESTOR_PAUSE_RELEASE exists (a step held open while a test looks). Test use only.
  * Usage: node dist/dev/crash-receiver.js SNAPS_DIR
  */
-import { appendFileSync } from 'node:fs';
+import { appendFileSync, existsSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { runReceiver } from '../lib/replica/receiver.js';
 import { lentStdin } from '../lib/replica/stdio.js';
 
@@ -15,6 +17,8 @@ if (!snapsDir?.startsWith('/')) {
 }
 const stepLog = process.env.ONESTOR_STEP_LOG;
 const crashAt = process.env.ONESTOR_CRASH_AT;
+const pauseAt = process.env.ONESTOR_PAUSE_AT;
+const pauseRelease = process.env.ONESTOR_PAUSE_RELEASE;
 process.stdout.on('error', () => {});
 const code = await runReceiver(lentStdin(), process.stdout, {
   snapsDir,
@@ -26,9 +30,10 @@ const code = await runReceiver(lentStdin(), process.stdout, {
   spaceCheck: false,
   idleTimeoutSec: 60,
   log: (obj, msg) => process.stderr.write(JSON.stringify({ ...obj, msg }) + '\n'),
-  onStep: (step) => {
+  onStep: async (step) => {
     if (stepLog) appendFileSync(stepLog, step + '\n');
     if (step === crashAt) process.kill(process.pid, 'SIGKILL');
+    if (step === pauseAt && pauseRelease) while (!existsSync(pauseRelease)) await sleep(20);
   },
 });
 process.stdout.end(() => process.exit(code));

@@ -258,6 +258,8 @@ class ReceiverSession {
    * waits for it before the lock goes; any other request waits for it first, so requests stay in order.
    */
   private afterPublish: Promise<void> | null = null;
+  /** `close` answered, the disk (lock, slot) goes when afterPublish is done: the receiver's work, not the agent's */
+  private closingAfterPublish = false;
 
   private readonly drainMs: number;
 
@@ -270,8 +272,9 @@ class ReceiverSession {
     this.drainMs = sessionLimitsOf(opts).drainTimeoutSec * 1000;
   }
 
+  /** a slot the agent holds: what it does meanwhile is owed progress (a spare after `close` is ours) */
   get holdsSlot(): boolean {
-    return this.slot !== null;
+    return this.slot !== null && !this.closingAfterPublish;
   }
 
   /** Until when (epoch ms) waiting for `end` of a fully received upload is not owed progress; 0 = no grace. */
@@ -467,17 +470,23 @@ class ReceiverSession {
 
   private async dispatch(msg: ClientMessage): Promise<void> {
     if (msg.type === 'close' && this.afterPublish) {
-      // The disk stays locked (and the slot held) until the spare is made; the agent need not wait for it.
+      // The disk stays locked (and the slot held) until the spare is made; the agent need not wait for it,
+      // and the session reads on, so that a `bye` is answered at once too.
       await this.send(receiverReply.ok());
-      await this.settleAfterPublish();
-      await this.closeDisk().catch((e: unknown) => this.opts.log?.({ ...this.ctx(), err: describeError(e) }, 'closing the disk after its spare copy failed', 'warn'));
+      this.closingAfterPublish = true;
+      this.afterPublish = this.afterPublish.then(() =>
+        this.closeDisk().catch((e: unknown) => this.opts.log?.({ ...this.ctx(), err: describeError(e) }, 'closing the disk after its spare copy failed', 'warn')),
+      );
       return;
     }
-    await this.settleAfterPublish();
     if (msg.type === 'bye') {
+      // Nothing more for the agent: it may hang up now. The process lives on (sshd does not signal a
+      // command whose client left) until the spare is made and the lock released.
       await this.send(receiverReply.ok());
+      await this.settleAfterPublish();
       throw new SessionEnd(EXIT_OK);
     }
+    await this.settleAfterPublish();
     if (msg.type === 'hello') {
       this.watch.markGreeted();
       return this.onHello(msg);
@@ -734,6 +743,7 @@ class ReceiverSession {
     const job = this.afterPublish;
     this.afterPublish = null;
     if (job) await job;
+    this.closingAfterPublish = false;
   }
 
   /**

@@ -92,8 +92,12 @@ export interface OpenSshChannel {
   input: Readable;
   output: Writable;
   stderrTail(): string;
-  /** Ends stdin, waits for ssh to exit (then kills it), removes the pinned known_hosts. */
-  close(waitMs?: number): Promise<void>;
+  /**
+   * Ends stdin, waits for ssh to exit (then kills it), removes the pinned known_hosts. `hangUp`: the
+   * receiver answered `bye`, nothing more is owed either way: stop ssh now instead of waiting for the remote
+   * command to exit (it may still finish work of its own, which needs nothing from us).
+   */
+  close(waitMs?: number, hangUp?: boolean): Promise<void>;
   /** Removes the pinned known_hosts once the session is up (ssh read it during the handshake). */
   forgetKnownHosts(): Promise<void>;
   /** true when the ssh program could not be started at all (not installed) */
@@ -141,8 +145,9 @@ export async function spawnOpenSsh(o: OpenSshOptions): Promise<OpenSshChannel> {
     stderrTail: () => tail,
     forgetKnownHosts,
     failedToStart: () => startFailed,
-    close: async (waitMs = 5000) => {
+    close: async (waitMs = 5000, hangUp = false) => {
       child.stdin.end();
+      if (hangUp && child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       const timer = setTimeout(() => child.kill('SIGKILL'), waitMs);
       await exited;
       clearTimeout(timer);

@@ -308,9 +308,13 @@ export class ReceiverConnection {
     };
   }
 
-  async bye(): Promise<void> {
-    if (!this.connected) return;
-    await this.request(clientMessage.bye(), plainOkSchema).catch(() => {});
+  /** true when the receiver answered: it owes us nothing more and we may hang up */
+  async bye(): Promise<boolean> {
+    if (!this.connected) return false;
+    return this.request(clientMessage.bye(), plainOkSchema).then(
+      () => true,
+      () => false,
+    );
   }
 
   /**
@@ -519,7 +523,8 @@ export function corkPerTick(sock: net.Socket): void {
 export class ReplicaClient {
   private constructor(
     /** ends the transport under the session (the SSH connection, or the ssh process) */
-    private readonly endTransport: () => Promise<void> | void,
+    /** `answered`: the receiver answered `bye` (a seed's spare copy may still keep it running) */
+    private readonly endTransport: (answered: boolean) => Promise<void> | void,
     readonly connection: ReceiverConnection,
     /** which transport carries the session */
     readonly transport: 'openssh' | 'ssh2',
@@ -567,7 +572,7 @@ export class ReplicaClient {
       });
       await Promise.race([conn.hello(o.localHost ?? 'unknown', o.agentVersion ?? '0.1.0'), timeout]);
       await ch.forgetKnownHosts();
-      return new ReplicaClient(() => ch.close(), conn, 'openssh');
+      return new ReplicaClient((answered) => ch.close(undefined, answered), conn, 'openssh');
     } catch (e) {
       await ch.close(1000);
       // no ssh on this host: ssh2 does the same job, only with more CPU
@@ -699,7 +704,6 @@ export class ReplicaClient {
   }
 
   async close(): Promise<void> {
-    await this.connection.bye();
-    await this.endTransport();
+    await this.endTransport(await this.connection.bye());
   }
 }

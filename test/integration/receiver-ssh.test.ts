@@ -18,6 +18,7 @@ import { startSshd, type Sshd } from '../../dev/sshd.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
+const crashReceiver = path.join(repoRoot, 'dist', 'dev', 'crash-receiver.js');
 
 /** Compiles when dist is missing or older than the receiver sources (the forced command runs dist). */
 async function ensureBuilt(): Promise<void> {
@@ -248,6 +249,49 @@ describe('replica over ssh with a restricted key', () => {
     const err = await ReplicaClient.connect(connectOptions({ privateKey: otherKey })).catch((e) => e);
     expect(errorCodeOf(err)).toBe('E_SSH');
     expect(err.message).toMatch(/authentication refused/);
+  });
+
+  it('after a seed, close and bye return while the receiver still makes its spare copy, which survives the hang-up', async () => {
+    const snap = path.join(work, 'src-spare', 'disk.0.snap');
+    await fsp.mkdir(snap, { recursive: true });
+    await fsp.symlink('.', path.join(snap, 'disk.0.snap'));
+    await q(['qemu-img', 'create', '-q', '-f', 'qcow2', path.join(snap, 'base'), '16M']);
+    await q(['qemu-img', 'create', '-q', '-f', 'qcow2', '-b', 'disk.0.snap/base', '-F', 'qcow2', path.join(snap, 'base.1')]);
+    await q(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x5e 1M 3M', path.join(snap, 'base.1')]);
+    // the real receiver with its step hooks: it holds the spare copy until `release` exists
+    const snaps = path.join(work, 'snaps-spare');
+    await fsp.mkdir(snaps);
+    const release = path.join(work, 'spare-release');
+    const steps = path.join(work, 'spare-steps');
+    await sshd.setAuthorizedKeys([`command="ONESTOR_PAUSE_AT=full:spare ONESTOR_PAUSE_RELEASE=${release} ONESTOR_STEP_LOG=${steps} ${process.execPath} ${crashReceiver} ${snaps}",restrict ${sshd.clientPublicKey}`]);
+    try {
+      const client = await ReplicaClient.connect(connectOptions());
+      expect(client.transport).toBe('openssh');
+      const d = await client.openDisk(13, 0);
+      await d.upload('base', path.join(snap, 'base'), { key: 'sb' });
+      await d.upload('base1', path.join(snap, 'base.1'), { key: 'sb1' });
+      await d.publishFull({ checkpoint: 'sp1', capturedAt: 1700000000, consistency: 'crash-consistent', sourceHost: 'hv-test', base: 'sb', base1: 'sb1' });
+      // close and the whole connection's end come back while the spare waits at its step, however long
+      await within(d.close(), 'close');
+      await within(client.close(), 'client close', 4000);
+      expect(client.connected).toBe(false);
+      const work13 = path.join(snaps, '.onestor', 'work', '13', 'disk.0');
+      expect(await fsp.readdir(work13).catch(() => [])).not.toContain('copy.b');
+      expect((await fsp.readFile(steps, 'utf8')).split('\n')).not.toContain('full:work-copies');
+      // the ssh client is gone; the receiver sshd started lives on, finishes the spare and frees the lock
+      await fsp.writeFile(release, '');
+      const again = await ReplicaClient.connect(connectOptions());
+      const d2 = await within(again.openDisk(13, 0), 'open after the spare');
+      await d2.close();
+      await again.close();
+      expect((await fsp.readFile(steps, 'utf8')).split('\n')).toContain('full:work-copies');
+      expect((await fsp.readdir(work13)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+      const b1 = path.join(snaps, '13', 'disk.0.snap', 'base.1');
+      expect(createHash('sha256').update(await fsp.readFile(path.join(work13, 'copy.b'))).digest('hex')).toBe(createHash('sha256').update(await fsp.readFile(b1)).digest('hex'));
+    } finally {
+      await fsp.writeFile(release, '');
+      await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);
+    }
   });
 
   it('a 256 MiB upload through the restricted key arrives whole (digest verified by the receiver and returned)', async () => {

@@ -585,13 +585,15 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
     const other = await session(snaps, { lockTimeoutSec: 1 });
     expect(errorCodeOf(await other.conn.openDisk(23, 0).catch((e) => e))).toBe('E_LOCK_TIMEOUT');
     expect(await fsp.readdir(work).catch(() => [])).not.toContain('copy.b');
-    // a request after close waits for the spare, so the session's requests stay in order
-    let byeDone = false;
-    const bye = endSession(s).then((code) => ((byeDone = true), code));
+    // a request after close waits for the spare, so the session's requests stay in order (bye does not:
+    // the next test)
+    let statusDone = false;
+    const status = s.conn.status(23).then((ms) => ((statusDone = true), ms));
     await new Promise((r) => setTimeout(r, 200));
-    expect(byeDone).toBe(false);
+    expect(statusDone).toBe(false);
     openGate();
-    expect(await bye).toBe(0);
+    expect((await status).map((x) => x.checkpoint)).toEqual(['s1']);
+    expect(await endSession(s)).toBe(0);
     expect(reached).toContain('full:work-copies');
     expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
     const [a, b, b1] = await Promise.all(['copy.a', 'copy.b'].map((n) => fsp.stat(path.join(work, n))).concat(fsp.stat(path.join(snaps, '23', 'disk.0.snap', 'base.1'))));
@@ -600,6 +602,36 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
     // the lock went with the spare
     await (await other.conn.openDisk(23, 0)).close();
     await endSession(other);
+  });
+
+  it('bye after close is answered before the spare copy; the session then finishes the spare and releases the lock', async () => {
+    const snaps = path.join(root, 'snaps-spare-bye');
+    const src = await makeSourceDisk('src-spare-bye', 0);
+    let openGate!: () => void;
+    const gate = new Promise<void>((r) => (openGate = r));
+    const s = await session(snaps, { onStep: async (step) => void (step === 'full:spare' ? await gate : undefined) });
+    const d = await s.conn.openDisk(25, 0);
+    await d.upload('base', src.base, { key: 'bb' });
+    await d.upload('base1', src.base1, { key: 'bb1' });
+    await d.publishFull({ checkpoint: 'b1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'bb', base1: 'bb1' });
+    await d.close();
+    let sessionDone = false;
+    void s.done.then(() => (sessionDone = true));
+    // answered while the spare waits at its gate
+    expect(await s.conn.bye()).toBe(true);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(sessionDone).toBe(false);
+    const work = path.join(snaps, '.onestor', 'work', '25', 'disk.0');
+    expect(await fsp.readdir(work).catch(() => [])).not.toContain('copy.b');
+    // the agent has hung up (its end of the channel is gone): the spare is still made, with a clean exit
+    s.conn.destroy();
+    openGate();
+    expect(await s.done).toBe(0);
+    expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+    expect(await sha(path.join(work, 'copy.b'))).toBe(await sha(path.join(snaps, '25', 'disk.0.snap', 'base.1')));
+    const next = await session(snaps, { lockTimeoutSec: 1 });
+    await (await next.conn.openDisk(25, 0)).close();
+    await endSession(next);
   });
 
   it('a session whose agent hangs up during the spare copy still finishes it; an incremental right after merges into it', async () => {
