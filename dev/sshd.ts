@@ -7,7 +7,7 @@
  * the runner is killed without running its cleanup.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, mkdir, readFile, rm, writeFile, chmod, access } from 'node:fs/promises';
+import { mkdtemp, mkdir, readdir, readFile, rm, writeFile, chmod, access } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -271,6 +271,9 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
       async stop() {
         if (child) await stopChild(child);
         child = null;
+        // commands of sessions whose client left may still run (a receiver finishing a seed's spare copy):
+        // they write under dirs the caller is about to remove
+        await endSessionCommands(port);
         await rm(rootDir, { recursive: true, force: true });
       },
     };
@@ -278,6 +281,35 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
   } catch (e) {
     await cleanupOnFailure();
     throw e;
+  }
+}
+
+/** pids of processes started by a session of the sshd on `port` (their environment names the connection) */
+async function sessionCommandPids(port: number): Promise<number[]> {
+  const tail = ` 127.0.0.1 ${port}`;
+  const out: number[] = [];
+  for (const d of await readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(d)) continue;
+    const env = await readFile(`/proc/${d}/environ`, 'latin1').catch(() => '');
+    if (env.split('\0').some((v) => v.startsWith('SSH_CONNECTION=') && v.endsWith(tail))) out.push(Number(d));
+  }
+  return out;
+}
+
+/** Lets such commands finish for a few seconds, then kills what is left. */
+async function endSessionCommands(port: number, graceMs = 10_000): Promise<void> {
+  const until = Date.now() + graceMs;
+  let pids = await sessionCommandPids(port);
+  while (pids.length && Date.now() < until) {
+    await sleep(50);
+    pids = await sessionCommandPids(port);
+  }
+  for (const pid of pids) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone meanwhile
+    }
   }
 }
 
