@@ -311,8 +311,8 @@ export function renderDsXml(p: { dsId: number; dsRoot: string; replicaHost: stri
 
 /**
  * The guest's firmware. The guest has no OS either way; SeaBIOS spends ~3 s of CPU in real mode per start
- * (and again at each 60 s boot retry) where KVM is nested and emulates it, qboot (shipped with
- * qemu-system-data) finds nothing to boot and halts at once. Falls back to QEMU's default where it is missing.
+ * where KVM is nested and emulates it, qboot (shipped with qemu-system-data) finds nothing to boot and
+ * halts at once. Falls back to QEMU's default where it is missing.
  */
 const QBOOT = '/usr/share/qemu/qboot.rom';
 const firmwareXml = (): string => (existsSync(QBOOT) ? `    <loader type='rom'>${QBOOT}</loader>\n` : '');
