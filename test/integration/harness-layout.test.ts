@@ -5,7 +5,6 @@
  */
 import { spawn } from 'node:child_process';
 import { lstat, mkdir, readFile, readlink, realpath, stat, utimes, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { XMLParser } from 'fast-xml-parser';
@@ -282,6 +281,10 @@ describe('lifecycle', () => {
 
   it('a SIGKILLed owner takes its libvirtd and QEMU with it; the reaper removes its root', async () => {
     const script = join(work, 'owner.ts');
+    // A private TMPDIR for the doomed owner and the reaper calls below: a libvirtd started by another test
+    // file at the same moment reaps the shared tmpdir and could take these dead-owner dirs first.
+    const reapBase = join(work, 'reap-tmp');
+    await mkdir(reapBase, { mode: 0o755 });
     await writeFile(
       script,
       [
@@ -295,6 +298,7 @@ describe('lifecycle', () => {
     );
     const child = spawn(process.execPath, [join(REPO_ROOT, 'node_modules/vite-node/vite-node.mjs'), script], {
       cwd: REPO_ROOT,
+      env: { ...process.env, TMPDIR: reapBase },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let stderr = '';
@@ -323,20 +327,21 @@ describe('lifecycle', () => {
     expect(await psMatching(join(work, 'doomed-ds'))).toEqual([]);
 
     expect(info.rootDir).toContain(LIBVIRTD_ROOT_TAG);
+    expect(info.rootDir.startsWith(reapBase + '/')).toBe(true);
     expect((await stat(info.rootDir)).isDirectory()).toBe(true);
-    expect(await reapStaleLibvirtdRoots()).toContain(info.rootDir);
+    expect(await reapStaleLibvirtdRoots(reapBase)).toContain(info.rootDir);
     await expect(stat(info.rootDir)).rejects.toThrow(/ENOENT/);
 
     // Temp dirs of a dead owner go once they are old; fresh ones and ours stay.
     const deadPid = child.pid!.toString(36);
-    const oldDead = join(tmpdir(), `${TEMP_DIR_TAG}reap-${deadPid}-aaaaaaa`);
-    const freshDead = join(tmpdir(), `${TEMP_DIR_TAG}reap-${deadPid}-bbbbbbb`);
-    const oldOurs = join(tmpdir(), TEMP_DIR_TAG + uniqueName('reap'));
+    const oldDead = join(reapBase, `${TEMP_DIR_TAG}reap-${deadPid}-aaaaaaa`);
+    const freshDead = join(reapBase, `${TEMP_DIR_TAG}reap-${deadPid}-bbbbbbb`);
+    const oldOurs = join(reapBase, TEMP_DIR_TAG + uniqueName('reap'));
     for (const d of [oldDead, freshDead, oldOurs]) await mkdir(d);
     const twoHoursAgo = new Date(Date.now() - 2 * 3600 * 1000);
     for (const d of [oldDead, oldOurs]) await utimes(d, twoHoursAgo, twoHoursAgo);
     try {
-      const reaped = await reapStaleTempDirs();
+      const reaped = await reapStaleTempDirs(reapBase);
       expect(reaped).toContain(oldDead);
       expect(reaped).not.toContain(freshDead);
       expect(reaped).not.toContain(oldOurs);

@@ -215,16 +215,24 @@ describe('seed from the pull-mode export', () => {
 describe('yielding to a migration', () => {
   it('an AbortSignal mid-stream ends the seed cleanly: E_ABORTED, export and scratch gone, no checkpoint left, previous snapshot stands', async () => {
     const vm = await env.createVm({ vmId: 62, disks: [{ diskId: 0, sizeMiB: 256, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x71 }], overlayData: [{ offsetMiB: 8, lengthMiB: 96, pattern: 0x72 }] }] });
-    const ctx = await buildContext({
-      log: pino({ level: 'silent' }),
-      overrides: env.contextOverrides({ extra: { limits: { bandwidthMBps: 8 } } }),
-    });
+    let ctx: Awaited<ReturnType<typeof buildContext>> | undefined;
     try {
       const found = await discover({ datastoreLocation: env.dsRoot });
       const disks = found.eligible.filter((d) => d.vmId === 62);
       const req = { vmId: 62, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
-      const [first] = await runVmCycle(await ctx.cycleDeps(), req);
-      expect(first?.ok, first?.error?.message).toBe(true);
+      // The previous snapshot goes unthrottled (8 MB/s would make it ~13 s of waiting); only the seed
+      // aborted below must be slow, so that bytes are still flowing when the signal fires.
+      const firstCtx = await buildContext({ log: pino({ level: 'silent' }), overrides: env.contextOverrides() });
+      try {
+        const [first] = await runVmCycle(await firstCtx.cycleDeps(), req);
+        expect(first?.ok, first?.error?.message).toBe(true);
+      } finally {
+        await firstCtx.replicas.closeAll();
+      }
+      ctx = await buildContext({
+        log: pino({ level: 'silent' }),
+        overrides: env.contextOverrides({ extra: { limits: { bandwidthMBps: 8 } } }),
+      });
       const published = await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'));
       const checkpointsBefore = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim();
 
@@ -247,7 +255,7 @@ describe('yielding to a migration', () => {
       expect((await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim()).toBe(checkpointsBefore);
       expect(await sha256File(path.join(env.snapsDir, '62', 'disk.0.snap', 'base.1'))).toBe(published);
     } finally {
-      await ctx.replicas.closeAll();
+      await ctx?.replicas.closeAll();
       await vm.destroy().catch(() => {});
     }
   });
