@@ -94,6 +94,8 @@ async function ours(env: AgentEnv, base: string, base1: string, baseSha: string,
   const cpu = process.cpuUsage(cpu0);
   const childrenCpu = ((await procCpu(process.pid))?.children ?? 0) - children0;
   await waitSessionsGone(sshd);
+  // the receiver outlives the connection while it makes the seed's spare: the next run starts on a quiet replica
+  if (!(await env.sshd.sessionCommandsGone())) throw new Error('the receiver did not finish within 120 s');
   return { seconds, bytes, clientCpu: (cpu.user + cpu.system) / 1e6 + childrenCpu, serverCpu, receiverCpu, uploadSeconds: (tu1 - tu0) / 1000, phases, transport: client.transport };
 }
 
@@ -181,6 +183,8 @@ async function main(): Promise<void> {
       const [o] = JSON.parse(r.stdout) as Array<{ ok: boolean; mode: string; bytes: number }>;
       if (!o?.ok || o.mode !== 'full') throw new Error(`unexpected outcome ${r.stdout}`);
       cliBytes = o.bytes;
+      // the CLI has returned; the receiver may still make the spare (not timed, but not overlapping the next run)
+      if (!(await env.sshd.sessionCommandsGone())) throw new Error('the receiver did not finish within 120 s');
     }
 
     // The exact bytes the cycle sent: the thin base.1 and base as published on the replica.

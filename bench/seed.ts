@@ -7,8 +7,9 @@
  * before every seed), so connect and receiver start are paid like upstream's rsync pays its ssh.
  * Wire = every TCP byte through a counting relay in front of sshd (both methods go through it).
  * Staging peak = allocated bytes under DS/.onestor/VMID sampled every 50 ms by this script.
- * "replica done" = until the receiver has also made its A/B spare (after its publish reply; the pool is
- * closed after each of our seeds, which waits for it, so the next method runs on a quiet replica).
+ * "replica done" = until the receiver has also made its A/B spare (after its publish reply; the agent
+ * hangs up at once, the receiver process lives on until the spare is made, and the next method starts
+ * only once it is gone, on a quiet replica).
  * BENCH_DROP_CACHES=1 drops the page cache before every seed and reads the two source files back (each
  * method starts from the same memory state; bench/README.md, issue 14 third and fourth passes).
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
@@ -96,9 +97,10 @@ async function main(): Promise<void> {
           await sampler;
           if (!o?.ok || o.mode !== 'full') throw new Error(`seed of vm ${vm.vmId} failed: ${o?.error?.message ?? o?.mode}`);
           const c = await meter.refresh();
-          // The receiver makes the A/B spare after its publish reply: closing waits for it, so the next
-          // method runs on a quiet replica, and the time until then is shown beside the seed's own.
+          // The receiver makes the A/B spare after its publish reply and outlives the connection for it:
+          // wait until it is gone, so the next method runs on a quiet replica, and show the time until then.
           await ctx.replicas.closeAll();
+          if (!(await env.sshd.sessionCommandsGone())) throw new Error('the receiver did not finish within 120 s of the seed');
           const settled = (performance.now() - t0) / 1000;
           return { seconds, wire: c.up + c.down, peak, settled };
         };

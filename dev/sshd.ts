@@ -57,6 +57,11 @@ export interface Sshd {
   regenerateHostKey(): Promise<void>;
   /** Last lines of the sshd log, for assertion messages. */
   readLog(): Promise<string>;
+  /**
+   * Processes that sessions of this server started and that still run, also after their client left (a
+   * receiver finishing a seed's spare copy): resolves when none is left, false after `timeoutMs`.
+   */
+  sessionCommandsGone(timeoutMs?: number): Promise<boolean>;
   stop(): Promise<void>;
 }
 
@@ -267,6 +272,14 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
       async readLog() {
         const log = await readFile(logPath, 'utf8').catch(() => '');
         return log.split('\n').slice(-40).join('\n');
+      },
+      async sessionCommandsGone(timeoutMs = 120_000) {
+        const until = Date.now() + timeoutMs;
+        while ((await sessionCommandPids(port)).length) {
+          if (Date.now() >= until) return false;
+          await sleep(20);
+        }
+        return true;
       },
       async stop() {
         if (child) await stopChild(child);
