@@ -20,10 +20,9 @@
 import { rmSync } from 'node:fs';
 import { isBuiltin } from 'node:module';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
+import { bannerWithRequire, distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
 
-const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
+const dist = distDir(import.meta.url);
 const agentDir = path.join(dist, 'agent');
 const entry = path.join(agentDir, 'daemon-cli.js');
 const CHUNKS = 'daemon-chunks';
@@ -37,24 +36,16 @@ if (!esbuild) process.exit(0);
 rmSync(path.join(agentDir, CHUNKS), { recursive: true, force: true });
 dropStaleMap(entry);
 const result = await esbuild.build({
+  ...NODE_ESM_BUNDLE,
   entryPoints: [entry],
   outdir: agentDir,
   entryNames: '[name]',
   chunkNames: `${CHUNKS}/[name]-[hash]`,
-  allowOverwrite: true,
-  bundle: true,
   splitting: true,
   minify: true,
-  format: 'esm',
-  platform: 'node',
-  target: 'node18',
   external: EXTERNAL,
-  sourcemap: false,
-  legalComments: 'none',
-  logLevel: 'warning',
-  metafile: true,
-  // pino and its helpers are CommonJS and require() Node built-ins: give every chunk a require
-  banner: { js: "// Built by dev/bundle-daemon.ts from agent/daemon-cli.ts: edit the sources, not this file.\nimport { createRequire as __onestorCreateRequire } from 'node:module';\nconst require = __onestorCreateRequire(import.meta.url);" },
+  // every chunk gets the require (a chunk may hold a CommonJS package)
+  banner: { js: bannerWithRequire('bundle-daemon', 'agent/daemon-cli.ts') },
 });
 
 const outputs = result.metafile.outputs;

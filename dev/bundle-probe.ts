@@ -17,10 +17,9 @@
  *   node dist/dev/bundle-probe.js [dist dir, default: the dist this file was built into]
  */
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
+import { distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
 
-const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
+const dist = distDir(import.meta.url);
 const entry = path.join(dist, 'agent', 'probe-cli.js');
 const INSIDE = /[/\\](agent[/\\]commands[/\\]probe|lib[/\\]monitor[/\\](replica-gather|prometheus)|lib[/\\]shared[/\\]version)\.js$/;
 
@@ -29,18 +28,10 @@ if (!esbuild) process.exit(0);
 
 dropStaleMap(entry);
 const result = await esbuild.build({
+  ...NODE_ESM_BUNDLE,
   entryPoints: [entry],
   outfile: entry,
-  allowOverwrite: true,
-  bundle: true,
-  format: 'esm',
-  platform: 'node',
-  target: 'node18',
   packages: 'external',
-  sourcemap: false,
-  legalComments: 'none',
-  logLevel: 'warning',
-  metafile: true,
   banner: { js: '// Built by dev/bundle-probe.ts from agent/probe-cli.ts and the probe path: edit the sources, not this file.' },
   plugins: [
     {

@@ -15,10 +15,9 @@
  */
 import { isBuiltin } from 'node:module';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { dropStaleMap, optionalEsbuild } from './bundle-common.js';
+import { bannerWithRequire, distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
 
-const dist = path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(import.meta.url)), '..'));
+const dist = distDir(import.meta.url);
 const entry = path.join(dist, 'agent', 'receive-cli.js');
 const HOST_SIDE = /(^|[/\\])(lib[/\\](cycle|transfer|libvirt)[/\\]|node_modules[/\\]ssh2[/\\])/;
 
@@ -27,21 +26,11 @@ if (!esbuild) process.exit(0);
 
 dropStaleMap(entry);
 const result = await esbuild.build({
+  ...NODE_ESM_BUNDLE,
   entryPoints: [entry],
   outfile: entry,
-  allowOverwrite: true,
-  bundle: true,
-  splitting: false,
   minify: true,
-  format: 'esm',
-  platform: 'node',
-  target: 'node18',
-  sourcemap: false,
-  legalComments: 'none',
-  logLevel: 'warning',
-  metafile: true,
-  // pino and its helpers are CommonJS and require() Node built-ins: give the module a require
-  banner: { js: "// Built by dev/bundle-receive.ts from agent/receive-cli.ts: edit the sources, not this file.\nimport { createRequire as __onestorCreateRequire } from 'node:module';\nconst require = __onestorCreateRequire(import.meta.url);" },
+  banner: { js: bannerWithRequire('bundle-receive', 'agent/receive-cli.ts') },
 });
 
 const [out] = Object.values(result.metafile.outputs);
