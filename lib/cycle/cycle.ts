@@ -191,6 +191,8 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   const work: DiskWork[] = [];
   let captured: (Omit<CaptureResult, 'disks'> & { disks: Array<{ diskId: number; mode: CycleMode; file?: string; pulled?: PulledDisk }> }) | null = null;
   let pull: PullCapture | null = null;
+  /** the pull job's end, once started (endPullEarly) */
+  let pullEnding: Promise<void> | null = null;
   let domDisks: DomainView['disks'] = [];
   // Stray bitmaps can only appear when a lineage ends or changes hands: a full, a host change, a redefine.
   // Only then ask QEMU for the disk's bitmaps (QMP: libvirt marks the domain tainted on first use).
@@ -199,6 +201,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   let watch: MigrationWatch | null = null;
   let checkpoints: string[] = [];
   const manifestsByHost = new Map<string, ReplicaManifest[]>();
+  const localFacts = new Map<number, ReturnType<typeof gatherLocalFacts>>();
   // One connection attempt and one status per replica host and cycle, started at once: a cold connection
   // (SSH and the receiver's start) costs as much as the libvirt queries it now overlaps, and a replica that
   // is down costs one connect timeout, not one per use. A failure is each disk's own (when it asks).
@@ -236,6 +239,13 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     }
     const view = await deps.libvirt.domainView(dom);
     domDisks = view.disks;
+    // What each disk's plan needs from this host alone, gathered while the replica connection comes up
+    // (its answer is what the plan waits for); a failure is that disk's own, when its turn comes.
+    for (const disk of req.disks) {
+      const facts = gatherLocalFacts(disk);
+      facts.catch(() => {});
+      localFacts.set(disk.diskId, facts);
+    }
     checkpoints = await deps.libvirt.checkpointNames(dom);
 
     // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
@@ -246,8 +256,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         const { replica, manifests } = await manifestsFor(disk.replicaHost);
         const manifest = manifests.find((m) => m.diskId === disk.diskId) ?? null;
         const ds = getDisk(state, vmId, disk.diskId);
-        const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
-        if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
+        const { target, base1, baseDigest, info } = await localFacts.get(disk.diskId)!;
 
         const replicaCk = manifest?.checkpoint ?? null;
         // Transient domains (virsh create) lose checkpoint metadata on destroy+create while the bitmap
@@ -260,12 +269,6 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           } catch (e) {
             log.warn({ disk: disk.diskId, checkpoint: replicaCk, err: describeError(e) }, 'could not redefine checkpoint; will take a full');
           }
-        }
-        const base1 = await deps.digests.identity(disk.base1Path);
-        const cached = state.baseDigests[disk.basePath];
-        const baseDigest = await deps.digests.sha256(disk.basePath, cached, req.signal);
-        if (!baseDigest.fromCache) {
-          state.baseDigests[disk.basePath] = { sha256: baseDigest.sha256, size: baseDigest.size, identity: baseDigest.identity };
         }
         const onReplica = manifest?.base ?? null;
         const replicaBaseMatches = onReplica !== null && onReplica.sha256 === baseDigest.sha256 && onReplica.size === baseDigest.size;
@@ -297,7 +300,6 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           alerts.set(disk.diskId, { at: Math.floor(now() / 1000), kind: decision.alert, reason: decision.reason });
           log.warn({ disk: disk.diskId, owner: manifest?.owner ?? null, self: replica.writer ?? null, reason: decision.reason }, 'replica lineage is not ours: full snapshot');
         }
-        const info = await deps.qemuImg.info(disk.base1Path, { shared: true });
         // Never publish a damaged source over a good snapshot: after a host change (a live migration's
         // pre-sync can leave the destination's qcow2 metadata inconsistent) and before any full.
         const hostChanged = lineageFromAnotherHost || (ds.base1Identity !== null && ds.base1Identity !== base1.devIno);
@@ -353,6 +355,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 
     // Transfer and publish disk by disk, each under its replica lock: one disk's failure does not
     // stop the others.
+    const lastStreamed = work.filter((w) => captured!.disks.some((d) => d.diskId === w.disk.diskId && d.pulled)).at(-1);
     for (const w of work) {
       const cd = captured.disks.find((d) => d.diskId === w.disk.diskId)!;
       const dt0 = now();
@@ -379,6 +382,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             ? await session.uploadStream('base1', { size: cd.pulled.size, chunks: cd.pulled.stream(deadline.signal) }, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress })
             : await session.upload('base1', cd.file!, { key: `${captured.checkpoint}.base1`, signal: deadline.signal, onProgress: progress });
           bytes += r1.bytes - r1.resumedFrom;
+          if (w === lastStreamed) endPullEarly();
           publishSent = true;
           publishAt = now();
           manifest = await session.publishFull({ checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, base: baseKey, base1: `${captured.checkpoint}.base1` });
@@ -400,6 +404,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
             ? await session.uploadStream('inc', { size: cd.pulled.size, chunks: cd.pulled.stream(deadline.signal) }, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress })
             : await session.upload('inc', cd.file!, { key: `${captured.checkpoint}.inc`, signal: deadline.signal, onProgress: progress });
           bytes += r.bytes - r.resumedFrom;
+          if (w === lastStreamed) endPullEarly();
           publishSent = true;
           publishAt = now();
           manifest = await session.publishIncremental({ parentCheckpoint: parent, checkpoint: captured.checkpoint, capturedAt, consistency: captured.consistency, sourceHost: deps.hostName, inc: `${captured.checkpoint}.inc` });
@@ -442,9 +447,11 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   }
 
   async function finish(): Promise<DiskOutcome[]> {
+    // a disk that failed on the replica's side may still be hashing its base: let it end (and be cached)
+    await Promise.allSettled(localFacts.values());
     if (pull) {
       // the export must be gone before checkpoints are retired (and so that a migration can proceed)
-      await pull.end().catch((e) => log.warn({ err: describeError(e) }, 'ending the pull-mode backup job failed'));
+      await (pullEnding ?? pull.end()).catch((e) => log.warn({ err: describeError(e) }, 'ending the pull-mode backup job failed'));
       log.info({ stagingPeakBytes: pull.stagingPeak() }, 'pull-mode backup job ended');
     }
     await deps.staging.clean(stagingDir).catch(() => {});
@@ -537,6 +544,33 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       sweepBitmaps = true;
       checkpoints = await deps.libvirt.checkpointNames(dom);
     }
+  }
+
+  /**
+   * Every export has been read to its end: the job can go while the replica verifies and publishes (it
+   * needs nothing more from the domain, and a migration need not wait for that). finish() waits for it.
+   */
+  function endPullEarly(): void {
+    if (pull && !pullEnding) {
+      pullEnding = pull.end();
+      pullEnding.catch(() => {});
+    }
+  }
+
+  /** The disk's facts on this host: its target in the domain, base.1's identity, base's digest, base.1's info. */
+  async function gatherLocalFacts(disk: VmCycleRequest['disks'][number]) {
+    const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
+    if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
+    const [base1, baseDigest, info] = await Promise.all([
+      deps.digests.identity(disk.base1Path),
+      deps.digests.sha256(disk.basePath, state.baseDigests[disk.basePath], req.signal).then((d) => {
+        // kept even when the replica then fails this cycle: the next one does not hash the image again
+        if (!d.fromCache) state.baseDigests[disk.basePath] = { sha256: d.sha256, size: d.size, identity: d.identity };
+        return d;
+      }),
+      deps.qemuImg.info(disk.base1Path, { shared: true }),
+    ]);
+    return { target, base1, baseDigest, info };
   }
 
   /** qemu-img check -U of the host's base.1, retried once (a write in flight can look like an error). */

@@ -187,6 +187,70 @@ describe('runVmCycle with fake ports', () => {
     expect(down.captures).toEqual([]);
   });
 
+  it('gathers the disk\'s local facts (base digest, base.1 info) while the replica connects; the digest is kept even when the replica fails', async () => {
+    const w = world();
+    let connected!: () => void;
+    const gate = new Promise<void>((r) => (connected = r));
+    const seen: string[] = [];
+    const realFor = w.deps.replicaFor;
+    w.deps.replicaFor = async (h) => {
+      await gate;
+      seen.push('connected');
+      return realFor(h);
+    };
+    w.deps.digests.sha256 = async () => (seen.push('base digest'), { sha256: BASE_SHA, size: 100, identity: 'id', fromCache: false });
+    w.deps.qemuImg.info = (async () => (seen.push('base.1 info'), { virtualSize: 1 << 20 })) as never;
+    const cycle = runVmCycle(w.deps, req());
+    for (let i = 0; i < 50 && seen.length < 2; i++) await new Promise((r) => setTimeout(r, 1));
+    expect(seen.sort()).toEqual(['base digest', 'base.1 info']);
+    connected();
+    expect((await cycle)[0]).toMatchObject({ ok: true, mode: 'full' });
+
+    // the replica refuses: the disk fails, and the base's digest (a whole-image read) is not lost with it
+    const down = world();
+    down.deps.replicaFor = async () => {
+      throw new OnestorError(ErrorCodes.SSH, 'connect to replica: connection refused');
+    };
+    let hashed!: () => void;
+    const hashGate = new Promise<void>((r) => (hashed = r));
+    down.deps.digests.sha256 = async () => (await hashGate, { sha256: BASE_SHA, size: 100, identity: 'id', fromCache: false });
+    const failing = runVmCycle(down.deps, req());
+    setTimeout(hashed, 20);
+    expect((await failing)[0]).toMatchObject({ ok: false, error: { code: ErrorCodes.SSH } });
+    expect(down.state.baseDigests[disk.basePath]).toMatchObject({ sha256: BASE_SHA });
+  });
+
+  it('pull mode: the backup job ends once the last export has been read, before the publish', async () => {
+    const w = world();
+    const order: string[] = [];
+    w.deps.seedMode = 'pull';
+    w.deps.staging.capturePull = async (r) => ({
+      checkpoint: r.checkpointName,
+      consistency: 'crash-consistent',
+      capturedAtMs: 5_000_000,
+      jobMs: 1,
+      stagingPeak: () => 0,
+      signal: new AbortController().signal,
+      disks: r.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, virtualSize: d.virtualSize, size: 4, dataBytes: 4, zeroBytes: 0, stream: async function* () { yield Buffer.alloc(4); } })),
+      end: async () => {
+        order.push('job end start');
+        await new Promise((res) => setTimeout(res, 10));
+        order.push('job end done');
+      },
+    });
+    const session = await (await w.deps.replicaFor('replica')).openDisk(42, 0);
+    session.uploadStream = async (kind, src) => {
+      for await (const _ of src.chunks) order.push(`read ${kind}`);
+      return { bytes: src.size, resumedFrom: 0, digest: 'xxh64', hex: '0' };
+    };
+    const publish = session.publishFull;
+    session.publishFull = async (a) => (order.push('publish'), publish(a));
+    const [o] = await runVmCycle(w.deps, req());
+    expect(o).toMatchObject({ ok: true, mode: 'full' });
+    // once, started before the publish and finished before the cycle's end
+    expect(order).toEqual(['read base1', 'job end start', 'publish', 'job end done']);
+  });
+
   it('with leaseReplica: the cycle leases one connection per host, uses only it, and gives it back at the end (also on failure)', async () => {
     for (const failing of [false, true]) {
       const w = world();
