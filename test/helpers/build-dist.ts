@@ -1,17 +1,25 @@
-/** Compiles dist/ when it is missing or older than the sources (tests that spawn dist/ entries need it current). */
-import { existsSync, readdirSync, statSync } from 'node:fs';
+/**
+ * Builds dist/ (`npm run build`: tsc and the bundle steps) when it is missing or older than a source of
+ * lib/, agent/ or dev/: tests that spawn dist/ entries need it current. `npm test` builds first, so there
+ * this only checks; a plain `vitest run` after an edit builds once: two test files run at a time, and the
+ * check and the build run under one lock (flock), so a second file waits and then finds dist current
+ * instead of rewriting files the first may already be running.
+ */
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { run } from '../../lib/shared/exec.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 
-export async function ensureDistBuilt(entries: string[]): Promise<void> {
-  const sources = ['lib', 'dev'].flatMap((d) =>
-    (readdirSync(path.join(repoRoot, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(repoRoot, d, n)),
-  );
-  const newest = Math.max(...sources.map((s) => statSync(s).mtimeMs));
-  if (entries.every((e) => existsSync(e) && statSync(e).mtimeMs >= newest)) return;
-  await run(process.execPath, [path.join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(repoRoot, 'tsconfig.build.json')], { timeoutMs: 300_000 });
-  for (const e of entries) if (!existsSync(e)) throw new Error(`build did not produce ${e}`);
+const CHECK_AND_BUILD = [
+  'set -e',
+  'cd "$1"',
+  // dist/agent/main.js is rewritten by every build (tsc emits every file)
+  'if [ -f dist/agent/main.js ] && [ -z "$(find lib agent dev -name "*.ts" -newer dist/agent/main.js -print -quit)" ]; then exit 0; fi',
+  'npm run -s build >&2',
+].join('\n');
+
+export async function ensureDistBuilt(): Promise<void> {
+  const r = await run('flock', [path.join(repoRoot, 'node_modules', '.onestor-build.lock'), 'sh', '-c', CHECK_AND_BUILD, 'build-dist', repoRoot], { timeoutMs: 300_000 });
+  if (r.code !== 0) throw new Error(`npm run build failed (exit ${r.code}): ${r.stderr.slice(-2000)}`);
 }

@@ -6,7 +6,6 @@
  * and on a second sshd without ExposeAuthInfo: a key with neither (refused) and one with --allow-unidentified.
  * Images are made with qemu-img/qemu-io; the receiver, its checks and the manifests are the real ones.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -17,6 +16,7 @@ import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/re
 import { runProbe } from '../../lib/monitor/run-probe.js';
 import { generateKey, startSshd, type Sshd } from '../../dev/sshd.js';
 import { agentMain, projectRoot } from '../../dev/agent-env.js';
+import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const SIZE = 16 * 1024 * 1024;
 let work: string;
@@ -26,14 +26,6 @@ let plain: Sshd; // sshd defaults (ExposeAuthInfo no)
 const keys: Record<string, string> = {}; // name -> private key path
 let fingerprintK: string;
 
-async function ensureBuilt(): Promise<void> {
-  const entry = agentMain();
-  const root = projectRoot();
-  const sources = ['lib', 'agent'].flatMap((d) => (readdirSync(path.join(root, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(root, d, n)));
-  if (existsSync(entry) && !sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs)) return;
-  await run(process.execPath, [path.join(root, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(root, 'tsconfig.build.json')], { timeoutMs: 300_000 });
-  if (!existsSync(entry)) throw new Error(`build did not produce ${entry}`);
-}
 
 function forced(snaps: string, extra: string): string {
   return `command="${process.execPath} ${agentMain()} receive --snaps-dir ${snaps} --sshrc ${sshrc} --log-level warn${extra ? ` ${extra}` : ''}",restrict`;
@@ -119,7 +111,7 @@ async function diagnosticsMatching(c: ReplicaClient, re: RegExp): Promise<string
 }
 
 beforeAll(async () => {
-  await ensureBuilt();
+  await ensureDistBuilt();
   work = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-ident-ssh-'));
   exposed = await startSshd({ extraConfig: ['ExposeAuthInfo yes'] });
   plain = await startSshd();

@@ -4,7 +4,6 @@
  * so the tests stay short; the assertions are "cut within the bound plus a generous margin", never speed.
  */
 import { randomBytes } from 'node:crypto';
-import { existsSync, readdirSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -16,19 +15,11 @@ import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../../dev/sshd.js';
+import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
-/** The forced command runs dist: compile when it is missing or older than the sources. */
-async function ensureBuilt(): Promise<void> {
-  const libDir = path.join(repoRoot, 'lib');
-  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
-  const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
-  if (!stale) return;
-  await run(process.execPath, [path.join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(repoRoot, 'tsconfig.build.json')], { timeoutMs: 300_000 });
-  if (!existsSync(entry)) throw new Error(`build did not produce ${entry}`);
-}
 
 const LIMITS = { drain: 2, window: 3, minKiB: 64, hello: 3 };
 
@@ -126,7 +117,7 @@ async function publishSeed(c: ReplicaClient, vm: number, disk: number, seed: { b
 let seed: { base: string; base1: string };
 
 beforeAll(async () => {
-  await ensureBuilt();
+  await ensureDistBuilt();
   work = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-rlim-'));
   sshd = await startSshd();
   keyB = path.join(work, 'hvB_ed25519');

@@ -3,7 +3,7 @@
  * receiver (`command="node .../receiver-main.js ...",restrict`), and the real receiver behind it.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { createWriteStream, existsSync, readdirSync, statSync } from 'node:fs';
+import { createWriteStream, existsSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -15,22 +15,12 @@ import { Exit } from '../../lib/shared/exit-codes.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../../dev/sshd.js';
+import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 const crashReceiver = path.join(repoRoot, 'dist', 'dev', 'crash-receiver.js');
 
-/** Compiles when dist is missing or older than the receiver sources (the forced command runs dist). */
-async function ensureBuilt(): Promise<void> {
-  const sources = ['lib', 'agent'].flatMap((d) => (readdirSync(path.join(repoRoot, d), { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(repoRoot, d, n)));
-  const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
-  if (!stale) return;
-  // Type errors elsewhere in the tree must not block this test; tsc still emits.
-  await run(process.execPath, [path.join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(repoRoot, 'tsconfig.build.json')], {
-    timeoutMs: 300_000,
-  });
-  if (!existsSync(entry)) throw new Error(`build did not produce ${entry}`);
-}
 
 let sshd: Sshd;
 let work: string;
@@ -66,7 +56,7 @@ async function q(args: string[]): Promise<string> {
 }
 
 beforeAll(async () => {
-  await ensureBuilt();
+  await ensureDistBuilt();
   work = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-rssh-'));
   sshd = await startSshd();
   await sshd.setAuthorizedKeys([`${forcedCommand(sshd.replicaDir)} ${sshd.clientPublicKey}`]);

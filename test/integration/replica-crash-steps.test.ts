@@ -11,12 +11,12 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { INC_STEPS } from '../../lib/replica/merge.js';
 import { FULL_STEPS } from '../../lib/replica/publish.js';
-import { CRASH_RECEIVER, RECEIVER_MAIN, SCENARIOS, freshSnaps, makeScenario, runPublish, verifyAfterRun } from '../../dev/replica-crash.js';
+import { SCENARIOS, freshSnaps, makeScenario, runPublish, verifyAfterRun } from '../../dev/replica-crash.js';
 import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 let root: string;
 beforeAll(async () => {
-  await ensureDistBuilt([RECEIVER_MAIN, CRASH_RECEIVER]);
+  await ensureDistBuilt();
   root = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-t-crash-steps-'));
 }, 300_000);
 afterAll(async () => {

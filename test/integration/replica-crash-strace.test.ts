@@ -10,12 +10,12 @@ import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CRASH_RECEIVER, RECEIVER_MAIN, makeScenario, sweepSyscall, type ScenarioKind } from '../../dev/replica-crash.js';
+import { makeScenario, sweepSyscall, type ScenarioKind } from '../../dev/replica-crash.js';
 import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 let root: string;
 beforeAll(async () => {
-  await ensureDistBuilt([RECEIVER_MAIN, CRASH_RECEIVER]);
+  await ensureDistBuilt();
   root = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-t-crash-strace-'));
 }, 300_000);
 afterAll(async () => {

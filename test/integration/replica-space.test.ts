@@ -5,7 +5,6 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -13,26 +12,19 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { run } from '../../lib/shared/exec.js';
 import { FrameDecoder, encodeControl, encodeData } from '../../lib/protocol/protocol.js';
+import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 const MiB = 1024 * 1024;
 
-async function ensureBuilt(): Promise<void> {
-  const libDir = path.join(repoRoot, 'lib');
-  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
-  const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
-  if (!stale) return;
-  await run(process.execPath, [path.join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(repoRoot, 'tsconfig.build.json')], { timeoutMs: 300_000 });
-  if (!existsSync(entry)) throw new Error(`build did not produce ${entry}`);
-}
 
 let work: string;
 let snaps: string;
 const children: ChildProcess[] = [];
 
 beforeAll(async () => {
-  await ensureBuilt();
+  await ensureDistBuilt();
   work = await fsp.mkdtemp(path.join(os.tmpdir(), 'onestor-space-'));
   snaps = path.join(work, 'snaps');
   await fsp.mkdir(snaps);

@@ -2,33 +2,24 @@
  * `status` of every VM with hundreds of manifests, through the agent's real ssh2 client, the real sshd with
  * the restricted forced command and the real receiver process: the client follows the receiver's pages.
  */
-import { existsSync, readdirSync, statSync } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient } from '../../lib/transfer/replica-client.js';
 import { writeManifestTree } from '../helpers/manifest-tree.js';
 import { startSshd, type Sshd } from '../../dev/sshd.js';
+import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const entry = path.join(repoRoot, 'dist', 'agent', 'receiver-main.js');
 
-async function ensureBuilt(): Promise<void> {
-  const libDir = path.join(repoRoot, 'lib');
-  const sources = (readdirSync(libDir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).map((n) => path.join(libDir, n));
-  const stale = !existsSync(entry) || sources.some((s) => statSync(s).mtimeMs > statSync(entry).mtimeMs);
-  if (!stale) return;
-  await run(process.execPath, [path.join(repoRoot, 'node_modules', 'typescript', 'bin', 'tsc'), '-p', path.join(repoRoot, 'tsconfig.build.json')], { timeoutMs: 300_000 });
-  if (!existsSync(entry)) throw new Error(`build did not produce ${entry}`);
-}
 
 let sshd: Sshd;
 let expected: Array<[number, number]> = [];
 
 beforeAll(async () => {
-  await ensureBuilt();
+  await ensureDistBuilt();
   sshd = await startSshd();
   await sshd.setAuthorizedKeys([
     `command="${process.execPath} ${entry} --snaps-dir ${sshd.replicaDir} --lock-timeout 5 --max-sessions 2 --busy-wait 5 --host hv-test",restrict ${sshd.clientPublicKey}`,
