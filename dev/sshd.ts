@@ -274,19 +274,20 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
         return log.split('\n').slice(-40).join('\n');
       },
       async sessionCommandsGone(timeoutMs = 120_000) {
-        const until = Date.now() + timeoutMs;
-        while ((await sessionCommandPids(port)).length) {
-          if (Date.now() >= until) return false;
-          await sleep(20);
-        }
-        return true;
+        return (await sessionCommandsLeft(port, timeoutMs)).length === 0;
       },
       async stop() {
         if (child) await stopChild(child);
         child = null;
         // commands of sessions whose client left may still run (a receiver finishing a seed's spare copy):
         // they write under dirs the caller is about to remove
-        await endSessionCommands(port);
+        for (const pid of await sessionCommandsLeft(port, 10_000)) {
+          try {
+            process.kill(pid, 'SIGKILL');
+          } catch {
+            // gone meanwhile
+          }
+        }
         await rm(rootDir, { recursive: true, force: true });
       },
     };
@@ -309,21 +310,15 @@ async function sessionCommandPids(port: number): Promise<number[]> {
   return out;
 }
 
-/** Lets such commands finish for a few seconds, then kills what is left. */
-async function endSessionCommands(port: number, graceMs = 10_000): Promise<void> {
-  const until = Date.now() + graceMs;
+/** Waits up to `timeoutMs` for those commands to end; the pids still running then. */
+async function sessionCommandsLeft(port: number, timeoutMs: number): Promise<number[]> {
+  const until = Date.now() + timeoutMs;
   let pids = await sessionCommandPids(port);
   while (pids.length && Date.now() < until) {
-    await sleep(50);
+    await sleep(20);
     pids = await sessionCommandPids(port);
   }
-  for (const pid of pids) {
-    try {
-      process.kill(pid, 'SIGKILL');
-    } catch {
-      // gone meanwhile
-    }
-  }
+  return pids;
 }
 
 async function stopChild(proc: ChildProcess): Promise<void> {

@@ -58,6 +58,27 @@ function roleOf(file: string): string | null {
   return m ? m[1]! : null;
 }
 
+/** value imports (not `import type`), static or import(), of any specifier; and static ones only */
+const ANY_IMPORT_RE = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
+const STATIC_IMPORT_RE = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]/g;
+
+/** The sources `entry` reaches through imports matched by `re`, and the packages they import (sorted). */
+function packagesOf(entry: string, re: RegExp): { seen: Set<string>; packages: string[] } {
+  const seen = new Set<string>();
+  const packages = new Set<string>();
+  const walk = (f: string) => {
+    if (seen.has(f)) return;
+    seen.add(f);
+    for (const m of readFileSync(path.join(repo, f), 'utf8').matchAll(re)) {
+      const s = (m[1] ?? m[2])!;
+      if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
+      else if (!s.startsWith('node:')) packages.add(s.split('/')[0]!);
+    }
+  };
+  walk(entry);
+  return { seen, packages: [...packages].sort() };
+}
+
 const files = [...listTs('lib'), ...listTs('agent'), ...listTs('dev')];
 const graph = new Map(files.map((f) => [f, importsOf(f)] as const));
 
@@ -177,30 +198,13 @@ describe('layout of the code', () => {
     // dev/bundle-daemon.ts bundles zod, pino, fast-xml-parser and xxhash-wasm (WASM inline, by import() with
     // the first upload: lib/protocol/digest.ts) and leaves ssh2 (native) a package: a new
     // package on the daemon's path needs a decision there (bundle it, or keep it external)
-    const anyRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
-    const staticRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]/g;
-    const packagesOf = (entry: string, re: RegExp) => {
-      const seen = new Set<string>();
-      const packages = new Set<string>();
-      const walk = (f: string) => {
-        if (seen.has(f)) return;
-        seen.add(f);
-        for (const m of readFileSync(path.join(repo, f), 'utf8').matchAll(re)) {
-          const s = (m[1] ?? m[2])!;
-          if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
-          else if (!s.startsWith('node:')) packages.add(s.split('/')[0]!);
-        }
-      };
-      walk(entry);
-      return { seen, packages: [...packages].sort() };
-    };
-    const all = packagesOf('agent/daemon-cli.ts', anyRe);
+    const all = packagesOf('agent/daemon-cli.ts', ANY_IMPORT_RE);
     expect(all.packages.filter((p) => !['fast-xml-parser', 'pino', 'ssh2', 'xxhash-wasm', 'zod'].includes(p))).toEqual([]);
     // xxhash-wasm only by import(): an idle daemon never compiles it
-    expect(packagesOf('agent/daemon-cli.ts', staticRe).packages).not.toContain('xxhash-wasm');
+    expect(packagesOf('agent/daemon-cli.ts', STATIC_IMPORT_RE).packages).not.toContain('xxhash-wasm');
     expect(all.seen.has('agent/commands/run.ts')).toBe(true);
     // what the entry and dispatch load before the command: no cycle code, no ssh2
-    const start = packagesOf('agent/daemon-cli.ts', staticRe);
+    const start = packagesOf('agent/daemon-cli.ts', STATIC_IMPORT_RE);
     expect(start.packages).not.toContain('ssh2');
     expect([...start.seen].filter((f) => f.startsWith('lib/cycle/') || f.startsWith('lib/transfer/'))).toEqual([]);
     // main.ts reaches it by import() for `run` only (checked with the probe path above: no static import)
@@ -210,22 +214,10 @@ describe('layout of the code', () => {
   it('the receive entry (built into one file) reaches no host-side code and only packages the bundle holds', () => {
     // dev/bundle-receive.ts puts everything `receive` reaches, static or import(), into one module; the
     // replica never loads the cycle, the transfer client, the libvirt adapter or ssh2
-    const anyRe = /(?:^|\n)\s*(?:import|export)\s(?!type\b)[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)/g;
-    const seen = new Set<string>();
-    const packages = new Set<string>();
-    const walk = (f: string) => {
-      if (seen.has(f)) return;
-      seen.add(f);
-      for (const m of readFileSync(path.join(repo, f), 'utf8').matchAll(anyRe)) {
-        const s = (m[1] ?? m[2])!;
-        if (s.startsWith('.')) walk(path.normalize(path.join(path.dirname(f), s)).replace(/\.js$/, '.ts'));
-        else if (!s.startsWith('node:')) packages.add(s.split('/')[0]!);
-      }
-    };
-    walk('agent/receive-cli.ts');
+    const { seen, packages } = packagesOf('agent/receive-cli.ts', ANY_IMPORT_RE);
     expect(seen.has('lib/replica/receiver.ts')).toBe(true);
     expect([...seen].filter((f) => /^lib\/(cycle|transfer|libvirt)\//.test(f))).toEqual([]);
-    expect([...packages].sort().filter((p) => !['fast-xml-parser', 'pino', 'xxhash-wasm', 'zod'].includes(p))).toEqual([]);
+    expect(packages.filter((p) => !['fast-xml-parser', 'pino', 'xxhash-wasm', 'zod'].includes(p))).toEqual([]);
     expect(readFileSync(path.join(repo, 'agent/main.ts'), 'utf8')).toMatch(/argv\[0\] === 'receive' \? import\('\.\/receive-cli\.js'\)/);
   });
 

@@ -557,24 +557,33 @@ describe('receiver: hostile and broken input', () => {
   });
 });
 
+/**
+ * A seed published on a fresh session whose receiver holds its spare copy at the `full:spare` step until
+ * openGate() is called; `onStep` sees every step first.
+ */
+async function seedHeldAtSpare(name: string, vm: number, checkpoint: string, onStep?: (step: string) => void) {
+  const snaps = path.join(root, `snaps-${name}`);
+  const src = await makeSourceDisk(`src-${name}`, 0);
+  let openGate!: () => void;
+  const gate = new Promise<void>((r) => (openGate = r));
+  const s = await session(snaps, {
+    onStep: async (step) => {
+      onStep?.(step);
+      if (step === 'full:spare') await gate;
+    },
+  });
+  const d = await s.conn.openDisk(vm, 0);
+  await d.upload('base', src.base, { key: `${name}-b` });
+  await d.upload('base1', src.base1, { key: `${name}-b1` });
+  const manifest = await d.publishFull({ checkpoint, capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: `${name}-b`, base1: `${name}-b1` });
+  return { snaps, src, s, d, manifest, openGate };
+}
+
 describe('receiver: a seed\'s A/B spare is made after the publish reply', () => {
   it('answers publish and close before the spare copy, holds the disk lock until it is made, then merges as before', async () => {
-    const snaps = path.join(root, 'snaps-spare');
-    const src = await makeSourceDisk('src-spare', 0);
-    let openGate!: () => void;
-    const gate = new Promise<void>((r) => (openGate = r));
     const reached: string[] = [];
-    const s = await session(snaps, {
-      onStep: async (step) => {
-        reached.push(step);
-        if (step === 'full:spare') await gate;
-      },
-    });
+    const { snaps, src, s, d, manifest: m, openGate } = await seedHeldAtSpare('spare', 23, 's1', (step) => reached.push(step));
     const work = path.join(snaps, '.onestor', 'work', '23', 'disk.0');
-    const d = await s.conn.openDisk(23, 0);
-    await d.upload('base', src.base, { key: 'sb' });
-    await d.upload('base1', src.base1, { key: 'sb1' });
-    const m = await d.publishFull({ checkpoint: 's1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'sb', base1: 'sb1' });
     // published and recoverable while the spare has not started copying
     expect(m.checkpoint).toBe('s1');
     expect(reached).toContain('full:spare');
@@ -596,8 +605,8 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
     expect(await endSession(s)).toBe(0);
     expect(reached).toContain('full:work-copies');
     expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
-    const [a, b, b1] = await Promise.all(['copy.a', 'copy.b'].map((n) => fsp.stat(path.join(work, n))).concat(fsp.stat(path.join(snaps, '23', 'disk.0.snap', 'base.1'))));
-    expect(a!.ino).toBe(b1!.ino);
+    const [a, b1] = await Promise.all([fsp.stat(path.join(work, 'copy.a')), fsp.stat(path.join(snaps, '23', 'disk.0.snap', 'base.1'))]);
+    expect(a.ino).toBe(b1.ino);
     expect(await sha(path.join(work, 'copy.b'))).toBe(await sha(path.join(snaps, '23', 'disk.0.snap', 'base.1')));
     // the lock went with the spare
     await (await other.conn.openDisk(23, 0)).close();
@@ -605,15 +614,7 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
   });
 
   it('bye after close is answered before the spare copy; the session then finishes the spare and releases the lock', async () => {
-    const snaps = path.join(root, 'snaps-spare-bye');
-    const src = await makeSourceDisk('src-spare-bye', 0);
-    let openGate!: () => void;
-    const gate = new Promise<void>((r) => (openGate = r));
-    const s = await session(snaps, { onStep: async (step) => void (step === 'full:spare' ? await gate : undefined) });
-    const d = await s.conn.openDisk(25, 0);
-    await d.upload('base', src.base, { key: 'bb' });
-    await d.upload('base1', src.base1, { key: 'bb1' });
-    await d.publishFull({ checkpoint: 'b1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'bb', base1: 'bb1' });
+    const { snaps, s, d, openGate } = await seedHeldAtSpare('spare-bye', 25, 'b1');
     await d.close();
     let sessionDone = false;
     void s.done.then(() => (sessionDone = true));
@@ -635,15 +636,7 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
   });
 
   it('a session whose agent hangs up during the spare copy still finishes it; an incremental right after merges into it', async () => {
-    const snaps = path.join(root, 'snaps-spare-eof');
-    const src = await makeSourceDisk('src-spare-eof', 0);
-    let openGate!: () => void;
-    const gate = new Promise<void>((r) => (openGate = r));
-    const s = await session(snaps, { onStep: async (step) => void (step === 'full:spare' ? await gate : undefined) });
-    const d = await s.conn.openDisk(24, 0);
-    await d.upload('base', src.base, { key: 'eb' });
-    await d.upload('base1', src.base1, { key: 'eb1' });
-    await d.publishFull({ checkpoint: 'e1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'hv1', base: 'eb', base1: 'eb1' });
+    const { snaps, src, s, openGate } = await seedHeldAtSpare('spare-eof', 24, 'e1');
     // the agent goes away without close or bye (its end of the channel ends)
     s.conn.destroy();
     await new Promise((r) => setTimeout(r, 100));
