@@ -56,6 +56,8 @@ export class SessionWatch {
   private windowBytes = 0;
   private holdMs = 0;
   private timer: NodeJS.Timeout | null = null;
+  /** when the armed timer fires (epoch ms) */
+  private timerDue = 0;
   private expired = false;
 
   constructor(
@@ -79,13 +81,16 @@ export class SessionWatch {
   waitBegin(state: WaitState): void {
     if (this.expired) return;
     const t = this.now();
-    this.wait = { ...state, since: t, start: t };
+    this.wait = { owed: state.owed, holding: state.holding, owedFrom: state.owedFrom, since: t, start: t };
     this.schedule();
   }
 
-  /** Input arrived (or the wait ended otherwise): account the wait, enforce the limits. */
+  /**
+   * Input arrived (or the wait ended otherwise): account the wait, enforce the limits. The timer stays
+   * armed: a transfer begins and ends a wait per chunk read (thousands per second), and a timer that fires
+   * while no wait is on does nothing; one that fires early in the next wait accounts it and re-arms.
+   */
   waitEnd(bytes: number): void {
-    this.clearTimer();
     this.account(bytes);
     this.wait = null;
   }
@@ -141,22 +146,27 @@ export class SessionWatch {
     this.onExpire(new OnestorError(ErrorCodes.ABORTED, `${why}; ending session`));
   }
 
-  /** One timer at the nearest limit of the current wait; when it fires the wait is accounted and re-armed. */
+  /**
+   * One timer at the nearest limit of the current wait. An armed timer due no later is kept (re-arming a
+   * timer per chunk cost a tenth of the receiver's CPU in a transfer); when it fires the current wait, if
+   * any, is accounted and the timer armed again at its next limit.
+   */
   private schedule(): void {
-    this.clearTimer();
     const w = this.wait;
-    if (!w || this.expired) return;
+    if (!w || this.expired) return this.clearTimer();
     const L = this.limits;
-    const t = this.now();
-    const due: number[] = [w.start + L.idleTimeoutSec * 1000];
-    if (!this.greeted) due.push(this.startedAt + L.helloTimeoutSec * 1000);
-    if (w.owed) due.push(Math.max(w.since, w.owedFrom ?? 0) + (L.progressWindowSec * 1000 - this.windowMs));
-    if (w.holding) due.push(w.since + (L.maxSessionSec * 1000 - this.holdMs));
-    const at = Math.min(...due);
+    let at = w.start + L.idleTimeoutSec * 1000;
+    if (!this.greeted) at = Math.min(at, this.startedAt + L.helloTimeoutSec * 1000);
+    if (w.owed) at = Math.min(at, Math.max(w.since, w.owedFrom ?? 0) + (L.progressWindowSec * 1000 - this.windowMs));
+    if (w.holding) at = Math.min(at, w.since + (L.maxSessionSec * 1000 - this.holdMs));
+    if (this.timer && this.timerDue <= at) return;
+    this.clearTimer();
+    this.timerDue = at;
     this.timer = setTimeout(() => {
       this.timer = null;
+      if (!this.wait) return;
       this.account(0);
-      if (!this.expired && this.wait === w) this.schedule();
-    }, Math.max(0, at - t) + 5);
+      this.schedule();
+    }, Math.max(0, at - this.now()) + 5);
   }
 }

@@ -55,41 +55,54 @@ export interface LentChunks extends AsyncIterable<Buffer> {
 }
 
 /** Read size of lentStdin: a pipe delivers at most its capacity (64 KiB by default) per read anyway. */
-export const STDIN_READ_BYTES = 1024 * 1024;
+export const STDIN_READ_BYTES = 256 * 1024;
+/** Buffers lentStdin reads into: while the consumer works on one chunk, up to this many - 2 more are read. */
+export const STDIN_BUFFERS = 4;
 
 /**
- * fd 0 read into ONE buffer, reused for every read. Node's stream would allocate a fresh buffer per read
- * (16 384 per GiB through a pipe); that external memory makes V8 run a full GC every few dozen MiB, which
- * measured 0.65 CPU-s per GiB received, a fifth of the receiver's CPU. Reading stops after each chunk and
- * resumes when the consumer asks for the next one, so the buffer is never overwritten while lent.
+ * fd 0 read into a small fixed pool of buffers, reused for every read. Node's stream would allocate a fresh
+ * buffer per read (16 384 per GiB through a pipe); that external memory makes V8 run a full GC every few
+ * dozen MiB, which measured 0.65 CPU-s per GiB received, a fifth of the receiver's CPU. A chunk is lent
+ * until the consumer asks for the next one; meanwhile reading goes on into the other buffers (so sshd is
+ * not left waiting on a full pipe while the receiver works), and stops only when none is free.
  * Falls back to process.stdin where fd 0 is not a pipe or socket (a file, a tty).
  */
-export function lentStdin(readBytes = STDIN_READ_BYTES): LentChunks {
-  const buffer = Buffer.allocUnsafe(readBytes);
+export function lentStdin(readBytes = STDIN_READ_BYTES, buffers = STDIN_BUFFERS): LentChunks {
+  const free: Buffer[] = Array.from({ length: Math.max(2, buffers) }, () => Buffer.allocUnsafeSlow(readBytes));
+  // One buffer is always the read target, neither lent nor queued: Node reads the next chunk into it.
+  let target = free.pop()!;
+  const queued: Array<{ chunk: Buffer; owner: Buffer }> = [];
+  let lent: Buffer | null = null;
+  let paused = false;
   let waiter: { resolve: (r: IteratorResult<Buffer>) => void; reject: (e: Error) => void } | null = null;
-  let ready: Buffer | null = null;
   let ended = false;
   let failure: Error | null = null;
   let socket: net.Socket;
   try {
     // `onread` is honoured by the constructor (net.connect passes its options through it) but typed on
-    // connect's options only
+    // connect's options only. Node calls `buffer()` after every read for the buffer of the next one.
     const options: net.SocketConstructorOpts & { onread: net.OnReadOpts } = {
       fd: 0,
       readable: true,
       writable: false,
       onread: {
-        buffer,
-        callback: (n: number) => {
-          const chunk = buffer.subarray(0, n);
+        buffer: () => target,
+        callback: (n: number, filled: Uint8Array) => {
+          const owner = filled as Buffer;
+          // never empty while reading is on (it stops when the last free buffer becomes the target); a
+          // read Node starts on its own meanwhile gets a new buffer rather than one that is lent
+          target = free.pop() ?? Buffer.allocUnsafeSlow(readBytes);
+          const chunk = owner.subarray(0, n);
           if (waiter) {
             const w = waiter;
             waiter = null;
+            lent = owner;
             w.resolve({ value: chunk, done: false });
           } else {
-            ready = chunk;
+            queued.push({ chunk, owner });
           }
-          return false; // paused until the next next(): the buffer is lent
+          paused = free.length === 0;
+          return !paused;
         },
       },
     };
@@ -111,16 +124,28 @@ export function lentStdin(readBytes = STDIN_READ_BYTES): LentChunks {
   socket.on('end', () => finish(null));
   socket.on('error', (e: Error) => finish(e));
   socket.on('close', () => finish(null));
+  // flowing, so that EOF is reported as 'end' (data never goes through the stream's buffer)
+  socket.resume();
   const next = (): Promise<IteratorResult<Buffer>> => {
-    if (ready) {
-      const chunk = ready;
-      ready = null;
-      return Promise.resolve({ value: chunk, done: false });
+    if (lent) {
+      // the chunk lent by the previous next() is given back
+      free.push(lent);
+      lent = null;
+      if (paused && !ended) {
+        paused = false;
+        socket.resume();
+      }
     }
-    if (ended) return failure ? Promise.reject(failure) : Promise.resolve({ value: undefined, done: true });
+    // an error (a session limit, a broken pipe) ends the input at once; a clean end after what was read
+    if (failure) return Promise.reject(failure);
+    const q = queued.shift();
+    if (q) {
+      lent = q.owner;
+      return Promise.resolve({ value: q.chunk, done: false });
+    }
+    if (ended) return Promise.resolve({ value: undefined, done: true });
     return new Promise((resolve, reject) => {
       waiter = { resolve, reject };
-      socket.resume();
     });
   };
   return {
