@@ -194,6 +194,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   /** the pull job's end, once started (endPullEarly) */
   let pullEnding: Promise<void> | null = null;
   let domDisks: DomainView['disks'] = [];
+  let domView: DomainView | null = null;
   // Stray bitmaps can only appear when a lineage ends or changes hands: a full, a host change, a redefine.
   // Only then ask QEMU for the disk's bitmaps (QMP: libvirt marks the domain tainted on first use).
   let sweepBitmaps = false;
@@ -202,6 +203,11 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   let checkpoints: string[] = [];
   const manifestsByHost = new Map<string, ReplicaManifest[]>();
   const localFacts = new Map<number, ReturnType<typeof gatherLocalFacts>>();
+  /** each disk's target and base.1 info, the part of its facts a capture needs (not the base digest) */
+  const captureFacts = new Map<number, Promise<{ target: string; info: { virtualSize: number; bitmaps: string[] } }>>();
+  const sourceChecks = new Map<number, Promise<void>>();
+  /** a seed's capture begun before the replica answered (captureEarly), until adopted or discarded */
+  let early: { capture: Promise<PullCapture | null>; checkpoint: string; disks: Set<number> } | null = null;
   // One connection attempt and one status per replica host and cycle, started at once: a cold connection
   // (SSH and the receiver's start) costs as much as the libvirt queries it now overlaps, and a replica that
   // is down costs one connect timeout, not one per use. A failure is each disk's own (when it asks).
@@ -238,6 +244,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       await clearYieldMarker(deps.state.dir, vmId).catch(() => {});
     }
     const view = await deps.libvirt.domainView(dom);
+    domView = view;
     domDisks = view.disks;
     // What each disk's plan needs from this host alone, gathered while the replica connection comes up
     // (its answer is what the plan waits for); a failure is that disk's own, when its turn comes.
@@ -247,6 +254,14 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       localFacts.set(disk.diskId, facts);
     }
     checkpoints = await deps.libvirt.checkpointNames(dom);
+    if (mayCaptureEarly()) early = captureEarly();
+
+    // A capture begun early stands only when the replica holds nothing for any of the disks (the plan then
+    // takes a full of each); otherwise it goes before anything else touches the domain's checkpoints.
+    if (early) {
+      const lineages = await Promise.all(req.disks.map((d) => manifestsFor(d.replicaHost).then((r) => r.manifests.some((m) => m.diskId === d.diskId), () => true)));
+      if (lineages.some(Boolean)) await discardEarly('the replica holds a lineage');
+    }
 
     // Learn where each disk's lineage stands on the replica (no lock yet: the lock is taken per disk
     // for the transfer, and the receiver refuses an incremental whose parent is no longer what it holds).
@@ -304,17 +319,20 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         // pre-sync can leave the destination's qcow2 metadata inconsistent) and before any full.
         const hostChanged = lineageFromAnotherHost || (ds.base1Identity !== null && ds.base1Identity !== base1.devIno);
         if (decision.mode === 'full' || hostChanged) sweepBitmaps = true;
-        if (decision.mode === 'full' || hostChanged) await checkSource(disk.diskId, disk.base1Path, decision.mode === 'full' ? 'before a full' : 'after a host change');
+        if (decision.mode === 'full' || hostChanged) await checkSourceOnce(disk.diskId, disk.base1Path, decision.mode === 'full' ? 'before a full' : 'after a host change');
         work.push({ disk, target, replica, decision, base1DevIno: base1.devIno, baseSha: baseDigest.sha256, baseSize: baseDigest.size, virtualSize: info.virtualSize });
         if (decision.mode === 'full' && !req.forceFull) log.info({ disk: disk.diskId, reason: decision.reason }, 'full snapshot');
       } catch (e) {
         fail(disk.diskId, e);
       }
     }
+    if (early && !(work.length === early.disks.size && work.every((w) => w.decision.mode === 'full' && early!.disks.has(w.disk.diskId)))) {
+      await discardEarly('the plan differs');
+    }
     if (work.length === 0) return finish();
 
-    const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
-    watch = migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom), ...(deps.libvirtUri ? { libvirtUri: deps.libvirtUri } : {}) });
+    const checkpointName = early?.checkpoint ?? newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    watch ??= newMigrationWatch();
     try {
       const captureReq: CaptureRequest = {
         vmId,
@@ -339,10 +357,12 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
           virtualSize: w.virtualSize,
         })),
       };
-      if ((deps.seedMode ?? 'pull') === 'pull' && work.some((w) => w.decision.mode === 'full')) {
-        pull = await deps.staging.capturePull(captureReq);
+      // a capture begun early (captureEarly) that the plan confirmed; null when there is none
+      const adopted = early ? await early.capture.finally(() => (early = null)) : null;
+      if (adopted || ((deps.seedMode ?? 'pull') === 'pull' && work.some((w) => w.decision.mode === 'full'))) {
+        pull = adopted ?? (await deps.staging.capturePull(captureReq));
         captured = { ...pull, thinMs: 0, disks: pull.disks.map((d) => ({ diskId: d.diskId, mode: d.mode, pulled: d })) };
-        for (const d of pull.disks) log.info({ disk: d.diskId, mode: d.mode, streamBytes: d.size, dataBytes: d.dataBytes, zeroBytes: d.zeroBytes }, 'streaming from the pull-mode export');
+        for (const d of pull.disks) log.info({ disk: d.diskId, mode: d.mode, streamBytes: d.size, dataBytes: d.dataBytes, zeroBytes: d.zeroBytes, ...(adopted ? { beganEarly: true } : {}) }, 'streaming from the pull-mode export');
       } else {
         captured = await deps.staging.capture(captureReq);
       }
@@ -449,6 +469,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   async function finish(): Promise<DiskOutcome[]> {
     // a disk that failed on the replica's side may still be hashing its base: let it end (and be cached)
     await Promise.allSettled(localFacts.values());
+    if (early) await discardEarly('the cycle ended before using it');
     if (pull) {
       // the export must be gone before checkpoints are retired (and so that a migration can proceed)
       await (pullEnding ?? pull.end()).catch((e) => log.warn({ err: describeError(e) }, 'ending the pull-mode backup job failed'));
@@ -559,18 +580,98 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
 
   /** The disk's facts on this host: its target in the domain, base.1's identity, base's digest, base.1's info. */
   async function gatherLocalFacts(disk: VmCycleRequest['disks'][number]) {
-    const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
-    if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
-    const [base1, baseDigest, info] = await Promise.all([
+    const forCapture = (async () => {
+      const target = (await findDiskBySource(domDisks, disk.base1Path))?.target;
+      if (!target) throw new OnestorError(ErrorCodes.DOMAIN, `domain ${dom} does not run on ${disk.base1Path}`, { vm: vmId, disk: disk.diskId, field: 'devices/disk/source' });
+      return { target, info: await deps.qemuImg.info(disk.base1Path, { shared: true }) };
+    })();
+    forCapture.catch(() => {});
+    captureFacts.set(disk.diskId, forCapture);
+    const { target, info } = await forCapture;
+    const [base1, baseDigest] = await Promise.all([
       deps.digests.identity(disk.base1Path),
       deps.digests.sha256(disk.basePath, state.baseDigests[disk.basePath], req.signal).then((d) => {
         // kept even when the replica then fails this cycle: the next one does not hash the image again
         if (!d.fromCache) state.baseDigests[disk.basePath] = { sha256: d.sha256, size: d.size, identity: d.identity };
         return d;
       }),
-      deps.qemuImg.info(disk.base1Path, { shared: true }),
     ]);
     return { target, base1, baseDigest, info };
+  }
+
+  function newMigrationWatch(): MigrationWatch {
+    return migrationWatch({ stateDir: deps.state.dir, vmId, domain: dom, vmDir: req.disks[0]!.vmDir, domainId: () => deps.libvirt.domainId(dom), ...(deps.libvirtUri ? { libvirtUri: deps.libvirtUri } : {}) });
+  }
+
+  /**
+   * A VM this host has never protected, seeded in pull mode: nothing here says the replica holds anything
+   * for it (no state, no checkpoint in libvirt, no bitmap in any base.1 file), so the plan will almost surely
+   * take a full of every disk. Its capture can then begin while the replica connection comes up, which
+   * costs as much (SSH, the receiver's start) and is what the plan waits for.
+   */
+  function mayCaptureEarly(): boolean {
+    if ((deps.seedMode ?? 'pull') !== 'pull' || checkpoints.length > 0) return false;
+    return req.disks.every((d) => {
+      const ds = getDisk(state, vmId, d.diskId);
+      return ds.checkpoint === null && !ds.uncertainCheckpoint;
+    });
+  }
+
+  /** The full capture of every disk of the request, begun before the plan (mayCaptureEarly). */
+  function captureEarly(): NonNullable<typeof early> {
+    const checkpoint = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    const capture = (async () => {
+      const facts = await Promise.all(req.disks.map((d) => captureFacts.get(d.diskId)!));
+      // a bitmap in a base.1 file: a lineage may go on from it (a migrated VM); leave it to the plan
+      if (facts.some((f) => f.info.bitmaps.length > 0)) return null;
+      // the check the plan makes before any full, made first here (the plan reuses its outcome)
+      for (const d of req.disks) await checkSourceOnce(d.diskId, d.base1Path, 'before a full');
+      watch ??= newMigrationWatch();
+      return deps.staging.capturePull({
+        vmId,
+        domainName: dom,
+        stagingDir,
+        checkpointName: checkpoint,
+        tryFreeze: deps.tryFreeze,
+        timeoutMs: deps.captureTimeoutMs,
+        minFreePercent: deps.stagingMinFreePercent,
+        domain: domView!,
+        signal: req.signal,
+        shouldYield: watch,
+        now,
+        log: (o, m) => log.warn(o, m),
+        disks: req.disks.map((d, i) => ({ diskId: d.diskId, base1Path: d.base1Path, target: facts[i]!.target, snapDir: d.snapDir, mode: 'full' as const, virtualSize: facts[i]!.info.virtualSize })),
+      });
+    })();
+    capture.catch(() => {});
+    return { capture, checkpoint, disks: new Set(req.disks.map((d) => d.diskId)) };
+  }
+
+  /** Ends a capture begun early that the plan does not use: its job, staging and checkpoint go. */
+  async function discardEarly(why: string): Promise<void> {
+    const e = early;
+    early = null;
+    if (!e) return;
+    // a capture that failed has ended its job and deleted its checkpoint itself (capturePull)
+    const c = await e.capture.catch(() => null);
+    if (!c) return;
+    log.info({ checkpoint: e.checkpoint, why }, 'capture begun before the plan not used; ended');
+    await c.end().catch((err) => log.warn({ err: describeError(err) }, 'ending the early pull-mode backup job failed'));
+    const names = await deps.libvirt.checkpointNames(dom).catch(() => [] as string[]);
+    if (names.includes(e.checkpoint)) {
+      await deps.libvirt.checkpointDelete(dom, e.checkpoint).catch(() => deps.libvirt.checkpointDelete(dom, e.checkpoint, { metadataOnly: true }).catch(() => {}));
+    }
+    checkpoints = await deps.libvirt.checkpointNames(dom).catch(() => checkpoints);
+  }
+
+  /** checkSource once per disk and cycle (the early capture and the plan both need it before a full). */
+  function checkSourceOnce(diskId: number, file: string, why: string): Promise<void> {
+    let p = sourceChecks.get(diskId);
+    if (!p) {
+      p = checkSource(diskId, file, why);
+      sourceChecks.set(diskId, p);
+    }
+    return p;
   }
 
   /** qemu-img check -U of the host's base.1, retried once (a write in flight can look like an error). */

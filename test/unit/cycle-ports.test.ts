@@ -92,7 +92,7 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
   const replica: ReplicaPort = { status: async () => (onReplica ? [onReplica] : []), openDisk: async () => session };
   w.deps = {
     libvirt,
-    qemuImg: { info: async () => ({ virtualSize: 1 << 20 }) as never, checkLive: async () => ({ corruptions: 0, leaks: 0, errors: [], ms: 1 }) },
+    qemuImg: { info: async () => ({ virtualSize: 1 << 20, bitmaps: [] }) as never, checkLive: async () => ({ corruptions: 0, leaks: 0, errors: [], ms: 1 }) },
     replicaFor: async () => replica,
     state: {
       // no yield marker can exist there: the migration watch finds none
@@ -199,7 +199,7 @@ describe('runVmCycle with fake ports', () => {
       return realFor(h);
     };
     w.deps.digests.sha256 = async () => (seen.push('base digest'), { sha256: BASE_SHA, size: 100, identity: 'id', fromCache: false });
-    w.deps.qemuImg.info = (async () => (seen.push('base.1 info'), { virtualSize: 1 << 20 })) as never;
+    w.deps.qemuImg.info = (async () => (seen.push('base.1 info'), { virtualSize: 1 << 20, bitmaps: [] })) as never;
     const cycle = runVmCycle(w.deps, req());
     for (let i = 0; i < 50 && seen.length < 2; i++) await new Promise((r) => setTimeout(r, 1));
     expect(seen.sort()).toEqual(['base digest', 'base.1 info']);
@@ -249,6 +249,122 @@ describe('runVmCycle with fake ports', () => {
     expect(o).toMatchObject({ ok: true, mode: 'full' });
     // once, started before the publish and finished before the cycle's end
     expect(order).toEqual(['read base1', 'job end start', 'publish', 'job end done']);
+  });
+
+  describe('a first seed in pull mode: the capture begins while the replica connects', () => {
+    /** capturePull that records its calls; end() and the checkpoint it creates are seen in `events` */
+    const pullWorld = (opts: Parameters<typeof world>[0] & { fail?: OnestorError } = {}) => {
+      const w = world(opts);
+      const events: string[] = [];
+      w.deps.seedMode = 'pull';
+      const lv = w.deps.libvirt as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>;
+      const names = lv['checkpointNames']!;
+      const created: string[] = [];
+      lv['checkpointNames'] = async (...a: unknown[]) => [...((await names(...a)) as string[]), ...created];
+      const del = lv['checkpointDelete']!;
+      lv['checkpointDelete'] = async (d: unknown, name: unknown) => {
+        events.push(`delete ${name as string}`);
+        created.splice(created.indexOf(name as string) >>> 0, created.includes(name as string) ? 1 : 0);
+        return del(d, name);
+      };
+      lv['checkpointRedefine'] = async (_d: unknown, xml: unknown) => {
+        events.push('redefine');
+        created.push(/<name>([^<]+)<\/name>/.exec(xml as string)![1]!);
+      };
+      w.deps.staging.capturePull = async (r) => {
+        events.push(`capturePull ${r.disks.map((d) => d.mode).join(',')}`);
+        if (opts.fail) throw opts.fail;
+        created.push(r.checkpointName);
+        return {
+          checkpoint: r.checkpointName,
+          consistency: 'crash-consistent',
+          capturedAtMs: 5_000_000,
+          jobMs: 1,
+          stagingPeak: () => 0,
+          signal: new AbortController().signal,
+          disks: r.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, virtualSize: d.virtualSize, size: 4, dataBytes: 4, zeroBytes: 0, stream: async function* () { yield Buffer.alloc(4); } })),
+          end: async () => void events.push('job end'),
+        };
+      };
+      const capture = w.deps.staging.capture;
+      w.deps.staging.capture = async (r) => (events.push(`capture ${r.disks.map((d) => d.mode).join(',')}`), capture(r));
+      return { w, events };
+    };
+    const gatedReplica = (w: World, events: string[]) => {
+      let open!: () => void;
+      const gate = new Promise<void>((r) => (open = r));
+      const realFor = w.deps.replicaFor;
+      w.deps.replicaFor = async (h) => {
+        await gate;
+        events.push('replica connected');
+        const port = await realFor(h);
+        const session = await port.openDisk(42, 0);
+        session.uploadStream = async (_kind, src) => {
+          for await (const _ of src.chunks) events.push('read');
+          return { bytes: src.size, resumedFrom: 0, digest: 'xxh64', hex: '0' };
+        };
+        return port;
+      };
+      return open;
+    };
+
+    it('a VM never protected here: captured before the replica answers, and that capture is the one streamed', async () => {
+      const { w, events } = pullWorld();
+      const open = gatedReplica(w, events);
+      const cycle = runVmCycle(w.deps, req());
+      for (let i = 0; i < 50 && !events.length; i++) await new Promise((r) => setTimeout(r, 1));
+      expect(events).toEqual(['capturePull full']);
+      open();
+      const [o] = await cycle;
+      expect(o).toMatchObject({ ok: true, mode: 'full' });
+      expect(events).toEqual(['capturePull full', 'replica connected', 'read', 'job end']);
+      expect(w.state.disks[diskKey(42, 0)]!.checkpoint).toBe(o!.checkpoint);
+    });
+
+    it('the replica holds a lineage: that capture ends and its checkpoint goes before the redefine, then the plan captures', async () => {
+      const { w, events } = pullWorld({ onReplica: manifest('onestor-42-1-aaaaaa') });
+      const open = gatedReplica(w, events);
+      const cycle = runVmCycle(w.deps, req());
+      for (let i = 0; i < 50 && !events.length; i++) await new Promise((r) => setTimeout(r, 1));
+      open();
+      const [o] = await cycle;
+      expect(o).toMatchObject({ ok: true });
+      const early = events.find((e) => e.startsWith('delete '))!;
+      expect(events.slice(0, 5)).toEqual(['capturePull full', 'replica connected', 'job end', early, 'redefine']);
+      // the plan's own capture, under a new checkpoint
+      expect(events.slice(5).filter((e) => e.startsWith('capture'))).toHaveLength(1);
+      expect(o!.checkpoint).not.toBe(early.slice('delete '.length));
+    });
+
+    it('no early capture when anything says a lineage may exist: a bitmap in base.1, a checkpoint in libvirt, a checkpoint in state', async () => {
+      const cases: Array<(w: World) => void> = [
+        (w) => (w.deps.qemuImg.info = (async () => ({ virtualSize: 1 << 20, bitmaps: ['onestor-42-1-aaaaaa'] })) as never),
+        (w) => {
+          const lv = w.deps.libvirt as unknown as Record<string, () => Promise<unknown>>;
+          lv['checkpointNames'] = async () => ['foreign-checkpoint'];
+        },
+        (w) => (w.state.disks[diskKey(42, 0)] = { vmId: 42, diskId: 0, checkpoint: 'onestor-42-1-aaaaaa', base1Identity: '1:2', failCount: 0 }),
+      ];
+      for (const change of cases) {
+        const { w, events } = pullWorld();
+        change(w);
+        const open = gatedReplica(w, events);
+        const cycle = runVmCycle(w.deps, req());
+        for (let i = 0; i < 20; i++) await new Promise((r) => setTimeout(r, 1));
+        expect(events).toEqual([]);
+        open();
+        const [o] = await cycle;
+        expect(o).toMatchObject({ ok: true, mode: 'full' });
+        expect(events.slice(0, 2)).toEqual(['replica connected', 'capturePull full']);
+      }
+    });
+
+    it('an early capture that fails fails the seed with its error, tried once', async () => {
+      const { w, events } = pullWorld({ fail: new OnestorError(ErrorCodes.NOSPACE, 'staging full') });
+      const [o] = await runVmCycle(w.deps, req());
+      expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.NOSPACE } });
+      expect(events.filter((e) => e.startsWith('capture'))).toEqual(['capturePull full']);
+    });
   });
 
   it('with leaseReplica: the cycle leases one connection per host, uses only it, and gives it back at the end (also on failure)', async () => {
