@@ -22,7 +22,7 @@ import { discover } from '../lib/discover/discover.js';
 import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
 import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
 import type { OneVm } from '../dev/one-layout.js';
-import { fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, type TcpMeter } from './lib/cluster.js';
+import { fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, loopbackMeter, type TcpMeter } from './lib/cluster.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';
 import { median, table } from './lib/stats.js';
 
@@ -42,7 +42,8 @@ async function allocatedUnder(dir: string): Promise<number> {
 
 async function main(): Promise<void> {
   const env = await startAgentEnv({ name: 'bench-seed' });
-  const meter = await startTcpMeter(env.sshd.port);
+  // BENCH_WIRE=relay counts through a relay process (as before); default: the loopback counter, no relay
+  const meter = process.env.BENCH_WIRE === 'relay' ? await startTcpMeter(env.sshd.port) : await loopbackMeter(env.sshd.port);
   const knownHosts = path.join(env.root, 'known_hosts.meter');
   await writeFile(knownHosts, `[127.0.0.1]:${meter.port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
   const ctx = await buildContext({
