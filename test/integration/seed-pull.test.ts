@@ -18,6 +18,7 @@ import { buildContext } from '../../agent/context.js';
 import { discover } from '../../lib/discover/discover.js';
 import { runVmCycle } from '../../lib/cycle/cycle.js';
 import { clearYieldMarker, writeYieldMarker } from '../../lib/cycle/migration.js';
+import { StateStore, diskKey } from '../../lib/cycle/state.js';
 
 let env: AgentEnv;
 const MiB = 1 << 20;
@@ -317,6 +318,49 @@ describe('a disk larger than the free space of its datastore', () => {
       expect((await stat(path.join(env.snapsDir, '61', 'disk.0.snap', 'base.1'))).size).toBeLessThan(16 * MiB);
     } finally {
       await big.destroy().catch(() => {});
+    }
+  });
+});
+
+describe('a seed\'s capture begun while the replica connection comes up (a VM never protected from this host)', () => {
+  it('is the one streamed for a first seed, and is ended with its checkpoint when the replica turns out to hold a lineage', async () => {
+    const vm = await env.createVm({ vmId: 64, disks: [{ diskId: 0, sizeMiB: 128, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x91 }], overlayData: [{ offsetMiB: 8, lengthMiB: 24, pattern: 0x92 }] }] });
+    try {
+      const first = await startSnapshot(64).done;
+      expect(first.code, first.stdout + first.stderr).toBe(0);
+      const streamed = logRecords(first.stderr).find((l) => l['msg'] === 'streaming from the pull-mode export');
+      expect(streamed?.['beganEarly']).toBe(true);
+
+      // This host forgets the VM (its state entry and libvirt's checkpoints, the bitmaps with them); the
+      // replica keeps the lineage. Nothing local says so: the capture begins early, then gives way.
+      for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter(Boolean).reverse()) {
+        await env.lv.virshOk(['checkpoint-delete', vm.domainName, c]);
+      }
+      await new StateStore(env.stateDir).update((s) => {
+        delete s.disks[diskKey(64, 0)];
+        return s;
+      });
+      await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 40, lengthMiB: 2, pattern: 0x93 });
+      const ref = await guestViewSha256(vm.disks[0]!.base1Path, env.root);
+      const again = await startSnapshot(64).done;
+      expect(again.code, again.stdout + again.stderr).toBe(0);
+      const logs = logRecords(again.stderr);
+      const dropped = logs.find((l) => l['msg'] === 'capture begun before the plan not used; ended');
+      expect(dropped?.['why']).toBe('the replica holds a lineage');
+      expect(logs.find((l) => l['msg'] === 'streaming from the pull-mode export')?.['beganEarly']).toBeUndefined();
+      // the replica's checkpoint is not in libvirt any more: a full, under a checkpoint of its own
+      expect(again.stdout).toMatch(/vm 64 disk 0: full snapshot published/);
+      const cks = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter(Boolean);
+      expect(cks).toHaveLength(1);
+      expect(cks[0]).not.toBe(dropped!['checkpoint']);
+      expect(await jobType(vm.domainName)).toBe('None');
+      expect(await readdir(stagingOf(64)).catch(() => [])).toEqual([]);
+      const drill = await recoverDrill(env.snapsDir, 64, 0, env.root);
+      expect(drill.check.ok, drill.check.raw).toBe(true);
+      expect(await sha256File(drill.rawPath)).toBe(ref);
+      await rm(drill.dir, { recursive: true, force: true });
+    } finally {
+      await vm.destroy().catch(() => {});
     }
   });
 });
