@@ -1,21 +1,27 @@
 /**
- * Where a pull-mode seed spends its time, one piece at a time on the same 1 GiB base.1 (in-process):
- *   1. the NBD export alone: capturePull + the overlay stream consumed to nowhere;
- *   2. the export streamed to the receiver (uploadStream), as a seed does it;
- *   3. the same base.1 as a file through our upload path (upload);
- *   4. OpenSSH `ssh -c aes128-gcm host 'cat > f'` of base.1 (the reference of issue 3/14).
- * CPU: the agent (this process), the receiver process and the sshd session processes.
- * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed-split.js [dataGiB=1] [reps=2]
+ * Where a pull-mode seed's stream spends its time, one piece at a time on the same 1 GiB base.1 (in-process),
+ * the pieces interleaved rep by rep (order reversed every other rep), the page cache levelled before each:
+ *   ssh cat < file     OpenSSH `ssh -c aes128-gcm host 'cat > f' < base.1`: the SSH floor here;
+ *   node -> ssh cat    this process writing a reused 1 MiB buffer into the same: any process in front of ssh;
+ *   gen -> receiver    a generated stream through our upload and the receiver (no file, no NBD);
+ *   file -> receiver   base.1 as a file through our upload path;
+ *   export -> receiver the pull-mode export streamed as a seed does it;
+ *   export -> nowhere  the export read alone (capturePull + the overlay stream).
+ * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
+ * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
  */
+import { spawn } from 'node:child_process';
+import { statSync } from 'node:fs';
 import path from 'node:path';
 import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
 import { capturePull } from '../lib/cycle/capture-pull.js';
 import { startAgentEnv } from '../dev/agent-env.js';
-import { descendants, fillDisk, plainSshAccess, procCpu, q, sh, sshdPid, timedShell } from './lib/cluster.js';
+import { descendants, fillDisk, levelPageCache, plainSshAccess, procCpu, q, sh, sshdPid } from './lib/cluster.js';
+import { median } from './lib/stats.js';
 
 const GIB = Number(process.argv[2] ?? 1);
-const REPS = Number(process.argv[3] ?? 2);
+const REPS = Number(process.argv[3] ?? 3);
 const MiB = 1048576;
 
 async function main(): Promise<void> {
@@ -31,6 +37,8 @@ async function main(): Promise<void> {
     await fillDisk(vm.disks[0]!, mib + 1024, 0, mib, env.root);
     await vm.start();
     const deps = await ctx.cycleDeps();
+    const base1 = vm.disks[0]!.base1Path;
+    const base1Bytes = statSync(base1).size;
     let ck = 0;
     const pull = () =>
       capturePull(deps.libvirt, ctx.qemuImg, {
@@ -41,9 +49,68 @@ async function main(): Promise<void> {
         tryFreeze: false,
         timeoutMs: 600_000,
         minFreePercent: 1,
-        disks: [{ diskId: 0, base1Path: vm.disks[0]!.base1Path, snapDir: vm.disks[0]!.snapDir, mode: 'full', virtualSize: (mib + 1024) * MiB }],
+        disks: [{ diskId: 0, base1Path: base1, snapDir: vm.disks[0]!.snapDir, mode: 'full', virtualSize: (mib + 1024) * MiB }],
       });
-    const replica = await deps.replicaFor('127.0.0.1');
+    const dropCheckpoints = async () => {
+      for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter(Boolean).reverse()) await env.lv.virsh(['checkpoint-delete', vm.domainName, c]);
+    };
+    const block = Buffer.alloc(MiB);
+    for (let i = 0; i < MiB; i += 4) block.writeUInt32LE((i * 2654435761) >>> 0, i);
+    const blocks = Math.round(base1Bytes / MiB);
+    const sshArgs = plain.args.map(q).join(' ');
+    type Piece = (rep: number, replica: Awaited<ReturnType<typeof deps.replicaFor>>) => Promise<number>;
+    const pieces: Record<string, Piece> = {
+      'ssh cat < file': async () => {
+        await sh(`ssh ${sshArgs} ${plain.target} 'cat > /tmp/seed-split-ref' < ${q(base1)}`);
+        return base1Bytes;
+      },
+      'node -> ssh cat': async () => {
+        const c = spawn('ssh', [...plain.args, plain.target, 'cat > /tmp/seed-split-ref'], { stdio: ['pipe', 'ignore', 'inherit'] });
+        const exited = new Promise((r) => c.on('exit', r));
+        for (let i = 0; i < blocks; i++) {
+          block.writeUInt32LE(i, 0);
+          await new Promise((r) => c.stdin.write(block, r));
+        }
+        c.stdin.end();
+        await exited;
+        return blocks * MiB;
+      },
+      'gen -> receiver': async (rep, replica) => {
+        const s = await replica.openDisk(9, 0);
+        async function* generated() {
+          for (let i = 0; i < blocks; i++) {
+            block.writeUInt32LE(i, 0);
+            yield block;
+          }
+        }
+        const n = (await s.uploadStream('base1', { size: blocks * MiB, chunks: generated() }, { key: `g${rep}` })).bytes;
+        await s.close();
+        return n;
+      },
+      'file -> receiver': async (rep, replica) => {
+        const s = await replica.openDisk(9, 0);
+        const n = (await s.upload('base1', base1, { key: `f${rep}` })).bytes;
+        await s.close();
+        return n;
+      },
+      'export -> receiver': async (rep, replica) => {
+        const p = await pull();
+        const s = await replica.openDisk(9, 0);
+        const n = (await s.uploadStream('base1', { size: p.disks[0]!.size, chunks: p.disks[0]!.stream() }, { key: `e${rep}` })).bytes;
+        await s.close();
+        await p.end();
+        await dropCheckpoints();
+        return n;
+      },
+      'export -> nowhere': async () => {
+        const p = await pull();
+        let n = 0;
+        for await (const b of p.disks[0]!.stream()) n += b.length;
+        await p.end();
+        await dropCheckpoints();
+        return n;
+      },
+    };
     const spid = await sshdPid(env);
     const serverCpu = async () => {
       let recv = 0;
@@ -52,44 +119,36 @@ async function main(): Promise<void> {
       for (const p of await descendants(spid, /sshd: /)) sshd += (await procCpu(p))?.self ?? 0;
       return { recv, sshd };
     };
-    const timed = async (label: string, bytes: () => number, fn: () => Promise<void>) => {
-      const c0 = process.cpuUsage();
-      const s0 = await serverCpu();
-      const t0 = performance.now();
-      await fn();
-      const sec = (performance.now() - t0) / 1000;
-      const c = process.cpuUsage(c0);
-      const s1 = await serverCpu();
-      console.log(`${label.padEnd(34)} ${sec.toFixed(2).padStart(6)} s ${((bytes() / MiB) / sec).toFixed(0).padStart(5)} MB/s   cpu agent ${((c.user + c.system) / 1e6).toFixed(2)} s, receiver ${(s1.recv - s0.recv).toFixed(2)} s, sshd ${(s1.sshd - s0.sshd).toFixed(2)} s`);
-    };
+    const results: Record<string, Array<{ sec: number; bytes: number; agent: number; recv: number }>> = {};
     console.log(`load average ${(await sh('cat /proc/loadavg')).trim()}`);
     for (let r = 0; r < REPS; r++) {
-      let n = 0;
-      await timed('export -> nowhere', () => n, async () => {
-        const p = await pull();
-        for await (const b of p.disks[0]!.stream()) n += b.length;
-        await p.end();
-      });
-      let m = 0;
-      await timed('export -> receiver (a seed)', () => m, async () => {
-        const p = await pull();
-        const s = await replica.openDisk(9, 0);
-        m = (await s.uploadStream('base1', { size: p.disks[0]!.size, chunks: p.disks[0]!.stream() }, { key: `s${r}` })).bytes;
-        await s.close();
-        await p.end();
-      });
-      let f = 0;
-      await timed('base.1 file -> receiver (upload)', () => f, async () => {
-        const s = await replica.openDisk(9, 0);
-        f = (await s.upload('base1', vm.disks[0]!.base1Path, { key: `f${r}` })).bytes;
-        await s.close();
-      });
-      const o = await timedShell(`ssh ${plain.args.map(q).join(' ')} ${plain.target} 'cat > /tmp/seed-split-ref' < ${q(vm.disks[0]!.base1Path)}`);
-      console.log(`${'ssh -c aes128-gcm cat > f'.padEnd(34)} ${o.seconds.toFixed(2).padStart(6)} s ${((f / MiB) / o.seconds).toFixed(0).padStart(5)} MB/s   cpu ssh client ${o.childCpu.toFixed(2)} s`);
-      await sh(`ssh ${plain.args.map(q).join(' ')} ${plain.target} 'rm -f /tmp/seed-split-ref'`);
+      const names = Object.keys(pieces);
+      if (r % 2) names.reverse();
+      for (const name of names) {
+        // a fresh connection and an empty replica dir for every piece, the source back in the page cache
+        await ctx.replicas.closeAll();
+        await sh(`rm -rf ${q(path.join(env.snapsDir, '9'))} /tmp/seed-split-ref`);
+        const replica = await deps.replicaFor('127.0.0.1');
+        await levelPageCache([base1]);
+        const c0 = process.cpuUsage();
+        const s0 = await serverCpu();
+        const t0 = performance.now();
+        const bytes = await pieces[name]!(r, replica);
+        const sec = (performance.now() - t0) / 1000;
+        const c = process.cpuUsage(c0);
+        const s1 = await serverCpu();
+        (results[name] ??= []).push({ sec, bytes, agent: (c.user + c.system) / 1e6, recv: s1.recv - s0.recv });
+        console.log(`#${r + 1} ${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${((c.user + c.system) / 1e6).toFixed(2)} s, receiver ${(s1.recv - s0.recv).toFixed(2)} s, sshd ${(s1.sshd - s0.sshd).toFixed(2)} s`);
+      }
     }
+    await sh('rm -f /tmp/seed-split-ref');
     console.log(`load average ${(await sh('cat /proc/loadavg')).trim()}`);
-    for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter(Boolean).reverse()) await env.lv.virsh(['checkpoint-delete', vm.domainName, c]);
+    console.log(`\nmedians of ${REPS} (base.1 ${(base1Bytes / MiB).toFixed(0)} MiB):`);
+    for (const [name, xs] of Object.entries(results)) {
+      const sec = median(xs.map((x) => x.sec));
+      console.log(`${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(xs[0]!.bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${median(xs.map((x) => x.agent)).toFixed(2)} s, receiver ${median(xs.map((x) => x.recv)).toFixed(2)} s`);
+    }
+    await dropCheckpoints();
     await vm.destroy();
   } finally {
     await ctx.replicas.closeAll();

@@ -5,7 +5,9 @@
  *   upstream   — snapshot-create-as + rsync of base and the frozen base.1 + blockcommit (bench/lib/upstream.ts).
  * Our seeds run in-process as the daemon runs them, each on a fresh SSH connection (the pool is closed
  * before every seed), so connect and receiver start are paid like upstream's rsync pays its ssh.
- * Wire = every TCP byte through a counting relay in front of sshd (both methods go through it).
+ * Wire = bytes over the loopback interface, IP and TCP headers included (/proc/net/dev; nothing else uses
+ * 127.0.0.1 here). BENCH_WIRE=relay counts through a relay process in front of sshd instead, as before
+ * 2026-12-01: that relay costs ~1 CPU-s per GiB and slowed upstream's seed more than ours.
  * Staging peak = allocated bytes under DS/.onestor/VMID sampled every 50 ms by this script.
  * "replica done" = until the receiver has also made its A/B spare (after its publish reply; the agent
  * hangs up at once, the receiver process lives on until the spare is made, and the next method starts
