@@ -50,7 +50,7 @@ async function main(): Promise<void> {
   await writeFile(knownHosts, `[127.0.0.1]:${meter.port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
   const ctx = await buildContext({
     log: pino({ level: 'warn' }),
-    // through the counting relay
+    // through the meter's port (sshd's own with the loopback counter)
     overrides: env.contextOverrides({ replica: { port: meter.port, knownHostsFile: knownHosts } }),
   });
   const rows: string[][] = [];
