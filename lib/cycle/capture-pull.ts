@@ -83,14 +83,14 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
 
   let jobStarted = false;
-  let ended = false;
   const clients: NbdClient[] = [];
   let peak = 0;
   let watchdog: NodeJS.Timeout | null = null;
   const disposers: Array<() => void> = [];
-  const end = async (): Promise<void> => {
-    if (ended) return;
-    ended = true;
+  // one ending, however many ask for it: a second caller waits for the same (the job must be gone for both)
+  let ending: Promise<void> | null = null;
+  const end = (): Promise<void> => (ending ??= endOnce());
+  const endOnce = async (): Promise<void> => {
     if (watchdog) clearInterval(watchdog);
     disposers.splice(0).forEach((d) => d());
     await Promise.all(clients.map((c) => c.close().catch(() => {})));

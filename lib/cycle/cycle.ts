@@ -627,7 +627,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       // the check the plan makes before any full, made first here (the plan reuses its outcome)
       for (const d of req.disks) await checkSourceOnce(d.diskId, d.base1Path, 'before a full');
       watch ??= newMigrationWatch();
-      return deps.staging.capturePull({
+      const c = await deps.staging.capturePull({
         vmId,
         domainName: dom,
         stagingDir,
@@ -642,6 +642,12 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         log: (o, m) => log.warn(o, m),
         disks: req.disks.map((d, i) => ({ diskId: d.diskId, base1Path: d.base1Path, target: facts[i]!.target, snapDir: d.snapDir, mode: 'full' as const, virtualSize: facts[i]!.info.virtualSize })),
       });
+      // The export holds the domain's job while the replica connection may still be coming up: when the
+      // watchdog stops the seed (a migration wants the domain, scratch space) the job ends at once, not
+      // when the plan gets to it (a migration waits at most 30 s for the job). Streaming then ends with
+      // the watchdog's reason, as for any seed it stops.
+      c.signal.addEventListener('abort', () => void c.end().catch(() => {}), { once: true });
+      return c;
     })();
     capture.catch(() => {});
     return { capture, checkpoint, disks: new Set(req.disks.map((d) => d.diskId)) };

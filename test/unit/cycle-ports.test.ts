@@ -359,6 +359,32 @@ describe('runVmCycle with fake ports', () => {
       }
     });
 
+    it('a migration stopping the seed while the replica connection is still coming up ends the job at once', async () => {
+      const { w, events } = pullWorld();
+      const stop = new AbortController();
+      const capturePull = w.deps.staging.capturePull;
+      w.deps.staging.capturePull = async (r) => {
+        const c = await capturePull(r);
+        const disks = c.disks.map((d) => ({
+          ...d,
+          stream: async function* () {
+            if (stop.signal.aborted) throw stop.signal.reason as Error;
+            yield Buffer.alloc(4);
+          },
+        }));
+        return { ...c, disks, signal: stop.signal };
+      };
+      const open = gatedReplica(w, events);
+      const cycle = runVmCycle(w.deps, req());
+      for (let i = 0; i < 50 && !events.includes('capturePull full'); i++) await new Promise((r) => setTimeout(r, 1));
+      stop.abort(new OnestorError(ErrorCodes.YIELDED, 'seed stopped: a migration wants the domain'));
+      for (let i = 0; i < 50 && !events.includes('job end'); i++) await new Promise((r) => setTimeout(r, 1));
+      expect(events).toEqual(['capturePull full', 'job end']);
+      open();
+      const [o] = await cycle;
+      expect(o).toMatchObject({ ok: false, error: { code: ErrorCodes.YIELDED } });
+    });
+
     it('an early capture that fails fails the seed with its error, tried once', async () => {
       const { w, events } = pullWorld({ fail: new OnestorError(ErrorCodes.NOSPACE, 'staging full') });
       const [o] = await runVmCycle(w.deps, req());
