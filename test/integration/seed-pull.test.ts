@@ -82,6 +82,17 @@ async function waitFor(what: string, cond: () => Promise<boolean>, timeoutMs = 1
 const exists = (p: string) => stat(p).then(() => true, () => false);
 const jobType = async (dom: string) => /Job type:\s+(\w+)/.exec(await env.lv.virshOk(['domjobinfo', dom]))?.[1];
 
+/** The recover drill of a disk passes `qemu-img check` and reads as `ref` (sha256 of the guest view). */
+async function expectDrillEquals(vmId: number, diskId: number, ref: string): Promise<void> {
+  const drill = await recoverDrill(env.snapsDir, vmId, diskId, env.root);
+  try {
+    expect(drill.check.ok, drill.check.raw).toBe(true);
+    expect(await sha256File(drill.rawPath)).toBe(ref);
+  } finally {
+    await rm(drill.dir, { recursive: true, force: true });
+  }
+}
+
 function logRecords(stderr: string): Array<Record<string, unknown>> {
   return stderr
     .split('\n')
@@ -178,10 +189,7 @@ describe('seed from the pull-mode export', () => {
     expect(r.stderr).toMatch(/aborting a backup job left by a previous run/);
     expect(await jobType(vm.domainName)).toBe('None');
     expect(await readdir(stagingOf(60)).catch(() => [])).toEqual([]);
-    const drill = await recoverDrill(env.snapsDir, 60, 0, env.root);
-    expect(drill.check.ok, drill.check.raw).toBe(true);
-    expect(await sha256File(drill.rawPath)).toBe(ref0);
-    await rm(drill.dir, { recursive: true, force: true });
+    await expectDrillEquals(60, 0, ref0);
     // one rolling checkpoint: the killed run's is retired
     const cks = (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim().split('\n').filter(Boolean);
     expect(cks).toHaveLength(1);
@@ -203,10 +211,7 @@ describe('seed from the pull-mode export', () => {
     expect(inc['dataBytes']).toBe(3 * MiB); // the dirty clusters only; the zeroed MiB is a zero run
     expect(inc['zeroBytes']).toBe(1 * MiB);
     for (const [diskId, ref] of [[0, ref0], [1, ref1]] as const) {
-      const drill = await recoverDrill(env.snapsDir, 60, diskId, env.root);
-      expect(drill.check.ok, drill.check.raw).toBe(true);
-      expect(await sha256File(drill.rawPath)).toBe(ref);
-      await rm(drill.dir, { recursive: true, force: true });
+      await expectDrillEquals(60, diskId, ref);
     }
     expect(await jobType(vm.domainName)).toBe('None');
     expect(await readdir(stagingOf(60)).catch(() => [])).toEqual([]);
@@ -355,10 +360,7 @@ describe('a seed\'s capture begun while the replica connection comes up (a VM ne
       expect(cks[0]).not.toBe(dropped!['checkpoint']);
       expect(await jobType(vm.domainName)).toBe('None');
       expect(await readdir(stagingOf(64)).catch(() => [])).toEqual([]);
-      const drill = await recoverDrill(env.snapsDir, 64, 0, env.root);
-      expect(drill.check.ok, drill.check.raw).toBe(true);
-      expect(await sha256File(drill.rawPath)).toBe(ref);
-      await rm(drill.dir, { recursive: true, force: true });
+      await expectDrillEquals(64, 0, ref);
     } finally {
       await vm.destroy().catch(() => {});
     }

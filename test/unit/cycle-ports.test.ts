@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cycleLeases, runVmCycle, type CycleDeps, type CycleLibvirt } from '../../lib/cycle/cycle.js';
 import { cachedSha256 } from '../../lib/cycle/digest.js';
 import type { CaptureRequest, CaptureResult } from '../../lib/cycle/capture.js';
+import type { PullCapture } from '../../lib/cycle/capture-pull.js';
 import type { ReplicaDiskSession, ReplicaPort } from '../../lib/cycle/ports.js';
 import { diskKey, emptyState, type AgentState } from '../../lib/cycle/state.js';
 import { ErrorCodes, OnestorError } from '../../lib/shared/errors.js';
@@ -142,6 +143,20 @@ function world(opts: { onReplica?: ReplicaManifest | null; libvirtCheckpoints?: 
   return w;
 }
 
+/** A pull capture of the request's disks: each stream yields 4 bytes; `end` is the test's. */
+function fakePullCapture(r: CaptureRequest, end: () => Promise<void>): PullCapture {
+  return {
+    checkpoint: r.checkpointName,
+    consistency: 'crash-consistent',
+    capturedAtMs: 5_000_000,
+    jobMs: 1,
+    stagingPeak: () => 0,
+    signal: new AbortController().signal,
+    disks: r.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, virtualSize: d.virtualSize, size: 4, dataBytes: 4, zeroBytes: 0, stream: async function* () { yield Buffer.alloc(4); } })),
+    end,
+  };
+}
+
 const req = (signal?: AbortSignal) => ({ vmId: 42, domainName: 'one-42', dsDir: DS, disks: [disk], ...(signal ? { signal } : {}) });
 
 describe('runVmCycle with fake ports', () => {
@@ -224,20 +239,12 @@ describe('runVmCycle with fake ports', () => {
     const w = world();
     const order: string[] = [];
     w.deps.seedMode = 'pull';
-    w.deps.staging.capturePull = async (r) => ({
-      checkpoint: r.checkpointName,
-      consistency: 'crash-consistent',
-      capturedAtMs: 5_000_000,
-      jobMs: 1,
-      stagingPeak: () => 0,
-      signal: new AbortController().signal,
-      disks: r.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, virtualSize: d.virtualSize, size: 4, dataBytes: 4, zeroBytes: 0, stream: async function* () { yield Buffer.alloc(4); } })),
-      end: async () => {
+    w.deps.staging.capturePull = async (r) =>
+      fakePullCapture(r, async () => {
         order.push('job end start');
         await new Promise((res) => setTimeout(res, 10));
         order.push('job end done');
-      },
-    });
+      });
     const session = await (await w.deps.replicaFor('replica')).openDisk(42, 0);
     session.uploadStream = async (kind, src) => {
       for await (const _ of src.chunks) order.push(`read ${kind}`);
@@ -275,16 +282,7 @@ describe('runVmCycle with fake ports', () => {
         events.push(`capturePull ${r.disks.map((d) => d.mode).join(',')}`);
         if (opts.fail) throw opts.fail;
         created.push(r.checkpointName);
-        return {
-          checkpoint: r.checkpointName,
-          consistency: 'crash-consistent',
-          capturedAtMs: 5_000_000,
-          jobMs: 1,
-          stagingPeak: () => 0,
-          signal: new AbortController().signal,
-          disks: r.disks.map((d) => ({ diskId: d.diskId, target: 'vda', mode: d.mode, virtualSize: d.virtualSize, size: 4, dataBytes: 4, zeroBytes: 0, stream: async function* () { yield Buffer.alloc(4); } })),
-          end: async () => void events.push('job end'),
-        };
+        return fakePullCapture(r, async () => void events.push('job end'));
       };
       const capture = w.deps.staging.capture;
       w.deps.staging.capture = async (r) => (events.push(`capture ${r.disks.map((d) => d.mode).join(',')}`), capture(r));
