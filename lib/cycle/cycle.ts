@@ -207,7 +207,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   const captureFacts = new Map<number, Promise<{ target: string; info: { virtualSize: number; bitmaps: string[] } }>>();
   const sourceChecks = new Map<number, Promise<void>>();
   /** a seed's capture begun before the replica answered (captureEarly), until adopted or discarded */
-  let early: { capture: Promise<PullCapture | null>; checkpoint: string; disks: Set<number> } | null = null;
+  let early: Promise<PullCapture | null> | null = null;
   // One connection attempt and one status per replica host and cycle, started at once: a cold connection
   // (SSH and the receiver's start) costs as much as the libvirt queries it now overlaps, and a replica that
   // is down costs one connect timeout, not one per use. A failure is each disk's own (when it asks).
@@ -326,12 +326,13 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         fail(disk.diskId, e);
       }
     }
-    if (early && !(work.length === early.disks.size && work.every((w) => w.decision.mode === 'full' && early!.disks.has(w.disk.diskId)))) {
+    // it holds every disk of the request: it stands if each of them is planned as a full
+    if (early && !(work.length === req.disks.length && work.every((w) => w.decision.mode === 'full'))) {
       await discardEarly('the plan differs');
     }
     if (work.length === 0) return finish();
 
-    const checkpointName = early?.checkpoint ?? newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+    const checkpointName = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
     watch ??= newMigrationWatch();
     try {
       const captureReq: CaptureRequest = {
@@ -358,7 +359,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         })),
       };
       // a capture begun early (captureEarly) that the plan confirmed; null when there is none
-      const adopted = early ? await early.capture.finally(() => (early = null)) : null;
+      const adopted = early ? await early.finally(() => (early = null)) : null;
       if (adopted || ((deps.seedMode ?? 'pull') === 'pull' && work.some((w) => w.decision.mode === 'full'))) {
         pull = adopted ?? (await deps.staging.capturePull(captureReq));
         captured = { ...pull, thinMs: 0, disks: pull.disks.map((d) => ({ diskId: d.diskId, mode: d.mode, pulled: d })) };
@@ -618,8 +619,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
   }
 
   /** The full capture of every disk of the request, begun before the plan (mayCaptureEarly). */
-  function captureEarly(): NonNullable<typeof early> {
-    const checkpoint = newCheckpointName(vmId, now(), randomBytes(3).toString('hex'));
+  function captureEarly(): Promise<PullCapture | null> {
     const capture = (async () => {
       const facts = await Promise.all(req.disks.map((d) => captureFacts.get(d.diskId)!));
       // a bitmap in a base.1 file: a lineage may go on from it (a migrated VM); leave it to the plan
@@ -631,7 +631,7 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
         vmId,
         domainName: dom,
         stagingDir,
-        checkpointName: checkpoint,
+        checkpointName: newCheckpointName(vmId, now(), randomBytes(3).toString('hex')),
         tryFreeze: deps.tryFreeze,
         timeoutMs: deps.captureTimeoutMs,
         minFreePercent: deps.stagingMinFreePercent,
@@ -650,24 +650,20 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
       return c;
     })();
     capture.catch(() => {});
-    return { capture, checkpoint, disks: new Set(req.disks.map((d) => d.diskId)) };
+    return capture;
   }
 
   /** Ends a capture begun early that the plan does not use: its job, staging and checkpoint go. */
   async function discardEarly(why: string): Promise<void> {
     const e = early;
     early = null;
-    if (!e) return;
     // a capture that failed has ended its job and deleted its checkpoint itself (capturePull)
-    const c = await e.capture.catch(() => null);
+    const c = await e?.catch(() => null);
     if (!c) return;
-    log.info({ checkpoint: e.checkpoint, why }, 'capture begun before the plan not used; ended');
+    log.info({ checkpoint: c.checkpoint, why }, 'capture begun before the plan not used; ended');
     await c.end().catch((err) => log.warn({ err: describeError(err) }, 'ending the early pull-mode backup job failed'));
-    const names = await deps.libvirt.checkpointNames(dom).catch(() => [] as string[]);
-    if (names.includes(e.checkpoint)) {
-      await deps.libvirt.checkpointDelete(dom, e.checkpoint).catch(() => deps.libvirt.checkpointDelete(dom, e.checkpoint, { metadataOnly: true }).catch(() => {}));
-    }
-    checkpoints = await deps.libvirt.checkpointNames(dom).catch(() => checkpoints);
+    // `checkpoints` was read before this capture made its checkpoint, and stays right once it is deleted
+    await deps.libvirt.checkpointDelete(dom, c.checkpoint).catch(() => deps.libvirt.checkpointDelete(dom, c.checkpoint, { metadataOnly: true }).catch(() => {}));
   }
 
   /** checkSource once per disk and cycle (the early capture and the plan both need it before a full). */
