@@ -1,8 +1,9 @@
 /**
- * What the build's bundle steps (bundle-probe.ts, bundle-daemon.ts, bundle-receive.ts) share: esbuild is a
- * devDependency, so a production-only install has none, and then a step leaves tsc's output as it is (it
- * works the same) after saying so; the map tsc wrote for the file a step replaces, which would describe the
- * wrong file; and the options every bundle is built with.
+ * What the build's bundle steps (bundle-probe.ts, bundle-daemon.ts, bundle-receive.ts) share: each replaces
+ * one entry of dist/agent/ with its bundle (buildAgentBundle) and checks the bundle's rules (endBundleStep).
+ * esbuild is a devDependency, so a production-only install has none, and then a step leaves tsc's output as
+ * it is (it works the same) after saying so; tsc's map of the replaced file goes (it would describe the wrong
+ * file); every bundle is built with the same options.
  */
 import { rmSync } from 'node:fs';
 import path from 'node:path';
@@ -11,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 export type Esbuild = typeof import('esbuild');
 
 /** esbuild, or null after telling why the step does nothing (`effect`: what the user loses). */
-export async function optionalEsbuild(step: string, entry: string, effect: string): Promise<Esbuild | null> {
+async function optionalEsbuild(step: string, entry: string, effect: string): Promise<Esbuild | null> {
   try {
     return await import('esbuild');
   } catch {
@@ -21,17 +22,17 @@ export async function optionalEsbuild(step: string, entry: string, effect: strin
 }
 
 /** tsc's source map of a file a bundle replaces (the bundles have none): a stale map would mislead. */
-export function dropStaleMap(file: string): void {
+function dropStaleMap(file: string): void {
   rmSync(`${file}.map`, { force: true });
 }
 
 /** The dist directory a step works on: its first argument, else the dist the step itself was built into. */
-export function distDir(stepUrl: string): string {
+function distDir(stepUrl: string): string {
   return path.resolve(process.argv[2] ?? path.join(path.dirname(fileURLToPath(stepUrl)), '..'));
 }
 
 /** Every bundle: ESM for Node 18+, replacing tsc's file in place, no map, a metafile for the step's checks. */
-export const NODE_ESM_BUNDLE = {
+const NODE_ESM_BUNDLE = {
   bundle: true,
   format: 'esm',
   platform: 'node',
@@ -49,4 +50,37 @@ export const NODE_ESM_BUNDLE = {
  */
 export function bannerWithRequire(step: string, entrySource: string): string {
   return `// Built by dev/${step}.ts from ${entrySource}: edit the sources, not this file.\nimport { createRequire as __onestorCreateRequire } from 'node:module';\nconst require = __onestorCreateRequire(import.meta.url);`;
+}
+
+/**
+ * One step's bundle of dist/agent/NAME.js, replacing tsc's file: esbuild with NODE_ESM_BUNDLE, the entry and
+ * the step's own `options(entry)`. Without esbuild the step says so and exits 0 (tsc's file stays).
+ * `beforeBuild` runs only when the bundle is made (the daemon removes its old chunks).
+ */
+export async function buildAgentBundle(o: {
+  step: string;
+  stepUrl: string;
+  name: string;
+  /** what a production-only install loses without the bundle */
+  effect: string;
+  options: (entry: string) => import('esbuild').BuildOptions;
+  beforeBuild?: (entry: string) => void;
+}): Promise<{ entry: string; outputs: import('esbuild').Metafile['outputs'] }> {
+  const entry = path.join(distDir(o.stepUrl), 'agent', `${o.name}.js`);
+  const esbuild = await optionalEsbuild(o.step, `dist/agent/${o.name}.js`, o.effect);
+  if (!esbuild) process.exit(0);
+  o.beforeBuild?.(entry);
+  dropStaleMap(entry);
+  const result = await esbuild.build({ ...NODE_ESM_BUNDLE, entryPoints: [entry], ...o.options(entry) });
+  // NODE_ESM_BUNDLE asks for the metafile
+  return { entry, outputs: result.metafile!.outputs };
+}
+
+/** Fails the build when the bundle breaks its rules (`broken`), else prints `summary`. */
+export function endBundleStep(step: string, what: string, broken: string[], summary: string): void {
+  if (broken.length) {
+    process.stderr.write(`${step}: the ${what} bundle breaks its rules:\n  ${broken.join('\n  ')}\n`);
+    process.exit(1);
+  }
+  process.stdout.write(`${step}: ${summary}\n`);
 }

@@ -20,35 +20,31 @@
 import { rmSync } from 'node:fs';
 import { isBuiltin } from 'node:module';
 import path from 'node:path';
-import { bannerWithRequire, distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
+import { bannerWithRequire, buildAgentBundle, endBundleStep } from './bundle-common.js';
 
-const dist = distDir(import.meta.url);
-const agentDir = path.join(dist, 'agent');
-const entry = path.join(agentDir, 'daemon-cli.js');
 const CHUNKS = 'daemon-chunks';
 const EXTERNAL = ['ssh2', 'node-unix-socket'];
 /** modules of the cycle: never in what the entry loads statically */
 const CYCLE_ONLY = /(^|[/\\])(lib[/\\]cycle[/\\](cycle|ports|digest|rebuild)|lib[/\\]transfer[/\\]replica-client|lib[/\\]protocol[/\\]protocol)\.js$|node_modules[/\\]ssh2[/\\]/;
 
-const esbuild = await optionalEsbuild('bundle-daemon', 'dist/agent/daemon-cli.js', 'larger idle daemon');
-if (!esbuild) process.exit(0);
-
-rmSync(path.join(agentDir, CHUNKS), { recursive: true, force: true });
-dropStaleMap(entry);
-const result = await esbuild.build({
-  ...NODE_ESM_BUNDLE,
-  entryPoints: [entry],
-  outdir: agentDir,
-  entryNames: '[name]',
-  chunkNames: `${CHUNKS}/[name]-[hash]`,
-  splitting: true,
-  minify: true,
-  external: EXTERNAL,
-  // every chunk gets the require (a chunk may hold a CommonJS package)
-  banner: { js: bannerWithRequire('bundle-daemon', 'agent/daemon-cli.ts') },
+const { entry, outputs } = await buildAgentBundle({
+  step: 'bundle-daemon',
+  stepUrl: import.meta.url,
+  name: 'daemon-cli',
+  effect: 'larger idle daemon',
+  beforeBuild: (file) => rmSync(path.join(path.dirname(file), CHUNKS), { recursive: true, force: true }),
+  options: (file) => ({
+    outdir: path.dirname(file),
+    entryNames: '[name]',
+    chunkNames: `${CHUNKS}/[name]-[hash]`,
+    splitting: true,
+    minify: true,
+    external: EXTERNAL,
+    // every chunk gets the require (a chunk may hold a CommonJS package)
+    banner: { js: bannerWithRequire('bundle-daemon', 'agent/daemon-cli.ts') },
+  }),
 });
 
-const outputs = result.metafile.outputs;
 const rel = (f: string) => path.relative(process.cwd(), f);
 const bad: string[] = [];
 for (const [file, out] of Object.entries(outputs)) {
@@ -73,10 +69,6 @@ const walk = (f: string) => {
 };
 for (const f of startOuts) walk(f);
 for (const f of idle) for (const input of Object.keys(outputs[f]!.inputs)) if (CYCLE_ONLY.test(input)) bad.push(`the idle daemon would load ${input} (in ${rel(f)})`);
-if (bad.length) {
-  process.stderr.write(`bundle-daemon: the daemon bundle breaks its rules:\n  ${bad.join('\n  ')}\n`);
-  process.exit(1);
-}
 const kib = (files: Iterable<string>) => ([...files].reduce((n, f) => n + outputs[f]!.bytes, 0) / 1024).toFixed(0);
 const inputs = new Set(Object.values(outputs).flatMap((o) => Object.keys(o.inputs)));
-process.stdout.write(`bundle-daemon: ${rel(entry)} + ${Object.keys(outputs).length - 1} chunks from ${inputs.size} modules; ${kib(idle)} KiB load at start, ${kib(Object.keys(outputs))} KiB in all\n`);
+endBundleStep('bundle-daemon', 'daemon', bad, `${rel(entry)} + ${Object.keys(outputs).length - 1} chunks from ${inputs.size} modules; ${kib(idle)} KiB load at start, ${kib(Object.keys(outputs))} KiB in all`);

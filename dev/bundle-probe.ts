@@ -17,44 +17,42 @@
  *   node dist/dev/bundle-probe.js [dist dir, default: the dist this file was built into]
  */
 import path from 'node:path';
-import { distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
+import { buildAgentBundle, endBundleStep } from './bundle-common.js';
 
-const dist = distDir(import.meta.url);
-const entry = path.join(dist, 'agent', 'probe-cli.js');
 const INSIDE = /[/\\](agent[/\\]commands[/\\]probe|lib[/\\]monitor[/\\](replica-gather|prometheus)|lib[/\\]shared[/\\]version)\.js$/;
 
-const esbuild = await optionalEsbuild('bundle-probe', 'dist/agent/probe-cli.js', 'slower probe start-up');
-if (!esbuild) process.exit(0);
-
-dropStaleMap(entry);
-const result = await esbuild.build({
-  ...NODE_ESM_BUNDLE,
-  entryPoints: [entry],
-  outfile: entry,
-  packages: 'external',
-  banner: { js: '// Built by dev/bundle-probe.ts from agent/probe-cli.ts and the probe path: edit the sources, not this file.' },
-  plugins: [
-    {
-      name: 'probe-path-only',
-      setup(b) {
-        b.onResolve({ filter: /^\.\.?\// }, (args) => {
-          if (args.kind !== 'dynamic-import') return undefined;
-          if (INSIDE.test(path.resolve(args.resolveDir, args.path))) return undefined;
-          // left as a dynamic import of the same relative path: valid only from the bundle's own directory
-          if (path.resolve(args.resolveDir) !== path.dirname(entry)) {
-            return { errors: [{ text: `${args.importer} imports ${args.path} dynamically: add it to the bundle or keep such imports in agent/` }] };
-          }
-          return { path: args.path, external: true };
-        });
+const { entry, outputs } = await buildAgentBundle({
+  step: 'bundle-probe',
+  stepUrl: import.meta.url,
+  name: 'probe-cli',
+  effect: 'slower probe start-up',
+  options: (file) => ({
+    outfile: file,
+    packages: 'external',
+    banner: { js: '// Built by dev/bundle-probe.ts from agent/probe-cli.ts and the probe path: edit the sources, not this file.' },
+    plugins: [
+      {
+        name: 'probe-path-only',
+        setup(b) {
+          b.onResolve({ filter: /^\.\.?\// }, (args) => {
+            if (args.kind !== 'dynamic-import') return undefined;
+            if (INSIDE.test(path.resolve(args.resolveDir, args.path))) return undefined;
+            // left as a dynamic import of the same relative path: valid only from the bundle's own directory
+            if (path.resolve(args.resolveDir) !== path.dirname(file)) {
+              return { errors: [{ text: `${args.importer} imports ${args.path} dynamically: add it to the bundle or keep such imports in agent/` }] };
+            }
+            return { path: args.path, external: true };
+          });
+        },
       },
-    },
-  ],
+    ],
+  }),
 });
 
-const out = Object.values(result.metafile.outputs)[0]!;
-const bad = out.imports.filter((i) => (i.kind === 'dynamic-import' ? !i.external || !/^\.\.?\//.test(i.path) : !i.path.startsWith('node:')));
-if (bad.length) {
-  process.stderr.write(`bundle-probe: the probe bundle must import only Node built-ins statically, found: ${bad.map((i) => `${i.path} (${i.kind})`).join(', ')}\n`);
-  process.exit(1);
-}
-process.stdout.write(`bundle-probe: ${path.relative(process.cwd(), entry)} ${(out.bytes / 1024).toFixed(0)} KiB from ${Object.keys(out.inputs).length} modules\n`);
+const out = Object.values(outputs)[0]!;
+endBundleStep(
+  'bundle-probe',
+  'probe',
+  out.imports.filter((i) => (i.kind === 'dynamic-import' ? !i.external || !/^\.\.?\//.test(i.path) : !i.path.startsWith('node:'))).map((i) => `imports ${i.path} (${i.kind}): only Node built-ins statically, only the probe path inside`),
+  `${path.relative(process.cwd(), entry)} ${(out.bytes / 1024).toFixed(0)} KiB from ${Object.keys(out.inputs).length} modules`,
+);

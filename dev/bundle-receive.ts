@@ -15,31 +15,25 @@
  */
 import { isBuiltin } from 'node:module';
 import path from 'node:path';
-import { bannerWithRequire, distDir, dropStaleMap, NODE_ESM_BUNDLE, optionalEsbuild } from './bundle-common.js';
+import { bannerWithRequire, buildAgentBundle, endBundleStep } from './bundle-common.js';
 
-const dist = distDir(import.meta.url);
-const entry = path.join(dist, 'agent', 'receive-cli.js');
 const HOST_SIDE = /(^|[/\\])(lib[/\\](cycle|transfer|libvirt)[/\\]|node_modules[/\\]ssh2[/\\])/;
 
-const esbuild = await optionalEsbuild('bundle-receive', 'dist/agent/receive-cli.js', 'slower receiver start');
-if (!esbuild) process.exit(0);
-
-dropStaleMap(entry);
-const result = await esbuild.build({
-  ...NODE_ESM_BUNDLE,
-  entryPoints: [entry],
-  outfile: entry,
-  minify: true,
-  banner: { js: bannerWithRequire('bundle-receive', 'agent/receive-cli.ts') },
+const { entry, outputs } = await buildAgentBundle({
+  step: 'bundle-receive',
+  stepUrl: import.meta.url,
+  name: 'receive-cli',
+  effect: 'slower receiver start',
+  options: (file) => ({ outfile: file, minify: true, banner: { js: bannerWithRequire('bundle-receive', 'agent/receive-cli.ts') } }),
 });
 
-const [out] = Object.values(result.metafile.outputs);
-const bad = [
-  ...out!.imports.filter((i) => !isBuiltin(i.path)).map((i) => `imports ${i.path} (${i.kind})`),
-  ...Object.keys(out!.inputs).filter((i) => HOST_SIDE.test(i)).map((i) => `holds ${i} (host side)`),
-];
-if (bad.length) {
-  process.stderr.write(`bundle-receive: the receiver bundle breaks its rules:\n  ${bad.join('\n  ')}\n`);
-  process.exit(1);
-}
-process.stdout.write(`bundle-receive: ${path.relative(process.cwd(), entry)} ${(out!.bytes / 1024).toFixed(0)} KiB from ${Object.keys(out!.inputs).length} modules\n`);
+const [out] = Object.values(outputs);
+endBundleStep(
+  'bundle-receive',
+  'receiver',
+  [
+    ...out!.imports.filter((i) => !isBuiltin(i.path)).map((i) => `imports ${i.path} (${i.kind})`),
+    ...Object.keys(out!.inputs).filter((i) => HOST_SIDE.test(i)).map((i) => `holds ${i} (host side)`),
+  ],
+  `${path.relative(process.cwd(), entry)} ${(out!.bytes / 1024).toFixed(0)} KiB from ${Object.keys(out!.inputs).length} modules`,
+);
