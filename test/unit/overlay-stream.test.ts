@@ -1,6 +1,6 @@
 /** The overlay byte stream over a fake range reader: exact bytes, order, padding, reader faults. */
 import { describe, expect, it } from 'vitest';
-import { overlayStream } from '../../lib/cycle/overlay-stream.js';
+import { DEFAULT_READ_BYTES, overlayStream } from '../../lib/cycle/overlay-stream.js';
 import { planQcow2Overlay } from '../../lib/libvirt/qcow2-writer.js';
 
 const cs = 65536;
@@ -42,6 +42,15 @@ describe('overlayStream', () => {
     for (let i = 0; i < 5 * cs; i += 997) expect(data[i]).toBe(byteAt(i));
     expect(data.subarray(5 * cs, 5 * cs + 512)).toEqual(await reader(40 * cs, 512));
     expect(data.subarray(5 * cs + 512).every((b) => b === 0)).toBe(true);
+  });
+
+  it('by default asks for reads of 512 KiB: below the 1 MiB at which QEMU faults in a fresh buffer per request', async () => {
+    const big = planQcow2Overlay({ virtualSize: 64 * 1048576, backingFile: 'disk.0.snap/base', backingFormat: 'qcow2', runs: [{ start: 0, length: 3 * 1048576 + cs, kind: 'data' }] });
+    const lengths: number[] = [];
+    const out = await collect(overlayStream(big, async (o, l) => (lengths.push(l), Buffer.alloc(l))));
+    expect(out.length).toBe(big.fileSize);
+    expect(DEFAULT_READ_BYTES).toBe(512 * 1024);
+    expect(lengths).toEqual([...Array(6).fill(512 * 1024), cs]);
   });
 
   it('a reader returning the wrong length fails the stream', async () => {
