@@ -9,6 +9,7 @@
  *   export -> nowhere  the export read alone (capturePull + the overlay stream).
  * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
  * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
+ * BENCH_PIECES=name,name runs only the named pieces.
  */
 import { spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
@@ -23,6 +24,8 @@ import { median } from './lib/stats.js';
 const GIB = Number(process.argv[2] ?? 1);
 const REPS = Number(process.argv[3] ?? 3);
 const MiB = 1048576;
+// BENCH_PIECES='export -> receiver,ssh cat < file' runs only those pieces (e.g. under a profiler)
+const ONLY = process.env.BENCH_PIECES?.split(',').map((x) => x.trim());
 
 async function main(): Promise<void> {
   const env = await startAgentEnv({ name: 'seed-split' });
@@ -112,17 +115,19 @@ async function main(): Promise<void> {
       },
     };
     const spid = await sshdPid(env);
+    // the guest's QEMU serves the pull-mode export (its I/O threads read base.1 for every NBD request)
+    const qemuPid = Number((await sh(`pgrep -f ${q(`guest=${vm.domainName},`)} | head -1`)).trim());
     const serverCpu = async () => {
       let recv = 0;
       let sshd = 0;
       for (const p of await descendants(spid, /receive/)) recv += (await procCpu(p))?.self ?? 0;
       for (const p of await descendants(spid, /sshd: /)) sshd += (await procCpu(p))?.self ?? 0;
-      return { recv, sshd };
+      return { recv, sshd, qemu: (await procCpu(qemuPid))?.self ?? 0 };
     };
-    const results: Record<string, Array<{ sec: number; bytes: number; agent: number; recv: number }>> = {};
+    const results: Record<string, Array<{ sec: number; bytes: number; agent: number; recv: number; qemu: number }>> = {};
     console.log(`load average ${(await sh('cat /proc/loadavg')).trim()}`);
     for (let r = 0; r < REPS; r++) {
-      const names = Object.keys(pieces);
+      const names = Object.keys(pieces).filter((n) => !ONLY || ONLY.includes(n));
       if (r % 2) names.reverse();
       for (const name of names) {
         // a fresh connection and an empty replica dir for every piece, the source back in the page cache
@@ -137,8 +142,8 @@ async function main(): Promise<void> {
         const sec = (performance.now() - t0) / 1000;
         const c = process.cpuUsage(c0);
         const s1 = await serverCpu();
-        (results[name] ??= []).push({ sec, bytes, agent: (c.user + c.system) / 1e6, recv: s1.recv - s0.recv });
-        console.log(`#${r + 1} ${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${((c.user + c.system) / 1e6).toFixed(2)} s, receiver ${(s1.recv - s0.recv).toFixed(2)} s, sshd ${(s1.sshd - s0.sshd).toFixed(2)} s`);
+        (results[name] ??= []).push({ sec, bytes, agent: (c.user + c.system) / 1e6, recv: s1.recv - s0.recv, qemu: s1.qemu - s0.qemu });
+        console.log(`#${r + 1} ${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${((c.user + c.system) / 1e6).toFixed(2)} s, receiver ${(s1.recv - s0.recv).toFixed(2)} s, sshd ${(s1.sshd - s0.sshd).toFixed(2)} s, qemu ${(s1.qemu - s0.qemu).toFixed(2)} s`);
       }
     }
     await sh('rm -f /tmp/seed-split-ref');
@@ -146,7 +151,7 @@ async function main(): Promise<void> {
     console.log(`\nmedians of ${REPS} (base.1 ${(base1Bytes / MiB).toFixed(0)} MiB):`);
     for (const [name, xs] of Object.entries(results)) {
       const sec = median(xs.map((x) => x.sec));
-      console.log(`${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(xs[0]!.bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${median(xs.map((x) => x.agent)).toFixed(2)} s, receiver ${median(xs.map((x) => x.recv)).toFixed(2)} s`);
+      console.log(`${name.padEnd(20)} ${sec.toFixed(2).padStart(6)} s ${(xs[0]!.bytes / MiB / sec).toFixed(0).padStart(5)} MB/s   cpu this process ${median(xs.map((x) => x.agent)).toFixed(2)} s, receiver ${median(xs.map((x) => x.recv)).toFixed(2)} s, qemu ${median(xs.map((x) => x.qemu)).toFixed(2)} s`);
     }
     await dropCheckpoints();
     await vm.destroy();
