@@ -45,6 +45,34 @@ export async function prepareUpload(p: ReplicaPaths, key: string, size: number, 
   return { file, offset: st.size };
 }
 
+/**
+ * File offsets, lengths and buffer addresses of direct writes are multiples of this: the largest logical
+ * block size of the disks a replica sits on (512 or 4096 bytes).
+ */
+export const DIRECT_ALIGN = 4096;
+
+/**
+ * A second handle on the same open upload with O_DIRECT, through /proc/self/fd (the very inode `fh` has
+ * open, whatever the path names now), or null where the filesystem or the system does not offer it
+ * (tmpfs before Linux 6.6, no /proc): the upload is then written through the page cache alone.
+ */
+export async function openDirect(fh: fsp.FileHandle): Promise<fsp.FileHandle | null> {
+  const O_DIRECT = fsConstants.O_DIRECT;
+  if (!O_DIRECT) return null;
+  let direct: fsp.FileHandle;
+  try {
+    direct = await fsp.open(`/proc/self/fd/${fh.fd}`, fsConstants.O_WRONLY | O_DIRECT);
+  } catch {
+    return null;
+  }
+  const [a, b] = await Promise.all([fh.stat(), direct.stat()]).catch(() => [null, null]);
+  if (!a || !b || a.dev !== b.dev || a.ino !== b.ino) {
+    await direct.close().catch(() => {});
+    return null;
+  }
+  return direct;
+}
+
 /** Opens an upload temp for writing without following a symlink; offset 0 truncates. */
 export async function openUpload(file: string, offset: number): Promise<fsp.FileHandle> {
   const flags = fsConstants.O_RDWR | fsConstants.O_CREAT | O_NOFOLLOW | (offset === 0 ? fsConstants.O_TRUNC : 0);

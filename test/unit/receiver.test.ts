@@ -579,6 +579,55 @@ async function seedHeldAtSpare(name: string, vm: number, checkpoint: string, onS
   return { snaps, src, s, d, manifest, openGate };
 }
 
+describe('receiver: uploads written with O_DIRECT', () => {
+  /** Bytes of `file` in the page cache (util-linux fincore: what the kernel holds, not what we think). */
+  async function resident(file: string): Promise<number> {
+    return Number((await run('fincore', ['--bytes', '--noheadings', '--output', 'RES', file])).stdout.trim());
+  }
+  async function uploadOnce(snaps: string, src: string, extra: Partial<ReceiverOptions>) {
+    const lines: string[] = [];
+    const s = await session(snaps, { ...extra, log: (_o, m) => void lines.push(m) });
+    const d = await s.conn.openDisk(21, 0);
+    const up = await d.upload('base1', src, { key: 'dio' });
+    const tmp = path.join(snaps, '.onestor', 'tmp', '21-0');
+    const [name] = (await fsp.readdir(tmp)).filter((n) => n.startsWith('up.'));
+    const file = path.join(tmp, name!);
+    const cachedBytes = await resident(file); // before anything reads it back
+    const res = { up, resident: cachedBytes, bytes: await fsp.readFile(file), lines };
+    await d.close();
+    await endSession(s);
+    return res;
+  }
+
+  it('a verified upload is on disk byte for byte, and only its unaligned tail went through the page cache', async () => {
+    const src = path.join(root, 'dio-src.bin');
+    // 12 MiB and an odd tail: 24 batches direct, the last 1234 bytes buffered
+    const data = Buffer.alloc(12 * MiB + 1234);
+    for (let i = 0; i + 4 <= data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+    await fsp.writeFile(src, data);
+    const probe = path.join(root, 'dio-probe');
+    const fsTakesDirect = await fsp.open(probe, 'w').then(async (fh) => {
+      const { openDirect } = await import('../../lib/replica/uploads.js');
+      const d = await openDirect(fh);
+      await d?.close();
+      await fh.close();
+      return d !== null;
+    });
+    const direct = await uploadOnce(path.join(root, 'snaps-dio'), src, {});
+    const cached = await uploadOnce(path.join(root, 'snaps-nodio'), src, { directWrites: false });
+    for (const r of [direct, cached]) {
+      expect(r.up.digest).toBe('xxh64');
+      expect(r.up.hex).toBe(await xxh64Of(src));
+      expect(r.bytes.equals(data)).toBe(true);
+      expect(r.lines).not.toContain('direct writes refused (EINVAL); this upload goes through the page cache');
+    }
+    // through the page cache every byte stays resident after the fsync; direct, at most the tail's page
+    expect(cached.resident).toBeGreaterThanOrEqual(12 * MiB);
+    if (fsTakesDirect) expect(direct.resident).toBeLessThanOrEqual(4096);
+    else expect(direct.resident).toBeGreaterThanOrEqual(12 * MiB);
+  });
+});
+
 describe('receiver: a seed\'s A/B spare is made after the publish reply', () => {
   it('answers publish and close before the spare copy, holds the disk lock until it is made, then merges as before', async () => {
     const reached: string[] = [];
