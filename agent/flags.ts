@@ -37,6 +37,7 @@ const OPTIONS = {
   'max-session-time': { type: 'string' },
   'bandwidth-mbps': { type: 'string' },
   'no-space-check': { type: 'boolean' },
+  'no-direct-io': { type: 'boolean' },
   // receive: serve keys with neither --host nor an exposed key fingerprint (see lib/replica/identity.ts)
   'allow-unidentified': { type: 'boolean' },
   'lock-timeout': { type: 'string' },
@@ -96,6 +97,7 @@ export function overridesFrom(f: Flags): Record<string, unknown> {
   ] as const;
   for (const [flag, key] of receiverInts) if (f[flag] !== undefined) receiver[key] = intFlag(f[flag], flag);
   if (f['no-space-check']) receiver.spaceCheck = false;
+  if (f['no-direct-io']) receiver.directIo = false;
   if (f['lock-timeout']) receiver.lockTimeoutSec = intFlag(f['lock-timeout'], 'lock-timeout');
   if (f['busy-wait']) receiver.busyWaitSec = intFlag(f['busy-wait'], 'busy-wait');
   if (f['max-used-percent']) receiver.maxUsedPercent = intFlag(f['max-used-percent'], 'max-used-percent');

@@ -40,6 +40,7 @@ export function receiverOptionsFrom(config: Config, settings: Readonly<DriverSet
     maxSessionSec: r.maxSessionSec,
     maxUsedPercent: r.maxUsedPercent ?? settings.REPLICA_MAX_USED_PERC,
     spaceCheck: r.spaceCheck,
+    directWrites: r.directIo,
     qemuImg: config.qemuImg,
     ...(log ? { log } : {}),
   };
@@ -67,6 +68,7 @@ const RECEIVER_MAIN_FLAGS = new Set([
   'max-session-time',
   'qemu-img',
   'no-space-check',
+  'no-direct-io',
   'allow-unidentified',
 ]);
 

@@ -145,6 +145,7 @@ export const COMMANDS: readonly CommandSpec[] = [
       ['--min-progress-kib K', `see --progress-window (default ${R.minProgressKiB})`],
       ['--max-session-time S', `most agent time one disk session may hold its slot (default ${R.maxSessionSec})`],
       ['--no-space-check', 'no up-front REPLICA_MAX_USED_PERC refusal (compressing filesystems)'],
+      ['--no-direct-io', 'write uploads through the page cache (default: O_DIRECT where the filesystem takes it)'],
       ['--qemu-img PROGRAM', 'qemu-img to run (default qemu-img in PATH)'],
     ],
     common: true,

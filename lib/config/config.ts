@@ -132,6 +132,8 @@ const receiverSchema = z.strictObject({
    * statfs cannot tell (compressing or deduplicating filesystems); a real ENOSPC is handled either way.
    */
   spaceCheck: z.boolean().default(true),
+  /** false: uploads go through the page cache (default: O_DIRECT where the filesystem takes it) */
+  directIo: z.boolean().default(true),
 });
 
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;

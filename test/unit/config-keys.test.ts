@@ -36,6 +36,7 @@ const READ_VIA: Record<string, [file: string, text: string]> = {
   'receiver.maxUsedPercent': ['agent/commands/receive.ts', 'r.maxUsedPercent'],
   'receiver.idleTimeoutSec': ['agent/commands/receive.ts', 'r.idleTimeoutSec'],
   'receiver.spaceCheck': ['agent/commands/receive.ts', 'r.spaceCheck'],
+  'receiver.directIo': ['agent/commands/receive.ts', 'r.directIo'],
   'receiver.maxSessionsPerHost': ['agent/commands/receive.ts', 'r.maxSessionsPerHost'],
   'receiver.helloTimeoutSec': ['agent/commands/receive.ts', 'r.helloTimeoutSec'],
   'receiver.drainTimeoutSec': ['agent/commands/receive.ts', 'r.drainTimeoutSec'],

@@ -48,6 +48,7 @@ describe('parseConfig (pure)', () => {
         busyWaitSec: 300,
         maxUsedPercent: null,
         spaceCheck: true,
+        directIo: true,
         maxSessionsPerHost: null,
         helloTimeoutSec: 30,
         idleTimeoutSec: 900,

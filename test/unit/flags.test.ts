@@ -40,7 +40,8 @@ describe('receiver flags: both entries, one schema, one set of defaults', () => 
   it('receiver-main takes the receive flags and validates them as config', async () => {
     const { parseReceiverArgs } = await import('../../agent/commands/receive.js');
     const o = parseReceiverArgs(['--snaps-dir', '/snaps', '--lock-timeout', '5', '--max-sessions', '2', '--busy-wait', '1', '--idle-timeout', '30', '--max-used-percent', '80']);
-    expect(o).toMatchObject({ snapsDir: '/snaps', lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 1, idleTimeoutSec: 30, maxUsedPercent: 80, spaceCheck: true });
+    expect(o).toMatchObject({ snapsDir: '/snaps', lockTimeoutSec: 5, maxSessions: 2, busyWaitSec: 1, idleTimeoutSec: 30, maxUsedPercent: 80, spaceCheck: true, directWrites: true });
+    expect(parseReceiverArgs(['--snaps-dir', '/snaps', '--no-direct-io']).directWrites).toBe(false);
   });
 
   it('unset flags take the same defaults as `onestor-agent receive` (config schema, upstream sshrc)', async () => {
