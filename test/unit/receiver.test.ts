@@ -4,6 +4,7 @@
  * the wire (corrupted bytes, cuts), which uses raw frames.
  */
 import { createHash } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -605,14 +606,11 @@ describe('receiver: uploads written with O_DIRECT', () => {
     const data = Buffer.alloc(12 * MiB + 1234);
     for (let i = 0; i + 4 <= data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
     await fsp.writeFile(src, data);
-    const probe = path.join(root, 'dio-probe');
-    const fsTakesDirect = await fsp.open(probe, 'w').then(async (fh) => {
-      const { openDirect } = await import('../../lib/replica/uploads.js');
-      const d = await openDirect(fh);
-      await d?.close();
-      await fh.close();
-      return d !== null;
-    });
+    // whether this filesystem takes O_DIRECT, asked of the kernel directly (not through the code under test)
+    const fsTakesDirect = await fsp.open(path.join(root, 'dio-probe'), fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_DIRECT).then(
+      async (fh) => (await fh.close(), true),
+      () => false,
+    );
     const direct = await uploadOnce(path.join(root, 'snaps-dio'), src, {});
     const cached = await uploadOnce(path.join(root, 'snaps-nodio'), src, { directWrites: false });
     for (const r of [direct, cached]) {
