@@ -99,16 +99,6 @@ const EXIT_PROTOCOL = Exit.PROTOCOL;
  * where rsync (smaller writes) spent 0.14.
  */
 const WRITE_BATCH_BYTES = 512 * 1024;
-/*
- * Batches go to the disk with O_DIRECT where the filesystem allows it (uploads.ts openDirect): received
- * data is cold (read again at most once, by the spare copy or a merge), and copying it into the page cache
- * was the largest cost of a seed on the replica: fresh page-cache pages for every byte, then the kernel's
- * writeback. Measured on a VM replica (1 GiB, 512 KiB writes): 0.8-3.3 s of system time through the page
- * cache, 0.25 s direct. A batch is direct when its offset and length are multiples of DIRECT_ALIGN (all
- * but an upload's last, and the first after a resume at an odd offset, which is cut short to realign);
- * the others go through the page cache, as does everything where O_DIRECT is refused. Durability is the
- * same either way: the fsync before `end`'s verdict covers the file whichever handle wrote it.
- */
 const LEDGER_STEP_BYTES = 64 * 1024 * 1024;
 /**
  * Written data is handed to the disk every this many bytes (fdatasync in the background, one at a time)
@@ -417,7 +407,17 @@ class ReceiverSession {
     up.writing = write;
   }
 
-  /** One batch: direct when aligned and the filesystem takes it, else through the page cache. */
+  /**
+   * One batch: direct when aligned and the filesystem takes it, else through the page cache.
+   * Batches go to the disk with O_DIRECT where the filesystem allows it (uploads.ts openDirect): received
+   * data is cold (read again at most once, by the spare copy or a merge), and copying it into the page cache
+   * was the largest cost of a seed on the replica: fresh page-cache pages for every byte, then the kernel's
+   * writeback. Measured on a VM replica (1 GiB, 512 KiB writes): 0.8-3.3 s of system time through the page
+   * cache, 0.25 s direct. A batch is direct when its offset and length are multiples of DIRECT_ALIGN (all
+   * but an upload's last, and the first after a resume at an odd offset, which is cut short to realign);
+   * the others go through the page cache, as does everything where O_DIRECT is refused. Durability is the
+   * same either way: the fsync before `end`'s verdict covers the file whichever handle wrote it.
+   */
   private async writeBatch(up: Upload, buf: Buffer, n: number, at: number): Promise<number> {
     const direct = up.direct;
     if (direct && at % DIRECT_ALIGN === 0 && n % DIRECT_ALIGN === 0) {
