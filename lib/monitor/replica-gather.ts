@@ -8,9 +8,10 @@ import { describeError } from '../shared/errors.js';
 import { LEDGER_DIR, HANDOVERS_FILE, TAKEOVERS_FILE, TAKEOVERS_ROTATE_BYTES, WRITERS_DIR, parseTakeoverLines, parseWriterRecord, summarizeTakeovers } from '../shared/ledger.js';
 import { parseSshrc } from '../config/sshrc.js';
 import { DEFAULT_DRIVER_SETTINGS, DEFAULT_SSHRC_PATHS } from '../shared/defaults.js';
+import type { DriverSettings } from '../shared/model.js';
 import type { DsFigures, Measured, ReplicaDsInput } from './probe-lines.js';
 import { dsLocationOf, type Budget } from './gather.js';
-import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary, type FsFigures } from './usage.js';
+import { readFileBounded, runBounded, statfsBounded, summarizeCache, summarizeSnaps, walkBookkeepingBounded, walkBounded, writeFileAtomicBounded, type BookkeepingSummary, type Bounded, type FsFigures } from './usage.js';
 
 export const DEFAULT_WALK_CACHE_FILE = '/var/tmp/onestor-agent/probe-walk-cache.json';
 
@@ -40,62 +41,28 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
   const maxEntries = opts.maxWalkEntries ?? 100_000;
   const cacheFile = opts.cacheFile ?? DEFAULT_WALK_CACHE_FILE;
 
-  let t = performance.now();
-  // Independent reads start together (each child is a fork and a scheduling round trip; in sequence they
-  // were most of this probe's time): the driver settings (first existing sshrc, upstream keeps it in two
-  // places), which datastores are monitored locally (numeric dirs with a .monitor file, as upstream), and
-  // the walk cache.
-  const sshrcPaths = opts.sshrcPaths ?? DEFAULT_SSHRC_PATHS;
-  const [sshrcReads, list, cacheRead] = await Promise.all([
-    Promise.all(sshrcPaths.map((p) => readFileBounded(p, budget.left(), 1024 * 1024))),
-    runBounded('find', [loc, '-mindepth', '2', '-maxdepth', '2', '-name', '.monitor', '-type', 'f', '-printf', '%h\\0'], { deadlineMs: budget.left(), maxBytes: 1024 * 1024 }),
-    readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024),
-  ]);
-  let settings = { ...DEFAULT_DRIVER_SETTINGS };
-  let settingsError: string | undefined;
-  for (const [i, r] of sshrcReads.entries()) {
-    if (!r.ok) {
-      settingsError = r.error;
-      break;
+  const t0 = performance.now();
+  // Two independent branches run together (each child is a fork and a scheduling round trip; in sequence
+  // they were most of this probe's time, and a blocked read in one must not starve the other): the
+  // datastores (numeric dirs with a .monitor file, as upstream: statfs and the cache walk), and the driver
+  // settings (first existing sshrc, upstream keeps it in two places), which name the snaps dir measured
+  // after them. The settings read gets at most 40 % of the budget, so a hung sshrc still leaves the snaps
+  // figures time to answer; the datastores never wait for it.
+  const cacheRead = readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024).then((cacheRead) => {
+    if (cacheRead.ok && cacheRead.value) {
+      try {
+        const c = JSON.parse(cacheRead.value) as WalkCache;
+        if (c.version === 1 && c.walks && typeof c.walks === 'object') return c;
+      } catch {
+        /* a corrupt cache is just a cold cache */
+      }
     }
-    if (r.value === null) continue;
-    try {
-      settings = parseSshrc(r.value, sshrcPaths[i]!).settings;
-    } catch (e) {
-      settingsError = describeError(e);
-    }
-    break;
-  }
-  timings.sshrc = performance.now() - t;
-
-  const dsIds: number[] = [];
-  if (list.ok) {
-    for (const dir of list.value.stdout.toString('utf8').split('\0')) {
-      const id = path.basename(dir);
-      if (/^\d+$/.test(id) && path.dirname(dir) === loc.replace(/\/+$/, '')) dsIds.push(Number(id));
-    }
-  } else errors.push(list.error);
-  const snapsDir = settings.REPLICA_RECOVERY_SNAPS_DIR;
-  const fsPaths = [loc, ...dsIds.map((id) => path.join(loc, String(id))), snapsDir];
-  const [marks, figures] = await Promise.all([
-    Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096))),
-    statfsBounded(fsPaths, budget.left()),
-  ]);
-  timings.statfs = performance.now() - t;
-
-  // walks: cached, redone after ttl; a failed refresh keeps reporting the error (not an old figure)
-  t = performance.now();
-  let cache: WalkCache = { version: 1, walks: {} };
-  if (cacheRead.ok && cacheRead.value) {
-    try {
-      const c = JSON.parse(cacheRead.value) as WalkCache;
-      if (c.version === 1 && c.walks && typeof c.walks === 'object') cache = c;
-    } catch {
-      /* a corrupt cache is just a cold cache */
-    }
-  }
+    return { version: 1, walks: {} } as WalkCache;
+  });
   let cacheDirty = false;
+  // walks: cached, redone after ttl; a failed refresh keeps reporting the error (not an old figure)
   const walk = async (root: string, depth: number): Promise<Measured<{ result: WalkCache['walks'][string]['result']; at: number }>> => {
+    const cache = await cacheRead;
     const key = `${depth}:${root}`;
     const hit = cache.walks[key];
     if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: hit };
@@ -106,6 +73,7 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
     return { ok: true, value: { at: now, result: w.value } };
   };
   const bookkeepingOf = async (snaps: string): Promise<Measured<BookkeepingSummary & { missing: boolean; measuredAt: number }>> => {
+    const cache = await cacheRead;
     const hit = cache.bookkeeping?.[snaps];
     if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: { ...hit.value, measuredAt: hit.at } };
     const w = await walkBookkeepingBounded(snaps, maxEntries, budget.left());
@@ -114,36 +82,75 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
     cacheDirty = true;
     return { ok: true, value: { ...w.value, measuredAt: now } };
   };
-  const fsOf = (p: string): Measured<FsFigures> => {
-    const f = figures.get(p);
-    return f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' };
-  };
-  const datastores: DsFigures[] = await Promise.all(
-    dsIds.map(async (id, i): Promise<DsFigures> => {
-      const m = marks[i]!;
-      const tm = m.ok && m.value !== null ? m.value.trim() : '';
-      const dir = path.join(loc, String(id));
-      const ds: DsFigures = { id, tm, fs: fsOf(dir) };
-      if (tm === 'replica') {
-        const w = await walk(dir, 1);
-        ds.cache = w.ok ? { ok: true, value: { ...summarizeCache(w.value.result), measuredAt: w.value.at } } : w;
+  const measured = <T>(f: Bounded<T> | undefined): Measured<T> => (f?.ok ? { ok: true, value: f.value } : { ok: false, error: f ? f.error : 'not measured' });
+
+  const datastoresBranch = async (): Promise<{ location: Measured<FsFigures>; datastores: DsFigures[] }> => {
+    const list = await runBounded('find', [loc, '-mindepth', '2', '-maxdepth', '2', '-name', '.monitor', '-type', 'f', '-printf', '%h\\0'], { deadlineMs: budget.left(), maxBytes: 1024 * 1024 });
+    const dsIds: number[] = [];
+    if (list.ok) {
+      for (const dir of list.value.stdout.toString('utf8').split('\0')) {
+        const id = path.basename(dir);
+        if (/^\d+$/.test(id) && path.dirname(dir) === loc.replace(/\/+$/, '')) dsIds.push(Number(id));
       }
-      return ds;
-    }),
-  );
-  let snaps: ReplicaDsInput['snaps'];
-  const snapsFs = figures.get(snapsDir);
-  const snapsWalk = await walk(snapsDir, 3);
-  if (!(snapsWalk.ok && snapsWalk.value.result.missing)) {
-    snaps = {
-      fs: snapsFs?.ok ? { ok: true, value: snapsFs.value } : { ok: false, error: snapsFs && !snapsFs.ok ? snapsFs.error : 'not measured' },
+    } else errors.push(list.error);
+    const [marks, figures] = await Promise.all([
+      Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096))),
+      statfsBounded([loc, ...dsIds.map((id) => path.join(loc, String(id)))], budget.left()),
+    ]);
+    timings.statfs = performance.now() - t0;
+    const datastores = await Promise.all(
+      dsIds.map(async (id, i): Promise<DsFigures> => {
+        const m = marks[i]!;
+        const tm = m.ok && m.value !== null ? m.value.trim() : '';
+        const dir = path.join(loc, String(id));
+        const ds: DsFigures = { id, tm, fs: measured(figures.get(dir)) };
+        if (tm === 'replica') {
+          const w = await walk(dir, 1);
+          ds.cache = w.ok ? { ok: true, value: { ...summarizeCache(w.value.result), measuredAt: w.value.at } } : w;
+        }
+        return ds;
+      }),
+    );
+    timings.datastores = performance.now() - t0;
+    return { location: measured(figures.get(loc)), datastores };
+  };
+
+  const settingsBranch = async (): Promise<{ settings: DriverSettings; settingsError?: string; snaps?: ReplicaDsInput['snaps']; ledger?: ReplicaDsInput['ledger'] }> => {
+    const sshrcPaths = opts.sshrcPaths ?? DEFAULT_SSHRC_PATHS;
+    const settingsDeadline = budget.share(0.4);
+    const sshrcReads = await Promise.all(sshrcPaths.map((p) => readFileBounded(p, settingsDeadline, 1024 * 1024)));
+    let settings = { ...DEFAULT_DRIVER_SETTINGS };
+    let settingsError: string | undefined;
+    for (const [i, r] of sshrcReads.entries()) {
+      if (!r.ok) {
+        settingsError = r.error;
+        break;
+      }
+      if (r.value === null) continue;
+      try {
+        settings = parseSshrc(r.value, sshrcPaths[i]!).settings;
+      } catch (e) {
+        settingsError = describeError(e);
+      }
+      break;
+    }
+    timings.sshrc = performance.now() - t0;
+    const snapsDir = settings.REPLICA_RECOVERY_SNAPS_DIR;
+    const [snapsFs, snapsWalk] = await Promise.all([statfsBounded([snapsDir], budget.left()), walk(snapsDir, 3)]);
+    if (snapsWalk.ok && snapsWalk.value.result.missing) return { settings, settingsError };
+    const snaps: NonNullable<ReplicaDsInput['snaps']> = {
+      fs: measured(snapsFs.get(snapsDir)),
       usage: snapsWalk.ok ? { ok: true, value: { ...summarizeSnaps(snapsWalk.value.result), measuredAt: snapsWalk.value.at } } : snapsWalk,
     };
-    const bk = await bookkeepingOf(snapsDir);
+    const [bk, ledger] = await Promise.all([bookkeepingOf(snapsDir), readLedger(snapsDir, now, budget)]);
     if (!(bk.ok && bk.value.missing)) snaps.bookkeeping = bk;
-  }
-  timings.walks = performance.now() - t;
+    timings.snaps = performance.now() - t0;
+    return { settings, settingsError, snaps, ledger };
+  };
+
+  const [{ location, datastores }, { settings, settingsError, snaps, ledger }] = await Promise.all([datastoresBranch(), settingsBranch()]);
   if (cacheDirty) {
+    const cache = await cacheRead;
     const w = await writeFileAtomicBounded(cacheFile, JSON.stringify(cache), budget.left());
     if (!w.ok) {
       // the directory may simply not exist yet
@@ -152,10 +159,6 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
       if (!again.ok) errors.push(`walk cache: ${again.error}`);
     }
   }
-  t = performance.now();
-  const ledger = snaps ? await readLedger(snapsDir, now, budget) : undefined;
-  timings.ledger = performance.now() - t;
-  const location = fsOf(loc);
   return { location, datastores, settings, settingsError, snaps, ...(ledger ? { ledger } : {}) };
 }
 

@@ -123,6 +123,8 @@ describe('probe time bound', () => {
     expect(vmDisks(r.stdout).get(42)![0]).toMatchObject({ ID: '0', TIMESTAMP: String(now - 30), MODE: 'incremental', CONSISTENCY: 'filesystem-frozen' });
   });
 
+  // The datastore figures never wait for the settings read (under load, a cache walk given only what a hung
+  // sshrc left of the budget timed out and the DS line came without REPLICA_CACHE; seen in CI).
   it('replica-ds with a blocked sshrc read still answers in time with DS lines and an error attribute', async () => {
     const fifo = path.join(work, 'sshrc-fifo');
     await new Promise<void>((resolve, reject) => execFile('mkfifo', [fifo], (e) => (e ? reject(e) : resolve())));
@@ -149,6 +151,9 @@ describe('probe time bound', () => {
     const du = await new Promise<string>((resolve) => execFile('du', ['-s', '-BM', path.join(dsLoc, '101')], (_e, so) => resolve(String(so))));
     expect(ds[1]).toMatchObject({ REPLICA_CACHE: 'YES', REPLICA_IMAGES: '1', REPLICA_CACHE_SIZE: /^(\d+)M/.exec(du)![1] });
     expect(Number(ds[1]!.TOTAL_MB)).toBeGreaterThan(0);
-    expect(a.find((x) => x.name === 'ONESTOR_PROBE_ERROR')?.value).toMatch(/^ERROR driver settings: .*no answer within/);
+    const err = String(a.find((x) => x.name === 'ONESTOR_PROBE_ERROR')?.value);
+    expect(err).toMatch(/^ERROR driver settings: .*no answer within \d+ ms/);
+    // the settings read gets at most 40 % of the budget: the snaps figures after it still get time
+    expect(Number(/no answer within (\d+) ms/.exec(err)![1])).toBeLessThanOrEqual(800);
   });
 });
