@@ -51,6 +51,10 @@ describe('sshd harness', () => {
 
     const t = await run('ssh', sshArgs(sshd, ['true']), { timeoutMs: 20_000 });
     expect(t.code, t.stderr).toBe(0);
+
+    // the session's shell is not the first (SHLVL=1 from sshd), so bash skips the account's ~/.bashrc
+    const lvl = await run('ssh', sshArgs(sshd, ['echo', '$SHLVL']), { timeoutMs: 20_000 });
+    expect(lvl.stdout).toBe('2\n');
   });
 
   it('refuses a key that is not in authorized_keys', async () => {
