@@ -9,7 +9,7 @@
  *   export -> nowhere  the export read alone (capturePull + the overlay stream).
  * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
  * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
- * BENCH_PIECES=name,name runs only the named pieces.
+ * BENCH_PIECES=name,name runs only the named pieces; BENCH_RECEIVER_ARGS='--no-direct-io' adds receiver flags.
  */
 import { spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
@@ -28,7 +28,8 @@ const MiB = 1048576;
 const ONLY = process.env.BENCH_PIECES?.split(',').map((x) => x.trim());
 
 async function main(): Promise<void> {
-  const env = await startAgentEnv({ name: 'seed-split' });
+  const receiverArgs = process.env.BENCH_RECEIVER_ARGS?.split(' ').filter(Boolean) ?? [];
+  const env = await startAgentEnv({ name: 'seed-split', receiverArgs });
   const ctx = await buildContext({
     log: pino({ level: 'warn' }),
     overrides: env.contextOverrides(),
