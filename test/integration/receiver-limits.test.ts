@@ -11,6 +11,8 @@ import { fileURLToPath } from 'node:url';
 import { Client, type ClientChannel } from 'ssh2';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { encodeControl, encodeData, FrameDecoder, PROTOCOL_VERSION } from '../../lib/protocol/protocol.js';
+import { slotsDir } from '../../lib/replica/layout.js';
+import { readSlotView } from '../../lib/replica/slots.js';
 import { errorCodeOf } from '../../lib/shared/errors.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
@@ -63,6 +65,18 @@ function opts(who: 'A' | 'B'): ReplicaConnectOptions {
     connectTimeoutMs: 10_000,
     localHost: `hv${who}`,
   };
+}
+
+/**
+ * Resolves once a receiver of `identity` is registered as waiting for a slot (its wait file, read as the
+ * receivers read it): a fixed sleep would be too short on a loaded machine.
+ */
+async function waitsForSlot(identity: string): Promise<void> {
+  const dir = slotsDir(sshd.replicaDir);
+  for (const t0 = Date.now(); Date.now() - t0 < 20_000; await new Promise((r) => setTimeout(r, 50))) {
+    if ((await readSlotView(dir, 2)).waiting.has(identity)) return;
+  }
+  throw new Error(`no receiver of ${identity} waits for a slot in ${dir} after 20 s`);
 }
 
 /** A raw exec channel on A's key: the test plays a misbehaving agent. */
@@ -275,10 +289,10 @@ describe('slots are fair across hosts', () => {
     const order: string[] = [];
     const pa3 = a3.openDisk(72, 2).then((d) => (order.push('A'), d));
     pa3.catch(() => {});
-    await new Promise((r) => setTimeout(r, 1500)); // A3 is waiting first
+    await waitsForSlot('hvA'); // A3 is waiting first
     const pb1 = b1.openDisk(73, 0).then((d) => (order.push('B'), d));
     pb1.catch(() => {});
-    await new Promise((r) => setTimeout(r, 1500)); // B is registered as waiting
+    await waitsForSlot('hvB'); // B is registered as waiting
     expect(order).toEqual([]);
     await da1.close();
     const db1 = await within(pb1, 20_000, 'B gets the freed slot');
