@@ -69,17 +69,15 @@ onestor_protected_disks "$2"
 `;
 
 /** State, and discovery when the daemon is down: the input of assessment.assess(). */
-export async function agentInputs(opts: AgentProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<AssessInput> {
+export async function agentInputs(opts: AgentProbeOptions, budget: Budget, errors: string[]): Promise<AssessInput> {
   const now = opts.now ?? Date.now() / 1000;
   const stateFile = opts.stateFile ?? DEFAULT_STATE_FILE;
   const dsLocation = dsLocationOf(opts);
-  let t = performance.now();
   let loaded: { state: AgentState | null; stateError?: string } | undefined;
   let discovered: ProtectedDisk[] | undefined;
   let discoveryError: string | undefined;
   // a blocked state read must leave time for discovery, which then names the disks (below)
   const r = await runBounded('sh', ['-c', STATE_OR_DISCOVER_SCRIPT, 'sh', stateFile, dsLocation], { deadlineMs: budget.share(0.4), maxBytes: 64 * 1024 * 1024 + 1 });
-  timings.state = performance.now() - t;
   if (r.ok && r.value.stdout.subarray(0, NO_STATE_MARK.length + 1).toString('latin1') === `${NO_STATE_MARK}\n`) {
     loaded = { state: null, stateError: `no state file ${stateFile} (agent not installed or never started)` };
     if (r.value.code === 0 && !r.value.truncated) discovered = parseProtectedDisks(r.value.stdout.subarray(NO_STATE_MARK.length + 1).toString('utf8'));
@@ -108,9 +106,7 @@ export async function agentInputs(opts: AgentProbeOptions, budget: Budget, error
   const { state, stateError } = loaded;
   // Only a dead daemon needs discovery: a live one keeps the list of protected disks in its state.
   if (!discovered && !discoveryError && !assessDaemon(state, stateError, now, stateFile).alive) {
-    t = performance.now();
     const d = await discoverBounded(dsLocation, budget);
-    timings.discovery = performance.now() - t;
     if (d.ok) discovered = d.value;
     else {
       discoveryError = d.error;

@@ -34,24 +34,23 @@ interface WalkCache {
   bookkeeping?: Record<string, { at: number; value: BookkeepingSummary & { missing: boolean } }>;
 }
 
-export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, errors: string[], timings: Record<string, number>): Promise<ReplicaDsInput> {
+export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, errors: string[]): Promise<ReplicaDsInput> {
   const now = opts.now ?? Date.now() / 1000;
   const loc = dsLocationOf(opts);
   const ttl = opts.walkTtlS ?? 300;
   const maxEntries = opts.maxWalkEntries ?? 100_000;
   const cacheFile = opts.cacheFile ?? DEFAULT_WALK_CACHE_FILE;
 
-  const t0 = performance.now();
   // Two independent branches run together (each child is a fork and a scheduling round trip; in sequence
   // they were most of this probe's time, and a blocked read in one must not starve the other): the
   // datastores (numeric dirs with a .monitor file, as upstream: statfs and the cache walk), and the driver
   // settings (first existing sshrc, upstream keeps it in two places), which name the snaps dir measured
   // after them. The settings read gets at most 40 % of the budget, so a hung sshrc still leaves the snaps
   // figures time to answer; the datastores never wait for it.
-  const cacheRead = readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024).then((cacheRead) => {
-    if (cacheRead.ok && cacheRead.value) {
+  const cacheLoad = readFileBounded(cacheFile, budget.left(), 64 * 1024 * 1024).then((r) => {
+    if (r.ok && r.value) {
       try {
-        const c = JSON.parse(cacheRead.value) as WalkCache;
+        const c = JSON.parse(r.value) as WalkCache;
         if (c.version === 1 && c.walks && typeof c.walks === 'object') return c;
       } catch {
         /* a corrupt cache is just a cold cache */
@@ -62,7 +61,7 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
   let cacheDirty = false;
   // walks: cached, redone after ttl; a failed refresh keeps reporting the error (not an old figure)
   const walk = async (root: string, depth: number): Promise<Measured<{ result: WalkCache['walks'][string]['result']; at: number }>> => {
-    const cache = await cacheRead;
+    const cache = await cacheLoad;
     const key = `${depth}:${root}`;
     const hit = cache.walks[key];
     if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: hit };
@@ -73,7 +72,7 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
     return { ok: true, value: { at: now, result: w.value } };
   };
   const bookkeepingOf = async (snaps: string): Promise<Measured<BookkeepingSummary & { missing: boolean; measuredAt: number }>> => {
-    const cache = await cacheRead;
+    const cache = await cacheLoad;
     const hit = cache.bookkeeping?.[snaps];
     if (hit && now - hit.at < ttl && now >= hit.at) return { ok: true, value: { ...hit.value, measuredAt: hit.at } };
     const w = await walkBookkeepingBounded(snaps, maxEntries, budget.left());
@@ -97,7 +96,6 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
       Promise.all(dsIds.map((id) => readFileBounded(path.join(loc, String(id), '.monitor'), budget.left(), 4096))),
       statfsBounded([loc, ...dsIds.map((id) => path.join(loc, String(id)))], budget.left()),
     ]);
-    timings.statfs = performance.now() - t0;
     const datastores = await Promise.all(
       dsIds.map(async (id, i): Promise<DsFigures> => {
         const m = marks[i]!;
@@ -111,7 +109,6 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
         return ds;
       }),
     );
-    timings.datastores = performance.now() - t0;
     return { location: measured(figures.get(loc)), datastores };
   };
 
@@ -134,7 +131,6 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
       }
       break;
     }
-    timings.sshrc = performance.now() - t0;
     const snapsDir = settings.REPLICA_RECOVERY_SNAPS_DIR;
     const [snapsFs, snapsWalk] = await Promise.all([statfsBounded([snapsDir], budget.left()), walk(snapsDir, 3)]);
     if (snapsWalk.ok && snapsWalk.value.result.missing) return { settings, settingsError };
@@ -144,13 +140,12 @@ export async function replicaInputs(opts: ReplicaProbeOptions, budget: Budget, e
     };
     const [bk, ledger] = await Promise.all([bookkeepingOf(snapsDir), readLedger(snapsDir, now, budget)]);
     if (!(bk.ok && bk.value.missing)) snaps.bookkeeping = bk;
-    timings.snaps = performance.now() - t0;
     return { settings, settingsError, snaps, ledger };
   };
 
   const [{ location, datastores }, { settings, settingsError, snaps, ledger }] = await Promise.all([datastoresBranch(), settingsBranch()]);
   if (cacheDirty) {
-    const cache = await cacheRead;
+    const cache = await cacheLoad;
     const w = await writeFileAtomicBounded(cacheFile, JSON.stringify(cache), budget.left());
     if (!w.ok) {
       // the directory may simply not exist yet

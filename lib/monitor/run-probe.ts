@@ -24,21 +24,19 @@ export interface ProbeResult {
   lines: string[];
   /** what went wrong while gathering (also reflected in the lines) */
   errors: string[];
-  timings: Record<string, number>;
 }
 
 export async function runProbe(kind: ProbeKind, opts: ProbeOptions = {}): Promise<ProbeResult> {
   const budget = new Budget(opts.deadlineMs ?? 5000);
   const errors: string[] = [];
-  const timings: Record<string, number> = {};
   try {
     // each kind loads only its own gathering (start-up time is most of a probe run)
     if (kind === 'replica-ds') {
       const { replicaInputs } = await import('./replica-gather.js');
-      const input = await replicaInputs(opts, budget, errors, timings);
-      return { lines: replicaDsLines(input), errors, timings };
+      const input = await replicaInputs(opts, budget, errors);
+      return { lines: replicaDsLines(input), errors };
     }
-    const input = await agentInputs(opts, budget, errors, timings);
+    const input = await agentInputs(opts, budget, errors);
     const a = assess(input);
     const lines = kind === 'vm-snapshot' ? vmSnapshotLines(input, a) : hostAgentLines({ ...input, probeVersion: probeVersion() }, a);
     if (opts.prometheusFile) {
@@ -46,9 +44,9 @@ export async function runProbe(kind: ProbeKind, opts: ProbeOptions = {}): Promis
       const w = await writeTextfile(opts.prometheusFile, metricsText(a, input.now, input.state?.host), budget.left());
       if (!w.ok) errors.push(`prometheus textfile: ${w.error}`);
     }
-    return { lines, errors, timings };
+    return { lines, errors };
   } catch (e) {
     errors.push(describeError(e));
-    return { lines: [commentLine(`onestor-agent probe ${kind}: ERROR ${describeError(e)}`)], errors, timings };
+    return { lines: [commentLine(`onestor-agent probe ${kind}: ERROR ${describeError(e)}`)], errors };
   }
 }
