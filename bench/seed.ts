@@ -14,6 +14,7 @@
  * only once it is gone, on a quiet replica).
  * BENCH_DROP_CACHES=1 drops the page cache before every seed and reads the two source files back (each
  * method starts from the same memory state; bench/README.md, issue 14 third and fourth passes).
+ * BENCH_METHODS=pull,upstream runs only the named methods (default: pull,upstream,push); BENCH_RECEIVER_ARGS adds receiver flags.
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
  */
 import { readdir, rm, stat, writeFile } from 'node:fs/promises';
@@ -22,6 +23,7 @@ import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
 import { discover } from '../lib/discover/discover.js';
 import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
+import { diskKey } from '../lib/cycle/state.js';
 import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
 import type { OneVm } from '../dev/one-layout.js';
 import { fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, loopbackMeter, type TcpMeter } from './lib/cluster.js';
@@ -30,6 +32,8 @@ import { median, table } from './lib/stats.js';
 
 const SIZES = (process.argv[2] ?? '1,4').split(',').map(Number);
 const REPS = Number(process.argv[3] ?? 2);
+// BENCH_METHODS=pull,upstream,push (the default: all three) runs only those
+const METHODS = new Set((process.env.BENCH_METHODS ?? 'pull,upstream,push').split(',').map((x) => x.trim()));
 const BASE_MIB = 64;
 const MiB = 1048576;
 
@@ -43,13 +47,13 @@ async function allocatedUnder(dir: string): Promise<number> {
 }
 
 async function main(): Promise<void> {
-  const env = await startAgentEnv({ name: 'bench-seed' });
+  const env = await startAgentEnv({ name: 'bench-seed', receiverArgs: process.env.BENCH_RECEIVER_ARGS?.split(' ').filter(Boolean) ?? [] });
   // BENCH_WIRE=relay counts through a relay process (as before); default: the loopback counter, no relay
   const meter = process.env.BENCH_WIRE === 'relay' ? await startTcpMeter(env.sshd.port) : await loopbackMeter(env.sshd.port);
   const knownHosts = path.join(env.root, 'known_hosts.meter');
   await writeFile(knownHosts, `[127.0.0.1]:${meter.port} ${env.sshd.hostPublicKey}\n`, { mode: 0o600 });
   const ctx = await buildContext({
-    log: pino({ level: 'warn' }),
+    log: pino({ level: process.env.BENCH_LOG_LEVEL ?? 'warn' }),
     // through the meter's port (sshd's own with the loopback counter)
     overrides: env.contextOverrides({ replica: { port: meter.port, knownHostsFile: knownHosts } }),
   });
@@ -77,7 +81,18 @@ async function main(): Promise<void> {
         const upDisk: UpstreamDisk = { domain: vmU.domainName, target: 'vda', vmId: vmU.vmId, diskId: 0, snapDir: vmU.disks[0]!.snapDir, basePath: vmU.disks[0]!.basePath, base1Path: vmU.disks[0]!.base1Path };
 
         const ours = async (vm: OneVm, seedMode: 'pull' | 'push') => {
-          await rm(path.join(env.snapsDir, String(vm.vmId)), { recursive: true, force: true });
+          // an empty replica for the VM: its dir, and the receiver's work copies and uploads of it (a
+          // previous rep's A/B copies would otherwise be deleted inside the timed seed, see bench/README.md)
+          for (const dir of [String(vm.vmId), `.onestor/work/${vm.vmId}`, `.onestor/tmp/${vm.vmId}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
+          // and a host that never protected it (a first seed; a new host after a migration or a recovery):
+          // no checkpoint of ours in libvirt, no state. BENCH_RESEED=1 keeps both (the replica lost the copy).
+          if (process.env.BENCH_RESEED !== '1') {
+            for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter((x) => x.startsWith('onestor-')).reverse()) await env.lv.virshOk(['checkpoint-delete', vm.domainName, c]);
+            await (await ctx.cycleDeps()).state.update((st) => {
+              delete st.disks[diskKey(vm.vmId, 0)];
+              for (const k of Object.keys(st.baseDigests)) if (k.startsWith(vm.vmDir + '/')) delete st.baseDigests[k];
+            });
+          }
           await ctx.replicas.closeAll();
           const found = await discover({ datastoreLocation: env.dsRoot });
           const disks = found.eligible.filter((d) => d.vmId === vm.vmId);
@@ -120,21 +135,22 @@ async function main(): Promise<void> {
         for (let r = 0; r < REPS; r++) {
           // alternate which method goes first, so neither always runs on a machine the other just warmed
           if (r % 2 === 0) {
-            res['pull']!.push(await ours(vmP, 'pull'));
-            res['upstream']!.push(await upstream());
+            if (METHODS.has('pull')) res['pull']!.push(await ours(vmP, 'pull'));
+            if (METHODS.has('upstream')) res['upstream']!.push(await upstream());
           } else {
-            res['upstream']!.push(await upstream());
-            res['pull']!.push(await ours(vmP, 'pull'));
+            if (METHODS.has('upstream')) res['upstream']!.push(await upstream());
+            if (METHODS.has('pull')) res['pull']!.push(await ours(vmP, 'pull'));
           }
-          if (r === 0) res['push']!.push(await ours(vmS, 'push'));
-          const last = (k: string) => res[k]![res[k]!.length - 1]!;
-          const line = `${gib} GiB #${r + 1}: pull ${last('pull').seconds.toFixed(2)} s, upstream ${last('upstream').seconds.toFixed(2)} s${r === 0 ? `, push ${last('push').seconds.toFixed(2)} s` : ''}`;
+          if (r === 0 && METHODS.has('push')) res['push']!.push(await ours(vmS, 'push'));
+          const last = (k: string) => res[k]![res[k]!.length - 1]?.seconds.toFixed(2) ?? '-';
+          const line = `${gib} GiB #${r + 1}: pull ${last('pull')} s, upstream ${last('upstream')} s${r === 0 ? `, push ${last('push')} s` : ''}`;
           console.log(line);
           lines.push(line);
         }
         const up = median(res['upstream']!.map((x) => x.seconds));
         for (const [k, label] of [['pull', 'ours, pull-mode stream'], ['push', 'ours, push-mode staged (old)'], ['upstream', 'upstream snapshot+rsync']] as const) {
           const xs = res[k]!;
+          if (xs.length === 0) continue;
           const s = xs.map((x) => x.seconds);
           const peak = Math.max(...xs.map((x) => x.peak));
           rows.push([

@@ -5,7 +5,7 @@
  *   1. the recover drill (dev/recover.ts): previous or new guest view, never neither;
  *   2. the next session (the real receiver, in-process) opens the disk and finishes or rolls back by itself;
  *      if the publish did not survive, the client's retry completes it; the drill then shows the new view;
- *   3. nothing of the dead session is left in the disk's tmp and work dirs.
+ *   3. nothing of the dead session is left in the disk's tmp and work dirs, nor in the trash.
  * Used by test/integration/replica-crash.test.ts and bench/crash-sweep.ts.
  */
 import { spawn } from 'node:child_process';
@@ -266,7 +266,7 @@ export async function verifyAfterRun(sc: Scenario, snaps: string, scratch: strin
   return { afterCrash, openedAt, retried };
 }
 
-/** After a completed session: disk.N.snap holds only the recovery files; tmp holds nothing; work only the A/B state. */
+/** After a completed session: disk.N.snap holds only the recovery files; tmp and trash hold nothing; work only the A/B state. */
 export async function assertNoLeftovers(snaps: string): Promise<void> {
   const snapDir = path.join(snaps, String(VM), `disk.${DISK}.snap`);
   const inSnap = (await fsp.readdir(snapDir)).sort();
@@ -278,6 +278,9 @@ export async function assertNoLeftovers(snaps: string): Promise<void> {
   const allowed = /^(copy\.a|copy\.b|state\.json|disk\.\d+\.snap|inc\.\d+)$/;
   const workLeft = (await fsp.readdir(work).catch(() => [] as string[])).filter((n) => !allowed.test(n));
   if (workLeft.length) throw new Error(`work dir holds leftovers: ${workLeft.join(',')}`);
+  // old A/B copies a full moved aside (by the dead session or the completed one) are deleted by then
+  const trashLeft = await fsp.readdir(path.join(snaps, '.onestor', 'trash')).catch(() => [] as string[]);
+  if (trashLeft.length) throw new Error(`trash holds leftovers: ${trashLeft.join(',')}`);
 }
 
 /** A fresh seeded SNAPS for one run. */

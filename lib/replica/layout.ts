@@ -11,6 +11,7 @@
  *   SNAPS/.onestor/locks/VMID-N.lock                 per-disk lock
  *   SNAPS/.onestor/slots/slot.K                      session cap
  *   SNAPS/.onestor/work/VMID/disk.N/                 A/B copies of base.1 for O(changed) merges
+ *   SNAPS/.onestor/trash/VMID-N-TIME-RAND/           a disk's old work dir, moved aside for later deletion
  */
 import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
@@ -175,6 +176,17 @@ export async function privateDir(snapsDir: string, rel: readonly string[], opts:
 
 const tmpRel = (p: ReplicaPaths) => ['tmp', `${p.vm}-${p.disk}`];
 const workRel = (p: ReplicaPaths) => ['work', String(p.vm), `disk.${p.disk}`];
+const TRASH_REL = ['trash'];
+
+/** fsync of a directory (durable.ts has the general one; it imports this module). */
+async function syncDir(dir: string): Promise<void> {
+  const fh = await fsp.open(dir, fsConstants.O_RDONLY | O_NOFOLLOW);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
 
 export async function ensureTmpDir(p: ReplicaPaths): Promise<string> {
   return (await privateDir(p.snapsDir, tmpRel(p), { create: true, context: ctx(p) }))!;
@@ -195,6 +207,38 @@ export async function removeWorkDir(p: ReplicaPaths): Promise<void> {
   const dir = await checkedWorkDir(p);
   // fs.rm does not follow symlinks inside the tree (the work dir's own disk.N.snap link is unlinked, not walked)
   if (dir) await fsp.rm(dir, { recursive: true, force: true });
+}
+
+/**
+ * Moves the disk's work dir aside in one rename, into SNAPS/.onestor/trash, for emptyTrash to delete after the
+ * reply. Deleting a full-size copy of base.1 is not free: where the filesystem discards freed blocks as it
+ * frees them (ext4 mounted with -o discard), unlink(2) of a 1 GiB copy blocked for ~1 s (bench/README.md,
+ * issue 14 ninth pass), and a seed's publish must not wait for that. The parent is synced so that the old dir
+ * (a stale journal among it) cannot come back after a crash once anything new is staged. False: none was there.
+ */
+export async function trashWorkDir(p: ReplicaPaths): Promise<boolean> {
+  const dir = await checkedWorkDir(p);
+  if (!dir) return false;
+  const trash = (await privateDir(p.snapsDir, TRASH_REL, { create: true, context: ctx(p) }))!;
+  await fsp.rename(dir, path.join(trash, `${p.vm}-${p.disk}-${Date.now()}-${randomBytes(4).toString('hex')}`));
+  await syncDir(path.dirname(dir));
+  return true;
+}
+
+/**
+ * rm -rf of everything in SNAPS/.onestor/trash (whoever put it there: a receiver killed before it emptied its
+ * own is cleaned by the next one). Entries vanishing meanwhile (another receiver emptying too) are fine.
+ * Returns the entries removed.
+ */
+export async function emptyTrash(snapsDir: string): Promise<number> {
+  const trash = await privateDir(snapsDir, TRASH_REL, { create: false });
+  if (!trash) return 0;
+  let removed = 0;
+  for (const name of await fsp.readdir(trash)) {
+    await fsp.rm(path.join(trash, name), { recursive: true, force: true, maxRetries: 2 });
+    removed++;
+  }
+  return removed;
 }
 
 /** rm -rf of the disk's tmp dir (uploads included), only once every component down to it is a real directory. */

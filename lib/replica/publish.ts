@@ -18,6 +18,7 @@ import {
   mapVanished,
   mkdirIn,
   removeWorkDir,
+  trashWorkDir,
   vmDirIdOf,
   type ReplicaPaths,
   type VmDirId,
@@ -67,8 +68,9 @@ export async function publishFull(
   const info = await checkUploadedBase1(p, c.qemuImg, up.base1.file);
   if (up.base) await checkUploadedBase(p, c.qemuImg, up.base.file);
 
-  // A stale journal must never republish an older lineage over this seed.
-  await removeWorkDir(p);
+  // A stale journal must never republish an older lineage over this seed. Moved aside, not deleted here: the
+  // old A/B copies are full-size files (the receiver empties the trash after its reply).
+  await trashWorkDir(p);
   await step(c, 'full:work-reset');
 
   let vmDirId = c.vmDirId;

@@ -23,7 +23,7 @@ import {
 } from '../protocol/protocol.js';
 import { DIGEST_ALGS, newDigest, type StreamDigest } from '../protocol/digest.js';
 import { receiverReply, type Built, type ReceiverReply } from '../protocol/messages.js';
-import { assertSameVmDir, checkLayout, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
+import { assertSameVmDir, checkLayout, emptyTrash, privateDir, replicaPaths, type ReplicaPaths, type VmDirId } from './layout.js';
 import { claimMatches, identityKind } from './identity.js';
 import { appendTakeover, assertMayIncrement, makeRelease, ownershipForPublish, recordWriter, uploadKeyFor } from './ownership.js';
 import { reclaimLeftovers } from './leftovers.js';
@@ -777,7 +777,8 @@ class ReceiverSession {
     await this.recordOwnership(d.paths, msg.mode, manifest.checkpoint, own.takeover, own.handover);
     await this.send(receiverReply.publish(toWireManifest(manifest)));
     // a seed's spare, after the reply; never rejects (it logs and leaves the spare to the next incremental)
-    if (msg.mode === 'full') this.afterPublish = prepareSpareAfterSeed(c);
+    // the trash (the old A/B copies a full moved aside) is emptied first: the spare copy needs that room
+    if (msg.mode === 'full') this.afterPublish = this.emptyTrash().then(() => prepareSpareAfterSeed(c));
   }
 
   private async settleAfterPublish(): Promise<void> {
@@ -847,6 +848,16 @@ class ReceiverSession {
     if (slot) await slot.release().catch(() => {});
   }
 
+  /** Deletes what was moved to the trash (by this session or one that died before it could); never rejects. */
+  private async emptyTrash(): Promise<void> {
+    const t0 = Date.now();
+    const removed = await emptyTrash(this.opts.snapsDir).catch((e: unknown) => {
+      this.opts.log?.({ err: describeError(e) }, 'emptying the trash failed; the next session retries', 'warn');
+      return 0;
+    });
+    if (removed > 0) this.opts.log?.({ removed, ms: Date.now() - t0 }, 'trash emptied');
+  }
+
   async cleanup(): Promise<void> {
     await this.settleAfterPublish();
     if (this.upload) {
@@ -857,6 +868,7 @@ class ReceiverSession {
       this.upload = null;
     }
     await this.closeDisk().catch(() => {});
+    await this.emptyTrash();
     if (this.sweep) await this.sweep;
     await this.unbindLedger().catch(() => {});
     await this.releaseSlot();

@@ -580,6 +580,78 @@ async function seedHeldAtSpare(name: string, vm: number, checkpoint: string, onS
   return { snaps, src, s, d, manifest, openGate };
 }
 
+describe('receiver: a full over an existing lineage moves the old A/B copies aside and deletes them after its reply', () => {
+  const trashOf = (snaps: string) => path.join(snaps, '.onestor', 'trash');
+  it('at the publish the old work dir is in the trash (its copies untouched), gone once the session ends; new copies, new view', async () => {
+    const snaps = path.join(root, 'snaps-trash');
+    const src = await makeSourceDisk('src-trash', 0);
+    await seed(snaps, 31, 0, src);
+    const work = path.join(snaps, '.onestor', 'work', '31', 'disk.0');
+    const oldSpare = await fsp.stat(path.join(work, 'copy.b'));
+    await q(['qemu-io', '-f', 'qcow2', '-c', 'write -P 0x5a 2M 64k', src.base1]);
+    // at the first step after the move, and at the spare step (after the reply): what is where
+    const seen: Record<string, { work: string[]; trash: string[][] }> = {};
+    const look = async (step: string) => {
+      const trash = await fsp.readdir(trashOf(snaps)).catch(() => [] as string[]);
+      seen[step] = { work: await fsp.readdir(work).catch(() => []), trash: await Promise.all(trash.map((t) => fsp.readdir(path.join(trashOf(snaps), t)))) };
+      if (step === 'full:work-reset') {
+        expect(trash).toHaveLength(1);
+        expect(trash[0]).toMatch(/^31-0-\d+-[0-9a-f]{8}$/);
+        // the same inode, moved, not copied or deleted
+        expect((await fsp.stat(path.join(trashOf(snaps), trash[0]!, 'copy.b'))).ino).toBe(oldSpare.ino);
+      }
+    };
+    const s = await session(snaps, { onStep: look });
+    const d = await s.conn.openDisk(31, 0);
+    await d.upload('base1', src.base1, { key: 'trash-b1-2' });
+    await d.publishFull({ checkpoint: 't2', capturedAt: 2, consistency: 'crash-consistent', sourceHost: 'hv1', base1: 'trash-b1-2' });
+    await d.close();
+    expect(await endSession(s)).toBe(0);
+    expect(seen['full:work-reset']!.work).toEqual([]);
+    expect(seen['full:work-reset']!.trash[0]!.sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+    // emptied after the reply, before the spare copy that needs the room
+    expect(seen['full:spare']!.trash).toEqual([]);
+    expect(await fsp.readdir(trashOf(snaps))).toEqual([]);
+    expect((await fsp.readdir(work)).sort()).toEqual(['copy.a', 'copy.b', 'disk.0.snap', 'state.json']);
+    expect(await sha(path.join(work, 'copy.b'))).toBe(await sha(path.join(snaps, '31', 'disk.0.snap', 'base.1')));
+    expect(await recoverView(snaps, 31, 0)).toEqual(await guestView(src.base1));
+  });
+
+  it('a trash left by a receiver that died before emptying it is emptied by the next session, whatever it holds', async () => {
+    const snaps = path.join(root, 'snaps-trash-left');
+    const src = await makeSourceDisk('src-trash-left', 0);
+    await seed(snaps, 32, 0, src);
+    const left = path.join(trashOf(snaps), '32-0-1-deadbeef');
+    await fsp.mkdir(path.join(left, 'sub'), { recursive: true });
+    await fsp.writeFile(path.join(left, 'copy.b'), Buffer.alloc(65536, 1));
+    // a symlink in the trash is removed, never followed
+    const outside = path.join(root, 'trash-outside.txt');
+    await fsp.writeFile(outside, 'keep');
+    await fsp.symlink(outside, path.join(left, 'sub', 'link'));
+    const s = await session(snaps);
+    await (await s.conn.openDisk(32, 0)).close();
+    expect(await endSession(s)).toBe(0);
+    expect(await fsp.readdir(trashOf(snaps))).toEqual([]);
+    expect(await fsp.readFile(outside, 'utf8')).toBe('keep');
+  });
+
+  it('a trash dir that is a symlink is refused, never walked', async () => {
+    const snaps = path.join(root, 'snaps-trash-link');
+    const src = await makeSourceDisk('src-trash-link', 0);
+    await seed(snaps, 33, 0, src);
+    const elsewhere = path.join(root, 'trash-elsewhere');
+    await fsp.mkdir(elsewhere, { recursive: true });
+    await fsp.writeFile(path.join(elsewhere, 'precious'), 'x');
+    await fsp.symlink(elsewhere, trashOf(snaps));
+    const lines: string[] = [];
+    const s = await session(snaps, { log: (_o, m) => void lines.push(m) });
+    await (await s.conn.openDisk(33, 0)).close();
+    await endSession(s);
+    expect(await fsp.readdir(elsewhere)).toEqual(['precious']);
+    expect(lines).toContain('emptying the trash failed; the next session retries');
+  });
+});
+
 describe('receiver: uploads written with O_DIRECT', () => {
   /** Bytes of `file` in the page cache (util-linux fincore: what the kernel holds, not what we think). */
   async function resident(file: string): Promise<number> {
@@ -633,6 +705,8 @@ describe('receiver: a seed\'s A/B spare is made after the publish reply', () => 
     const work = path.join(snaps, '.onestor', 'work', '23', 'disk.0');
     // published and recoverable while the spare has not started copying
     expect(m.checkpoint).toBe('s1');
+    // the spare starts after the reply (once the trash is emptied): wait for it to reach its gate
+    for (let i = 0; i < 200 && !reached.includes('full:spare'); i++) await new Promise((r) => setTimeout(r, 10));
     expect(reached).toContain('full:spare');
     expect(reached).not.toContain('full:work-copies');
     expect(await recoverView(snaps, 23, 0)).toEqual(await guestView(src.base1));
