@@ -15,9 +15,11 @@
  * BENCH_DROP_CACHES=1 drops the page cache before every seed and reads the two source files back (each
  * method starts from the same memory state; bench/README.md, issue 14 third and fourth passes).
  * BENCH_METHODS=pull,upstream runs only the named methods (default: pull,upstream,push); BENCH_RECEIVER_ARGS adds receiver flags.
+ * BENCH_REFULL=1: from the second run of ours on, a forced full over the lineage the replica holds (no cleanup).
  * Usage: npx tsc -p tsconfig.build.json && node dist/bench/seed.js [dataGiB=1,4] [reps=2]
  */
 import { readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
@@ -33,6 +35,7 @@ import { median, table } from './lib/stats.js';
 const SIZES = (process.argv[2] ?? '1,4').split(',').map(Number);
 const REPS = Number(process.argv[3] ?? 2);
 // BENCH_METHODS=pull,upstream,push (the default: all three) runs only those
+const REFULL = process.env.BENCH_REFULL === '1';
 const METHODS = new Set((process.env.BENCH_METHODS ?? 'pull,upstream,push').split(',').map((x) => x.trim()));
 const BASE_MIB = 64;
 const MiB = 1048576;
@@ -83,10 +86,12 @@ async function main(): Promise<void> {
         const ours = async (vm: OneVm, seedMode: 'pull' | 'push') => {
           // an empty replica for the VM: its dir, and the receiver's work copies and uploads of it (a
           // previous rep's A/B copies would otherwise be deleted inside the timed seed, see bench/README.md)
-          for (const dir of [String(vm.vmId), `.onestor/work/${vm.vmId}`, `.onestor/tmp/${vm.vmId}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
+          // BENCH_REFULL=1: a forced full over the lineage the replica holds (`snapshot --full`), from the 2nd run on
+          const refull = REFULL && existsSync(path.join(env.snapsDir, String(vm.vmId)));
+          if (!refull) for (const dir of [String(vm.vmId), `.onestor/work/${vm.vmId}`, `.onestor/tmp/${vm.vmId}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
           // and a host that never protected it (a first seed; a new host after a migration or a recovery):
           // no checkpoint of ours in libvirt, no state. BENCH_RESEED=1 keeps both (the replica lost the copy).
-          if (process.env.BENCH_RESEED !== '1') {
+          if (process.env.BENCH_RESEED !== '1' && !REFULL) {
             for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter((x) => x.startsWith('onestor-')).reverse()) await env.lv.virshOk(['checkpoint-delete', vm.domainName, c]);
             await (await ctx.cycleDeps()).state.update((st) => {
               delete st.disks[diskKey(vm.vmId, 0)];
@@ -109,7 +114,7 @@ async function main(): Promise<void> {
           await levelPageCache([vm.disks[0]!.basePath, vm.disks[0]!.base1Path]);
           await meter.reset();
           const t0 = performance.now();
-          const [o] = await runVmCycle(deps, { vmId: vm.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks });
+          const [o] = await runVmCycle(deps, { vmId: vm.vmId, domainName: disks[0]!.domainName, dsDir: disks[0]!.dsDir, disks, ...(refull ? { forceFull: true } : {}) });
           const seconds = (performance.now() - t0) / 1000;
           sampling = false;
           await sampler;

@@ -19,6 +19,7 @@ import {
   mkdirIn,
   removeWorkDir,
   trashWorkDir,
+  emptyTrash,
   vmDirIdOf,
   type ReplicaPaths,
   type VmDirId,
@@ -120,6 +121,8 @@ export async function publishFull(
 
     let bridge: FileRef | null = null;
     if (order === 'bridge') {
+      // the bridge is a copy of base.1: the old A/B copies give their room back first, as before the trash
+      await emptyTrash(p.snapsDir);
       bridge = await buildBridge(p, c.qemuImg);
       await step(c, 'full:bridge-built');
     }
