@@ -175,7 +175,9 @@ async function main(): Promise<void> {
     const cli: number[] = [];
     let cliBytes = 0;
     for (let i = 0; i < REPS; i++) {
-      await rm(path.join(env.snapsDir, String(VM)), { recursive: true, force: true });
+      // empty for the VM: its dir and the receiver's work and tmp dirs of it (else the open of the next run
+      // deletes the previous run's A/B copies inside the timed run: bench/README.md, issue 14 ninth pass)
+      for (const dir of [String(VM), `.onestor/work/${VM}`, `.onestor/tmp/${VM}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
       const t0 = performance.now();
       const r = await env.agent(['snapshot', '--vm', String(VM), '--full', '--json']);
       cli.push((performance.now() - t0) / 1000);
@@ -211,7 +213,7 @@ async function main(): Promise<void> {
       C.push(await openssh(plain, base, base1, dest, sshd, true));
       await levelPageCache([base, base1]);
       D.push(await ssh2Alone(env, plain, [base, base1], dest, sshd));
-      await rm(path.join(env.snapsDir, String(900 + i)), { recursive: true, force: true });
+      for (const dir of [String(900 + i), `.onestor/work/${900 + i}`, `.onestor/tmp/${900 + i}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
     }
 
     const bytes = A[0]!.bytes;
