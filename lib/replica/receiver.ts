@@ -868,8 +868,9 @@ class ReceiverSession {
       this.upload = null;
     }
     await this.closeDisk().catch(() => {});
-    await this.emptyTrash();
+    // after the sweep, which moves what it reclaims into the trash
     if (this.sweep) await this.sweep;
+    await this.emptyTrash();
     await this.unbindLedger().catch(() => {});
     await this.releaseSlot();
   }

@@ -17,7 +17,7 @@ import { constants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { acquireFileLock, openBatchLocker, type BatchLocker } from '../shared/file-lock.js';
-import { checkedTmpDir, diskLockFile, lstatOrNull, removeWorkDir, replicaPaths, type ReplicaPaths } from './layout.js';
+import { checkedTmpDir, diskLockFile, lstatOrNull, trashWorkDir, replicaPaths, type ReplicaPaths } from './layout.js';
 import { describeError } from '../shared/errors.js';
 import { unlockDisk } from './disk-lock.js';
 
@@ -194,7 +194,9 @@ export async function sweepOrphans(snapsDir: string, opts: SweepOptions = {}): P
         const todo = await plan(c, p, true);
         if (todo.dropWork) {
           result.bytes += await allocatedBytes(p.workDir);
-          await removeWorkDir(p);
+          // moved aside under the lock, deleted when the session ends (layout.ts trashWorkDir): the copies
+          // are full-size files, and the session this sweep runs beside is uploading to the same disk
+          await trashWorkDir(p);
           removed++;
         }
         // removal through checked real directories only (a planted symlink is refused, never followed)

@@ -6,7 +6,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { access, link, lstat, mkdir, mkdtemp, readdir, rm, symlink, utimes, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { replicaPaths, type ReplicaPaths } from '../../lib/replica/layout.js';
+import { emptyTrash, replicaPaths, type ReplicaPaths } from '../../lib/replica/layout.js';
 import { maybeSweep, sweepOrphans } from '../../lib/replica/sweep.js';
 import { acquireFileLock } from '../../lib/shared/file-lock.js';
 import { clientSession } from '../helpers/receiver-session.js';
@@ -128,6 +128,14 @@ describe('sweepOrphans', () => {
     // 4 dead disks + the crashed one + the detached one; the busy one waits; live disks cost nothing
     expect(r).toMatchObject({ cleaned: 6, busy: 1, deferred: 0 });
     expect(r.bytes).toBeGreaterThanOrEqual(4 * 2 * 64 * 1024); // each dead disk held copy.a (the only link left) + copy.b
+    // the reclaimed work dirs (4 dead disks + the detached one) wait in the trash; the receiver empties it
+    // when its session ends
+    const trash = path.join(snaps, '.onestor', 'trash');
+    const trashed = await readdir(trash);
+    expect(trashed).toHaveLength(5);
+    for (const t of trashed) expect(await readdir(path.join(trash, t))).toContain('copy.b');
+    expect(await emptyTrash(snaps)).toBe(5);
+    expect(await readdir(trash)).toEqual([]);
 
     // the busy one goes once its lock is free; a sweep of a clean replica finds nothing to do
     expect(await sweepOrphans(snaps)).toMatchObject({ cleaned: 1, busy: 0 });
@@ -209,5 +217,8 @@ describe('maybeSweep and the receiver', () => {
     await s2.conn.bye();
     expect(await s2.done).toBe(0);
     expect(await exists(replicaPaths(snaps, 78, 0).workDir)).toBe(false);
+    // what the sweep moved to the trash was deleted before the session ended (77's as well, left by the
+    // direct sweep above)
+    expect(await readdir(path.join(snaps, '.onestor', 'trash'))).toEqual([]);
   });
 });
