@@ -2,17 +2,10 @@
 import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
-import { O_NOFOLLOW, ensureTmpDir, tmpName, type ReplicaPaths } from './layout.js';
+import { O_NOFOLLOW, ensureTmpDir, fsyncPath, tmpName, type ReplicaPaths } from './layout.js';
 
-/** fsync of a file or directory, opened without following a symlink as its last component. */
-export async function fsyncPath(file: string): Promise<void> {
-  const fh = await fsp.open(file, fsConstants.O_RDONLY | O_NOFOLLOW);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
+// fsync of a file or directory without following a symlink: layout.ts has it (it needs it itself)
+export { fsyncPath } from './layout.js';
 
 /** Reads a small file (manifest, journal) refusing a symlink as its last component. */
 export async function readFileNoFollow(file: string): Promise<string> {

@@ -178,9 +178,9 @@ const tmpRel = (p: ReplicaPaths) => ['tmp', `${p.vm}-${p.disk}`];
 const workRel = (p: ReplicaPaths) => ['work', String(p.vm), `disk.${p.disk}`];
 const TRASH_REL = ['trash'];
 
-/** fsync of a directory (durable.ts has the general one; it imports this module). */
-async function syncDir(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, fsConstants.O_RDONLY | O_NOFOLLOW);
+/** fsync of a file or directory, opened without following a symlink as its last component (durable.ts re-exports it). */
+export async function fsyncPath(file: string): Promise<void> {
+  const fh = await fsp.open(file, fsConstants.O_RDONLY | O_NOFOLLOW);
   try {
     await fh.sync();
   } finally {
@@ -221,7 +221,7 @@ export async function trashWorkDir(p: ReplicaPaths): Promise<boolean> {
   if (!dir) return false;
   const trash = (await privateDir(p.snapsDir, TRASH_REL, { create: true, context: ctx(p) }))!;
   await fsp.rename(dir, path.join(trash, `${p.vm}-${p.disk}-${Date.now()}-${randomBytes(4).toString('hex')}`));
-  await syncDir(path.dirname(dir));
+  await fsyncPath(path.dirname(dir));
   return true;
 }
 
