@@ -1,7 +1,8 @@
 /** The NBD client against a real `qemu-nbd` (read-only export of a qcow2 with known contents). */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { run } from '../../lib/shared/exec.js';
@@ -24,7 +25,14 @@ beforeAll(async () => {
   expect(io.code, io.stderr).toBe(0);
   // -t: keep serving after a client leaves; -A: qemu:allocation-depth as well
   server = spawn('qemu-nbd', ['-t', '-r', '-A', '-f', 'qcow2', '-x', 'e1', '-k', sock, img], { stdio: 'ignore' });
-  for (let i = 0; i < 100 && !(await stat(sock).then(() => true, () => false)); i++) await new Promise((r) => setTimeout(r, 50));
+  // ready when a connection is accepted: the socket file exists from bind(), a moment before listen()
+  const accepts = () =>
+    new Promise<boolean>((resolve) => {
+      const c = net.connect(sock);
+      c.once('connect', () => (c.destroy(), resolve(true)));
+      c.once('error', () => resolve(false));
+    });
+  for (let i = 0; i < 200 && !(await accepts()); i++) await new Promise((r) => setTimeout(r, 50));
 });
 
 afterAll(async () => {
