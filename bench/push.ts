@@ -17,7 +17,7 @@ import { Client } from 'ssh2';
 import { ReplicaClient } from '../lib/transfer/replica-client.js';
 import { agentMain, startAgentEnv, testHostName, type AgentEnv } from '../dev/agent-env.js';
 import { formatSelfTimes, profileInProcess, selfTimes, type CpuProfile } from './lib/profile.js';
-import { descendants, fileSize, fillDisk, levelPageCache, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
+import { descendants, emptyReplicaFor, fileSize, fillDisk, levelPageCache, plainSshAccess, procCpu, q, serverCpuTotal, sshdPid, timedShell, type PlainSsh } from './lib/cluster.js';
 import { mbps, median, medianSpread, mib, table } from './lib/stats.js';
 
 const REPS = Number(process.argv[2] ?? 3);
@@ -175,9 +175,7 @@ async function main(): Promise<void> {
     const cli: number[] = [];
     let cliBytes = 0;
     for (let i = 0; i < REPS; i++) {
-      // empty for the VM: its dir and the receiver's work and tmp dirs of it (else the open of the next run
-      // deletes the previous run's A/B copies inside the timed run: bench/README.md, issue 14 ninth pass)
-      for (const dir of [String(VM), `.onestor/work/${VM}`, `.onestor/tmp/${VM}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
+      await emptyReplicaFor(env.snapsDir, VM);
       const t0 = performance.now();
       const r = await env.agent(['snapshot', '--vm', String(VM), '--full', '--json']);
       cli.push((performance.now() - t0) / 1000);
@@ -213,7 +211,7 @@ async function main(): Promise<void> {
       C.push(await openssh(plain, base, base1, dest, sshd, true));
       await levelPageCache([base, base1]);
       D.push(await ssh2Alone(env, plain, [base, base1], dest, sshd));
-      for (const dir of [String(900 + i), `.onestor/work/${900 + i}`, `.onestor/tmp/${900 + i}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
+      await emptyReplicaFor(env.snapsDir, 900 + i);
     }
 
     const bytes = A[0]!.bytes;

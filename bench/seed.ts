@@ -28,14 +28,15 @@ import { runVmCycle, type CycleDeps } from '../lib/cycle/cycle.js';
 import { diskKey } from '../lib/cycle/state.js';
 import { startAgentEnv, type AgentEnv } from '../dev/agent-env.js';
 import type { OneVm } from '../dev/one-layout.js';
-import { fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, loopbackMeter, type TcpMeter } from './lib/cluster.js';
+import { emptyReplicaFor, fillDisk, fsType, levelPageCache, plainSshAccess, settleGuests, sh, q, startTcpMeter, loopbackMeter, type TcpMeter } from './lib/cluster.js';
 import { upstreamCycle, type UpstreamDisk } from './lib/upstream.js';
+import { ourCheckpoints } from './soak.js';
 import { median, table } from './lib/stats.js';
 
 const SIZES = (process.argv[2] ?? '1,4').split(',').map(Number);
 const REPS = Number(process.argv[3] ?? 2);
-// BENCH_METHODS=pull,upstream,push (the default: all three) runs only those
 const REFULL = process.env.BENCH_REFULL === '1';
+// BENCH_METHODS=pull,upstream,push (the default: all three) runs only those
 const METHODS = new Set((process.env.BENCH_METHODS ?? 'pull,upstream,push').split(',').map((x) => x.trim()));
 const BASE_MIB = 64;
 const MiB = 1048576;
@@ -84,16 +85,16 @@ async function main(): Promise<void> {
         const upDisk: UpstreamDisk = { domain: vmU.domainName, target: 'vda', vmId: vmU.vmId, diskId: 0, snapDir: vmU.disks[0]!.snapDir, basePath: vmU.disks[0]!.basePath, base1Path: vmU.disks[0]!.base1Path };
 
         const ours = async (vm: OneVm, seedMode: 'pull' | 'push') => {
-          // an empty replica for the VM: its dir, and the receiver's work copies and uploads of it (a
-          // previous rep's A/B copies would otherwise be deleted inside the timed seed, see bench/README.md)
-          // BENCH_REFULL=1: a forced full over the lineage the replica holds (`snapshot --full`), from the 2nd run on
+          // an empty replica for the VM; with BENCH_REFULL=1, from the 2nd run on, a forced full over the
+          // lineage the replica holds (`snapshot --full`)
           const refull = REFULL && existsSync(path.join(env.snapsDir, String(vm.vmId)));
-          if (!refull) for (const dir of [String(vm.vmId), `.onestor/work/${vm.vmId}`, `.onestor/tmp/${vm.vmId}-0`]) await rm(path.join(env.snapsDir, dir), { recursive: true, force: true });
+          if (!refull) await emptyReplicaFor(env.snapsDir, vm.vmId);
           // and a host that never protected it (a first seed; a new host after a migration or a recovery):
           // no checkpoint of ours in libvirt, no state. BENCH_RESEED=1 keeps both (the replica lost the copy).
+          const deps: CycleDeps = { ...(await ctx.cycleDeps()), seedMode };
           if (process.env.BENCH_RESEED !== '1' && !REFULL) {
-            for (const c of (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter((x) => x.startsWith('onestor-')).reverse()) await env.lv.virshOk(['checkpoint-delete', vm.domainName, c]);
-            await (await ctx.cycleDeps()).state.update((st) => {
+            for (const c of (await ourCheckpoints(env, vm)).reverse()) await env.lv.virshOk(['checkpoint-delete', vm.domainName, c]);
+            await deps.state.update((st) => {
               delete st.disks[diskKey(vm.vmId, 0)];
               for (const k of Object.keys(st.baseDigests)) if (k.startsWith(vm.vmDir + '/')) delete st.baseDigests[k];
             });
@@ -101,7 +102,6 @@ async function main(): Promise<void> {
           await ctx.replicas.closeAll();
           const found = await discover({ datastoreLocation: env.dsRoot });
           const disks = found.eligible.filter((d) => d.vmId === vm.vmId);
-          const deps: CycleDeps = { ...(await ctx.cycleDeps()), seedMode };
           const staging = path.join(env.dsRoot, String(env.dsId), '.onestor', String(vm.vmId));
           let peak = 0;
           let sampling = true;

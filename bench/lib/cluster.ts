@@ -8,6 +8,7 @@ import { readFile, rename, rm, readdir } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { run } from '../../lib/shared/exec.js';
+import { replicaPaths } from '../../lib/replica/layout.js';
 import type { AgentEnv } from '../../dev/agent-env.js';
 import type { OneVmDisk } from '../../dev/one-layout.js';
 
@@ -356,4 +357,14 @@ export async function settleGuests(domainNames: string[], maxCpu = 0.5, timeoutM
     if (rate < maxCpu) break;
   }
   return rate;
+}
+
+/**
+ * The replica as if it never held the VM: its dir, and the receiver's work dir and uploads of the disk (paths
+ * from the receiver's own layout). Removing the VM dir alone leaves the A/B copies, which the next open then
+ * deletes inside the timed run (bench/README.md, issue 14 ninth pass).
+ */
+export async function emptyReplicaFor(snapsDir: string, vmId: number, diskId = 0): Promise<void> {
+  const p = replicaPaths(snapsDir, vmId, diskId);
+  for (const dir of [p.vmDir, path.dirname(p.workDir), p.tmpDir]) await rm(dir, { recursive: true, force: true });
 }

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { O_NOFOLLOW, ensureTmpDir, fsyncPath, tmpName, type ReplicaPaths } from './layout.js';
 
 // fsync of a file or directory without following a symlink: layout.ts has it (it needs it itself)
-export { fsyncPath } from './layout.js';
+export { fsyncPath };
 
 /** Reads a small file (manifest, journal) refusing a symlink as its last component. */
 export async function readFileNoFollow(file: string): Promise<string> {
