@@ -6,17 +6,25 @@
  *   gen -> receiver    a generated stream through our upload and the receiver (no file, no NBD);
  *   file -> receiver   base.1 as a file through our upload path;
  *   export -> receiver the pull-mode export streamed as a seed does it;
- *   export -> nowhere  the export read alone (capturePull + the overlay stream).
+ *   export -> nowhere  the export read alone (capturePull + the overlay stream);
+ *   export -> ssh cat (relay)  reads of the export passed by this process into `ssh host 'dd of=f'` (no receiver);
+ *   export fd -> ssh cat       the same reads, ssh reading the NBD socket itself (what taking the agent
+ *                              out of the data path would save; bench/README.md, tenth pass).
+ * The last two run only when BENCH_PIECES names them.
  * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
  * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
  * BENCH_PIECES=name,name runs only the named pieces; BENCH_RECEIVER_ARGS='--no-direct-io' adds receiver flags.
  */
 import { spawn } from 'node:child_process';
 import { statSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
 import { capturePull } from '../lib/cycle/capture-pull.js';
+import { parsePullExports } from '../lib/libvirt/backup-xml.js';
+import { NbdClient } from '../lib/libvirt/nbd-client.js';
+import { encodeRequest, NBD_CMD_READ, NbdHandshake } from '../lib/libvirt/nbd-protocol.js';
 import { startAgentEnv } from '../dev/agent-env.js';
 import { descendants, fillDisk, levelPageCache, plainSshAccess, procCpu, q, sh, sshdPid } from './lib/cluster.js';
 import { median } from './lib/stats.js';
@@ -27,6 +35,10 @@ const MiB = 1048576;
 // BENCH_PIECES='export -> receiver,ssh cat < file' runs only those pieces (e.g. under a profiler)
 const ONLY = process.env.BENCH_PIECES?.split(',').map((x) => x.trim());
 
+/** reads of the two export -> ssh pieces: as the overlay stream reads (lib/cycle/overlay-stream.ts) */
+const FD_READ = 512 * 1024;
+const FD_DEPTH = 16;
+const FD_TIMEOUT_MS = 120_000;
 async function main(): Promise<void> {
   const receiverArgs = process.env.BENCH_RECEIVER_ARGS?.split(' ').filter(Boolean) ?? [];
   const env = await startAgentEnv({ name: 'seed-split', receiverArgs });
@@ -106,6 +118,76 @@ async function main(): Promise<void> {
         await dropCheckpoints();
         return n;
       },
+      // The next two pieces measure what the agent's relay costs: the same reads of the export, the bytes
+      // either passed through this process into ssh, or read by ssh itself from the NBD socket (handed to
+      // it as stdin after the handshake; this process only writes the requests). No receiver: `dd` in 1 MiB
+      // reads, ending at the expected byte count (which the replica's file is checked against).
+      'export -> ssh cat (relay)': async () => {
+        const p = await pull();
+        const { socket, name } = await exportOf();
+        const client = await NbdClient.connect({ socketPath: socket, exportName: name });
+        const total = mib * MiB;
+        const c = spawn('ssh', [...plain.args, plain.target, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${total} status=none`], { stdio: ['pipe', 'ignore', 'inherit'] });
+        const exited = new Promise((r) => c.on('exit', r));
+        const inflight: Array<Promise<Buffer>> = [];
+        const free: Buffer[] = Array.from({ length: FD_DEPTH + 1 }, () => Buffer.allocUnsafe(FD_READ));
+        let at = 0;
+        const fill = () => {
+          while (inflight.length < FD_DEPTH && at < total && free.length) {
+            inflight.push(client.read(at, FD_READ, free.pop()!));
+            at += FD_READ;
+          }
+        };
+        fill();
+        while (inflight.length) {
+          const b = await inflight.shift()!;
+          await new Promise((r) => c.stdin.write(b, r));
+          free.push(b);
+          fill();
+        }
+        c.stdin.end();
+        await exited;
+        await client.close();
+        await p.end();
+        await dropCheckpoints();
+        await checkRef(total);
+        return total;
+      },
+      'export fd -> ssh cat': async () => {
+        const p = await pull();
+        const { socket, name } = await exportOf();
+        const sock = net.createConnection({ path: socket });
+        const hs = new NbdHandshake(name, []);
+        await new Promise<void>((resolve, reject) => {
+          sock.on('data', (b: Buffer) => {
+            for (const out of hs.push(Buffer.from(b))) sock.write(out);
+            if (hs.result) resolve();
+          });
+          sock.on('error', reject);
+        });
+        sock.removeAllListeners('data');
+        sock.pause();
+        if (hs.leftover().length) throw new Error('bytes after the handshake');
+        const total = mib * MiB;
+        const reads = total / FD_READ;
+        // every read of this fully allocated range is answered by one OFFSET_DATA chunk: 20 + 8 bytes of header
+        const wire = total + reads * 28;
+        const c = spawn('ssh', [...plain.args, plain.target, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`], { stdio: [sock, 'ignore', 'inherit'] });
+        // a reply shaped otherwise (split chunks, holes) would leave dd waiting for bytes that never come
+        const exited = new Promise<void>((resolve, reject) => {
+          const t = setTimeout(() => (c.kill(), reject(new Error(`ssh still running after ${FD_TIMEOUT_MS} ms: the replies were not ${wire} bytes`))), FD_TIMEOUT_MS);
+          c.on('exit', () => (clearTimeout(t), resolve()));
+        });
+        const reqs: Buffer[] = [];
+        for (let i = 0; i < reads; i++) reqs.push(encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ));
+        sock.write(Buffer.concat(reqs));
+        await exited;
+        sock.destroy();
+        await p.end();
+        await dropCheckpoints();
+        await checkRef(wire);
+        return total;
+      },
       'export -> nowhere': async () => {
         const p = await pull();
         let n = 0;
@@ -114,6 +196,15 @@ async function main(): Promise<void> {
         await dropCheckpoints();
         return n;
       },
+    };
+    const checkRef = async (expected: number) => {
+      const got = Number((await sh('stat -c %s /tmp/seed-split-ref')).trim());
+      if (got !== expected) throw new Error(`the replica got ${got} bytes, expected ${expected}`);
+    };
+    const exportOf = async () => {
+      const xml = await env.lv.virshOk(['backup-dumpxml', vm.domainName]);
+      const ex = parsePullExports(xml);
+      return { socket: ex.socket!, name: ex.exports[0]!.exportName };
     };
     const spid = await sshdPid(env);
     // the guest's QEMU serves the pull-mode export (its I/O threads read base.1 for every NBD request)
@@ -128,7 +219,7 @@ async function main(): Promise<void> {
     const results: Record<string, Array<{ sec: number; bytes: number; agent: number; recv: number; qemu: number }>> = {};
     console.log(`load average ${(await sh('cat /proc/loadavg')).trim()}`);
     for (let r = 0; r < REPS; r++) {
-      const names = Object.keys(pieces).filter((n) => !ONLY || ONLY.includes(n));
+      const names = Object.keys(pieces).filter((n) => (ONLY ? ONLY.includes(n) : !n.startsWith('export -> ssh') && !n.startsWith('export fd')));
       if (r % 2) names.reverse();
       for (const name of names) {
         // a fresh connection and an empty replica dir for every piece, the source back in the page cache

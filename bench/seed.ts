@@ -153,6 +153,14 @@ async function main(): Promise<void> {
           lines.push(line);
         }
         const up = median(res['upstream']!.map((x) => x.seconds));
+        // each rep's two methods ran back to back: their ratio is steadier than the ratio of medians when
+        // the machine's speed drifts between reps
+        const paired = res['pull']!.map((x, i) => x.seconds / (res['upstream']![i]?.seconds ?? NaN)).filter((x) => Number.isFinite(x));
+        if (paired.length) {
+          const line = `${gib} GiB pull / upstream per rep: ${paired.map((x) => `${x.toFixed(2)}x`).join(', ')}; median ${median(paired).toFixed(2)}x`;
+          console.log(line);
+          lines.push(line);
+        }
         for (const [k, label] of [['pull', 'ours, pull-mode stream'], ['push', 'ours, push-mode staged (old)'], ['upstream', 'upstream snapshot+rsync']] as const) {
           const xs = res[k]!;
           if (xs.length === 0) continue;
