@@ -9,16 +9,19 @@
  *   export -> nowhere  the export read alone (capturePull + the overlay stream);
  *   export -> ssh cat (relay)  reads of the export passed by this process into `ssh host 'dd of=f'` (no receiver);
  *   export fd -> ssh cat       the same reads, ssh reading the NBD socket itself (what taking the agent
- *                              out of the data path would save; bench/README.md, tenth pass).
- * The last two run only when BENCH_PIECES names them.
+ *                              out of the data path would save; bench/README.md, tenth pass);
+ *   export fd -> nbd sink      the same, the replica side doing the receiver's per-byte work on the NBD
+ *                              replies (bench/lib/nbd-sink.ts, which prints its own CPU): against `export -> receiver`.
+ * The last three run only when BENCH_PIECES names them.
  * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
  * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
  * BENCH_PIECES=name,name runs only the named pieces; BENCH_RECEIVER_ARGS='--no-direct-io' adds receiver flags.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { statSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { pino } from 'pino';
 import { buildContext } from '../agent/context.js';
 import { capturePull } from '../lib/cycle/capture-pull.js';
@@ -39,6 +42,15 @@ const ONLY = process.env.BENCH_PIECES?.split(',').map((x) => x.trim());
 const FD_READ = 512 * 1024;
 const FD_DEPTH = 16;
 const FD_TIMEOUT_MS = 120_000;
+const NBD_SINK = fileURLToPath(new URL('./lib/nbd-sink.js', import.meta.url));
+
+/** The child's exit code; kills it and rejects after `ms`. */
+function exitWithin(c: ChildProcess, ms: number, why: string): Promise<number | null> {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => (c.kill(), reject(new Error(`ssh still running after ${ms} ms: ${why}`))), ms);
+    c.on('exit', (code) => (clearTimeout(t), resolve(code)));
+  });
+}
 async function main(): Promise<void> {
   const receiverArgs = process.env.BENCH_RECEIVER_ARGS?.split(' ').filter(Boolean) ?? [];
   const env = await startAgentEnv({ name: 'seed-split', receiverArgs });
@@ -156,28 +168,14 @@ async function main(): Promise<void> {
       'export fd -> ssh cat': async () => {
         const p = await pull();
         const { socket, name } = await exportOf();
-        const sock = net.createConnection({ path: socket });
-        const hs = new NbdHandshake(name, []);
-        await new Promise<void>((resolve, reject) => {
-          sock.on('data', (b: Buffer) => {
-            for (const out of hs.push(Buffer.from(b))) sock.write(out);
-            if (hs.result) resolve();
-          });
-          sock.on('error', reject);
-        });
-        sock.removeAllListeners('data');
-        sock.pause();
-        if (hs.leftover().length) throw new Error('bytes after the handshake');
+        const sock = await nbdSocketForSsh(socket, name);
         const total = mib * MiB;
         const reads = total / FD_READ;
         // every read of this fully allocated range is answered by one OFFSET_DATA chunk: 20 + 8 bytes of header
         const wire = total + reads * 28;
         const c = spawn('ssh', [...plain.args, plain.target, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`], { stdio: [sock, 'ignore', 'inherit'] });
         // a reply shaped otherwise (split chunks, holes) would leave dd waiting for bytes that never come
-        const exited = new Promise<void>((resolve, reject) => {
-          const t = setTimeout(() => (c.kill(), reject(new Error(`ssh still running after ${FD_TIMEOUT_MS} ms: the replies were not ${wire} bytes`))), FD_TIMEOUT_MS);
-          c.on('exit', () => (clearTimeout(t), resolve()));
-        });
+        const exited = exitWithin(c, FD_TIMEOUT_MS, `the replies were not ${wire} bytes`);
         const reqs: Buffer[] = [];
         for (let i = 0; i < reads; i++) reqs.push(encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ));
         sock.write(Buffer.concat(reqs));
@@ -188,6 +186,28 @@ async function main(): Promise<void> {
         await checkRef(wire);
         return total;
       },
+      // The same as `export fd -> ssh cat` with a replica side that does the receiver's per-byte work on the
+      // NBD replies (bench/lib/nbd-sink.ts): compare with `export -> receiver`.
+      'export fd -> nbd sink': async () => {
+        const p = await pull();
+        const { socket, name } = await exportOf();
+        const sock = await nbdSocketForSsh(socket, name);
+        const total = mib * MiB;
+        const reads = total / FD_READ;
+        const c = spawn('ssh', [...plain.args, plain.target, `${q(process.execPath)} ${q(NBD_SINK)} /tmp/seed-split-ref ${reads} ${FD_READ}${receiverArgs.includes('--no-direct-io') ? ' --no-direct-io' : ''}`], { stdio: [sock, 'pipe', 'inherit'] });
+        let said = '';
+        c.stdout.on('data', (b: Buffer) => (said += b.toString()));
+        const exited = exitWithin(c, FD_TIMEOUT_MS, `the sink did not get ${reads} replies`);
+        sock.write(Buffer.concat(Array.from({ length: reads }, (_, i) => encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ))));
+        const code = await exited;
+        sock.destroy();
+        await p.end();
+        await dropCheckpoints();
+        if (code !== 0 || Number(said.split(' ')[0]) !== total) throw new Error(`the sink exited ${code} saying ${JSON.stringify(said)}`);
+        console.log(`   (the sink's own CPU: ${said.trim().split(' ')[2]} s)`);
+        await checkRef(total);
+        return total;
+      },
       'export -> nowhere': async () => {
         const p = await pull();
         let n = 0;
@@ -196,6 +216,22 @@ async function main(): Promise<void> {
         await dropCheckpoints();
         return n;
       },
+    };
+    /** An NBD connection to the export, past its handshake, no longer read by this process: for ssh's stdin. */
+    const nbdSocketForSsh = async (socket: string, name: string): Promise<net.Socket> => {
+      const sock = net.createConnection({ path: socket });
+      const hs = new NbdHandshake(name, []);
+      await new Promise<void>((resolve, reject) => {
+        sock.on('data', (b: Buffer) => {
+          for (const out of hs.push(Buffer.from(b))) sock.write(out);
+          if (hs.result) resolve();
+        });
+        sock.on('error', reject);
+      });
+      sock.removeAllListeners('data');
+      sock.pause();
+      if (hs.leftover().length) throw new Error('bytes after the handshake');
+      return sock;
     };
     const checkRef = async (expected: number) => {
       const got = Number((await sh('stat -c %s /tmp/seed-split-ref')).trim());
