@@ -12,7 +12,7 @@ import fsp from 'node:fs/promises';
 import { newDigest } from '../../lib/protocol/digest.js';
 import { NBD_CMD_READ, NbdReplyParser } from '../../lib/libvirt/nbd-protocol.js';
 import { lentStdin } from '../../lib/replica/stdio.js';
-import { openDirect } from '../../lib/replica/uploads.js';
+import { openDirect, pageAlignedBuffers } from '../../lib/replica/uploads.js';
 
 const [file, readsArg, readBytesArg, flag] = process.argv.slice(2);
 const READS = Number(readsArg);
@@ -24,13 +24,6 @@ if (!file || !(READS > 0) || !(READ_BYTES > 0) || READ_BYTES % 4096 !== 0) {
 /** buffers for reads whose data is arriving or waiting for their write (QEMU answers at most 16 at once) */
 const POOL = 32;
 
-/** page-aligned buffers, as O_DIRECT needs: a WebAssembly memory is allocated in whole pages */
-function alignedBuffers(count: number, size: number): Buffer[] {
-  const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
-  const pages = Math.ceil((count * size) / 65536);
-  const memory = new Memory({ initial: pages, maximum: pages });
-  return Array.from({ length: count }, (_, i) => Buffer.from(memory.buffer, i * size, size));
-}
 
 async function main(): Promise<void> {
   const fh = await fsp.open(file!, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC, 0o600);
@@ -38,7 +31,7 @@ async function main(): Promise<void> {
   const hash = await newDigest('xxh64');
   const parser = new NbdReplyParser(READS * READ_BYTES, new Set());
   for (let i = 0; i < READS; i++) parser.expect(BigInt(i + 1), NBD_CMD_READ, i * READ_BYTES, READ_BYTES);
-  const free = alignedBuffers(POOL, READ_BYTES);
+  const free = pageAlignedBuffers(POOL, READ_BYTES);
   const filling = new Map<bigint, { buf: Buffer; offset: number }>();
   let freed: (() => void) | null = null;
   let writes: Promise<void> = Promise.resolve();

@@ -37,7 +37,7 @@ import { maybeSweep } from './sweep.js';
 import { SpaceLedger } from './reservations.js';
 import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
 import { acquireFairSlot, defaultMaxPerHost, UNNAMED_IDENTITY, type Slot } from './slots.js';
-import { DIRECT_ALIGN, dropStaleUploads, openDirect, openUpload, prepareUpload, type UploadedFile } from './uploads.js';
+import { DIRECT_ALIGN, dropStaleUploads, openDirect, openUpload, pageAlignedBuffers, prepareUpload, type UploadedFile } from './uploads.js';
 import type { LentChunks } from './stdio.js';
 
 
@@ -358,7 +358,7 @@ class ReceiverSession {
   }
 
   private currentBatch(): Buffer {
-    this.batches ??= alignedBatches();
+    this.batches ??= pageAlignedBuffers(2, WRITE_BATCH_BYTES) as [Buffer, Buffer];
     return this.batches[this.batchIndex]!;
   }
 
@@ -890,13 +890,3 @@ async function spaceOf(dir: string): Promise<{ total: number; used: number; avai
   return { total, used, avail, usedPercent: total > 0 ? (used / total) * 100 : 100 };
 }
 
-/**
- * The two batch buffers, page-aligned as O_DIRECT needs (a Buffer's address is whatever malloc gave):
- * a WebAssembly memory's backing store is allocated in whole pages.
- */
-function alignedBatches(): [Buffer, Buffer] {
-  // (the ES2022 lib this project compiles against declares no WebAssembly value)
-  const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
-  const memory = new Memory({ initial: (2 * WRITE_BATCH_BYTES) / 65536, maximum: (2 * WRITE_BATCH_BYTES) / 65536 });
-  return [Buffer.from(memory.buffer, 0, WRITE_BATCH_BYTES), Buffer.from(memory.buffer, WRITE_BATCH_BYTES, WRITE_BATCH_BYTES)];
-}

@@ -73,6 +73,18 @@ export async function openDirect(fh: fsp.FileHandle): Promise<fsp.FileHandle | n
   return direct;
 }
 
+/**
+ * `count` buffers of `size` bytes (a multiple of DIRECT_ALIGN), page-aligned as O_DIRECT needs (a Buffer's
+ * address is whatever malloc gave): a WebAssembly memory's backing store is allocated in whole pages.
+ */
+export function pageAlignedBuffers(count: number, size: number): Buffer[] {
+  // (the ES2022 lib this project compiles against declares no WebAssembly value)
+  const { Memory } = (globalThis as unknown as { WebAssembly: { Memory: new (d: { initial: number; maximum: number }) => { buffer: ArrayBuffer } } }).WebAssembly;
+  const pages = Math.ceil((count * size) / 65536);
+  const memory = new Memory({ initial: pages, maximum: pages });
+  return Array.from({ length: count }, (_, i) => Buffer.from(memory.buffer, i * size, size));
+}
+
 /** Opens an upload temp for writing without following a symlink; offset 0 truncates. */
 export async function openUpload(file: string, offset: number): Promise<fsp.FileHandle> {
   const flags = fsConstants.O_RDWR | fsConstants.O_CREAT | O_NOFOLLOW | (offset === 0 ? fsConstants.O_TRUNC : 0);
