@@ -166,43 +166,21 @@ async function main(): Promise<void> {
         return total;
       },
       'export fd -> ssh cat': async () => {
-        const p = await pull();
-        const { socket, name } = await exportOf();
-        const sock = await nbdSocketForSsh(socket, name);
         const total = mib * MiB;
-        const reads = total / FD_READ;
         // every read of this fully allocated range is answered by one OFFSET_DATA chunk: 20 + 8 bytes of header
-        const wire = total + reads * 28;
-        const c = spawn('ssh', [...plain.args, plain.target, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`], { stdio: [sock, 'ignore', 'inherit'] });
+        const wire = total + (total / FD_READ) * 28;
         // a reply shaped otherwise (split chunks, holes) would leave dd waiting for bytes that never come
-        const exited = exitWithin(c, FD_TIMEOUT_MS, `the replies were not ${wire} bytes`);
-        const reqs: Buffer[] = [];
-        for (let i = 0; i < reads; i++) reqs.push(encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ));
-        sock.write(Buffer.concat(reqs));
-        await exited;
-        sock.destroy();
-        await p.end();
-        await dropCheckpoints();
+        await sshReadsExport(total, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`, `the replies were not ${wire} bytes`);
         await checkRef(wire);
         return total;
       },
       // The same as `export fd -> ssh cat` with a replica side that does the receiver's per-byte work on the
       // NBD replies (bench/lib/nbd-sink.ts): compare with `export -> receiver`.
       'export fd -> nbd sink': async () => {
-        const p = await pull();
-        const { socket, name } = await exportOf();
-        const sock = await nbdSocketForSsh(socket, name);
         const total = mib * MiB;
         const reads = total / FD_READ;
-        const c = spawn('ssh', [...plain.args, plain.target, `${q(process.execPath)} ${q(NBD_SINK)} /tmp/seed-split-ref ${reads} ${FD_READ}${receiverArgs.includes('--no-direct-io') ? ' --no-direct-io' : ''}`], { stdio: [sock, 'pipe', 'inherit'] });
-        let said = '';
-        c.stdout.on('data', (b: Buffer) => (said += b.toString()));
-        const exited = exitWithin(c, FD_TIMEOUT_MS, `the sink did not get ${reads} replies`);
-        sock.write(Buffer.concat(Array.from({ length: reads }, (_, i) => encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ))));
-        const code = await exited;
-        sock.destroy();
-        await p.end();
-        await dropCheckpoints();
+        const direct = receiverArgs.includes('--no-direct-io') ? ' --no-direct-io' : '';
+        const { code, said } = await sshReadsExport(total, `${q(process.execPath)} ${q(NBD_SINK)} /tmp/seed-split-ref ${reads} ${FD_READ}${direct}`, `the sink did not get ${reads} replies`);
         if (code !== 0 || Number(said.split(' ')[0]) !== total) throw new Error(`the sink exited ${code} saying ${JSON.stringify(said)}`);
         console.log(`   (the sink's own CPU: ${said.trim().split(' ')[2]} s)`);
         await checkRef(total);
@@ -217,8 +195,13 @@ async function main(): Promise<void> {
         return n;
       },
     };
-    /** An NBD connection to the export, past its handshake, no longer read by this process: for ssh's stdin. */
-    const nbdSocketForSsh = async (socket: string, name: string): Promise<net.Socket> => {
+    /**
+     * A pull-mode export's first `total` bytes read by `ssh host REMOTE` itself: ssh gets an NBD connection
+     * past its handshake as stdin, this process only writes the read requests. Ends the export afterwards.
+     */
+    const sshReadsExport = async (total: number, remote: string, why: string): Promise<{ code: number | null; said: string }> => {
+      const p = await pull();
+      const { socket, name } = await exportOf();
       const sock = net.createConnection({ path: socket });
       const hs = new NbdHandshake(name, []);
       await new Promise<void>((resolve, reject) => {
@@ -231,7 +214,17 @@ async function main(): Promise<void> {
       sock.removeAllListeners('data');
       sock.pause();
       if (hs.leftover().length) throw new Error('bytes after the handshake');
-      return sock;
+      const c = spawn('ssh', [...plain.args, plain.target, remote], { stdio: [sock, 'pipe', 'inherit'] });
+      let said = '';
+      c.stdout.on('data', (b: Buffer) => (said += b.toString()));
+      const exited = exitWithin(c, FD_TIMEOUT_MS, why);
+      const reads = total / FD_READ;
+      sock.write(Buffer.concat(Array.from({ length: reads }, (_, i) => encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ))));
+      const code = await exited;
+      sock.destroy();
+      await p.end();
+      await dropCheckpoints();
+      return { code, said };
     };
     const checkRef = async (expected: number) => {
       const got = Number((await sh('stat -c %s /tmp/seed-split-ref')).trim());

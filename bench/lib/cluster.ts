@@ -360,7 +360,7 @@ export async function settleGuests(domainNames: string[], maxCpu = 0.5, timeoutM
 }
 
 /**
- * The replica as if it never held the VM: its dir, and the receiver's work dir and uploads of the disk (paths
+ * The replica as if it never held the VM: its dir, the receiver's work dir of the VM (every disk) and the disk's uploads (paths
  * from the receiver's own layout). Removing the VM dir alone leaves the A/B copies, which the next open then
  * deletes inside the timed run (bench/README.md, issue 14 ninth pass).
  */

@@ -18,12 +18,11 @@ const [file, readsArg, readBytesArg, flag] = process.argv.slice(2);
 const READS = Number(readsArg);
 const READ_BYTES = Number(readBytesArg);
 if (!file || !(READS > 0) || !(READ_BYTES > 0) || READ_BYTES % 4096 !== 0) {
-  console.error('usage: nbd-sink.js FILE READS READ_BYTES (a multiple of 4096)');
+  console.error('usage: nbd-sink.js FILE READS READ_BYTES [--no-direct-io] (READ_BYTES a multiple of 4096)');
   process.exit(2);
 }
 /** buffers for reads whose data is arriving or waiting for their write (QEMU answers at most 16 at once) */
 const POOL = 32;
-
 
 async function main(): Promise<void> {
   const fh = await fsp.open(file!, fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC, 0o600);

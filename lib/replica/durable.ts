@@ -4,9 +4,6 @@ import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { O_NOFOLLOW, ensureTmpDir, fsyncPath, tmpName, type ReplicaPaths } from './layout.js';
 
-// fsync of a file or directory without following a symlink: layout.ts has it (it needs it itself)
-export { fsyncPath };
-
 /** Reads a small file (manifest, journal) refusing a symlink as its last component. */
 export async function readFileNoFollow(file: string): Promise<string> {
   const fh = await fsp.open(file, fsConstants.O_RDONLY | O_NOFOLLOW);

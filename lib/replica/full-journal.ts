@@ -11,8 +11,8 @@
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { z } from 'zod';
-import { fsyncPath, readFileNoFollow, writeFileAtomic } from './durable.js';
-import { lstatOrNull, vmDirIdOf, type ReplicaPaths } from './layout.js';
+import { readFileNoFollow, writeFileAtomic } from './durable.js';
+import { fsyncPath, lstatOrNull, vmDirIdOf, type ReplicaPaths } from './layout.js';
 import { identityOf, storedManifestSchema, writeManifest, type StoredManifest } from './manifest.js';
 import { step, type PublishContext } from './publish-context.js';
 

@@ -12,7 +12,7 @@ import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { acquireFileLock } from '../shared/file-lock.js';
 import { checkpointSchema, consistencySchema, epochSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, sha256Schema, sizeSchema } from '../protocol/protocol.js';
-import { fsyncPath, readFileNoFollow, writeFileAtomic } from './durable.js';
+import { readFileNoFollow, writeFileAtomic } from './durable.js';
 import { FULL_JOURNAL, readFullJournal, runFullJournal } from './full-journal.js';
 import { checkImage, checkIncrement, qemu } from './image-check.js';
 import {
@@ -23,6 +23,7 @@ import {
   diskLockFile,
   ensureTmpDir,
   ensureWorkDir,
+  fsyncPath,
   lstatOrNull,
   mapVanished,
   privateDir,

@@ -4,7 +4,6 @@ import * as path from 'node:path';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { step, type PublishContext, type PublishMeta } from './publish-context.js';
-import { fsyncPath } from './durable.js';
 import { STAGED, refOf, runFullJournal, writeFullJournal, type FileRef, type FullJournal } from './full-journal.js';
 import { checkImage, checkUploadedBase, checkUploadedBase1, qemu } from './image-check.js';
 import {
@@ -15,6 +14,7 @@ import {
   errno,
   expectedBackingName,
   lstatOrNull,
+  fsyncPath,
   mapVanished,
   mkdirIn,
   removeWorkDir,
