@@ -174,6 +174,15 @@ async function main(): Promise<void> {
         await checkRef(wire);
         return total;
       },
+      // The same with a relay process in between (dd, not this process): ssh's stdin stays a pipe this process
+      // could also write its own frames into, so one session would carry both (bench/README.md, eleventh pass).
+      'export fd -> dd -> ssh cat': async () => {
+        const total = mib * MiB;
+        const wire = total + (total / FD_READ) * 28;
+        await sshReadsExport(total, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`, `the replies were not ${wire} bytes`, wire);
+        await checkRef(wire);
+        return total;
+      },
       // The same as `export fd -> ssh cat` with a replica side that does the receiver's per-byte work on the
       // NBD replies (bench/lib/nbd-sink.ts): compare with `export -> receiver`.
       'export fd -> nbd sink': async () => {
@@ -199,7 +208,7 @@ async function main(): Promise<void> {
      * A pull-mode export's first `total` bytes read by `ssh host REMOTE` itself: ssh gets an NBD connection
      * past its handshake as stdin, this process only writes the read requests. Ends the export afterwards.
      */
-    const sshReadsExport = async (total: number, remote: string, why: string): Promise<{ code: number | null; said: string }> => {
+    const sshReadsExport = async (total: number, remote: string, why: string, relayBytes?: number): Promise<{ code: number | null; said: string }> => {
       const p = await pull();
       const { socket, name } = await exportOf();
       const sock = net.createConnection({ path: socket });
@@ -214,10 +223,22 @@ async function main(): Promise<void> {
       sock.removeAllListeners('data');
       sock.pause();
       if (hs.leftover().length) throw new Error('bytes after the handshake');
-      const c = spawn('ssh', [...plain.args, plain.target, remote], { stdio: [sock, 'pipe', 'inherit'] });
+      // relayBytes: `dd` reads the socket and writes ssh's stdin pipe (its CPU printed from bash's `times`)
+      const c = spawn('ssh', [...plain.args, plain.target, remote], { stdio: [relayBytes === undefined ? sock : 'pipe', 'pipe', 'inherit'] });
       let said = '';
-      c.stdout.on('data', (b: Buffer) => (said += b.toString()));
+      c.stdout!.on('data', (b: Buffer) => (said += b.toString()));
       const exited = exitWithin(c, FD_TIMEOUT_MS, why);
+      if (relayBytes !== undefined) {
+        const relay = spawn('bash', ['-c', `dd bs=1M iflag=fullblock,count_bytes count=${relayBytes} status=none; s=$?; times >&2; exit $s`], { stdio: [sock, c.stdin!, 'pipe'] });
+        let times = '';
+        relay.stderr!.on('data', (b: Buffer) => (times += b.toString()));
+        void exitWithin(relay, FD_TIMEOUT_MS, why).then((rc) => {
+          c.stdin!.end();
+          // `times`: the shell's user/sys, then its children's (dd's)
+          const cpu = times.trim().split('\n').pop()!.split(/\s+/).map((t) => { const m = /^(\d+)m([\d.]+)s$/.exec(t); return m ? Number(m[1]) * 60 + Number(m[2]) : 0; });
+          console.log(`   (dd relay exited ${rc}, its CPU ${(cpu[0]! + cpu[1]!).toFixed(2)} s)`);
+        }, () => c.kill());
+      }
       const reads = total / FD_READ;
       sock.write(Buffer.concat(Array.from({ length: reads }, (_, i) => encodeRequest(NBD_CMD_READ, BigInt(i + 1), i * FD_READ, FD_READ))));
       const code = await exited;

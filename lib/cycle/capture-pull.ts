@@ -78,7 +78,11 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   const plans = (await diskTargets(view, req)).map((d) => ({ ...d, scratch: path.join(req.stagingDir, `${d.target}.scratch`) }));
   const socketPath = path.join(req.stagingDir, 'nbd.sock');
 
-  await clearStaleJob(lv, req);
+  // What must hold before the job begins, found out at once (one after the other they were 0.3-0.4 s of a
+  // seed's critical path): no job of ours left by a killed run, no migration under way (the watch scans
+  // /proc now; its call right before backup-begin then only re-reads the yield marker), the caller's check.
+  const [, yieldReason] = await Promise.all([clearStaleJob(lv, req), req.shouldYield?.() ?? null, req.ready]);
+  if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
   await cleanStagingDir(req.stagingDir);
   await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
 

@@ -71,6 +71,11 @@ export interface CaptureRequest {
    * holds the domain's job lock, which a migration waits for only 30 s), or null. See migration.ts.
    */
   shouldYield?: () => Promise<string | null>;
+  /**
+   * A check of the caller's that must pass before any job begins (the source check before a full); a
+   * pull-mode capture awaits it together with its own checks instead of after them.
+   */
+  ready?: Promise<unknown>;
   log?: (obj: Record<string, unknown>, msg: string) => void;
   now?: () => number;
 }

@@ -136,7 +136,14 @@ export function migrationDestination(argv: readonly string[]): string | null {
   return null;
 }
 
-/** Scans /proc for a migration of `domain` in progress on this host (see isMigrationCommand). */
+/** cmdline files read at once by a /proc scan (one at a time, a scan of ~150 processes took 0.3 s here) */
+const PROC_SCAN_PARALLEL = 32;
+
+/**
+ * Scans /proc for a migration of `domain` in progress on this host (see isMigrationCommand). Every capture
+ * makes this scan right before its job begins, so it is on a seed's critical path: the cmdline files are
+ * read PROC_SCAN_PARALLEL at a time. Of several matches, the lowest pid is returned.
+ */
 export async function findMigrationProcess(domain: string, vmDir: string, procDir = '/proc', libvirtUri?: string): Promise<{ pid: number; argv: string[] } | null> {
   let entries: string[];
   try {
@@ -144,19 +151,24 @@ export async function findMigrationProcess(domain: string, vmDir: string, procDi
   } catch {
     return null;
   }
-  for (const e of entries) {
-    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
-    let raw: string;
-    try {
-      raw = await readFile(path.join(procDir, e, 'cmdline'), 'utf8');
-    } catch {
-      continue; // exited, or hidden from us (hidepid)
+  const pids = entries.filter((e) => /^\d+$/.test(e) && Number(e) !== process.pid).map(Number).sort((a, b) => a - b);
+  const found: Array<{ pid: number; argv: string[] } | null> = new Array(pids.length).fill(null);
+  let next = 0;
+  const worker = async () => {
+    for (let i = next++; i < pids.length; i = next++) {
+      let raw: string;
+      try {
+        raw = await readFile(path.join(procDir, String(pids[i]), 'cmdline'), 'utf8');
+      } catch {
+        continue; // exited, or hidden from us (hidepid)
+      }
+      if (!raw) continue;
+      const argv = raw.split('\0').filter((s, j, a) => s !== '' || j < a.length - 1);
+      if (isMigrationCommand(argv, domain, vmDir, libvirtUri)) found[i] = { pid: pids[i]!, argv };
     }
-    if (!raw) continue;
-    const argv = raw.split('\0').filter((s, i, a) => s !== '' || i < a.length - 1);
-    if (isMigrationCommand(argv, domain, vmDir, libvirtUri)) return { pid: Number(e), argv };
-  }
-  return null;
+  };
+  await Promise.all(Array.from({ length: Math.min(PROC_SCAN_PARALLEL, pids.length) }, worker));
+  return found.find((f) => f !== null) ?? null;
 }
 
 /**

@@ -6,7 +6,7 @@
  * refuses to publish a damaged source, and a cycle on the old host after the VM left fails cleanly.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { readFile, rm, stat, open, writeFile } from 'node:fs/promises';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { startTwoHosts, migrateVm, onHost, type Host, type TwoHosts } from '../../dev/two-hosts.js';
 import { renderVmXml, type OneVm } from '../../dev/one-layout.js';
@@ -14,6 +14,7 @@ import { agentMain, projectRoot } from '../../dev/agent-env.js';
 import { run } from '../../lib/shared/exec.js';
 import { guestWrite, guestViewSha256, sha256File } from '../../dev/guest.js';
 import { recoverDrill } from '../../dev/recover.js';
+import { unreferenceHeaderCluster } from '../helpers/qcow2-damage.js';
 import { parseNodeBitmaps } from '../../lib/libvirt/bitmaps.js';
 
 let t: TwoHosts;
@@ -421,19 +422,7 @@ describe('a damaged source after migration; the old host after the VM left', () 
     // corrupt a refcount in the destination's base.1: cluster 0 (the header) recorded as unreferenced
     // (after the last guest write: QEMU writes its cached refcount block back when it allocates)
     const file = t.B.hostPath(vm.disks[0]!.base1Path);
-    const fh = await open(file, 'r+');
-    try {
-      const hdr = Buffer.alloc(64);
-      await fh.read(hdr, 0, 64, 0);
-      const refTable = Number(hdr.readBigUInt64BE(48));
-      const ent = Buffer.alloc(8);
-      await fh.read(ent, 0, 8, refTable);
-      const block0 = Number(ent.readBigUInt64BE(0));
-      await fh.write(Buffer.from([0, 0]), 0, 2, block0);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
+    await unreferenceHeaderCluster(file);
     const r = await t.B.agent(['snapshot', '--vm', String(vm.vmId)]);
     expect(r.code).not.toBe(0);
     expect(r.stdout + r.stderr).toMatch(/E_SOURCE_DAMAGED/);

@@ -19,6 +19,7 @@ import { discover } from '../../lib/discover/discover.js';
 import { runVmCycle } from '../../lib/cycle/cycle.js';
 import { clearYieldMarker, writeYieldMarker } from '../../lib/cycle/migration.js';
 import { StateStore, diskKey } from '../../lib/cycle/state.js';
+import { unreferenceHeaderCluster } from '../helpers/qcow2-damage.js';
 
 let env: AgentEnv;
 const MiB = 1 << 20;
@@ -328,6 +329,26 @@ describe('a disk larger than the free space of its datastore', () => {
 });
 
 describe('a seed\'s capture begun while the replica connection comes up (a VM never protected from this host)', () => {
+  it('waits for the source check it runs beside: a damaged base.1 is refused (E_SOURCE_DAMAGED) and leaves no job, checkpoint, staging or replica files', async () => {
+    const vm = await env.createVm({ vmId: 65, disks: [{ diskId: 0, sizeMiB: 64, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 4, pattern: 0xa1 }], overlayData: [{ offsetMiB: 4, lengthMiB: 8, pattern: 0xa2 }] }] });
+    try {
+      await unreferenceHeaderCluster(vm.disks[0]!.base1Path);
+      const r = await startSnapshot(65).done;
+      expect(r.code).not.toBe(0);
+      expect(r.stdout + r.stderr).toMatch(/E_SOURCE_DAMAGED/);
+      expect(r.stdout + r.stderr).toMatch(/refcount=0 reference=1/);
+      const logs = logRecords(r.stderr);
+      // the capture was begun early (nothing says the replica holds anything) and never got to its job: a
+      // job begun would have been ended as an early capture the plan did not use
+      expect(logs.filter((l) => /^capture|^captured$|^streaming/.test(String(l['msg']))).map((l) => l['msg'])).toEqual([]);
+      expect(await jobType(vm.domainName)).toBe('None');
+      expect((await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).trim()).toBe('');
+      expect(await readdir(stagingOf(65)).catch(() => [])).toEqual([]);
+      expect(await readdir(path.join(env.snapsDir, '65', 'disk.0.snap')).catch(() => [])).toEqual([]);
+    } finally {
+      await vm.destroy().catch(() => {});
+    }
+  });
   it('is the one streamed for a first seed, and is ended with its checkpoint when the replica turns out to hold a lineage', async () => {
     const vm = await env.createVm({ vmId: 64, disks: [{ diskId: 0, sizeMiB: 128, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 8, pattern: 0x91 }], overlayData: [{ offsetMiB: 8, lengthMiB: 24, pattern: 0x92 }] }] });
     try {

@@ -58,6 +58,26 @@ describe('isMigrationCommand (what the source host runs during an OpenNebula liv
       await rm(proc, { recursive: true, force: true });
     }
   });
+  it('scans every process of a large tree (read in parallel) and answers the lowest matching pid', async () => {
+    const proc = await mkdtemp(path.join(os.tmpdir(), 'onestor-proc-'));
+    try {
+      for (let pid = 2; pid < 300; pid++) {
+        await mkdir(path.join(proc, String(pid)));
+        // a process that exited between readdir and the read: no cmdline file; a kernel thread: empty cmdline
+        if (pid % 17 === 0) continue;
+        const argv = pid === 251 || pid === 97 ? ['virsh', 'migrate', '--live', 'one-7', 'qemu+ssh://h2/system'] : pid % 13 === 0 ? [] : ['sleep', String(pid)];
+        await writeFile(path.join(proc, String(pid), 'cmdline'), argv.length ? argv.join('\0') + '\0' : '');
+      }
+      expect((await findMigrationProcess('one-7', VMDIR, proc))?.pid).toBe(97);
+      await rm(path.join(proc, '97'), { recursive: true });
+      // the last pid of the tree is found too (no worker stops early)
+      expect((await findMigrationProcess('one-7', VMDIR, proc))?.pid).toBe(251);
+      await rm(path.join(proc, '251'), { recursive: true });
+      expect(await findMigrationProcess('one-7', VMDIR, proc)).toBeNull();
+    } finally {
+      await rm(proc, { recursive: true, force: true });
+    }
+  });
 });
 
 describe('yield marker', () => {
