@@ -23,7 +23,7 @@ const GOALS: Record<string, number> = { '0.3': 0.5, '4': 0.1 };
 
 async function main(): Promise<void> {
   const env = await startAgentEnv({ name: 'bench-daemon' });
-  const log = pino({ level: 'warn' });
+  const log = pino({ level: process.env.BENCH_LOG_LEVEL ?? 'warn' });
   const ctx = await buildContext({
     log,
     overrides: env.contextOverrides(),

@@ -72,8 +72,8 @@ export interface CaptureRequest {
    */
   shouldYield?: () => Promise<string | null>;
   /**
-   * A check of the caller's that must pass before any job begins (the source check before a full); a
-   * pull-mode capture awaits it together with its own checks instead of after them.
+   * A check of the caller's that must pass before any job begins (the source check before a full),
+   * awaited together with the capture's own checks instead of before them.
    */
   ready?: Promise<unknown>;
   log?: (obj: Record<string, unknown>, msg: string) => void;
@@ -152,7 +152,10 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
   const allTargets = view.disks.map((d) => d.target);
   const plans = (await diskTargets(view, req)).map((d) => ({ ...d, paths: stagingPaths(req.stagingDir, d.diskId) }));
 
-  await clearStaleJob(lv, req);
+  // the checks before any job, at once (as capturePull); the call right before backup-begin then only
+  // re-reads the yield marker (the watch's /proc scan is throttled)
+  const [, yieldReason] = await Promise.all([clearStaleJob(lv, req), req.shouldYield?.() ?? null, req.ready]);
+  if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
   await cleanStagingDir(req.stagingDir);
   await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
 
