@@ -10,9 +10,11 @@
  *   export -> ssh cat (relay)  reads of the export passed by this process into `ssh host 'dd of=f'` (no receiver);
  *   export fd -> ssh cat       the same reads, ssh reading the NBD socket itself (what taking the agent
  *                              out of the data path would save; bench/README.md, tenth pass);
+ *   export fd -> dd -> ssh cat the same, a `dd` process relaying the socket into ssh's stdin pipe (so one
+ *                              session could carry the agent's frames and the data; prints dd's own CPU);
  *   export fd -> nbd sink      the same, the replica side doing the receiver's per-byte work on the NBD
  *                              replies (bench/lib/nbd-sink.ts, which prints its own CPU): against `export -> receiver`.
- * The last three run only when BENCH_PIECES names them.
+ * The last four run only when BENCH_PIECES names them.
  * CPU: this process (the agent side), the receiver and the sshd session processes, per piece.
  * Usage: npm run build && node dist/bench/seed-split.js [dataGiB=1] [reps=3]
  * BENCH_PIECES=name,name runs only the named pieces; BENCH_RECEIVER_ARGS='--no-direct-io' adds receiver flags.
