@@ -709,8 +709,10 @@ async function cycleUnderLock(deps: CycleDeps, req: VmCycleRequest): Promise<Dis
     }
   }
 
-  /** Our bitmaps that no kept checkpoint owns (left by another host, an aborted job, a full after a migration). */
-  /** `known`: the domain's checkpoint names as retireCheckpoints left them (null: ask libvirt). */
+  /**
+   * Our bitmaps that no kept checkpoint owns (left by another host, an aborted job, a full after a migration).
+   * `known`: the domain's checkpoint names as retireCheckpoints left them (null: ask libvirt).
+   */
   async function removeStrayBitmaps(known: readonly string[] | null): Promise<void> {
     const keep = new Set<string>(known ?? (await deps.libvirt.checkpointNames(dom)));
     for (const d of Object.values(state.disks)) {
