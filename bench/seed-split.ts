@@ -167,24 +167,10 @@ async function main(): Promise<void> {
         await checkRef(total);
         return total;
       },
-      'export fd -> ssh cat': async () => {
-        const total = mib * MiB;
-        // every read of this fully allocated range is answered by one OFFSET_DATA chunk: 20 + 8 bytes of header
-        const wire = total + (total / FD_READ) * 28;
-        // a reply shaped otherwise (split chunks, holes) would leave dd waiting for bytes that never come
-        await sshReadsExport(total, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`, `the replies were not ${wire} bytes`);
-        await checkRef(wire);
-        return total;
-      },
+      'export fd -> ssh cat': () => exportRepliesToDd(false),
       // The same with a relay process in between (dd, not this process): ssh's stdin stays a pipe this process
       // could also write its own frames into, so one session would carry both (bench/README.md, eleventh pass).
-      'export fd -> dd -> ssh cat': async () => {
-        const total = mib * MiB;
-        const wire = total + (total / FD_READ) * 28;
-        await sshReadsExport(total, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`, `the replies were not ${wire} bytes`, wire);
-        await checkRef(wire);
-        return total;
-      },
+      'export fd -> dd -> ssh cat': () => exportRepliesToDd(true),
       // The same as `export fd -> ssh cat` with a replica side that does the receiver's per-byte work on the
       // NBD replies (bench/lib/nbd-sink.ts): compare with `export -> receiver`.
       'export fd -> nbd sink': async () => {
@@ -248,6 +234,16 @@ async function main(): Promise<void> {
       await p.end();
       await dropCheckpoints();
       return { code, said };
+    };
+    /** The export's NBD replies into `dd` on the replica, read by ssh itself or relayed by a local `dd`. */
+    const exportRepliesToDd = async (relayed: boolean): Promise<number> => {
+      const total = mib * MiB;
+      // every read of this fully allocated range is answered by one OFFSET_DATA chunk: 20 + 8 bytes of header
+      const wire = total + (total / FD_READ) * 28;
+      // a reply shaped otherwise (split chunks, holes) would leave dd waiting for bytes that never come
+      await sshReadsExport(total, `dd of=/tmp/seed-split-ref bs=1M iflag=fullblock,count_bytes count=${wire} status=none`, `the replies were not ${wire} bytes`, relayed ? wire : undefined);
+      await checkRef(wire);
+      return total;
     };
     const checkRef = async (expected: number) => {
       const got = Number((await sh('stat -c %s /tmp/seed-split-ref')).trim());

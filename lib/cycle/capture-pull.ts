@@ -17,7 +17,7 @@
  *
  * A pull job never ends by itself: end() aborts it, and libvirt then removes the NBD socket and the
  * scratch files. A job left by a killed agent is recognised by its scratch files in our staging dir and
- * aborted by the next cycle (clearStaleJob).
+ * aborted by the next cycle (checksBeforeJob).
  */
 import { mkdir, statfs, readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
@@ -29,7 +29,7 @@ import type { QemuImg } from '../libvirt/qemu-img.js';
 import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
 import { anySignal } from '../shared/abort.js';
 import type { Consistency, CycleMode } from '../shared/model.js';
-import { abortOwnJob, beginJobAtInstant, cleanStagingDir, clearStaleJob, diskTargets, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
+import { abortOwnJob, beginJobAtInstant, checksBeforeJob, cleanStagingDir, diskTargets, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
 import { overlayStream } from './overlay-stream.js';
 
 /** What must stay free beyond minFreePercent for the scratch files: guest writes during the seed. */
@@ -78,11 +78,7 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
   const plans = (await diskTargets(view, req)).map((d) => ({ ...d, scratch: path.join(req.stagingDir, `${d.target}.scratch`) }));
   const socketPath = path.join(req.stagingDir, 'nbd.sock');
 
-  // What must hold before the job begins, found out at once (one after the other they were 0.3-0.4 s of a
-  // seed's critical path): no job of ours left by a killed run, no migration under way (the watch scans
-  // /proc now; its call right before backup-begin then only re-reads the yield marker), the caller's check.
-  const [, yieldReason] = await Promise.all([clearStaleJob(lv, req), req.shouldYield?.() ?? null, req.ready]);
-  if (yieldReason) throw new OnestorError(ErrorCodes.YIELDED, `capture not started: ${yieldReason}`, ctx);
+  await checksBeforeJob(lv, req);
   await cleanStagingDir(req.stagingDir);
   await mkdir(req.stagingDir, { recursive: true, mode: 0o750 });
 

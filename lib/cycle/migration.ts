@@ -151,24 +151,25 @@ export async function findMigrationProcess(domain: string, vmDir: string, procDi
   } catch {
     return null;
   }
-  const pids = entries.filter((e) => /^\d+$/.test(e) && Number(e) !== process.pid).map(Number).sort((a, b) => a - b);
-  const found: Array<{ pid: number; argv: string[] } | null> = new Array(pids.length).fill(null);
+  const pids = entries.filter((e) => /^\d+$/.test(e) && Number(e) !== process.pid).map(Number);
+  let found: { pid: number; argv: string[] } | null = null;
   let next = 0;
   const worker = async () => {
     for (let i = next++; i < pids.length; i = next++) {
+      const pid = pids[i]!;
       let raw: string;
       try {
-        raw = await readFile(path.join(procDir, String(pids[i]), 'cmdline'), 'utf8');
+        raw = await readFile(path.join(procDir, String(pid), 'cmdline'), 'utf8');
       } catch {
         continue; // exited, or hidden from us (hidepid)
       }
       if (!raw) continue;
       const argv = raw.split('\0').filter((s, j, a) => s !== '' || j < a.length - 1);
-      if (isMigrationCommand(argv, domain, vmDir, libvirtUri)) found[i] = { pid: pids[i]!, argv };
+      if (isMigrationCommand(argv, domain, vmDir, libvirtUri) && (!found || pid < found.pid)) found = { pid, argv };
     }
   };
   await Promise.all(Array.from({ length: Math.min(PROC_SCAN_PARALLEL, pids.length) }, worker));
-  return found.find((f) => f !== null) ?? null;
+  return found;
 }
 
 /**
