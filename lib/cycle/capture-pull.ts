@@ -29,7 +29,7 @@ import type { QemuImg } from '../libvirt/qemu-img.js';
 import { OnestorError, ErrorCodes, describeError } from '../shared/errors.js';
 import { anySignal } from '../shared/abort.js';
 import type { Consistency, CycleMode } from '../shared/model.js';
-import { abortOwnJob, beginJobAtInstant, checksBeforeJob, cleanStagingDir, diskTargets, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
+import { abortOwnJob, beginJobAtInstant, checksBeforeJob, cleanStagingDir, diskTargets, mayHaveBegun, waitOwnJobGone, type CaptureLibvirt, type CaptureRequest } from './capture.js';
 import { overlayStream } from './overlay-stream.js';
 
 /** What must stay free beyond minFreePercent for the scratch files: guest writes during the seed. */
@@ -130,7 +130,10 @@ export async function capturePull(lv: CaptureLibvirt, qemuImg: QemuImg, req: Cap
     }
     const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
 
-    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, false, view);
+    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, false, view).catch((e: unknown) => {
+      jobStarted = mayHaveBegun(e);
+      throw e;
+    });
     jobStarted = true;
 
     // The export holds the domain's job for the whole transfer, and a live migration waits for that job at

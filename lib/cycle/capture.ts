@@ -187,7 +187,10 @@ export async function capture(lv: CaptureLibvirt, qemuImg: QemuImg, req: Capture
     const backupXml = buildBackupXml(backupPlans);
     const checkpointXml = buildCheckpointXml(req.checkpointName, plans.map((p) => p.target), allTargets);
 
-    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, true, view);
+    const { consistency, freezeNote, t0 } = await beginJobAtInstant(lv, req, backupXml, checkpointXml, true, view).catch((e: unknown) => {
+      jobStarted = mayHaveBegun(e);
+      throw e;
+    });
     jobStarted = true;
     const capturedAtMs = t0;
 
@@ -262,10 +265,22 @@ export async function diskTargets(view: DomainView, req: Pick<CaptureRequest, 'v
 }
 
 /**
+ * True when a failed `backup-begin` may still have begun the job and made the checkpoint: libvirt's answer
+ * never arrived (the connection dropped around the call, the call timed out or was aborted). The capture
+ * then cleans up as after a begun job; that only ever touches a job whose files lie in this capture's
+ * staging dir and the checkpoint of this capture's own name, so it is harmless when nothing was begun.
+ */
+export function mayHaveBegun(e: unknown): boolean {
+  if (!(e instanceof OnestorError) || e.context.field !== 'backup-begin') return false;
+  return e.code === ErrorCodes.ABORTED || e.context.virshKind === 'connection' || e.context.exitCode === 124;
+}
+
+/**
  * Starts the backup job at the point in time: freezes the guest's filesystems only around `backup-begin`
  * (when asked and a guest agent channel exists), thaws always (twice: a lost reply must not leave the guest
  * frozen), and gives way before starting when a migration wants the domain. Throws when `backup-begin`
- * fails, in which case libvirt created neither job nor checkpoint. Shared by the push and pull captures.
+ * fails, in which case libvirt created neither job nor checkpoint, unless its answer was lost
+ * (mayHaveBegun). Shared by the push and pull captures.
  */
 export async function beginJobAtInstant(
   lv: Pick<CaptureLibvirt, 'fsFreeze' | 'fsThaw' | 'backupBegin'>,

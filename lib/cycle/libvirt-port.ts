@@ -36,7 +36,9 @@ export class VirshPort implements CycleLibvirt {
   }
 
   async completedJobError(dom: string): Promise<string | null> {
-    const j = await this.virsh.domJobInfo(dom, { completed: true });
+    // kept, not cleared: a read that can be repeated is a query the virsh shell may answer (the next job's
+    // end replaces them)
+    const j = await this.virsh.domJobInfo(dom, { completed: true, keepCompleted: true });
     if (j.type === 'Failed' || j.type === 'Cancelled') return j.errorMessage ?? `job ${j.type.toLowerCase()}`;
     if (j.success === false || j.errorMessage) return j.errorMessage ?? 'job did not succeed';
     return null;

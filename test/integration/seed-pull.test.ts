@@ -6,7 +6,7 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { spawn } from 'node:child_process';
-import { readdir, rm, stat, statfs } from 'node:fs/promises';
+import { chmod, readdir, rm, stat, statfs, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { startAgentEnv, agentMain, agentProcessEnv, type AgentEnv } from '../../dev/agent-env.js';
 import type { OneVm } from '../../dev/one-layout.js';
@@ -383,6 +383,62 @@ describe('a seed\'s capture begun while the replica connection comes up (a VM ne
       expect(await readdir(stagingOf(64)).catch(() => [])).toEqual([]);
       await expectDrillEquals(64, 0, ref);
     } finally {
+      await vm.destroy().catch(() => {});
+    }
+  });
+});
+
+describe('a backup-begin whose answer is lost (the virsh connection dropped around it)', () => {
+  it('is cleaned up as a begun job: no export, job or checkpoint left, for the seed and for an incremental; the next cycles succeed', async () => {
+    const vm = await env.createVm({ vmId: 66, disks: [{ diskId: 0, sizeMiB: 128, freq: 60, baseData: [{ offsetMiB: 0, lengthMiB: 4, pattern: 0xb1 }], overlayData: [{ offsetMiB: 4, lengthMiB: 16, pattern: 0xb2 }] }] });
+    // A virsh whose state changes take effect but whose success line never arrives: what the agent sees when
+    // libvirtd answers and the connection drops before the answer is read. Everything else passes through.
+    const lossy = path.join(env.root, 'virsh-lossy');
+    await writeFile(lossy, '#!/bin/bash\nset -o pipefail\nvirsh "$@" | sed -u \'/^Backup started$/d\'\n');
+    await chmod(lossy, 0o755);
+    const lossyCtx = await buildContext({ log: pino({ level: 'silent' }), overrides: env.contextOverrides({ extra: { virsh: lossy } }) });
+    const goodCtx = await buildContext({ log: pino({ level: 'silent' }), overrides: env.contextOverrides() });
+    const checkpoints = async () => (await env.lv.virshOk(['checkpoint-list', vm.domainName, '--name'])).split('\n').map((x) => x.trim()).filter(Boolean);
+    try {
+      const found = await discover({ datastoreLocation: env.dsRoot });
+      const disks = found.eligible.filter((d) => d.vmId === 66);
+      const req = { vmId: 66, domainName: vm.domainName, dsDir: disks[0]!.dsDir, disks };
+      const expectLostAndCleaned = async (ctx: typeof lossyCtx, before: string[]) => {
+        const [o] = await runVmCycle(await ctx.cycleDeps(), req);
+        expect(o?.ok).toBe(false);
+        expect(o?.error?.code).toBe('E_VIRSH');
+        expect(o?.error?.message).toMatch(/backup-begin .*may or may not have taken effect/);
+        expect(await jobType(vm.domainName)).toBe('None');
+        expect(await checkpoints()).toEqual(before);
+        expect(await readdir(stagingOf(66)).catch(() => [])).toEqual([]);
+      };
+
+      // the seed (pull mode): the export job had begun, with its checkpoint
+      await expectLostAndCleaned(lossyCtx, []);
+      expect(await readdir(path.join(env.snapsDir, '66', 'disk.0.snap')).catch(() => [])).toEqual([]);
+      const [seeded] = await runVmCycle(await goodCtx.cycleDeps(), req);
+      expect(seeded?.ok, seeded?.error?.message).toBe(true);
+      expect(seeded?.mode).toBe('full');
+      const afterSeed = await checkpoints();
+      expect(afterSeed).toHaveLength(1);
+      const published = await sha256File(path.join(env.snapsDir, '66', 'disk.0.snap', 'base.1'));
+
+      // an incremental (push mode): same, and the published snapshot stands
+      await guestWrite(env.lv, vm.domainName, { target: 'vda', offsetMiB: 40, lengthMiB: 2, pattern: 0xb3 });
+      await expectLostAndCleaned(lossyCtx, afterSeed);
+      expect(await sha256File(path.join(env.snapsDir, '66', 'disk.0.snap', 'base.1'))).toBe(published);
+      const ref = await guestViewSha256(vm.disks[0]!.base1Path, env.root);
+      const [inc] = await runVmCycle(await goodCtx.cycleDeps(), req);
+      expect(inc?.ok, inc?.error?.message).toBe(true);
+      expect(inc?.mode).toBe('incremental');
+      await expectDrillEquals(66, 0, ref);
+      // the lossy virsh's shells answered (they were used, not bypassed)
+      expect(lossyCtx.virsh.shellStats?.answered).toBeGreaterThan(0);
+    } finally {
+      lossyCtx.virsh.close();
+      goodCtx.virsh.close();
+      await lossyCtx.replicas.closeAll();
+      await goodCtx.replicas.closeAll();
       await vm.destroy().catch(() => {});
     }
   });

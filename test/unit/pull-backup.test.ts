@@ -1,5 +1,6 @@
 /** Pure pieces of the pull-mode seed: backup XML, export names from backup-dumpxml, qemu-img map's top layer. */
-import { abortOwnJob, isOwnJob } from '../../lib/cycle/capture.js';
+import { abortOwnJob, isOwnJob, mayHaveBegun } from '../../lib/cycle/capture.js';
+import { ErrorCodes, OnestorError } from '../../lib/shared/errors.js';
 import { describe, expect, it } from 'vitest';
 import { buildPullBackupXml, parsePullExports } from '../../lib/libvirt/backup-xml.js';
 import { parseTopAllocation } from '../../lib/libvirt/qemu-img.js';
@@ -101,5 +102,21 @@ describe('whose backup job it is (domjobabort aborts whatever job runs: a migrat
     expect(await abortOwnJob(lv([]), 'one-61', staging)).toBe(false);
     expect(await abortOwnJob(lv(new Error('virsh failed')), 'one-61', staging)).toBe(false);
     expect(calls).toEqual(['one-61']);
+  });
+});
+
+describe('mayHaveBegun: a failed backup-begin that may still have begun the job', () => {
+  const err = (code: (typeof ErrorCodes)[keyof typeof ErrorCodes], context: Record<string, unknown>) => new OnestorError(code, 'x', context);
+  it('yes when libvirt\'s answer never arrived: connection lost, timed out, aborted', () => {
+    expect(mayHaveBegun(err(ErrorCodes.VIRSH, { field: 'backup-begin', virshKind: 'connection' }))).toBe(true);
+    expect(mayHaveBegun(err(ErrorCodes.VIRSH, { field: 'backup-begin', virshKind: 'other', exitCode: 124 }))).toBe(true);
+    expect(mayHaveBegun(err(ErrorCodes.ABORTED, { field: 'backup-begin', virshKind: 'other' }))).toBe(true);
+  });
+  it('no when libvirt said it failed, or another call failed', () => {
+    expect(mayHaveBegun(err(ErrorCodes.VIRSH, { field: 'backup-begin', virshKind: 'job-active', exitCode: 1 }))).toBe(false);
+    expect(mayHaveBegun(err(ErrorCodes.CHECKPOINT, { field: 'backup-begin', virshKind: 'checkpoint-inconsistent', exitCode: 1 }))).toBe(false);
+    expect(mayHaveBegun(err(ErrorCodes.VIRSH, { field: 'domfsfreeze', virshKind: 'connection' }))).toBe(false);
+    expect(mayHaveBegun(err(ErrorCodes.YIELDED, {}))).toBe(false);
+    expect(mayHaveBegun(new Error('backup-begin'))).toBe(false);
   });
 });
