@@ -6,7 +6,7 @@
  * staging dir on the datastore's filesystem, a new checkpoint created atomically with the job.
  * Returns files ready to send: a thin base.1 overlay (full) or the dirty clusters (incremental).
  */
-import { mkdir, rm, symlink, statfs, readdir, lstat, realpath } from 'node:fs/promises';
+import { mkdir, rm, symlink, statfs, readdir, lstat, realpath, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buildBackupXml, buildCheckpointXml, type BackupDiskPlan } from '../libvirt/backup-xml.js';
@@ -119,6 +119,15 @@ export function stagingPaths(stagingDir: string, diskId: number) {
 export async function cleanStagingDir(stagingDir: string): Promise<void> {
   if (!/^\d+$/.test(path.basename(stagingDir))) throw new OnestorError(ErrorCodes.PATH, `refusing to clean ${stagingDir}`);
   await rm(stagingDir, { recursive: true, force: true });
+}
+
+/**
+ * Beside the VM's staging dir, which every capture empties and the daemon's start removes: present from just
+ * before a freeze until a thaw answered, so an agent killed in between (or whose thaws all failed) leaves
+ * the next capture of the VM a reason to thaw first. A frozen guest stays frozen until someone thaws it.
+ */
+export function freezeMarkerPath(stagingDir: string): string {
+  return `${stagingDir}.frozen`;
 }
 
 /** Leftovers of a crashed run: every numeric dir under DS/.onestor except the ones in use. */
@@ -278,13 +287,14 @@ export function mayHaveBegun(e: unknown): boolean {
 /**
  * Starts the backup job at the point in time: freezes the guest's filesystems only around `backup-begin`
  * (when asked and a guest agent channel exists), thaws always (twice: a lost reply must not leave the guest
- * frozen), and gives way before starting when a migration wants the domain. Throws when `backup-begin`
+ * frozen; a freeze that failed may have frozen it too, and a kill in between leaves freezeMarkerPath for the
+ * next capture), and gives way before starting when a migration wants the domain. Throws when `backup-begin`
  * fails, in which case libvirt created neither job nor checkpoint, unless its answer was lost
  * (mayHaveBegun). Shared by the push and pull captures.
  */
 export async function beginJobAtInstant(
   lv: Pick<CaptureLibvirt, 'fsFreeze' | 'fsThaw' | 'backupBegin'>,
-  req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'tryFreeze' | 'shouldYield' | 'now' | 'log'>,
+  req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'stagingDir' | 'tryFreeze' | 'shouldYield' | 'now' | 'log'>,
   backupXml: string,
   checkpointXml: string,
   reuseExternal: boolean,
@@ -292,8 +302,12 @@ export async function beginJobAtInstant(
 ): Promise<{ consistency: Consistency; freezeNote?: string; t0: number }> {
   const dom = req.domainName;
   const log = req.log ?? (() => {});
+  const marker = freezeMarkerPath(req.stagingDir);
   let freezeNote: string | undefined;
   let frozen = false;
+  // true from before the freeze until we know the guest is not frozen: a freeze whose answer is an error
+  // (timeout, lost connection, unreadable output) may still have frozen it
+  let mayBeFrozen = false;
   const hasAgent = req.tryFreeze && view.hasGuestAgentChannel;
   if (!req.tryFreeze) freezeNote = 'freeze disabled';
   else if (!hasAgent) freezeNote = 'no guest agent channel';
@@ -301,18 +315,57 @@ export async function beginJobAtInstant(
   giveWay(req, await req.shouldYield?.());
   try {
     if (hasAgent) {
-      const r = await lv.fsFreeze(dom);
-      if (r.frozen) frozen = true;
-      else freezeNote = r.why;
+      await writeFile(marker, `${dom}\n`);
+      mayBeFrozen = true;
+      const r = await lv.fsFreeze(dom).catch((e: unknown) => {
+        freezeNote = `freeze failed, thawing after the job began: ${describeError(e)}`;
+        return null;
+      });
+      if (r?.frozen) frozen = true;
+      else if (r) {
+        freezeNote = r.why;
+        mayBeFrozen = false;
+        await rm(marker, { force: true });
+      }
     }
     await lv.backupBegin(dom, backupXml, checkpointXml, reuseExternal);
   } finally {
-    if (frozen) {
-      await lv.fsThaw(dom).catch((e) => log({ vm: req.vmId, err: describeError(e) }, 'thaw failed; retrying'));
-      await lv.fsThaw(dom).catch(() => {});
-    }
+    if (mayBeFrozen) await thawGuest(lv, req, marker);
   }
   return { consistency: frozen ? 'filesystem-frozen' : 'crash-consistent', ...(freezeNote !== undefined ? { freezeNote } : {}), t0 };
+}
+
+/** Thaws twice (a lost reply must not leave the guest frozen); the marker goes once a thaw answered. */
+async function thawGuest(lv: Pick<CaptureLibvirt, 'fsThaw'>, req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'log'>, marker: string): Promise<void> {
+  const log = req.log ?? (() => {});
+  let answered = false;
+  let lastError: unknown;
+  for (let i = 0; i < 2; i++) {
+    try {
+      await lv.fsThaw(req.domainName);
+      answered = true;
+    } catch (e) {
+      lastError = e;
+    }
+  }
+  if (answered) await rm(marker, { force: true }).catch(() => {});
+  else log({ vm: req.vmId, err: describeError(lastError) }, 'thaw failed twice; the guest may still be frozen: the next capture of this VM thaws it first');
+}
+
+/**
+ * A capture interrupted between freeze and thaw (agent killed, both thaws failed) left its marker: thaw
+ * before anything else. Fails the capture while the thaw fails, so it is retried and visible.
+ */
+async function thawAfterInterruptedFreeze(lv: Pick<CaptureLibvirt, 'fsThaw'>, req: Pick<CaptureRequest, 'vmId' | 'domainName' | 'stagingDir' | 'log'>): Promise<void> {
+  const marker = freezeMarkerPath(req.stagingDir);
+  if (!(await lstat(marker).catch(() => null))) return;
+  req.log?.({ vm: req.vmId, domain: req.domainName }, 'thawing the guest: a previous capture was interrupted while its filesystems may have been frozen');
+  try {
+    await lv.fsThaw(req.domainName);
+  } catch (e) {
+    throw new OnestorError(ErrorCodes.CAPTURE, `the guest filesystems of domain ${req.domainName} may still be frozen by an interrupted capture and thawing them failed: ${describeError(e)}; will retry`, { vm: req.vmId, field: 'domfsthaw' });
+  }
+  await rm(marker, { force: true });
 }
 
 /**
@@ -350,7 +403,7 @@ function giveWay(req: Pick<CaptureRequest, 'vmId'>, reason: string | null | unde
  * scan being throttled), and the caller's own check (CaptureRequest.ready).
  */
 export async function checksBeforeJob(lv: CaptureLibvirt, req: CaptureRequest): Promise<void> {
-  const [, yieldReason] = await Promise.all([clearStaleJob(lv, req), req.shouldYield?.() ?? null, req.ready]);
+  const [, yieldReason] = await Promise.all([clearStaleJob(lv, req), req.shouldYield?.() ?? null, req.ready, thawAfterInterruptedFreeze(lv, req)]);
   giveWay(req, yieldReason);
 }
 

@@ -4,7 +4,7 @@
  * each point in time is made here, by test code (qemu-img convert -U of the live chain), never by the agent.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { readFile, rm } from 'node:fs/promises';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { startAgentEnv, type AgentEnv } from '../../dev/agent-env.js';
 import type { OneVm } from '../../dev/one-layout.js';
@@ -119,6 +119,15 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
       // a thaw must not report frozen filesystems left behind
       const thaw = await env.lv.virsh(['domfsthaw', gvm.domainName]);
       expect(thaw.stdout).not.toMatch(/Thawed [1-9]/);
+      // the freeze marker lives only from before a freeze until a thaw answered
+      const marker = path.join(env.dsRoot, String(env.dsId), '.onestor', '43.frozen');
+      await expect(stat(marker)).rejects.toThrow(/ENOENT/);
+      // what an agent killed between freeze and thaw leaves: the next capture thaws first, then goes on
+      await writeFile(marker, `${gvm.domainName}\n`);
+      const again = await env.agent(['snapshot', '--vm', '43', '--json']);
+      expect(again.code, again.stderr).toBe(0);
+      expect(again.stderr).toMatch(/thawing the guest: a previous capture was interrupted/);
+      await expect(stat(marker)).rejects.toThrow(/ENOENT/);
     } finally {
       await gvm.destroy();
     }
