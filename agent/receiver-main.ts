@@ -10,7 +10,7 @@ import { isSftpRequest, parseReceiverArgs } from './commands/receive.js';
 import { ErrorCodes, describeError, isOnestorError } from '../lib/shared/errors.js';
 import { identityFromEnvironment } from '../lib/replica/identity-env.js';
 import { refuseSession, runReceiver } from '../lib/replica/receiver.js';
-import { droppingLogSink, lentStdin, nonBlockingFd } from '../lib/replica/stdio.js';
+import { droppingLogSink, lentStdin, nonBlockingFd, widenStdinPipe } from '../lib/replica/stdio.js';
 
 let sink: { write(line: string): boolean } | null = null;
 const logSink = () => (sink ??= droppingLogSink());
@@ -40,6 +40,8 @@ async function main(): Promise<void> {
   // fingerprint (ExposeAuthInfo); neither: refused unless --allow-unidentified (lib/replica/identity.ts).
   // stdin read into one reused buffer (no allocation, hence no GC, per pipe read)
   const input = lentStdin();
+  // sshd hands on at most a pipe's capacity per loop (why it matters: widenStdinPipe)
+  void widenStdinPipe();
   let code: number;
   try {
     const who = await identityFromEnvironment({ ...(host !== undefined ? { host } : {}), allowUnidentified });

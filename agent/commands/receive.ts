@@ -15,7 +15,7 @@ import type { DriverSettings } from '../../lib/shared/model.js';
 import { refuseSession, runReceiver, type ReceiverOptions } from '../../lib/replica/receiver.js';
 import { identityFromEnvironment } from '../../lib/replica/identity-env.js';
 import { parseHostFlag } from '../../lib/replica/identity.js';
-import { lentStdin, nonBlockingFd } from '../../lib/replica/stdio.js';
+import { lentStdin, nonBlockingFd, widenStdinPipe } from '../../lib/replica/stdio.js';
 
 /**
  * The receiver's settings from the validated config (flags included: they went through the same schema)
@@ -126,6 +126,8 @@ export async function run(f: Flags, _pos: string[], log: Logger): Promise<number
   out.on('error', () => {});
   // stdin read into one reused buffer (no allocation, hence no GC, per pipe read)
   const input = lentStdin();
+  // sshd hands on at most a pipe's capacity per loop (why it matters: widenStdinPipe)
+  void widenStdinPipe();
   if (!who) {
     await refuseSession(input, out, identityError!, logFn);
     if (!out.destroyed) await new Promise<void>((resolve) => out.end(resolve));

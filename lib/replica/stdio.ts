@@ -5,6 +5,7 @@
  * limits) could ever end the session. A socket on the same fd is asynchronous: write() reports
  * backpressure and destroy() gives up.
  */
+import { spawn } from 'node:child_process';
 import net from 'node:net';
 import type { Writable } from 'node:stream';
 
@@ -52,6 +53,31 @@ export function droppingLogSink(): { write(line: string): boolean } {
 export interface LentChunks extends AsyncIterable<Buffer> {
   /** Ends the input: the pending or next `next()` rejects with `err` (or ends when none is given). */
   destroy(err?: Error): void;
+}
+
+/** What the receiver asks for the pipe sshd feeds it through: Linux's default pipe-max-size (unprivileged). */
+export const STDIN_PIPE_BYTES = 1 << 20;
+const F_SETPIPE_SZ = 1031;
+
+/**
+ * Widens the pipe sshd writes the session's input into, from 64 KiB to `bytes`. sshd hands on at most a
+ * pipe's capacity per loop; whenever its channel buffer holds most of the SSH window (2 MiB; it fills as
+ * soon as the receiver pauses, as it does at the start of a session's first upload), every 64 KiB it
+ * hands on costs it a compaction of that buffer: sshd at 100 % CPU in memmove and page faults for ~1 s per
+ * session on a 2-vCPU VM (perf), the upload at ~3 MB/s meanwhile. Node has no fcntl, so perl does it on
+ * the inherited fd 0 (perl-base is Essential in Debian). Best effort: false (and the default size) when
+ * perl is missing, fd 0 is not a pipe, or the size is above pipe-max-size or the user's pipe quota.
+ */
+export function widenStdinPipe(bytes = STDIN_PIPE_BYTES): Promise<boolean> {
+  return new Promise((resolve) => {
+    try {
+      const child = spawn('perl', ['-e', `exit(fcntl(STDIN, ${F_SETPIPE_SZ}, 0 + $ARGV[0]) ? 0 : 1)`, String(bytes)], { stdio: ['inherit', 'ignore', 'ignore'] });
+      child.on('error', () => resolve(false));
+      child.on('exit', (code) => resolve(code === 0));
+    } catch {
+      resolve(false);
+    }
+  });
 }
 
 /** Read size of lentStdin: a pipe delivers at most its capacity (64 KiB by default) per read anyway. */

@@ -98,6 +98,35 @@ describe('replica over ssh with a restricted key', () => {
     expect(a).toMatch(/Images are identical/);
   });
 
+  it("the receiver widens the pipe sshd feeds it through to 1 MiB (sshd hands on one pipe's worth per loop)", async () => {
+    const client = await ReplicaClient.connect(connectOptions());
+    try {
+      // the session's receiver: the forced command, serving this sshd's replica dir
+      let pid: number | null = null;
+      for (let i = 0; i < 100 && pid === null; i++) {
+        for (const e of await fsp.readdir('/proc')) {
+          if (!/^\d+$/.test(e)) continue;
+          const cmd = await fsp.readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
+          if (cmd.includes(entry) && cmd.includes(sshd.replicaDir)) pid = Number(e);
+        }
+        if (pid === null) await new Promise((r) => setTimeout(r, 50));
+      }
+      expect(pid, 'receiver process').not.toBeNull();
+      // F_GETPIPE_SZ (1032) on the receiver's own stdin, opened through /proc: fails unless it is a pipe
+      const pipeSize = async () => (await q(['perl', '-e', 'open(my $f, "<", $ARGV[0]) or die "$!"; print fcntl($f, 1032, 0) or die "$!"', `/proc/${pid}/fd/0`])).trim();
+      let size = await pipeSize();
+      for (let i = 0; i < 50 && size !== String(1 << 20); i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        size = await pipeSize();
+      }
+      expect(size).toBe(String(1 << 20));
+      // and the widened pipe carries a session as before
+      expect(await client.status(99)).toEqual([]);
+    } finally {
+      await client.close();
+    }
+  });
+
   it('a receiver killed with SIGKILL holding a disk lock leaves no stale lock behind', async () => {
     const a = await ReplicaClient.connect(connectOptions());
     const da = await a.openDisk(21, 0);
