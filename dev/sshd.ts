@@ -62,6 +62,8 @@ export interface Sshd {
    * receiver finishing a seed's spare copy): resolves when none is left, false after `timeoutMs`.
    */
   sessionCommandsGone(timeoutMs?: number): Promise<boolean>;
+  /** pids of the processes this sshd's sessions run now (receivers, their children) */
+  sessionCommandPids(): Promise<number[]>;
   stop(): Promise<void>;
 }
 
@@ -277,6 +279,7 @@ export async function startSshd(opts: SshdOptions = {}): Promise<Sshd> {
         const log = await readFile(logPath, 'utf8').catch(() => '');
         return log.split('\n').slice(-40).join('\n');
       },
+      sessionCommandPids: () => sessionCommandPids(port),
       async sessionCommandsGone(timeoutMs = 120_000) {
         return (await sessionCommandsLeft(port, timeoutMs)).length === 0;
       },

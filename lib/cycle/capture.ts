@@ -301,7 +301,6 @@ export async function beginJobAtInstant(
   view: { hasGuestAgentChannel: boolean },
 ): Promise<{ consistency: Consistency; freezeNote?: string; t0: number }> {
   const dom = req.domainName;
-  const log = req.log ?? (() => {});
   const marker = freezeMarkerPath(req.stagingDir);
   let freezeNote: string | undefined;
   let frozen = false;

@@ -15,6 +15,7 @@ import { Exit } from '../../lib/shared/exit-codes.js';
 import { run } from '../../lib/shared/exec.js';
 import { ReplicaClient, type ReplicaConnectOptions } from '../../lib/transfer/replica-client.js';
 import { startSshd, type Sshd } from '../../dev/sshd.js';
+import { STDIN_PIPE_BYTES } from '../../lib/replica/stdio.js';
 import { ensureDistBuilt } from '../helpers/build-dist.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -101,13 +102,11 @@ describe('replica over ssh with a restricted key', () => {
   it("the receiver widens the pipe sshd feeds it through to 1 MiB (sshd hands on one pipe's worth per loop)", async () => {
     const client = await ReplicaClient.connect(connectOptions());
     try {
-      // the session's receiver: the forced command, serving this sshd's replica dir
+      // the session's receiver: the forced command, run by this sshd
       let pid: number | null = null;
       for (let i = 0; i < 100 && pid === null; i++) {
-        for (const e of await fsp.readdir('/proc')) {
-          if (!/^\d+$/.test(e)) continue;
-          const cmd = await fsp.readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
-          if (cmd.includes(entry) && cmd.includes(sshd.replicaDir)) pid = Number(e);
+        for (const p of await sshd.sessionCommandPids()) {
+          if ((await fsp.readFile(`/proc/${p}/cmdline`, 'utf8').catch(() => '')).includes(entry)) pid = p;
         }
         if (pid === null) await new Promise((r) => setTimeout(r, 50));
       }
@@ -115,11 +114,13 @@ describe('replica over ssh with a restricted key', () => {
       // F_GETPIPE_SZ (1032) on the receiver's own stdin, opened through /proc: fails unless it is a pipe
       const pipeSize = async () => (await q(['perl', '-e', 'open(my $f, "<", $ARGV[0]) or die "$!"; print fcntl($f, 1032, 0) or die "$!"', `/proc/${pid}/fd/0`])).trim();
       let size = await pipeSize();
-      for (let i = 0; i < 50 && size !== String(1 << 20); i++) {
+      for (let i = 0; i < 50 && size !== String(STDIN_PIPE_BYTES); i++) {
         await new Promise((r) => setTimeout(r, 100));
         size = await pipeSize();
       }
-      expect(size).toBe(String(1 << 20));
+      // the default pipe is 64 KiB: the check means something only above it
+      expect(STDIN_PIPE_BYTES).toBeGreaterThan(64 * 1024);
+      expect(size).toBe(String(STDIN_PIPE_BYTES));
       // and the widened pipe carries a session as before
       expect(await client.status(99)).toEqual([]);
     } finally {

@@ -11,6 +11,8 @@ import type { OneVm } from '../../dev/one-layout.js';
 import { guestWrite, guestFlush, guestViewSha256, sha256File } from '../../dev/guest.js';
 import { recoverDrill } from '../../dev/recover.js';
 import { run } from '../../lib/shared/exec.js';
+import { freezeMarkerPath } from '../../lib/cycle/capture.js';
+import { DEFAULT_STAGING_DIR_NAME } from '../../lib/shared/defaults.js';
 
 let env: AgentEnv;
 let vm: OneVm;
@@ -120,7 +122,7 @@ describe('snapshot: full cycle, recover drill, chain untouched', () => {
       const thaw = await env.lv.virsh(['domfsthaw', gvm.domainName]);
       expect(thaw.stdout).not.toMatch(/Thawed [1-9]/);
       // the freeze marker lives only from before a freeze until a thaw answered
-      const marker = path.join(env.dsRoot, String(env.dsId), '.onestor', '43.frozen');
+      const marker = freezeMarkerPath(path.join(env.dsRoot, String(env.dsId), DEFAULT_STAGING_DIR_NAME, '43'));
       await expect(stat(marker)).rejects.toThrow(/ENOENT/);
       // what an agent killed between freeze and thaw leaves: the next capture thaws first, then goes on
       await writeFile(marker, `${gvm.domainName}\n`);
