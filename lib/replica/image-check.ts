@@ -5,6 +5,7 @@
 import { ErrorCodes, OnestorError, type ErrorContext } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { ctx, expectedBackingName, type ReplicaPaths } from './layout.js';
+import { checkOverlayAlone } from './overlay-check.js';
 
 export interface QemuInfo {
   format?: string;
@@ -86,3 +87,34 @@ export async function checkImage(p: ReplicaPaths, qemuImg: string, file: string)
   }
 }
 
+/**
+ * Every check publish needs of one verified upload, by its kind: base.1 is checked alone (metadata) and for
+ * its backing name (its info is returned: the manifest records the virtual size); base has no backing; an
+ * increment has no external data file. The two checks of base.1 run side by side; when both fail, the
+ * check's error is the one reported (as when they ran one after the other).
+ */
+export async function checkUploadedImage(p: ReplicaPaths, qemuImg: string, kind: 'base' | 'base1' | 'inc', file: string): Promise<QemuInfo | null> {
+  if (kind === 'base') {
+    await checkUploadedBase(p, qemuImg, file);
+    return null;
+  }
+  if (kind === 'inc') {
+    await checkIncrement(p, qemuImg, file);
+    return null;
+  }
+  const [alone, info] = await Promise.allSettled([checkOverlayAlone(p, qemuImg, file), checkUploadedBase1(p, qemuImg, file)]);
+  if (alone.status === 'rejected') throw alone.reason;
+  if (info.status === 'rejected') throw info.reason;
+  return info.value;
+}
+
+/**
+ * checkUploadedImage started now, for publish to await later: a rejection nobody awaits (the session ended
+ * before its publish) must not count as unhandled, so one handler is attached here; awaiting the returned
+ * promise still throws the error.
+ */
+export function startImageCheck(p: ReplicaPaths, qemuImg: string, kind: 'base' | 'base1' | 'inc', file: string): Promise<QemuInfo | null> {
+  const verdict = checkUploadedImage(p, qemuImg, kind, file);
+  verdict.catch(() => {});
+  return verdict;
+}

@@ -14,7 +14,7 @@ import { acquireFileLock } from '../shared/file-lock.js';
 import { checkpointSchema, consistencySchema, epochSchema, OWNER_HISTORY_MAX, ownerChangeSchema, publishTokenSchema, sha256Schema, sizeSchema } from '../protocol/protocol.js';
 import { readFileNoFollow, writeFileAtomic } from './durable.js';
 import { FULL_JOURNAL, readFullJournal, runFullJournal } from './full-journal.js';
-import { checkImage, checkIncrement, qemu } from './image-check.js';
+import { checkImage, qemu } from './image-check.js';
 import {
   assertSameVmDir,
   checkLayout,
@@ -280,7 +280,8 @@ export async function publishIncremental(
     }
     if (c.vmDirId === null) throw new OnestorError(ErrorCodes.VANISHED, 'replica VM dir did not exist at open', ctx(p));
     await assertSameVmDir(p, c.vmDirId);
-    await checkIncrement(p, c.qemuImg, inc.file);
+    // qemu-img's check began when the upload's bytes were verified (receiver onEnd)
+    await inc.verdict;
 
     let state = await readWorkState(p);
     if (!state) {

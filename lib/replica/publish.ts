@@ -5,7 +5,7 @@ import { ErrorCodes, OnestorError } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { step, type PublishContext, type PublishMeta } from './publish-context.js';
 import { STAGED, refOf, runFullJournal, writeFullJournal, type FileRef, type FullJournal } from './full-journal.js';
-import { checkImage, checkUploadedBase, checkUploadedBase1, qemu } from './image-check.js';
+import { checkImage, qemu } from './image-check.js';
 import {
   assertSameVmDir,
   ctx,
@@ -66,8 +66,10 @@ export async function publishFull(
   meta: PublishMeta,
 ): Promise<{ manifest: StoredManifest; vmDirId: VmDirId }> {
   const p = c.paths;
-  const info = await checkUploadedBase1(p, c.qemuImg, up.base1.file);
-  if (up.base) await checkUploadedBase(p, c.qemuImg, up.base.file);
+  // qemu-img's checks began when each upload's bytes were verified (receiver onEnd)
+  const info = await up.base1.verdict;
+  if (up.base) await up.base.verdict;
+  if (!info) throw new OnestorError(ErrorCodes.INTERNAL, 'base.1 upload checked as another kind', ctx(p, { file: up.base1.file }));
 
   // A stale journal must never republish an older lineage over this seed. Moved aside, not deleted here: the
   // old A/B copies are full-size files (the receiver empties the trash after its reply).

@@ -32,7 +32,7 @@ import { statusPage } from './status-page.js';
 import { lockDisk, unlockDisk } from './disk-lock.js';
 import { dropWorkIfVmGone, publishIncremental, recoverJournal, recoverPendingJournals } from './merge.js';
 import { prepareSpareAfterSeed, publishFull, type PublishContext } from './publish.js';
-import { checkOverlayAlone } from './overlay-check.js';
+import { startImageCheck } from './image-check.js';
 import { maybeSweep } from './sweep.js';
 import { SpaceLedger } from './reservations.js';
 import { DEFAULT_SESSION_LIMITS, SessionWatch, type SessionLimits } from './session-watch.js';
@@ -726,7 +726,9 @@ class ReceiverSession {
     }
     // the upload itself now shows in the filesystem's usage; only the spare's room stays reserved
     await this.ledger?.lower(this.resvKey(up.put.key), spareBytes(up.put));
-    d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, ...(alg === 'sha256' ? { sha256: digest } : {}) });
+    // qemu-img checks the file while the client sends its next upload; publish awaits the verdict
+    const verdict = startImageCheck(d.paths, this.qemuImg, up.put.kind, up.file);
+    d.uploads.set(up.put.key, { kind: up.put.kind, file: up.file, size: up.position, ...(alg === 'sha256' ? { sha256: digest } : {}), verdict });
     await this.send(receiverReply.end(up.position, alg, digest));
   }
 
@@ -759,7 +761,6 @@ class ReceiverSession {
     if (msg.mode === 'full') {
       const base1 = this.takeUpload(d, msg.base1, 'base1', 'base1');
       const base = msg.base !== undefined ? this.takeUpload(d, msg.base, 'base', 'base') : undefined;
-      await checkOverlayAlone(d.paths, this.qemuImg, base1.file);
       const r = await publishFull(c, base ? { base, base1 } : { base1 }, meta);
       d.vmDirId = r.vmDirId;
       manifest = r.manifest;

@@ -3,6 +3,7 @@ import { constants as fsConstants } from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { ErrorCodes, OnestorError } from '../shared/errors.js';
+import type { QemuInfo } from './image-check.js';
 import { O_NOFOLLOW, checkedTmpDir, ctx, ensureTmpDir, lstatOrNull, type ReplicaPaths } from './layout.js';
 
 /**
@@ -127,4 +128,9 @@ export interface UploadedFile {
   size: number;
   /** when it came with sha256 (always for base; base.1 and increments may use xxh64) */
   sha256?: string;
+  /**
+   * qemu-img's verdict on the file, started as soon as its bytes were verified (image-check.ts
+   * checkUploadedImage): it runs while the next upload streams, and publish only awaits it.
+   */
+  verdict: Promise<QemuInfo | null>;
 }

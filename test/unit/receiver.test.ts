@@ -228,6 +228,58 @@ describe('receiver: full seed', () => {
     await endSession(s);
     await expect(fsp.lstat(path.join(snaps, '9'))).rejects.toThrow(/ENOENT/);
   });
+
+  /** A qemu-img that logs each call (`SUBCOMMAND FILE`) before running the real one. */
+  async function loggingQemuImg(name: string): Promise<{ bin: string; calls: () => Promise<string[]> }> {
+    const dir = path.join(root, name);
+    await fsp.mkdir(dir, { recursive: true });
+    const log = path.join(dir, 'calls');
+    const bin = path.join(dir, 'qemu-img');
+    await fsp.writeFile(bin, `#!/bin/sh\nfor a; do last="$a"; done\nprintf '%s %s\\n' "$1" "$last" >> '${log}'\nexec qemu-img "$@"\n`, { mode: 0o755 });
+    return { bin, calls: async () => (await fsp.readFile(log, 'utf8').catch(() => '')).split('\n').filter(Boolean) };
+  }
+
+  it('checks each upload with qemu-img as soon as its bytes are verified, before the publish asks', async () => {
+    const snaps = path.join(root, 'snaps-early-check');
+    const src = await makeSourceDisk('src-early-check', 0);
+    const qemu = await loggingQemuImg('qemu-early-check');
+    const s = await session(snaps, { qemuImg: qemu.bin });
+    const d = await s.conn.openDisk(12, 0);
+    await d.upload('base', src.base, { key: 'b' });
+    await d.upload('base1', src.base1, { key: 'b1' });
+    // no publish yet: the three checks (info of base; check alone + info of base.1) run on their own
+    const uploads = (c: string[]) => c.filter((l) => l.includes('/12-0/up.'));
+    let seen: string[] = [];
+    for (let i = 0; i < 200 && uploads(seen).length < 3; i++) {
+      await new Promise((r) => setTimeout(r, 25));
+      seen = await qemu.calls();
+    }
+    expect(uploads(seen).map((l) => l.split(' ')[0]).sort()).toEqual(['check', 'info', 'info']);
+    const m = await d.publishFull({ checkpoint: 'c1', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base: 'b', base1: 'b1' });
+    expect(m.checkpoint).toBe('c1');
+    // the publish awaited those verdicts instead of asking qemu-img again about the uploads
+    expect(uploads(await qemu.calls())).toHaveLength(3);
+    await d.close();
+    expect(await endSession(s)).toBe(Exit.OK);
+    expect(await recoverView(snaps, 12, 0)).toEqual(await guestView(src.base1));
+  });
+
+  it("a base.1 that fails both checks is refused with the check's error; one never published ends the session cleanly", async () => {
+    const snaps = path.join(root, 'snaps-garbage-base1');
+    const garbage = path.join(root, 'garbage-base1');
+    await fsp.writeFile(garbage, Buffer.alloc(3 * 65536, 0x5a));
+    const s = await session(snaps);
+    const d = await s.conn.openDisk(13, 0);
+    await d.upload('base1', garbage, { key: 'g1' });
+    const err = await d.publishFull({ checkpoint: 'x', capturedAt: 1, consistency: 'crash-consistent', sourceHost: 'h', base1: 'g1' }).catch((e) => e);
+    expect(errorCodeOf(err)).toBe('E_QEMU_IMG');
+    expect(String(err.message)).toMatch(/^replica: qemu-img check of base\.1 failed/);
+    // uploaded, failing its checks, and never published: nothing is left unhandled, the session ends normally
+    await d.upload('base1', garbage, { key: 'g2' });
+    await d.close();
+    expect(await endSession(s)).toBe(Exit.OK);
+    await expect(fsp.lstat(path.join(snaps, '13'))).rejects.toThrow(/ENOENT/);
+  });
 });
 
 describe('receiver: hostile and broken input', () => {
@@ -653,6 +705,8 @@ describe('receiver: a full over an existing lineage moves the old A/B copies asi
 });
 
 describe('receiver: uploads written with O_DIRECT', () => {
+  /** qemu-img info + check of a 12 MiB file read at most this much of it (measured: 16 KiB) */
+  const QEMU_IMG_READ_BACK = 64 * 1024;
   /** Bytes of `file` in the page cache (util-linux fincore: what the kernel holds, not what we think). */
   async function resident(file: string): Promise<number> {
     return Number((await run('fincore', ['--bytes', '--noheadings', '--output', 'RES', file])).stdout.trim());
@@ -665,7 +719,8 @@ describe('receiver: uploads written with O_DIRECT', () => {
     const tmp = path.join(snaps, '.onestor', 'tmp', '21-0');
     const [name] = (await fsp.readdir(tmp)).filter((n) => n.startsWith('up.'));
     const file = path.join(tmp, name!);
-    const cachedBytes = await resident(file); // before anything reads it back
+    // the receiver's qemu-img checks begin at the upload's end and read the image's first pages back
+    const cachedBytes = await resident(file);
     const res = { up, resident: cachedBytes, bytes: await fsp.readFile(file), lines };
     await d.close();
     await endSession(s);
@@ -691,9 +746,10 @@ describe('receiver: uploads written with O_DIRECT', () => {
       expect(r.bytes.equals(data)).toBe(true);
       expect(r.lines).not.toContain('direct writes refused (EINVAL); this upload goes through the page cache');
     }
-    // through the page cache every byte stays resident after the fsync; direct, at most the tail's page
+    // through the page cache every byte stays resident after the fsync; direct, at most the tail's page and
+    // what qemu-img's checks read back (header and tables: a few pages, far from the 12 MiB written)
     expect(cached.resident).toBeGreaterThanOrEqual(12 * MiB);
-    if (fsTakesDirect) expect(direct.resident).toBeLessThanOrEqual(4096);
+    if (fsTakesDirect) expect(direct.resident).toBeLessThanOrEqual(4096 + QEMU_IMG_READ_BACK);
     else expect(direct.resident).toBeGreaterThanOrEqual(12 * MiB);
   });
 });
