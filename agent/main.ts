@@ -8,19 +8,33 @@
  * `onestor-agent run` (the daemon, as the systemd unit starts it) goes to agent/daemon-cli.ts, which the
  * build makes into one minified module with its packages (plus chunks the first cycle loads).
  * `onestor-agent receive` (the replica side, started by sshd for every connection) goes to
- * agent/receive-cli.ts, which the build makes into one minified module with its packages.
+ * agent/receive-cli.ts, which the build makes into one minified CommonJS file with its packages
+ * (receive-cli.cjs), run with V8's code cache of it (lib/shared/script-bundle.ts); without that file (a build
+ * without esbuild), tsc's module.
  * Any other shape of command line goes to agent/cli.ts, which knows every command (probe and run included).
- * No static import here: the entry loads exactly one of the four.
+ * No static import here but built-ins: the entry loads exactly one of the four.
  */
+import { existsSync } from 'node:fs';
 import module from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 // Node >= 22.1 can keep the compiled code of the modules loaded below in a cache on disk (its default
 // directory, or NODE_COMPILE_CACHE); Node 18 and 20 have no such call. A cache it cannot use is ignored.
 (module as { enableCompileCache?: () => unknown }).enableCompileCache?.();
 
+interface Cli {
+  runCli(argv: string[]): Promise<number>;
+}
+
+async function receiveCli(): Promise<Cli> {
+  const bundle = new URL('./receive-cli.cjs', import.meta.url);
+  if (!existsSync(bundle)) return import('./receive-cli.js');
+  const { loadScriptBundle } = await import('../lib/shared/script-bundle.js');
+  return loadScriptBundle(fileURLToPath(bundle)).exports as unknown as Cli;
+}
+
 const argv = process.argv.slice(2);
-const cli: Promise<{ runCli(argv: string[]): Promise<number> }> =
-  argv[0] === 'probe' ? import('./probe-cli.js') : argv[0] === 'run' ? import('./daemon-cli.js') : argv[0] === 'receive' ? import('./receive-cli.js') : import('./cli.js');
+const cli: Promise<Cli> = argv[0] === 'probe' ? import('./probe-cli.js') : argv[0] === 'run' ? import('./daemon-cli.js') : argv[0] === 'receive' ? receiveCli() : import('./cli.js');
 
 cli
   .then((c) => c.runCli(argv))

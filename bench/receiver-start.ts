@@ -1,9 +1,11 @@
 /**
  * How long a replica connection waits for the receiver: spawn of `onestor-agent receive` to the reply of
  * its hello, as sshd starts it for every connection (without the SSH part, which is the same either way).
- *   A. the built entry: dist/agent/main.js -> receive-cli.js, one module (dev/bundle-receive.ts);
- *   B. the same command through the unbundled command table (dist/agent/cli.js, tsc's output of every module).
- * Alternating order, a throwaway SNAPS dir, a quiet machine wanted.
+ *   A. the built entry: dist/agent/main.js -> receive-cli.cjs, one file (dev/bundle-receive.ts) compiled from
+ *      its code cache (lib/shared/script-bundle.ts);
+ *   B. the same bundle compiled from source (no code cache);
+ *   C. the same command through the unbundled command table (dist/agent/cli.js, tsc's output of every module).
+ * Rotating order, a throwaway SNAPS dir, a quiet machine wanted.
  * Usage: npm run build && node dist/bench/receiver-start.js [reps=15]
  */
 import { spawn } from 'node:child_process';
@@ -16,6 +18,8 @@ import { median, medianSpread, table } from './lib/stats.js';
 
 const REPS = Number(process.argv[2] ?? 15);
 const cliModule = path.join(path.dirname(agentMain()), 'cli.js');
+const bundle = path.join(path.dirname(agentMain()), 'receive-cli.cjs');
+const loader = path.join(path.dirname(agentMain()), '..', 'lib', 'shared', 'script-bundle.js');
 
 /** ms from spawn to the hello's reply */
 function helloMs(args: string[]): Promise<number> {
@@ -41,16 +45,22 @@ const snaps = await mkdtemp(path.join(os.tmpdir(), 'onestor-bench-rx-'));
 try {
   const flags = ['receive', '--snaps-dir', snaps, '--allow-unidentified', '--log-level', 'error'];
   const methods: [string, string[]][] = [
-    ['built entry (one module)', [agentMain(), ...flags]],
+    ['built entry (bundle + code cache)', [agentMain(), ...flags]],
+    [
+      'bundle, compiled from source',
+      ['--input-type=module', '-e', `import(${JSON.stringify(loader)}).then((l) => l.loadScriptBundle(${JSON.stringify(bundle)}, { codeCache: false }).exports.runCli(${JSON.stringify(flags)})).then((code) => { process.exitCode = code; })`],
+    ],
     ['unbundled command table', ['--input-type=module', '-e', `import(${JSON.stringify(cliModule)}).then((c) => c.runCli(${JSON.stringify(flags)})).then((code) => { process.exitCode = code; })`]],
   ];
   const samples = methods.map(() => [] as number[]);
-  await helloMs(methods[0]![1]); // warm the page cache for both
-  await helloMs(methods[1]![1]);
+  for (const [, args] of methods) await helloMs(args); // warm the page cache for all
   for (let i = 0; i < REPS; i++) {
-    for (const m of i % 2 ? [1, 0] : [0, 1]) samples[m]!.push(await helloMs(methods[m]![1]));
+    for (let k = 0; k < methods.length; k++) {
+      const m = (i + k) % methods.length;
+      samples[m]!.push(await helloMs(methods[m]![1]));
+    }
   }
-  const ref = median(samples[1]!);
+  const ref = median(samples[methods.length - 1]!);
   process.stdout.write(`Receiver start to hello reply, ${REPS} runs each, load ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}\n\n`);
   process.stdout.write(
     table(
