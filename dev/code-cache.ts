@@ -4,7 +4,7 @@
  * `receive` in a child process (its stdin/stdout are the protocol, as under sshd), this step plays the agent
  * (hello, open a disk, close, bye) against a throwaway snaps dir, and the child writes the cache once its
  * session ended with exit 0. The cache then holds the code of every function that session ran, not only
- * the top level. A session that fails fails the build: the bundle itself is broken.
+ * the top level. A failed session throws (bundle-receive.ts then removes the bundle and warns).
  *
  * The cache is only valid for the Node that made it (lib/shared/script-bundle.ts checks): install.sh builds with
  * the Node that runs the agent. The child runs with no extra Node flags, as the launcher starts the receiver.
