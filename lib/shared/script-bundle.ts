@@ -15,6 +15,7 @@ import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import vm from 'node:vm';
+import { ErrorCodes, OnestorError } from './errors.js';
 
 const MAGIC = 'onestor-code-cache/1';
 /** a header is one short line: refuse to look further for its end in a file that is not ours */
@@ -30,8 +31,8 @@ export function sourceDigest(source: Buffer): string {
 
 /** The cache file: `MAGIC NODE_VERSION SHA256\n` then V8's data. */
 export function encodeCodeCache(sourceSha256: string, nodeVersion: string, data: Buffer): Buffer {
-  if (!/^[0-9a-f]{64}$/.test(sourceSha256)) throw new Error('encodeCodeCache: sha256 must be 64 hex digits');
-  if (!/^v\d+\.\d+\.\d+\S*$/.test(nodeVersion)) throw new Error(`encodeCodeCache: not a Node version: ${nodeVersion}`);
+  if (!/^[0-9a-f]{64}$/.test(sourceSha256)) throw new OnestorError(ErrorCodes.INTERNAL, 'encodeCodeCache: sha256 must be 64 hex digits');
+  if (!/^v\d+\.\d+\.\d+\S*$/.test(nodeVersion)) throw new OnestorError(ErrorCodes.INTERNAL, `encodeCodeCache: not a Node version: ${nodeVersion}`);
   return Buffer.concat([Buffer.from(`${MAGIC} ${nodeVersion} ${sourceSha256}\n`, 'latin1'), data]);
 }
 
