@@ -2,6 +2,7 @@
  * qemu-img checks of what a client sent, before anything is published. Always `-f qcow2`: never let qemu-img
  * probe the format of a client's file.
  */
+import type { PutMessage } from '../protocol/protocol.js';
 import { ErrorCodes, OnestorError, type ErrorContext } from '../shared/errors.js';
 import { run } from '../shared/exec.js';
 import { ctx, expectedBackingName, type ReplicaPaths } from './layout.js';
@@ -93,7 +94,7 @@ export async function checkImage(p: ReplicaPaths, qemuImg: string, file: string)
  * increment has no external data file. The two checks of base.1 run side by side; when both fail, the
  * check's error is the one reported (as when they ran one after the other).
  */
-export async function checkUploadedImage(p: ReplicaPaths, qemuImg: string, kind: 'base' | 'base1' | 'inc', file: string): Promise<QemuInfo | null> {
+export async function checkUploadedImage(p: ReplicaPaths, qemuImg: string, kind: PutMessage['kind'], file: string): Promise<QemuInfo | null> {
   if (kind === 'base') {
     await checkUploadedBase(p, qemuImg, file);
     return null;
@@ -113,7 +114,7 @@ export async function checkUploadedImage(p: ReplicaPaths, qemuImg: string, kind:
  * before its publish) must not count as unhandled, so one handler is attached here; awaiting the returned
  * promise still throws the error.
  */
-export function startImageCheck(p: ReplicaPaths, qemuImg: string, kind: 'base' | 'base1' | 'inc', file: string): Promise<QemuInfo | null> {
+export function startImageCheck(p: ReplicaPaths, qemuImg: string, kind: PutMessage['kind'], file: string): Promise<QemuInfo | null> {
   const verdict = checkUploadedImage(p, qemuImg, kind, file);
   verdict.catch(() => {});
   return verdict;
